@@ -1,0 +1,27 @@
+# Two newcomer commands: `make demo` and `make test`. Both create .venv and install pinned dependencies if needed.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= demo
+
+.PHONY: demo test install clean-demo
+
+install: $(STAMP)
+
+# constraints.txt pins every package to a set that was resolved and tested together (torch 2.14.1 + torchvision
+# 0.29.1: mosaicml-streaming imports torchvision, and PyPI's torchvision does not import beside a CPU-only torch).
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip>=24"
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dedistill demo --out $(DEMO_DIR)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

@@ -1,0 +1,438 @@
+"""Typed job configuration: keyword-only dataclasses, YAML presets and `a.b=c` overrides.
+
+Each component receives only its own sub-config (e.g. the objective gets `ObjectiveConfig`), never the whole job.
+Every user mistake raises `ValueError` with the offending key in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _check_choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _check_positive(key: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _check_unit(key: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{key}: must be in [0, 1], got {value!r}")
+
+
+@dataclass(kw_only=True)
+class AdapterConfig:
+    """Which parameters train: a peft LoRA / LoKr adapter on the transformer, or everything (`full`)."""
+
+    kind: str = "lokr"
+    """lora | lokr | full"""
+    rank: int = 16
+    """LoRA rank r; for LoKr the rank of the low-rank factor (ignored by full_matrix)."""
+    alpha: float = 16.0
+    """Scale numerator: the update is multiplied by alpha / rank."""
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: [
+            "to_q", "to_k", "to_v", "to_out.0",
+            "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+            "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+            "proj_mlp", "proj_out",
+        ]
+    )
+    """Module-name suffixes inside the transformer blocks that get an adapter."""
+    blocks: list[int] | None = None
+    """Double-stream block indices to adapt (None = all)."""
+    single_blocks: list[int] | None = None
+    """Single-stream block indices to adapt (None = all)."""
+    lokr_factor: int = -1
+    """LoKr decomposition factor (-1: as square as possible; LibreFLUX used 2)."""
+    lokr_full_matrix: bool = False
+    """LoKr: train the second Kronecker factor as a full matrix (LyCORIS `full_matrix`, as LibreFLUX)."""
+    lokr_decompose_both: bool = False
+    init_weights: bool = True
+    """True: the adapter starts as a no-op (the base model's output is unchanged at step 0)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("model.adapter.kind", self.kind, ("lora", "lokr", "full"))
+        _check_positive("model.adapter.rank", self.rank)
+        _check_unit("model.adapter.dropout", self.dropout)
+        if not self.target_modules and self.kind != "full":
+            raise ValueError("model.adapter.target_modules: empty; name at least one module")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    path: str = ""
+    """A local diffusers-format FLUX directory (e.g. a downloaded FLUX.1-schnell, or `dedistill tiny-model`)."""
+    dtype: str = "auto"
+    """Weights/compute dtype: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16."""
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("model.dtype", self.dtype, ("auto", "fp32", "bf16"))
+
+
+@dataclass(kw_only=True)
+class ObjectiveConfig:
+    """Flow matching on x_t = (1-t)·x0 + t·ε with target v = ε - x0 (see train/objective.py)."""
+
+    timestep_sampler: str = "logit_normal"
+    """uniform | logit_normal | beta"""
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    beta_alpha: float = 2.0
+    """Beta(α, β) over t; LibreFLUX used α=2.0, β=1.6."""
+    beta_beta: float = 1.6
+    temperature: float = 1.0
+    """Timestep-distribution temperature: >1 widens the sampler's spread, <1 narrows it (1 = as configured)."""
+    shift: str = "none"
+    """none | constant | resolution (FLUX's resolution-dependent shift)."""
+    shift_value: float = 3.0
+    """The constant shift s in t' = s·t / (1 + (s-1)·t)."""
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+    caption_dropout: float = 0.1
+    """Probability of replacing a caption by the empty prompt, so the model learns the unconditional branch."""
+    max_text_tokens: int = 512
+    """T5 context length (schnell was trained with 256; LibreFLUX raised it to 512)."""
+    attention_mask: bool = True
+    """Mask T5 padding out of joint attention with a bool key mask."""
+    trim_text: bool = True
+    """Trim each batch's text to its longest prompt (exact when masking is on)."""
+    loss_weighting: str = "none"
+    """none | cosmap (SD3's weighting) — multiplies the per-sample MSE."""
+
+    def __post_init__(self) -> None:
+        _check_choice("objective.timestep_sampler", self.timestep_sampler, ("uniform", "logit_normal", "beta"))
+        _check_choice("objective.shift", self.shift, ("none", "constant", "resolution"))
+        _check_choice("objective.loss_weighting", self.loss_weighting, ("none", "cosmap"))
+        _check_positive("objective.logit_std", self.logit_std)
+        _check_positive("objective.beta_alpha", self.beta_alpha)
+        _check_positive("objective.beta_beta", self.beta_beta)
+        _check_positive("objective.temperature", self.temperature)
+        _check_positive("objective.shift_value", self.shift_value)
+        _check_unit("objective.caption_dropout", self.caption_dropout)
+        _check_positive("objective.max_text_tokens", self.max_text_tokens)
+        if self.trim_text and not self.attention_mask:
+            raise ValueError(
+                "objective.trim_text: needs objective.attention_mask=true (without the mask, padding changes the "
+                "output, so trimming it would change the model)"
+            )
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    remote: str | None = None
+    """Where the MDS shards live: a local path or s3://, gs://, ... (None: `local` holds the shards)."""
+    local: str = ""
+    """Local cache directory (or the shard directory itself when `remote` is None)."""
+    resolution: int = 512
+    """Square training resolution in pixels (multiple of 16)."""
+    shuffle: bool = True
+    shuffle_algo: str = "py1e"
+    shuffle_seed: int = 9176
+    shuffle_block_size: int | None = None
+    num_workers: int = 0
+    predownload: int | None = None
+    caption_key: str = "caption"
+    image_key: str = "image"
+
+    def __post_init__(self) -> None:
+        if self.resolution % 16:
+            raise ValueError(f"data.resolution: must be a multiple of 16, got {self.resolution}")
+        _check_positive("data.num_workers", self.num_workers, allow_zero=True)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    max_steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 1
+    """Micro-batch per rank; the global batch is batch_size × grad_accum × world size."""
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    """Max global grad norm (0 disables clipping)."""
+    activation_checkpointing: bool = False
+    log_every: int = 10
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        _check_positive("train.max_steps", self.max_steps)
+        _check_positive("train.batch_size", self.batch_size)
+        _check_positive("train.grad_accum", self.grad_accum)
+        _check_positive("train.grad_clip", self.grad_clip, allow_zero=True)
+        _check_positive("train.log_every", self.log_every)
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    schedule: str = "cosine"
+    """cosine | constant (both after a linear warmup)."""
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    """Cosine decays to lr × min_lr_ratio."""
+
+    def __post_init__(self) -> None:
+        _check_positive("optim.lr", self.lr)
+        _check_choice("optim.schedule", self.schedule, ("cosine", "constant"))
+        _check_positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
+        _check_unit("optim.min_lr_ratio", self.min_lr_ratio)
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas: needs two values, got {self.betas!r}")
+
+
+@dataclass(kw_only=True)
+class EMAConfig:
+    decay: float = 0.0
+    """EMA of the trainable parameters (0 disables it)."""
+    every: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"ema.decay: must be in [0, 1), got {self.decay!r}")
+        _check_positive("ema.every", self.every)
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    backend: str = "fsdp2"
+    """fsdp2 | deepspeed"""
+    dist_backend: str = "auto"
+    """Collective backend: auto (nccl with CUDA, gloo on CPU) | nccl | gloo."""
+    reshard_after_forward: bool = True
+    reduce_dtype: str = "fp32"
+    """Gradient reduce-scatter dtype: fp32 | bf16."""
+    hsdp: bool = False
+    """FSDP2 only: shard inside a node, replicate across nodes (2-D mesh)."""
+    zero_stage: int = 2
+    """DeepSpeed only: ZeRO stage 2 or 3."""
+    cpu_offload: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("parallel.backend", self.backend, ("fsdp2", "deepspeed"))
+        _check_choice("parallel.dist_backend", self.dist_backend, ("auto", "nccl", "gloo"))
+        _check_choice("parallel.reduce_dtype", self.reduce_dtype, ("fp32", "bf16"))
+        _check_choice("parallel.zero_stage", self.zero_stage, (2, 3))
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every_steps: int = 500
+    keep_last: int = 3
+    resume: bool = True
+    """Resume from the newest complete checkpoint in run_dir/checkpoints."""
+
+    def __post_init__(self) -> None:
+        _check_positive("checkpoint.every_steps", self.every_steps)
+        _check_positive("checkpoint.keep_last", self.keep_last)
+
+
+@dataclass(kw_only=True)
+class SampleConfig:
+    """The CFG grid drawn at the end of training (and by `dedistill sample`)."""
+
+    prompts: list[str] = field(default_factory=lambda: ["a red circle on a white background"])
+    negative_prompt: str = ""
+    cfg_scales: list[float] = field(default_factory=lambda: [1.0, 3.5])
+    steps: int = 28
+    resolution: int = 512
+    seed: int = 0
+    noise_temperature: float = 1.0
+    """Scales the initial noise (<1 gives smoother, lower-variance samples)."""
+    at_end: bool = True
+
+    def __post_init__(self) -> None:
+        _check_positive("sample.steps", self.steps)
+        _check_positive("sample.noise_temperature", self.noise_temperature)
+        if self.resolution % 16:
+            raise ValueError(f"sample.resolution: must be a multiple of 16, got {self.resolution}")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    every_steps: int = 0
+    """Evaluate every N steps (0 disables periodic evals)."""
+    mode: str = "inline"
+    """inline (in the training process; tiny CPU runs) | job (a separate SLURM job via submitit)."""
+    suite: str = ""
+    """Path of an eval suite YAML (evals/); empty = no eval."""
+
+    def __post_init__(self) -> None:
+        _check_choice("eval.mode", self.mode, ("inline", "job"))
+        _check_positive("eval.every_steps", self.every_steps, allow_zero=True)
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if not self.run_dir:
+            raise ValueError("run_dir: must not be empty")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building dataclasses from nested dicts, with type checks that name the key.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"{key}: expected a string, got {value!r}")
+    raise AssertionError(f"unsupported config type {_type_name(tp)} for {key}")
+
+
+def from_dict(cls: type, data: dict, *, prefix: str = ""):
+    """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise ValueError naming the key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            raise ValueError(f"unknown config key '{prefix}{k}' (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(prefix + k, v, hints[k]) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - defensive: a missing required field
+        raise ValueError(f"{prefix or 'config'}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ValueError(f"override '{item}': expected key=value (e.g. train.max_steps=10)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ValueError(f"override '{item}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str], cls: type = JobConfig) -> dict:
+    """Apply `a.b=c` overrides to a nested dict; values are parsed as YAML scalars/lists."""
+    data = _deepcopy(data)
+    for item in overrides:
+        parts, value = _parse_override(item)
+        node, tp = data, cls
+        for i, part in enumerate(parts):
+            hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
+            if part not in hints:
+                raise ValueError(f"unknown config key '{'.'.join(parts[: i + 1])}'")
+            if i == len(parts) - 1:
+                node[part] = value
+            else:
+                tp = hints[part]
+                if not dataclasses.is_dataclass(tp):
+                    raise ValueError(f"config key '{'.'.join(parts[: i + 1])}' has no sub-keys")
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ValueError(f"config key '{'.'.join(parts[: i + 1])}' is not a mapping")
+    return data
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of config keys")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, cls: type = JobConfig):
+    """Load a YAML preset (or defaults when path is None), apply overrides, validate."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides or [], cls)
+    return from_dict(cls, data)
+
+
+def dump_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
