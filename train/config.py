@@ -111,7 +111,8 @@ class ObjectiveConfig:
     attention_mask: bool = True
     """Mask T5 padding out of joint attention with a bool key mask."""
     trim_text: bool = True
-    """Trim each batch's text to its longest prompt (exact when masking is on)."""
+    """Trim each batch's text to its longest prompt. Applies only with attention_mask (where it is exact);
+    without the mask the padding changes the output, so it is kept."""
     loss_weighting: str = "none"
     """none | cosmap (SD3's weighting) — multiplies the per-sample MSE."""
 
@@ -126,11 +127,6 @@ class ObjectiveConfig:
         _check_positive("objective.shift_value", self.shift_value)
         _check_unit("objective.caption_dropout", self.caption_dropout)
         _check_positive("objective.max_text_tokens", self.max_text_tokens)
-        if self.trim_text and not self.attention_mask:
-            raise ValueError(
-                "objective.trim_text: needs objective.attention_mask=true (without the mask, padding changes the "
-                "output, so trimming it would change the model)"
-            )
 
 
 @dataclass(kw_only=True)
@@ -342,6 +338,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ValueError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

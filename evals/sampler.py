@@ -1,0 +1,183 @@
+"""Real classifier-free guidance sampling: v = v_uncond + s·(v_cond − v_uncond), Euler on FLUX's shifted schedule.
+
+Cond and uncond run as one batch through `train.flux.predict_velocity` with the same bool T5 mask the trainer uses.
+The schnell baseline (no CFG, 4 steps) is `cfg_scale=1, steps=4`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from train.flux import image_ids, pack_latents, predict_velocity, unpack_latents
+from train.model import vae_scale_factor
+from train.objective import sampling_sigmas
+from train.text import PromptEmbeds, TextEncoder
+
+
+@dataclass(kw_only=True)
+class SamplerSettings:
+    steps: int = 28
+    cfg_scale: float = 3.5
+    negative_prompt: str = ""
+    resolution: int = 512
+    seed: int = 0
+    max_text_tokens: int = 512
+    masked: bool = True
+    """Bool T5 padding mask in joint attention (must match how the model was trained)."""
+    noise_temperature: float = 1.0
+    """Multiplies the initial noise: the sampling-side temperature (<1: smoother, less varied images)."""
+    cfg_skip_steps: int = 0
+    """No CFG for the first N steps (LibreFLUX's remedy for blur/shadows at high scales)."""
+    cfg_rescale: float = 0.0
+    """0 = off; φ in [0, 1] rescales the guided velocity's std toward the conditional one (Lin et al. 2023)."""
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps: must be >= 1, got {self.steps}")
+        if self.noise_temperature <= 0:
+            raise ValueError(f"noise_temperature: must be > 0, got {self.noise_temperature}")
+        if not 0.0 <= self.cfg_rescale <= 1.0:
+            raise ValueError(f"cfg_rescale: must be in [0, 1], got {self.cfg_rescale}")
+
+
+def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Per-image noise from its own seed, so an image does not depend on the batch it was drawn in."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+
+
+def _guide(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float, rescale: float) -> torch.Tensor:
+    v = v_uncond + scale * (v_cond - v_uncond)
+    if rescale > 0:
+        dims = tuple(range(1, v.ndim))
+        factor = v_cond.std(dim=dims, keepdim=True) / v.std(dim=dims, keepdim=True).clamp_min(1e-8)
+        v = rescale * (v * factor) + (1 - rescale) * v
+    return v
+
+
+@torch.no_grad()
+def denoise(
+    transformer,
+    noise: torch.Tensor,
+    cond: PromptEmbeds,
+    uncond: PromptEmbeds | None,
+    s: SamplerSettings,
+    *,
+    latent_hw: tuple[int, int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Packed noise (B, N, C*4) -> packed clean latents, Euler over the shifted schedule."""
+    device = noise.device
+    h, w = latent_hw
+    ids = image_ids(h, w, device=device, dtype=dtype)
+    sigmas = sampling_sigmas(s.steps, image_seq_len=noise.shape[1]).to(device)
+    guided = uncond is not None and s.cfg_scale != 1.0
+    both = PromptEmbeds.cat([cond, uncond]) if guided else cond
+    if s.masked:
+        both = both.trimmed()  # exact under the mask; makes the image independent of max_text_tokens
+    both = both.to(device, dtype)
+    cond_only = both.select(torch.arange(len(cond))) if guided else both
+    x = noise
+    for i in range(s.steps):
+        t = sigmas[i].expand(x.shape[0])
+        use_cfg = guided and i >= s.cfg_skip_steps
+        if use_cfg:
+            v = predict_velocity(transformer, torch.cat([x, x]).to(dtype), torch.cat([t, t]), both, ids, masked=s.masked)
+            v_cond, v_uncond = v.float().chunk(2)
+            v = _guide(v_cond, v_uncond, s.cfg_scale, s.cfg_rescale)
+        else:
+            v = predict_velocity(transformer, x.to(dtype), t, cond_only, ids, masked=s.masked).float()
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+    return x
+
+
+@torch.no_grad()
+def decode(vae, packed: torch.Tensor, latent_hw: tuple[int, int]) -> list[Image.Image]:
+    h, w = latent_hw
+    latents = unpack_latents(packed, h, w) / vae.config.scaling_factor + vae.config.shift_factor
+    images = vae.decode(latents.to(vae.device, vae.dtype), return_dict=False)[0]
+    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+@torch.no_grad()
+def generate(
+    transformer, vae, text: TextEncoder, prompts: list[str], s: SamplerSettings, *, dtype: torch.dtype
+) -> list[Image.Image]:
+    """One image per prompt; image i uses seed s.seed + i."""
+    device = text.device
+    f = vae_scale_factor(vae)
+    if s.resolution % (f * 2):
+        raise ValueError(f"resolution: must be a multiple of {f * 2}, got {s.resolution}")
+    h = w = s.resolution // f
+    channels = vae.config.latent_channels
+    images: list[Image.Image] = []
+    for start in range(0, len(prompts), s.batch_size):
+        chunk = prompts[start : start + s.batch_size]
+        noise = torch.cat(
+            [initial_noise((1, channels, h, w), s.seed + start + j) for j in range(len(chunk))]
+        ) * s.noise_temperature
+        cond = text.encode(chunk, max_tokens=s.max_text_tokens, masked=s.masked)
+        uncond = None
+        if s.cfg_scale != 1.0:
+            uncond = text.encode([s.negative_prompt] * len(chunk), max_tokens=s.max_text_tokens, masked=s.masked)
+        packed = denoise(
+            transformer, pack_latents(noise).to(device), cond, uncond, s, latent_hw=(h, w), dtype=dtype
+        )
+        images += decode(vae, packed, (h, w))
+    return images
+
+
+def make_grid(rows: list[list[Image.Image]], *, pad: int = 2) -> Image.Image:
+    """rows[i][j] -> one image, rows top to bottom."""
+    h, w = rows[0][0].height, rows[0][0].width
+    n_cols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (n_cols * (w + pad) + pad, len(rows) * (h + pad) + pad), (255, 255, 255))
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            grid.paste(img, (pad + j * (w + pad), pad + i * (h + pad)))
+    return grid
+
+
+def cfg_grid(transformer, vae, text, prompts: list[str], scales: list[float], base: SamplerSettings, *, dtype):
+    """Rows = prompts, columns = CFG scales (same seeds across columns, so only guidance differs)."""
+    cols = []
+    for scale in scales:
+        s = SamplerSettings(**{**base.__dict__, "cfg_scale": scale})
+        cols.append(generate(transformer, vae, text, prompts, s, dtype=dtype))
+    return make_grid([[cols[j][i] for j in range(len(scales))] for i in range(len(prompts))])
+
+
+def sample_grid_for_run(transformer, frozen, cfg, *, step: int, logger, is_main: bool) -> Path | None:
+    """The end-of-training grid: every rank runs the sharded transformer, rank 0 writes the PNG."""
+    sc = cfg.sample
+    base = SamplerSettings(
+        steps=sc.steps,
+        negative_prompt=sc.negative_prompt,
+        resolution=sc.resolution,
+        seed=sc.seed,
+        max_text_tokens=cfg.objective.max_text_tokens,
+        masked=cfg.objective.attention_mask,
+        noise_temperature=sc.noise_temperature,
+    )
+    was_training = transformer.training
+    transformer.eval()
+    grid = cfg_grid(transformer, frozen.vae, frozen.text, sc.prompts, sc.cfg_scales, base, dtype=frozen.dtype)
+    transformer.train(was_training)
+    if not is_main:
+        return None
+    out = Path(cfg.run_dir) / "samples" / f"grid_step_{step:08d}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    logger.image("samples/cfg_grid", grid, step)
+    print(f"[dedistill] CFG grid (rows: prompts, columns: cfg {sc.cfg_scales}): {out}", flush=True)
+    return out
+
+
+def to_array(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.convert("RGB"))

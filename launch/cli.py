@@ -1,0 +1,216 @@
+"""`dedistill` — one CLI with subcommands. Each subcommand imports its package lazily, so `--help` is instant.
+
+User errors (ValueError) print one line, `dedistill: error: ...`, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+def _preset(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    candidate = CONFIGS / (name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
+    if candidate.is_file():
+        return candidate
+    raise ValueError(f"config '{name_or_path}' not found (a YAML path or a preset in {CONFIGS})")
+
+
+# ---------------------------------------------------------------------------------------------------------------- cmds
+
+
+def cmd_tiny_model(a) -> None:
+    from dataset_tools.tiny_model import write_tiny_model
+
+    print(write_tiny_model(a.out_dir, seed=a.seed))
+
+
+def cmd_tiny_data(a) -> None:
+    from dataset_tools.tiny_data import write_tiny_data
+
+    print(write_tiny_data(a.out_dir, n=a.n, size=a.size, seed=a.seed, fmt=a.format))
+
+
+def absolutize_paths(cfg) -> None:
+    """Runs record absolute paths: a checkpoint must find its base model from any working directory."""
+    if cfg.model.path:
+        cfg.model.path = str(Path(cfg.model.path).resolve())
+    if cfg.data.local:
+        cfg.data.local = str(Path(cfg.data.local).resolve())
+    cfg.run_dir = str(Path(cfg.run_dir).resolve())
+
+
+def cmd_train(a) -> None:
+    from train.config import load_config
+    from train.loop import train
+
+    cfg = load_config(_preset(a.config), a.overrides)
+    absolutize_paths(cfg)
+    state = train(cfg)
+    if int(os.environ.get("RANK", 0)) == 0 and state.history:
+        last = state.history[-1]
+        print(f"[dedistill] done: step {state.step}, loss {last['loss']:.4f}, skipped {state.skipped_steps}")
+
+
+def cmd_sample(a) -> None:
+    from evals.sampler import SamplerSettings, generate
+    from train.inference import load_for_inference
+
+    loaded = load_for_inference(a.model, dtype=a.dtype, ema=a.ema)
+    masked = True if loaded.config is None else loaded.config.objective.attention_mask
+    if a.no_mask:
+        masked = False
+    s = SamplerSettings(
+        steps=a.steps,
+        cfg_scale=a.cfg,
+        negative_prompt=a.negative_prompt,
+        resolution=a.resolution,
+        seed=a.seed,
+        max_text_tokens=a.max_text_tokens,
+        masked=masked,
+        noise_temperature=a.noise_temperature,
+        cfg_skip_steps=a.cfg_skip_steps,
+        cfg_rescale=a.cfg_rescale,
+    )
+    (image,) = generate(loaded.transformer, loaded.vae, loaded.text, [a.prompt], s, dtype=loaded.dtype)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    print(out)
+
+
+def cmd_demo(a) -> None:
+    """Tiny model + tiny data + a 2-process torchrun training job + the CFG grid, all under `--out`."""
+    import time
+
+    from dataset_tools.tiny_data import write_tiny_data
+    from dataset_tools.tiny_model import write_tiny_model
+
+    out = Path(a.out).resolve()
+    model, data, run = out / "model", out / "data", out / "run"
+    t0 = time.perf_counter()
+    if not (model / "model_index.json").is_file():
+        write_tiny_model(model, seed=0)
+    if not (data / "index.json").is_file():
+        write_tiny_data(data, n=a.n_samples, size=64, seed=0)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
+        "-m", "train", str(CONFIGS / "tiny-cpu.yaml"),
+        f"model.path={model}", f"data.local={data}", f"run_dir={run}", *a.overrides,
+    ]
+    print("[demo] " + shlex.join(cmd), flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    rc = subprocess.call(cmd, env=env)
+    if rc != 0:
+        raise SystemExit(rc)
+    grids = sorted((run / "samples").glob("grid_step_*.png"))
+    print(
+        "\n[demo] finished in {:.0f} s\n"
+        "  tiny FLUX pipeline : {}\n"
+        "  tiny MDS dataset   : {}\n"
+        "  run dir            : {}\n"
+        "  checkpoints        : {}\n"
+        "  TensorBoard        : tensorboard --logdir {}\n"
+        "  CFG grid           : {}".format(
+            time.perf_counter() - t0, model, data, run, run / "checkpoints", run / "tb", grids[-1] if grids else "-"
+        )
+    )
+
+
+# -------------------------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dedistill", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("tiny-model", help="write a tiny random FLUX pipeline in diffusers layout")
+    s.add_argument("out_dir")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_tiny_model)
+
+    s = sub.add_parser("tiny-data", help="write a tiny procedural captioned dataset (MDS shards or a folder)")
+    s.add_argument("out_dir")
+    s.add_argument("--n", type=int, default=256)
+    s.add_argument("--size", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--format", choices=["mds", "folder"], default="mds")
+    s.set_defaults(func=cmd_tiny_data)
+
+    s = sub.add_parser("train", help="run a training job (directly, or under torchrun)")
+    s.add_argument("config", help="YAML config path or preset name (configs/)")
+    s.add_argument("overrides", nargs="*", help="a.b=value overrides")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="one image with real CFG and the T5 attention mask")
+    s.add_argument("--model", required=True, help="diffusers FLUX dir, run dir, or checkpoint dir")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--negative-prompt", default="")
+    s.add_argument("--cfg", type=float, default=3.5)
+    s.add_argument("--steps", type=int, default=28)
+    s.add_argument("--max-text-tokens", type=int, default=512)
+    s.add_argument("--resolution", type=int, default=512)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--noise-temperature", type=float, default=1.0)
+    s.add_argument("--cfg-skip-steps", type=int, default=0)
+    s.add_argument("--cfg-rescale", type=float, default=0.0)
+    s.add_argument("--no-mask", action="store_true", help="no T5 padding mask (schnell's original behaviour)")
+    s.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
+    s.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_sample)
+
+    s = sub.add_parser("demo", help="tiny model + data, 2-process CPU training, CFG grid (what `make demo` runs)")
+    s.add_argument("--out", default="demo")
+    s.add_argument("--nproc", type=int, default=2)
+    s.add_argument("--n-samples", type=int, default=256)
+    s.add_argument("overrides", nargs="*", help="a.b=value overrides for the training config")
+    s.set_defaults(func=cmd_demo)
+
+    for extra in _EXTENSIONS:
+        extra(sub)
+    return p
+
+
+# Other packages register their subcommands here (data, submit, eval, fid, export) without editing this file's body.
+_EXTENSIONS: list = []
+
+
+def _load_extensions() -> None:
+    import importlib
+
+    for module in ("dataset_tools.cli", "launch.submit_cli", "evals.cli", "launch.export_cli"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        _EXTENSIONS.append(mod.register)
+
+
+def main(argv: list[str] | None = None) -> None:
+    _load_extensions()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as e:
+        if os.environ.get("DEDISTILL_DEBUG"):
+            raise
+        print(f"dedistill: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

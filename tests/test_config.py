@@ -1,0 +1,93 @@
+from pathlib import Path
+
+import pytest
+
+from train.config import JobConfig, apply_overrides, from_dict, load_config
+
+PRESETS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+REQUIRED = [
+    "run_dir", "seed", "model.path", "model.adapter.kind", "objective.timestep_sampler", "objective.caption_dropout",
+    "objective.max_text_tokens", "objective.attention_mask", "data.remote", "data.local", "train.max_steps",
+    "train.batch_size", "optim.lr", "parallel.backend", "checkpoint.every_steps", "checkpoint.keep_last",
+    "checkpoint.resume", "eval.every_steps", "eval.mode",
+]
+
+
+def test_presets_exist():
+    names = {p.name for p in PRESETS}
+    assert {"tiny-cpu.yaml", "lora-1gpu.yaml", "libreflux.yaml", "openflux.yaml", "full-fsdp-multinode.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.name for p in PRESETS])
+def test_every_preset_parses_and_has_the_contract_keys(path):
+    import yaml
+
+    cfg = load_config(path)
+    assert isinstance(cfg, JobConfig)
+    raw = yaml.safe_load(path.read_text())
+    for key in REQUIRED:
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)  # resolves on the typed config
+    assert raw.get("run_dir")
+
+
+def test_libreflux_preset_is_the_published_recipe():
+    cfg = load_config(Path(PRESETS[0]).parent / "libreflux.yaml")
+    assert cfg.model.adapter.kind == "lokr" and cfg.model.adapter.lokr_factor == 2
+    assert (cfg.objective.timestep_sampler, cfg.objective.beta_alpha, cfg.objective.beta_beta) == ("beta", 2.0, 1.6)
+    assert cfg.objective.max_text_tokens == 512 and cfg.objective.attention_mask
+
+
+def test_overrides_typed():
+    cfg = load_config(None, ["train.max_steps=7", "optim.lr=3e-4", "objective.attention_mask=false",
+                             "sample.cfg_scales=[1, 2.5]", "data.remote=null", "model.adapter.kind=lora"])
+    assert cfg.train.max_steps == 7 and cfg.optim.lr == 3e-4 and cfg.objective.attention_mask is False
+    assert cfg.sample.cfg_scales == [1.0, 2.5] and cfg.data.remote is None and cfg.model.adapter.kind == "lora"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.max_stepz=3", "train.max_stepz"),
+        ("nope=1", "nope"),
+        ("train.max_steps=abc", "train.max_steps"),
+        ("train.max_steps=0", "train.max_steps"),
+        ("objective.timestep_sampler=gauss", "objective.timestep_sampler"),
+        ("objective.caption_dropout=1.5", "objective.caption_dropout"),
+        ("model.adapter.kind=dora", "model.adapter.kind"),
+        ("parallel.backend=ddp", "parallel.backend"),
+        ("data.resolution=500", "data.resolution"),
+        ("train.max_steps.x=1", "train.max_steps"),
+        ("objective.attention_mask=maybe", "objective.attention_mask"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, key):
+    with pytest.raises(ValueError) as e:
+        load_config(None, [override])
+    msg = str(e.value)
+    assert key in msg and "\n" not in msg
+
+
+def test_unknown_yaml_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  max_steps: 3\n  bogus: 1\n")
+    with pytest.raises(ValueError, match="train.bogus"):
+        load_config(p)
+
+
+def test_bad_yaml_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train: [unclosed\n")
+    with pytest.raises(ValueError, match="c.yaml"):
+        load_config(p)
+    with pytest.raises(ValueError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_from_dict_roundtrip():
+    import dataclasses
+
+    cfg = JobConfig()
+    assert from_dict(JobConfig, dataclasses.asdict(cfg)) == cfg
+    assert apply_overrides({}, ["seed=3"]) == {"seed": 3}

@@ -1,0 +1,133 @@
+"""The T5 padding mask in joint attention: exact with a bool mask, broken with a float 0/1 mask."""
+
+import pytest
+import torch
+
+from train.flux import image_ids, joint_attention_mask, pack_latents, predict_velocity, unpack_latents
+from train.text import PromptEmbeds
+
+
+def tiny_transformer(seed=0):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+    # Randomise the zero-initialised output layers, or every forward is trivially zero and proves nothing.
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    return m
+
+
+def inputs(text_len=5, pad_to=12, batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    h = w = 8
+    x = pack_latents(torch.randn(batch, 4, h, w, generator=g))  # (B, 16, 16)
+    t = torch.rand(batch, generator=g)
+    states = torch.randn(batch, text_len, 32, generator=g)
+    pooled = torch.randn(batch, 32, generator=g)
+    real = PromptEmbeds(states, torch.ones(batch, text_len, dtype=torch.bool), pooled)
+    # Padding rows hold garbage on purpose: a correct mask makes their values irrelevant.
+    garbage = torch.randn(batch, pad_to - text_len, 32, generator=g) * 5
+    padded = PromptEmbeds(
+        torch.cat([states, garbage], 1),
+        torch.cat([real.mask, torch.zeros(batch, pad_to - text_len, dtype=torch.bool)], 1),
+        pooled,
+    )
+    return x, t, real, padded, image_ids(h, w, device="cpu", dtype=torch.float32)
+
+
+def test_pack_roundtrip():
+    z = torch.randn(2, 4, 8, 6)
+    assert torch.equal(unpack_latents(pack_latents(z), 8, 6), z)
+
+
+def test_pack_matches_diffusers():
+    from diffusers import FluxPipeline
+
+    z = torch.randn(2, 4, 8, 6)
+    assert torch.equal(pack_latents(z), FluxPipeline._pack_latents(z, 2, 4, 8, 6))
+    ref = FluxPipeline._prepare_latent_image_ids(2, 4, 3, "cpu", torch.float32)
+    assert torch.equal(image_ids(8, 6, device="cpu", dtype=torch.float32), ref)
+
+
+def test_bool_mask_equals_truncated_prompt():
+    m = tiny_transformer()
+    x, t, real, padded, ids = inputs()
+    with torch.no_grad():
+        ref = predict_velocity(m, x, t, real, ids, masked=True)
+        out = predict_velocity(m, x, t, padded, ids, masked=True)
+    assert ref.abs().mean() > 1e-3
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_float_mask_does_not_mask():
+    """The SimpleTuner/LibreFLUX bug: a 0/1 float mask is added to the scores and masks nothing."""
+    m = tiny_transformer()
+    x, t, real, padded, ids = inputs()
+    with torch.no_grad():
+        ref = predict_velocity(m, x, t, real, ids, masked=True)
+        float_mask = joint_attention_mask(padded.mask, x.shape[1]).float()
+        out = m(
+            hidden_states=x, timestep=t, pooled_projections=padded.pooled, encoder_hidden_states=padded.t5,
+            txt_ids=torch.zeros(padded.t5.shape[1], 3), img_ids=ids,
+            joint_attention_kwargs={"attention_mask": float_mask}, return_dict=False,
+        )[0]
+    assert (out - ref).abs().max() > 1e-3
+
+
+def test_unmasked_padding_changes_output():
+    m = tiny_transformer()
+    x, t, real, padded, ids = inputs()
+    with torch.no_grad():
+        ref = predict_velocity(m, x, t, real, ids, masked=False)
+        out = predict_velocity(m, x, t, padded, ids, masked=False)
+    assert (out - ref).abs().max() > 1e-3
+
+
+def test_mixed_lengths_and_trimming_are_exact():
+    """A batch of prompts of different lengths: each row equals its own unpadded forward; trimming is exact."""
+    m = tiny_transformer()
+    x, t, _, padded, ids = inputs(text_len=5, pad_to=16)
+    padded.mask[1, 3:] = False  # row 1 is shorter (3 tokens)
+    trimmed = padded.trimmed()
+    assert trimmed.t5.shape[1] == 5
+    with torch.no_grad():
+        full = predict_velocity(m, x, t, padded, ids, masked=True)
+        trim = predict_velocity(m, x, t, trimmed, ids, masked=True)
+        row1 = predict_velocity(m, x[1:], t[1:], PromptEmbeds(padded.t5[1:, :3], padded.mask[1:, :3], padded.pooled[1:]), ids)
+    torch.testing.assert_close(trim, full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(full[1:], row1, atol=1e-5, rtol=0)
+
+
+def test_mask_reaches_every_block(monkeypatch):
+    """Every double- and single-stream block's attention receives the bool mask over [text; image]."""
+    from diffusers.models.transformers import transformer_flux
+
+    m = tiny_transformer()
+    x, t, _, padded, ids = inputs()
+    seen = []
+    orig = transformer_flux.dispatch_attention_fn
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append(attn_mask)
+        return orig(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(transformer_flux, "dispatch_attention_fn", spy)
+    with torch.no_grad():
+        predict_velocity(m, x, t, padded, ids, masked=True)
+    assert len(seen) == 4  # 2 double + 2 single blocks
+    for mask in seen:
+        assert mask is not None and mask.dtype == torch.bool
+        assert mask.shape == (2, padded.t5.shape[1] + x.shape[1])
+        assert not mask[:, 5 : padded.t5.shape[1]].any() and mask[:, :5].all() and mask[:, padded.t5.shape[1] :].all()
+
+
+def test_joint_mask_rejects_float():
+    with pytest.raises(AssertionError):
+        joint_attention_mask(torch.ones(1, 3), 4)

@@ -1,0 +1,71 @@
+"""The one place that calls the FLUX transformer: latent packing, position ids and the joint-attention mask.
+
+Training (train/step.py) and sampling (evals/sampler.py) both go through `predict_velocity`, so the mask used at
+inference is, by construction, the mask used in training.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from train.text import PromptEmbeds
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2*W/2, C*4): FLUX's 2x2 patchify, same layout as FluxPipeline._pack_latents."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, H/2*W/2, C*4) -> (B, C, H, W) with H, W in latent pixels."""
+    b, _, d = x.shape
+    c = d // 4
+    x = x.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, h, w)
+
+
+def image_ids(h: int, w: int, *, device, dtype) -> torch.Tensor:
+    """(H/2*W/2, 3) rotary position ids of the packed latent grid (h, w in latent pixels)."""
+    ids = torch.zeros(h // 2, w // 2, 3, device=device, dtype=dtype)
+    ids[..., 1] = torch.arange(h // 2, device=device, dtype=dtype)[:, None]
+    ids[..., 2] = torch.arange(w // 2, device=device, dtype=dtype)[None, :]
+    return ids.reshape(-1, 3)
+
+
+def joint_attention_mask(text_mask: torch.Tensor, n_image: int) -> torch.Tensor:
+    """(B, L) bool text mask -> (B, L + N) bool key mask over [text; image], the order FLUX concatenates in.
+
+    It must stay bool: SDPA *adds* a float mask to the scores, so a 0/1 float mask shifts logits by at most 1 and
+    masks nothing (the bug in LibreFLUX/SimpleTuner). A bool key mask leaves every query at least the image keys, so
+    no softmax row is empty.
+    """
+    assert text_mask.dtype == torch.bool, "the joint attention mask must be bool"
+    image = torch.ones(text_mask.shape[0], n_image, dtype=torch.bool, device=text_mask.device)
+    return torch.cat([text_mask, image], dim=1)
+
+
+def predict_velocity(
+    transformer,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    prompt: PromptEmbeds,
+    img_ids: torch.Tensor,
+    *,
+    masked: bool = True,
+) -> torch.Tensor:
+    """Velocity v(x_t, t | prompt) for packed latents x_t (B, N, C*4); t in [0, 1] (FLUX scales it by 1000)."""
+    dtype = x_t.dtype
+    txt_ids = torch.zeros(prompt.t5.shape[1], 3, device=x_t.device, dtype=img_ids.dtype)
+    kwargs = {"attention_mask": joint_attention_mask(prompt.mask, x_t.shape[1])} if masked else None
+    return transformer(
+        hidden_states=x_t,
+        timestep=t.to(dtype),
+        pooled_projections=prompt.pooled.to(dtype),
+        encoder_hidden_states=prompt.t5.to(dtype),
+        txt_ids=txt_ids,
+        img_ids=img_ids,
+        joint_attention_kwargs=kwargs,
+        return_dict=False,
+    )[0]

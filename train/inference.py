@@ -1,0 +1,91 @@
+"""Load a model for sampling/eval/export from any of: a diffusers FLUX dir, a run dir, or one checkpoint dir.
+
+A checkpoint holds only the trainable state; the base weights come from the run's `model.path`, the adapter from its
+`model.adapter` config. One process, no FSDP: DCP reassembles the sharded tensors into plain ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from train.adapters import apply_adapter, trainable_named_parameters
+from train.checkpoint import is_complete, latest_checkpoint
+from train.config import JobConfig, load_config
+from train.model import load_transformer, load_vae, resolve_dtype
+from train.text import TextEncoder
+
+
+@dataclass
+class Loaded:
+    transformer: torch.nn.Module
+    vae: torch.nn.Module
+    text: TextEncoder
+    dtype: torch.dtype
+    device: torch.device
+    config: JobConfig | None
+    """The run's config when loaded from a checkpoint (None for a plain diffusers dir)."""
+    checkpoint: Path | None
+    step: int | None
+
+
+def resolve_checkpoint(path: str | Path, *, key: str = "--model") -> tuple[Path | None, Path | None]:
+    """(checkpoint dir or None, run dir or None) for a diffusers dir, run dir or checkpoint dir."""
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        return None, None
+    if (path / "checkpoints").is_dir():
+        ckpt = latest_checkpoint(path / "checkpoints")
+        if ckpt is None:
+            raise ValueError(f"{key}: run dir '{path}' has no complete checkpoint")
+        return ckpt, path
+    if path.name.startswith("step_") and path.is_dir():
+        if not is_complete(path):
+            raise ValueError(f"{key}: checkpoint '{path}' is incomplete (no COMPLETE marker)")
+        return path, path.parent.parent
+    raise ValueError(f"{key}: '{path}' is neither a diffusers FLUX dir, a run dir, nor a checkpoint dir")
+
+
+def load_trainable_state(transformer: torch.nn.Module, checkpoint: Path, *, ema: bool = False) -> None:
+    named = trainable_named_parameters(transformer)
+    state = {n: p.detach().clone().float() for n, p in named}
+    key = "ema" if ema else "model"
+    try:
+        dcp.load({key: state}, checkpoint_id=str(checkpoint))
+    except Exception as e:  # DCP raises a generic error for a missing key
+        raise ValueError(f"checkpoint '{checkpoint}': cannot load '{key}' state ({str(e).splitlines()[0]})") from None
+    with torch.no_grad():
+        for n, p in named:
+            p.copy_(state[n].to(p.dtype))
+
+
+def load_for_inference(
+    path: str | Path, *, device: torch.device | None = None, dtype: str = "auto", ema: bool = False
+) -> Loaded:
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ckpt, run_dir = resolve_checkpoint(path)
+    cfg = None
+    model_path = Path(path)
+    if ckpt is not None:
+        cfg = load_config(run_dir / "config.yaml")
+        model_path = Path(cfg.model.path)
+    torch_dtype = resolve_dtype(dtype, device)
+    transformer = load_transformer(model_path, dtype=torch_dtype)
+    if cfg is not None:
+        apply_adapter(transformer, cfg.model.adapter)
+        load_trainable_state(transformer, ckpt, ema=ema)
+    transformer.to(device).eval().requires_grad_(False)
+    step = int(ckpt.name.split("_")[1]) if ckpt is not None else None
+    return Loaded(
+        transformer=transformer,
+        vae=load_vae(model_path, dtype=torch_dtype, device=device),
+        text=TextEncoder(model_path, dtype=torch_dtype, device=device),
+        dtype=torch_dtype,
+        device=device,
+        config=cfg,
+        checkpoint=ckpt,
+        step=step,
+    )

@@ -1,0 +1,237 @@
+"""The training job, top to bottom: setup, resume, the step loop, checkpoints, the final CFG grid.
+
+Run directly (a world of one) or under torchrun; the code path is the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+
+from train.adapters import apply_adapter, count_parameters, trainable_named_parameters
+from train.checkpoint import CheckpointManager
+from train.config import JobConfig, dump_config, to_dict
+from train.data import build_loader, forever
+from train.metrics import Logger
+from train.model import check_model_dir, load_transformer, load_vae, resolve_dtype
+from train.optim import EMA, build_optimizer, build_scheduler
+from train.parallelize import (
+    DistInfo,
+    all_reduce_mean,
+    barrier,
+    destroy_distributed,
+    init_distributed,
+    parallelize_transformer,
+)
+from train.step import Frozen, forward_backward_step
+from train.text import TextEncoder
+
+
+def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
+    """A generator that depends only on (seed, rank, step, micro): resumption needs no RNG bookkeeping here."""
+    digest = hashlib.blake2b(f"{seed}/{rank}/{step}/{micro}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    skipped_steps: int = 0
+    """Optimizer steps skipped because the loss or the gradient was not finite."""
+    history: list[dict] = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return {"step": torch.tensor(self.step), "skipped_steps": torch.tensor(self.skipped_steps)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.skipped_steps = int(state["skipped_steps"])
+
+
+def _write_resolved_config(cfg: JobConfig, run_dir: Path, step: int) -> None:
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        dump_config(cfg, path)
+    elif yaml.safe_load(path.read_text()) != to_dict(cfg):
+        # The original stays; a changed resume keeps its own record beside it.
+        dump_config(cfg, run_dir / f"config.resumed_step_{step:08d}.yaml")
+
+
+def _model_state(model, optimizer) -> tuple[dict, dict]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    # Frozen base weights are not saved: they come from model.path again (a 12B copy per checkpoint would be waste).
+    opts = StateDictOptions(ignore_frozen_params=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def _set_model_state(model, optimizer, model_sd, optim_sd) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    opts = StateDictOptions(ignore_frozen_params=True, strict=False)
+    set_model_state_dict(model, model_sd, options=opts)
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+
+
+def build_model(cfg: JobConfig, info: DistInfo):
+    """Base transformer (meta -> weights), adapter, fp32 trainable params, then FSDP2."""
+    dtype = resolve_dtype(cfg.model.dtype, info.device)
+    transformer = load_transformer(cfg.model.path, dtype=dtype)
+    apply_adapter(transformer, cfg.model.adapter)
+    for _, p in trainable_named_parameters(transformer):
+        p.data = p.data.float()  # fp32 master copy of what trains; frozen weights stay in `dtype`
+    transformer = parallelize_transformer(
+        transformer,
+        cfg.parallel,
+        info=info,
+        compute_dtype=dtype,
+        activation_checkpointing=cfg.train.activation_checkpointing,
+    )
+    return transformer, dtype
+
+
+def train(cfg: JobConfig, *, on_checkpoint: Callable[[int, Path], None] | None = None) -> TrainState:
+    check_model_dir(cfg.model.path)
+    info = init_distributed(cfg.parallel)
+    try:
+        return _train(cfg, info, on_checkpoint)
+    finally:
+        destroy_distributed()
+
+
+def _train(cfg: JobConfig, info: DistInfo, on_checkpoint) -> TrainState:
+    run_dir = Path(cfg.run_dir)
+    torch.manual_seed(cfg.seed)
+    transformer, dtype = build_model(cfg, info)
+    frozen = Frozen(
+        vae=load_vae(cfg.model.path, dtype=dtype, device=info.device),
+        text=TextEncoder(cfg.model.path, dtype=dtype, device=info.device),
+        dtype=dtype,
+        device=info.device,
+    )
+    named = trainable_named_parameters(transformer)
+    optimizer = build_optimizer([p for _, p in named], cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    ema = EMA(named, cfg.ema) if cfg.ema.decay > 0 else None
+    loader = build_loader(cfg.data, batch_size=cfg.train.batch_size)
+    state = TrainState()
+    ckpt = CheckpointManager(run_dir, cfg.checkpoint, rank=info.rank)
+
+    latest = ckpt.latest() if cfg.checkpoint.resume else None
+    if latest is not None:
+        model_sd, optim_sd = _model_state(transformer, optimizer)
+        payload = {"model": model_sd, "optim": optim_sd, "scheduler": scheduler.state_dict(), "train": state.state_dict()}
+        if ema:
+            payload["ema"] = ema.state_dict()
+        extras = ckpt.load(latest, payload)
+        _set_model_state(transformer, optimizer, payload["model"], payload["optim"])
+        scheduler.load_state_dict(payload["scheduler"])
+        state.load_state_dict(payload["train"])
+        if ema:
+            ema.load_state_dict(payload["ema"])
+        if extras.get("data") is not None:
+            loader.load_state_dict(extras["data"])
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_resolved_config(cfg, run_dir, state.step)
+        n_train, n_total = count_parameters(transformer)
+        print(
+            f"[dedistill] world={info.world_size} device={info.device} dtype={dtype} "
+            f"adapter={cfg.model.adapter.kind} trainable={n_train:,}/{n_total:,} "
+            + (f"resumed from {latest}" if latest else "fresh start"),
+            flush=True,
+        )
+    logger = Logger(run_dir, enabled=info.is_main)
+    transformer.train()
+
+    def save(step: int) -> Path:
+        model_sd, optim_sd = _model_state(transformer, optimizer)
+        payload = {"model": model_sd, "optim": optim_sd, "scheduler": scheduler.state_dict(), "train": state.state_dict()}
+        if ema:
+            payload["ema"] = ema.state_dict()
+        path = ckpt.save(step, payload, per_rank={"data": loader.state_dict()})
+        if on_checkpoint is not None:
+            on_checkpoint(step, path)
+        return path
+
+    progress = None
+    if info.is_main and cfg.train.progress_bar and state.step < cfg.train.max_steps:
+        from tqdm import tqdm
+
+        progress = tqdm(total=cfg.train.max_steps, initial=state.step, desc="train", file=sys.stderr, dynamic_ncols=True)
+
+    batches = forever(loader)
+    global_batch = cfg.train.batch_size * cfg.train.grad_accum * info.world_size
+    trainable = [p for _, p in named]
+    while state.step < cfg.train.max_steps:
+        t0 = time.perf_counter()
+        losses = []
+        for micro in range(cfg.train.grad_accum):
+            batch = next(batches)
+            out = forward_backward_step(
+                transformer,
+                batch,
+                frozen,
+                cfg.objective,
+                generator=step_generator(cfg.seed, info.rank, state.step, micro),
+                loss_scale=1.0 / cfg.train.grad_accum,
+            )
+            losses.append(out["loss"])
+        max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        loss = all_reduce_mean(torch.stack(losses).mean())
+        # The global grad norm is identical on every rank, so every rank skips together (no extra collective).
+        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
+        lr = scheduler.get_last_lr()[0]
+        if finite:
+            optimizer.step()
+        else:
+            state.skipped_steps += 1
+            if info.is_main:
+                print(f"[dedistill] step {state.step}: non-finite loss/grad ({loss.item()}), step skipped", flush=True)
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        state.step += 1
+        if ema and finite:
+            ema.update(state.step)
+        dt = time.perf_counter() - t0
+
+        record = {"step": state.step, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm)}
+        state.history.append(record)
+        if info.is_main:
+            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
+                logger.scalars(
+                    {
+                        "train/loss": record["loss"],
+                        "train/lr": lr,
+                        "train/grad_norm": record["grad_norm"],
+                        "train/step_time_s": dt,
+                        "train/samples_per_s": global_batch / dt,
+                        "train/skipped_steps": state.skipped_steps,
+                    },
+                    state.step,
+                )
+            if progress:
+                progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+                progress.update(1)
+        if state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.max_steps:
+            save(state.step)
+
+    if progress:
+        progress.close()
+    if cfg.sample.at_end and state.history:
+        from evals.sampler import sample_grid_for_run
+
+        sample_grid_for_run(transformer, frozen, cfg, step=state.step, logger=logger, is_main=info.is_main)
+    logger.close()
+    barrier()
+    return state

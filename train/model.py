@@ -1,0 +1,89 @@
+"""Load FLUX components from a local diffusers-format directory: the same code for a tiny test pipeline and the 12B
+FLUX.1-schnell. The transformer is built on the meta device and its weights assigned from safetensors, so no random
+initialisation of 12B parameters ever runs. Encoders and the VAE are frozen.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 on CUDA and fp32 on CPU (CPU bf16 matmuls are slow and the tests compare in fp32)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def check_model_dir(path: str | Path, *, key: str = "model.path") -> Path:
+    path = Path(path)
+    if not str(path) or not path.is_dir():
+        raise ValueError(f"{key}: '{path}' is not a directory (expected a local diffusers-format FLUX pipeline)")
+    for sub in ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        if not (path / sub).is_dir():
+            raise ValueError(f"{key}: '{path}' has no {sub}/ (expected a diffusers-format FLUX pipeline)")
+    return path
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / n for n in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{folder}: no .safetensors weights (pickled .bin weights are refused)")
+    return files
+
+
+def load_safetensors_dir(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for f in _weight_files(folder):
+        with safe_open(str(f), framework="pt", device="cpu") as fh:
+            for k in fh.keys():
+                state[k] = fh.get_tensor(k).to(dtype)
+    return state
+
+
+def build_transformer_meta(config: dict):
+    """The FLUX transformer with every parameter on the meta device (no memory, no init)."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        return FluxTransformer2DModel.from_config(config)
+
+
+def load_transformer(path: str | Path, *, dtype: torch.dtype):
+    """Transformer built on meta, then its weights assigned from the pipeline's safetensors (on CPU)."""
+    from diffusers import FluxTransformer2DModel
+
+    folder = check_model_dir(path) / "transformer"
+    config = FluxTransformer2DModel.load_config(str(folder))
+    model = build_transformer_meta(config)
+    state = load_safetensors_dir(folder, dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(
+            f"{folder}: weights do not match the transformer config "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+    # Buffers that are not in the state dict (none today in FLUX) would still be on meta.
+    assert not any(t.is_meta for t in model.state_dict().values()), "transformer left on meta"
+    return model
+
+
+def load_vae(path: str | Path, *, dtype: torch.dtype, device: torch.device):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(check_model_dir(path) / "vae"), torch_dtype=dtype)
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def vae_scale_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)

@@ -1,0 +1,125 @@
+"""Every parallelism decision lives here: process group, device, activation checkpointing and FSDP2 sharding.
+
+One code path from 1 CPU process to N GPUs: a lone process still gets a (world size 1) process group and is still
+wrapped with `fully_shard`, so the checkpoints, the state dicts and the optimizer see the same DTensors everywhere.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from train.config import ParallelConfig
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(cfg: ParallelConfig) -> DistInfo:
+    """Join the torchrun process group (or make a world of one when started directly)."""
+    if "RANK" not in os.environ:  # started as a plain process: a world of one, same code path
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+    use_cuda = torch.cuda.is_available() and cfg.dist_backend != "gloo"
+    if cfg.dist_backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("parallel.dist_backend: nccl needs CUDA; use gloo (or auto) on CPU")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    backend = "nccl" if use_cuda else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(minutes=30),
+            device_id=device if use_cuda else None,
+        )
+    return DistInfo(rank, world, local_rank, local_world, device)
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.AVG if value.device.type == "cuda" else dist.ReduceOp.SUM)
+        if value.device.type != "cuda":  # gloo has no AVG
+            value /= dist.get_world_size()
+    return value
+
+
+def _blocks(model) -> list[torch.nn.Module]:
+    return [*model.transformer_blocks, *model.single_transformer_blocks]
+
+
+def parallelize_transformer(
+    model: torch.nn.Module,
+    cfg: ParallelConfig,
+    *,
+    info: DistInfo,
+    compute_dtype: torch.dtype,
+    activation_checkpointing: bool,
+) -> torch.nn.Module:
+    """Activation checkpointing, then FSDP2 `fully_shard` on every block, then on the root (torchtitan's order)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    if cfg.backend != "fsdp2":
+        raise ValueError(f"parallel.backend: '{cfg.backend}' is not available in this build (use fsdp2)")
+    if activation_checkpointing:
+        # diffusers' own per-block checkpointing: keeps parameter names unchanged (no wrapper prefixes in ckpts).
+        model.enable_gradient_checkpointing()
+
+    if cfg.hsdp and info.world_size > info.local_world_size:
+        mesh = init_device_mesh(
+            info.device.type,
+            (info.world_size // info.local_world_size, info.local_world_size),
+            mesh_dim_names=("replicate", "shard"),
+        )
+    else:
+        mesh = init_device_mesh(info.device.type, (info.world_size,), mesh_dim_names=("shard",))
+    mp = MixedPrecisionPolicy(
+        param_dtype=compute_dtype,
+        reduce_dtype=torch.float32 if cfg.reduce_dtype == "fp32" else torch.bfloat16,
+    )
+    kwargs = dict(mesh=mesh, mp_policy=mp)
+    if cfg.cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for block in _blocks(model):
+        fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, **kwargs)
+    # The root keeps its small embed/proj layers; no reshard after forward since backward needs them first.
+    fully_shard(model, reshard_after_forward=False, **kwargs)
+    return model

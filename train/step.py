@@ -1,0 +1,87 @@
+"""The model-specific training step: encode, noise, mask, predict, flow-matching MSE, backward.
+
+Kept as one function (torchtitan's `forward_backward_step`) so every objective detail is here and not threaded
+through the loop as flags. Randomness comes only from the generator passed in, which the loop derives from
+(seed, rank, step, micro-step): a resumed run draws exactly the same noise as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from train import objective
+from train.config import ObjectiveConfig
+from train.flux import image_ids, pack_latents, predict_velocity
+from train.text import PromptEmbeds, TextEncoder
+
+
+@dataclass
+class Frozen:
+    """The frozen parts every step needs: VAE and text encoders (replicated on each rank, outside FSDP)."""
+
+    vae: torch.nn.Module
+    text: TextEncoder
+    dtype: torch.dtype
+    device: torch.device
+
+
+@torch.no_grad()
+def encode_images(vae, pixels: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, C, H/8, W/8) normalised latents (FLUX's shift and scale)."""
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean.device)
+    latents = dist.mean + dist.std * noise.to(dist.mean.dtype)
+    return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def prepare_prompts(
+    frozen: Frozen, captions: list[str], cfg: ObjectiveConfig, *, generator: torch.Generator
+) -> tuple[PromptEmbeds, torch.Tensor]:
+    """Encode captions; caption dropout swaps in the empty prompt (with its own mask); trim to the longest prompt."""
+    drop = objective.caption_dropout_mask(len(captions), cfg.caption_dropout, generator=generator)
+    kept = [c for c, d in zip(captions, drop.tolist()) if not d] or [""]
+    masked = cfg.attention_mask
+    enc = frozen.text.encode(kept, max_tokens=cfg.max_text_tokens, masked=masked)
+    empty = frozen.text.empty(max_tokens=cfg.max_text_tokens, masked=masked)
+    # Scatter the encoded captions back into batch order, empty prompt where dropped.
+    order = torch.cumsum(~drop, 0) - 1
+    prompts = enc.select(order.clamp(min=0)).where(drop, empty)
+    if cfg.attention_mask and cfg.trim_text:
+        prompts = prompts.trimmed()
+    return prompts, drop
+
+
+def forward_backward_step(
+    transformer: torch.nn.Module,
+    batch: dict,
+    frozen: Frozen,
+    cfg: ObjectiveConfig,
+    *,
+    generator: torch.Generator,
+    loss_scale: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """One micro-batch: returns {"loss": scalar (detached), "t": (B,), "dropped": (B,)} after calling backward."""
+    device, dtype = frozen.device, frozen.dtype
+    latents = encode_images(frozen.vae, batch["pixels"], generator=generator)  # (B, C, h, w)
+    b, _, h, w = latents.shape
+    x0 = pack_latents(latents.float())  # (B, h/2*w/2, C*4)
+    prompts, dropped = prepare_prompts(frozen, list(batch["caption"]), cfg, generator=generator)
+
+    t = objective.sample_timesteps(cfg, b, generator=generator, image_seq_len=x0.shape[1]).to(device)
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
+    x_t = objective.interpolate(x0, noise, t)
+    target = objective.velocity_target(x0, noise)
+    ids = image_ids(h, w, device=device, dtype=dtype)
+
+    autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 else nullcontext()
+    with autocast:
+        pred = predict_velocity(
+            transformer, x_t.to(dtype), t, prompts.to(device, dtype), ids, masked=cfg.attention_mask
+        )
+    loss, _ = objective.flow_matching_loss(pred.float(), target, t, weighting=cfg.loss_weighting)
+    if torch.isfinite(loss):
+        (loss * loss_scale).backward()
+    return {"loss": loss.detach(), "t": t.detach(), "dropped": dropped}

@@ -1,0 +1,117 @@
+"""Prompt encoding: T5 hidden states with a bool padding mask, and CLIP's pooled vector.
+
+T5 runs *with* its attention mask, so a prompt's states do not depend on how much padding follows it; this is what
+makes masked joint attention exact (and trimming a batch to its longest prompt free).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from train.model import check_model_dir
+
+
+@dataclass
+class PromptEmbeds:
+    t5: torch.Tensor
+    """(B, L, D_t5) T5 hidden states; rows past a prompt's length are padding."""
+    mask: torch.Tensor
+    """(B, L) bool, True for real tokens (including T5's </s>)."""
+    pooled: torch.Tensor
+    """(B, D_clip) CLIP pooled output."""
+
+    def __len__(self) -> int:
+        return self.t5.shape[0]
+
+    def select(self, index: torch.Tensor) -> "PromptEmbeds":
+        return PromptEmbeds(self.t5[index], self.mask[index], self.pooled[index])
+
+    def where(self, replace: torch.Tensor, other: "PromptEmbeds") -> "PromptEmbeds":
+        """Rows where `replace` (B,) is True come from `other` (one row, broadcast), e.g. the empty prompt."""
+        other = other.pad_to(self.t5.shape[1])
+        r = replace.to(self.t5.device)
+        return PromptEmbeds(
+            torch.where(r[:, None, None], other.t5.expand_as(self.t5), self.t5),
+            torch.where(r[:, None], other.mask.expand_as(self.mask), self.mask),
+            torch.where(r[:, None], other.pooled.expand_as(self.pooled), self.pooled),
+        )
+
+    def pad_to(self, length: int) -> "PromptEmbeds":
+        n = self.t5.shape[1]
+        if n == length:
+            return self
+        if n > length:
+            assert not self.mask[:, length:].any(), "truncating real tokens"
+            return PromptEmbeds(self.t5[:, :length], self.mask[:, :length], self.pooled)
+        pad = length - n
+        return PromptEmbeds(
+            torch.nn.functional.pad(self.t5, (0, 0, 0, pad)),
+            torch.nn.functional.pad(self.mask, (0, pad), value=False),
+            self.pooled,
+        )
+
+    def trimmed(self) -> "PromptEmbeds":
+        """Drop trailing columns that are padding in every row (exact only with masked attention)."""
+        longest = int(self.mask.sum(1).max().item()) if self.mask.numel() else 1
+        return self.pad_to(max(longest, 1))
+
+    def to(self, device=None, dtype=None) -> "PromptEmbeds":
+        return PromptEmbeds(self.t5.to(device, dtype), self.mask.to(device), self.pooled.to(device, dtype))
+
+    @staticmethod
+    def cat(items: list["PromptEmbeds"]) -> "PromptEmbeds":
+        length = max(p.t5.shape[1] for p in items)
+        items = [p.pad_to(length) for p in items]
+        return PromptEmbeds(
+            torch.cat([p.t5 for p in items]), torch.cat([p.mask for p in items]), torch.cat([p.pooled for p in items])
+        )
+
+
+class TextEncoder:
+    """Frozen CLIP-L + T5 pair from a diffusers FLUX directory."""
+
+    def __init__(self, path: str | Path, *, dtype: torch.dtype, device: torch.device):
+        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        path = check_model_dir(path)
+        self.device = device
+        self.clip_tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"))
+        self.t5_tokenizer = T5TokenizerFast.from_pretrained(str(path / "tokenizer_2"))
+        self.clip = CLIPTextModel.from_pretrained(str(path / "text_encoder"), torch_dtype=dtype)
+        self.t5 = T5EncoderModel.from_pretrained(str(path / "text_encoder_2"), torch_dtype=dtype)
+        for m in (self.clip, self.t5):
+            m.to(device).eval().requires_grad_(False)
+        self._empty: dict[tuple[int, bool], PromptEmbeds] = {}
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], *, max_tokens: int, masked: bool = True) -> PromptEmbeds:
+        """masked=False reproduces FluxPipeline/schnell: T5 attends to its padding and the states keep it."""
+        clip_ids = self.clip_tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.clip_tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        pooled = self.clip(clip_ids, output_hidden_states=False).pooler_output
+
+        t5_in = self.t5_tokenizer(
+            prompts, padding="max_length", max_length=max_tokens, truncation=True, return_tensors="pt"
+        )
+        mask = t5_in.attention_mask.to(self.device).bool()  # (B, L)
+        if not masked:
+            return PromptEmbeds(self.t5(t5_in.input_ids.to(self.device))[0], mask, pooled)
+        states = self.t5(t5_in.input_ids.to(self.device), attention_mask=mask.long())[0]  # (B, L, D)
+        # Zero the padding rows: they are never attended to, and zeros make that visible in dumps.
+        states = states * mask[..., None].to(states.dtype)
+        return PromptEmbeds(states, mask, pooled)
+
+    def empty(self, *, max_tokens: int, masked: bool = True) -> PromptEmbeds:
+        """The empty-prompt encoding (caption dropout and CFG's unconditional branch), cached."""
+        key = (max_tokens, masked)
+        if key not in self._empty:
+            self._empty[key] = self.encode([""], max_tokens=max_tokens, masked=masked)
+        return self._empty[key]
