@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,9 +42,41 @@ def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generat
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
 
 
+class StopFlag:
+    """Set by SIGUSR1 (SLURM's `--signal` warning) or SIGTERM (preemption, scancel, requeue): the loop finishes the
+    current step, saves a checkpoint and returns, so the next start resumes exactly there."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous = {}
+
+    def install(self) -> "StopFlag":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank as soon as any rank got a signal (ranks may receive it at different steps)."""
+        flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=device)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
 @dataclass
 class TrainState:
     step: int = 0
+    stopped_by_signal: bool = False
+    """True when the run stopped early on SIGUSR1/SIGTERM after saving a checkpoint."""
     skipped_steps: int = 0
     """Optimizer steps skipped because the loss or the gradient was not finite."""
     history: list[dict] = field(default_factory=list)
@@ -168,6 +201,7 @@ def _train(cfg: JobConfig, info: DistInfo, on_checkpoint) -> TrainState:
 
         progress = tqdm(total=cfg.train.max_steps, initial=state.step, desc="train", file=sys.stderr, dynamic_ncols=True)
 
+    stop = StopFlag().install()
     batches = forever(loader)
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * info.world_size
     trainable = [p for _, p in named]
@@ -223,12 +257,19 @@ def _train(cfg: JobConfig, info: DistInfo, on_checkpoint) -> TrainState:
             if progress:
                 progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
                 progress.update(1)
-        if state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.max_steps:
+        stopping = stop.agreed(info.device)  # one tiny collective per step, on every rank
+        if state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.max_steps or stopping:
             save(state.step)
+        if stopping and state.step < cfg.train.max_steps:
+            state.stopped_by_signal = True
+            if info.is_main:
+                print(f"[dedistill] stop signal: checkpoint saved at step {state.step}; exiting to be resumed", flush=True)
+            break
 
+    stop.uninstall()
     if progress:
         progress.close()
-    if cfg.sample.at_end and state.history:
+    if cfg.sample.at_end and state.history and not state.stopped_by_signal:
         from evals.sampler import sample_grid_for_run
 
         sample_grid_for_run(transformer, frozen, cfg, step=state.step, logger=logger, is_main=info.is_main)

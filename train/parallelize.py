@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +119,9 @@ def parallelize_transformer(
     kwargs = dict(mesh=mesh, mp_policy=mp)
     if cfg.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
+    # diffusers' single-stream blocks return slices of one tensor; FSDP2 warns about views, but FLUX never updates
+    # them in place (checked in diffusers 0.39), so the warning is noise in every log.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     for block in _blocks(model):
         fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, **kwargs)
     # The root keeps its small embed/proj layers; no reshard after forward since backward needs them first.

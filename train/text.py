@@ -92,7 +92,7 @@ class TextEncoder:
         clip_ids = self.clip_tokenizer(
             prompts,
             padding="max_length",
-            max_length=self.clip_tokenizer.model_max_length,
+            max_length=min(self.clip_tokenizer.model_max_length, self.clip.config.max_position_embeddings),
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
