@@ -62,8 +62,13 @@ def forward_backward_step(
     *,
     generator: torch.Generator,
     loss_scale: float = 1.0,
+    backward: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """One micro-batch: returns {"loss": scalar (detached), "t": (B,), "dropped": (B,)} after calling backward."""
+    """One micro-batch: returns {"loss": scalar (detached), "t": (B,), "dropped": (B,)}.
+
+    Backward always runs (when `backward`), even on a non-finite loss: under FSDP every rank must join the
+    gradient reduce-scatter; the loop then sees a non-finite grad norm on all ranks and skips the step together.
+    """
     device, dtype = frozen.device, frozen.dtype
     latents = encode_images(frozen.vae, batch["pixels"], generator=generator)  # (B, C, h, w)
     b, _, h, w = latents.shape
@@ -82,6 +87,6 @@ def forward_backward_step(
             transformer, x_t.to(dtype), t, prompts.to(device, dtype), ids, masked=cfg.attention_mask
         )
     loss, _ = objective.flow_matching_loss(pred.float(), target, t, weighting=cfg.loss_weighting)
-    if torch.isfinite(loss):
+    if backward:
         (loss * loss_scale).backward()
     return {"loss": loss.detach(), "t": t.detach(), "dropped": dropped}
