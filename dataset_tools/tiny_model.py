@@ -1,0 +1,254 @@
+"""A tiny random FLUX pipeline in diffusers layout, built locally (no hub): what the demo and the tests train.
+
+Same component classes and file layout as FLUX.1-schnell, so every code path (loading, packing, masking, sampling,
+export) is the real one; only the widths are tiny. The tokenizers are trained here on the caption vocabulary of
+`dataset_tools.tiny_data`, so every word of a tiny-data caption is a real token (not <unk>).
+
+Choices worth knowing:
+- Transformer: like schnell, no guidance embedding. in_channels = 16 = VAE latent channels (4) x 2x2 packing.
+- VAE: four blocks, i.e. 8x downsampling like FLUX's VAE, so the `H / 8 / 2` latent and packing arithmetic is the
+  real one (a 64 px image -> 8x8x4 latents -> 16 image tokens). Heights and widths must be multiples of 16.
+  FLUX's scaling/shift factors and no quant convs, as in FLUX.
+- Scheduler: FLUX.1-dev-style dynamic shifting (mu from the image sequence length), which the de-distilled model
+  samples with.
+- Weights are PyTorch/diffusers default random init, seeded per component: the same seed gives identical files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import random
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from dataset_tools.tiny_data import (
+    COLOURS, POSITIONS, SHAPES, SIZES, atomic_output_dir, caption_vocabulary, draw_sample,
+)
+
+# Model sizes: a registry, so a second size is one entry, not a new branch.
+TINY_SIZES: dict[str, dict[str, dict]] = {
+    "tiny": {
+        "transformer": dict(
+            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
+            axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+        ),
+        "vae": dict(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 16, 16),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=1, norm_num_groups=4, sample_size=64, scaling_factor=0.3611, shift_factor=0.1159,
+            use_quant_conv=False, use_post_quant_conv=False,
+        ),
+        # CLIP's pooled output (width hidden_size) feeds the transformer's pooled projection.
+        "clip": dict(hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=37, max_position_embeddings=77),
+        # T5's d_model is the transformer's joint_attention_dim. Gated-GELU like the T5 v1.1 encoder FLUX uses.
+        "t5": dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+                   dropout_rate=0.0),
+    },
+}
+
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+    base_image_seq_len=256, max_image_seq_len=4096,
+)
+
+# Words beyond the captions, so ordinary prompts (and negative prompts) are not all <unk>.
+COMMON_WORDS: tuple[str, ...] = (
+    "photo", "picture", "painting", "drawing", "image", "of", "a", "an", "the", "and", "with", "in", "on", "at", "is",
+    "it", "to", "by", "for", "from", "this", "that", "very", "high", "low", "quality", "blurry", "detailed", "sharp",
+    "dark", "light", "bright", "colour", "color", "shape", "shapes", "object", "objects", "big", "tiny", "two",
+    "three", "one", "many", "some", "no", "not", "side", "middle", "corner", "above", "below", "next", "near",
+    "inside", "outside", "between", "behind", "front", "under", "over", "round", "flat", "solid", "empty", "filled",
+    "outline", "line", "lines", "edge", "pattern", "grid", "noise", "noisy", "pixel", "watermark", "signature",
+    "ugly", "bad", "good", "beautiful", "realistic", "cartoon", "deformed", "distorted", "dog", "cat", "person",
+    "man", "woman", "house", "tree", "flower", "car", "city", "mountain", "sky", "water", "text", "art", "style",
+    "portrait", "landscape", "background",
+)
+CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+_CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+_T5_VOCAB = 256  # sentencepiece target, a soft limit on this small corpus
+_T5_REQUIRED_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"()-_/&+%"
+
+
+def tokenizer_corpus(n_captions: int = 2000) -> list[str]:
+    """Fixed (seed-independent) training text: tiny-data captions, the word lists, common words."""
+    rng = random.Random("tokenizer-corpus")
+    lines = [draw_sample(rng, 8)[1] for _ in range(n_captions)]
+    # Every word also in two short phrases: the unigram trainer seeds pieces from substrings repeated in varied
+    # contexts, and without these many words (even "background") end up as character pieces. Checked by a test.
+    words = sorted(set(caption_vocabulary()) | set(COMMON_WORDS))
+    lines += [f"the {w}" for w in words] * 3 + [f"{w} and" for w in words] * 3
+    lines += [f"{c} {s} {z} {p}" for c in COLOURS for s in SHAPES for z in SIZES for p in POSITIONS][::7]
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------- tokenizers
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable-character map (ASCII letters map to themselves)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def train_bpe_merges(corpus: list[str], *, max_merges: int = 1000) -> list[tuple[str, str]]:
+    """CLIP-style BPE merges (words split as CLIP does, "</w>" on the last symbol), most frequent pair first.
+
+    Not `tokenizers.trainers.BpeTrainer`: it breaks count ties in hash order, so two runs gave different merges
+    (and possibly different vocabularies). Here ties go to the lexicographically smallest pair: same corpus, same
+    files. Stops when every corpus word is a single token.
+    """
+    import regex
+
+    byte_map = _bytes_to_unicode()
+    counts: Counter[str] = Counter()
+    for line in corpus:
+        for word in regex.findall(_CLIP_PATTERN, line.lower()):
+            counts["".join(byte_map[b] for b in word.encode("utf-8"))] += 1
+    splits = {w: tuple(w[:-1]) + (w[-1] + "</w>",) for w in counts}
+    merges: list[tuple[str, str]] = []
+    while len(merges) < max_merges:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for w, sym in splits.items():
+            for pair in zip(sym, sym[1:]):
+                pairs[pair] += counts[w]
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        for w, sym in splits.items():
+            out, i = [], 0
+            while i < len(sym):
+                if sym[i : i + 2] == best:
+                    out.append(best[0] + best[1])
+                    i += 2
+                else:
+                    out.append(sym[i])
+                    i += 1
+            splits[w] = tuple(out)
+    return merges
+
+
+def write_clip_tokenizer(folder: Path, corpus: list[str]) -> "CLIPTokenizer":  # noqa: F821
+    """CLIP's files (vocab.json, merges.txt); vocabulary laid out as CLIP's: bytes, bytes</w>, merges, specials."""
+    from transformers import CLIPTokenizer
+
+    merges = train_bpe_merges(corpus)
+    base = list(_bytes_to_unicode().values())
+    # dict.fromkeys: two merge paths can build the same string ("a bc", "ab c"); it gets one id.
+    tokens = list(dict.fromkeys(base + [b + "</w>" for b in base] + [a + b for a, b in merges])) + [CLIP_BOS, CLIP_EOS]
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    # FLUX's CLIP tokenizer pads with <|endoftext|>; CLIP pools at the first <|endoftext|>.
+    return CLIPTokenizer(
+        vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"),
+        unk_token=CLIP_EOS, bos_token=CLIP_BOS, eos_token=CLIP_EOS, pad_token=CLIP_EOS, model_max_length=77,
+    )
+
+
+def write_t5_tokenizer(folder: Path, corpus: list[str]) -> "T5TokenizerFast":  # noqa: F821
+    """Train a sentencepiece unigram model with T5's special ids: <pad> 0, </s> 1, <unk> 2, no <s>."""
+    import sentencepiece as spm
+    from transformers import T5TokenizerFast
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=buf, model_type="unigram", vocab_size=_T5_VOCAB,
+        hard_vocab_limit=False, character_coverage=1.0, required_chars=_T5_REQUIRED_CHARS,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+        num_threads=1, minloglevel=2,  # one thread: training is then deterministic
+    )
+    folder.mkdir(parents=True)
+    (folder / "spiece.model").write_bytes(buf.getvalue())
+    # add_prefix_space: "▁" before the first word too, as the slow T5Tokenizer and FLUX's tokenizer_2 do (left unset,
+    # converting from spiece.model here would give prepend_scheme="never").
+    with _quiet_transformers():
+        tok = T5TokenizerFast(vocab_file=str(folder / "spiece.model"), extra_ids=0, model_max_length=512,
+                              legacy=True, add_prefix_space=True)
+    # The saved tokenizer.json already prepends "▁"; kept in the config, the flag would make every load re-convert
+    # from spiece.model.
+    tok.init_kwargs.pop("add_prefix_space", None)
+    return tok
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+# -------------------------------------------------------------------------------------------------------------- models
+
+
+def _seeded(seed: int, build):
+    """Build a module under its own seed, leaving the caller's global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build().eval()
+
+
+def build_tiny_pipeline(tok_dir: Path, *, seed: int = 0, size: str = "tiny"):
+    """The FluxPipeline object (tokenizers are trained into `tok_dir`, which must not exist yet)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    if size not in TINY_SIZES:
+        raise ValueError(f"size: '{size}' is not one of {', '.join(TINY_SIZES)}")
+    dims = TINY_SIZES[size]
+    corpus = tokenizer_corpus()
+    clip_tok = write_clip_tokenizer(tok_dir / "tokenizer", corpus)
+    t5_tok = write_t5_tokenizer(tok_dir / "tokenizer_2", corpus)
+
+    clip_cfg = CLIPTextConfig(
+        vocab_size=len(clip_tok), bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
+        pad_token_id=clip_tok.pad_token_id, **dims["clip"],
+    )
+    t5_cfg = T5Config(
+        vocab_size=-(-len(t5_tok) // 8) * 8,  # >= len(tokenizer), padded like T5's 32128
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **dims["t5"],
+    )
+    # Each component under its own seed: adding a component later does not change the others' weights.
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        transformer=_seeded(seed * 16 + 0, lambda: FluxTransformer2DModel(**dims["transformer"])),
+        vae=_seeded(seed * 16 + 1, lambda: AutoencoderKL(**dims["vae"])),
+        text_encoder=_seeded(seed * 16 + 2, lambda: CLIPTextModel(clip_cfg)),
+        text_encoder_2=_seeded(seed * 16 + 3, lambda: T5EncoderModel(t5_cfg)),
+        tokenizer=clip_tok,
+        tokenizer_2=t5_tok,
+    )
+
+
+def write_tiny_model(out_dir: str | Path, *, seed: int = 0, size: str = "tiny") -> Path:
+    """Write a random tiny FLUX pipeline that `FluxPipeline.from_pretrained(out_dir)` loads; returns `out_dir`.
+
+    Refuses an `out_dir` that exists and is not empty. Written into a temp dir beside it, then renamed, so a reader
+    never sees half a model.
+    """
+    out = Path(out_dir)
+    with atomic_output_dir(out) as tmp:
+        pipe = build_tiny_pipeline(tmp / ".tokenizer-training", seed=seed, size=size)
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        shutil.rmtree(tmp / ".tokenizer-training")  # the pipeline saved its own copies
+        # OUT_DIR/eval/ (random Inception weights for FID, a tiny CLIP for CLIP score) is written here, into `tmp`,
+        # by the evals package, so it lands in the same atomic rename.
+    return out

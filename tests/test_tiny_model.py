@@ -1,0 +1,103 @@
+"""The tiny FLUX pipeline: diffusers loads and runs it, its tokenizers know the caption words, it is deterministic."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dataset_tools.tiny_data import caption_vocabulary
+from dataset_tools.tiny_model import write_tiny_model
+
+CAPTION = "a small blue square at the top left on a yellow background"
+
+
+def test_flux_pipeline_loads_and_generates(tiny_model_dir):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(str(tiny_model_dir))
+    assert pipe.vae_scale_factor == 8  # like FLUX: 64 px -> 8x8 latents -> 16 packed tokens
+    assert pipe.transformer.config.guidance_embeds is False  # like schnell
+
+    def run(seed):
+        return pipe(
+            CAPTION, height=64, width=64, num_inference_steps=2, max_sequence_length=64, output_type="np",
+            generator=torch.Generator().manual_seed(seed),
+        ).images[0]
+
+    a, b, c = run(0), run(0), run(1)
+    assert a.shape == (64, 64, 3)
+    assert a.std() > 0.01  # not a constant image: the random weights do something
+    assert (a == b).all() and not (a == c).all()
+
+    (img,) = pipe(CAPTION, height=64, width=64, num_inference_steps=2, max_sequence_length=64).images
+    assert img.size == (64, 64)
+
+
+def test_clip_tokenizer_knows_every_caption_word(tiny_model_dir):
+    from transformers import CLIPTokenizer, CLIPTokenizerFast
+
+    slow = CLIPTokenizer.from_pretrained(str(tiny_model_dir / "tokenizer"))
+    fast = CLIPTokenizerFast.from_pretrained(str(tiny_model_dir / "tokenizer"))
+    for word in caption_vocabulary():
+        assert slow.tokenize(word) == [word + "</w>"], word
+    ids = slow(CAPTION).input_ids
+    assert ids == fast(CAPTION).input_ids
+    assert ids[0] == slow.bos_token_id and ids[-1] == slow.eos_token_id
+    assert len(ids) == len(CAPTION.split()) + 2  # one token per word, no unk fallback to characters
+    assert slow.model_max_length == 77 and slow.pad_token == "<|endoftext|>"
+
+    cfg = json.loads((tiny_model_dir / "text_encoder" / "config.json").read_text())
+    assert cfg["vocab_size"] >= len(slow)
+    assert cfg["eos_token_id"] == slow.eos_token_id  # CLIP pools at the first eos: must be the tokenizer's
+
+
+def test_t5_tokenizer_pads_with_0_and_appends_eos(tiny_model_dir):
+    from transformers import T5Tokenizer, T5TokenizerFast
+
+    tok = T5TokenizerFast.from_pretrained(str(tiny_model_dir / "tokenizer_2"))
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
+    for word in caption_vocabulary():
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+
+    batch = tok(["a red circle", CAPTION], padding="max_length", max_length=32).input_ids
+    short = batch[0]
+    assert short[3] == tok.eos_token_id and set(short[4:]) == {0}  # 3 words, </s>, then <pad> = 0
+    long = [i for i in batch[1] if i != 0]
+    assert long[-1] == tok.eos_token_id and tok.unk_token_id not in long
+    assert len(long) == len(CAPTION.split()) + 1
+    # The slow tokenizer (same spiece.model) agrees, including the "▁" before the first word.
+    assert T5Tokenizer.from_pretrained(str(tiny_model_dir / "tokenizer_2"))(CAPTION).input_ids == tok(CAPTION).input_ids
+
+    cfg = json.loads((tiny_model_dir / "text_encoder_2" / "config.json").read_text())
+    assert cfg["vocab_size"] >= len(tok) and cfg["d_model"] == 32
+
+
+def test_same_seed_same_files_other_seed_other_weights(tiny_model_dir, tmp_path):
+    again = tmp_path / "again"
+    again.mkdir()  # an existing empty directory is fine
+    write_tiny_model(again, seed=0)
+    files = sorted(p.relative_to(tiny_model_dir) for p in tiny_model_dir.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    for f in files:
+        assert (tiny_model_dir / f).read_bytes() == (again / f).read_bytes(), f
+
+    other = write_tiny_model(tmp_path / "other", seed=1)
+    name = "transformer/diffusion_pytorch_model.safetensors"
+    w0, w1 = load_file(tiny_model_dir / name), load_file(other / name)
+    assert w0.keys() == w1.keys()
+    assert not all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
+def test_refuses_non_empty_dir_and_leaves_nothing_on_error(tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already exists and is not empty") as e:
+        write_tiny_model(out)
+    assert str(out) in str(e.value)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+    with pytest.raises(ValueError, match="size"):
+        write_tiny_model(tmp_path / "bad", size="huge")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no half-written dir, no temp dir left
