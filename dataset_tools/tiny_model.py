@@ -251,4 +251,7 @@ def write_tiny_model(out_dir: str | Path, *, seed: int = 0, size: str = "tiny") 
         shutil.rmtree(tmp / ".tokenizer-training")  # the pipeline saved its own copies
         # OUT_DIR/eval/ (random Inception weights for FID, a tiny CLIP for CLIP score) is written here, into `tmp`,
         # by the evals package, so it lands in the same atomic rename.
+        from evals.assets import write_eval_assets
+
+        write_eval_assets(tmp, seed=seed)
     return out
