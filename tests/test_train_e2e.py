@@ -24,7 +24,7 @@ def torchrun(*args, nproc=2, check=True):
 def base_args(model, data, run, steps, **extra):
     over = {
         "model.path": model, "data.local": data, "run_dir": run, "train.max_steps": steps,
-        "checkpoint.every_steps": 4, "checkpoint.keep_last": 5, "train.progress_bar": "false",
+        "checkpoint.every_steps": 4, "checkpoint.keep_last": 10, "train.progress_bar": "false",
         "sample.at_end": "false", "optim.warmup_steps": 2, "ema.decay": 0.5, **extra,
     }
     return [str(REPO / "configs" / "tiny-cpu.yaml"), *[f"{k}={v}" for k, v in over.items()]]
@@ -45,33 +45,54 @@ def trainable_state(ckpt: Path) -> dict:
 
 
 def test_resume_is_bitwise_and_sampling_works(tiny_model_dir, tiny_data_dir, tmp_path):
+    """Straight 24 steps vs. a run stopped by SIGTERM (preemption) after its first checkpoint, then resumed."""
+    import signal
+    import time
+
+    steps = 24
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    r = torchrun(*base_args(tiny_model_dir, tiny_data_dir, straight, 8))
+    r = torchrun(*base_args(tiny_model_dir, tiny_data_dir, straight, steps))
     assert "fresh start" in r.stdout
-    torchrun(*base_args(tiny_model_dir, tiny_data_dir, resumed, 4))
-    r = torchrun(*base_args(tiny_model_dir, tiny_data_dir, resumed, 8))
-    assert "resumed from" in r.stdout and "step_00000004" in r.stdout
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train",
+           *base_args(tiny_model_dir, tiny_data_dir, resumed, steps)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = resumed / "checkpoints" / "step_00000004" / "COMPLETE"
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks: finish the step, save, exit
+    out = proc.communicate(timeout=300)[0]
+    done = sorted(p.name for p in (resumed / "checkpoints").glob("step_*"))
+    assert "stop signal: checkpoint saved" in out, out[-3000:]
+    assert f"step_{steps:08d}" not in done, "the run finished before the signal; nothing was resumed"
+
+    r = torchrun(*base_args(tiny_model_dir, tiny_data_dir, resumed, steps))
+    assert "resumed from" in r.stdout, r.stdout
 
     for run in (straight, resumed):
         ckpts = sorted((run / "checkpoints").glob("step_*"))
-        assert [c.name for c in ckpts] == ["step_00000004", "step_00000008"]
+        assert ckpts[-1].name == f"step_{steps:08d}"
         assert all((c / "COMPLETE").is_file() for c in ckpts)
         assert {p.name for p in ckpts[-1].glob("rank_*.pt")} == {"rank_00000.pt", "rank_00001.pt"}
         assert list((run / "tb").glob("events.out.tfevents.*"))
         assert (run / "config.yaml").is_file()
 
-    a, b = trainable_state(straight / "checkpoints/step_00000008"), trainable_state(resumed / "checkpoints/step_00000008")
+    final = f"checkpoints/step_{steps:08d}"
+    a, b = trainable_state(straight / final), trainable_state(resumed / final)
     assert any(k.startswith("model.") for k in a) and any(k.startswith("ema.") for k in a)
+    assert any(k.startswith("optim.state.") for k in a)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
-    # and training moved the adapter away from its no-op init
-    lokr = [v for k, v in a.items() if k.startswith("model.") and "lokr_w1" in k]
-    assert lokr and any(v.abs().sum() > 0 for v in lokr)
+    # and training moved the parameters: the first checkpoint differs from the last
+    early = trainable_state(straight / "checkpoints/step_00000004")
+    assert any(not torch.equal(early[k], a[k]) for k in a if k.startswith("model."))
 
     # sample from the checkpoint through the user-facing CLI
     out = tmp_path / "img.png"
-    cmd = [sys.executable, "-m", "launch", "sample", "--model", str(straight / "checkpoints/step_00000008"),
+    cmd = [sys.executable, "-m", "launch", "sample", "--model", str(straight / final),
            "--prompt", "a red circle", "--steps", "2", "--resolution", "64", "--cfg", "3", "--out", str(out)]
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=300)
     from PIL import Image
