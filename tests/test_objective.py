@@ -1,0 +1,228 @@
+"""Flow-matching maths against scipy distributions, hand computations and diffusers' FLUX schedule."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from scipy.special import expit, logit
+
+from train import objective
+from train.config import ObjectiveConfig
+
+N = 20_000
+P_MIN = 1e-3
+SEQ = 1024  # image tokens at 512² (only used by the resolution shift)
+
+
+def draw(cfg: ObjectiveConfig, n: int = N, seed: int = 1234, seq: int = SEQ) -> np.ndarray:
+    t = objective.sample_timesteps(cfg, n, generator=torch.Generator().manual_seed(seed), image_seq_len=seq)
+    assert t.dtype == torch.float32 and t.shape == (n,)
+    assert float(t.min()) > 0.0 and float(t.max()) < 1.0
+    return t.double().numpy()
+
+
+def ks(samples: np.ndarray, cdf) -> float:
+    return stats.kstest(samples, cdf).pvalue
+
+
+# --- samplers vs scipy ------------------------------------------------------------------------------------------
+
+
+def test_uniform_matches_scipy():
+    assert ks(draw(ObjectiveConfig(timestep_sampler="uniform")), stats.uniform().cdf) > P_MIN
+
+
+@pytest.mark.parametrize("mean,std", [(0.0, 1.0), (-0.5, 1.3)])
+def test_logit_normal_matches_scipy(mean, std):
+    t = draw(ObjectiveConfig(timestep_sampler="logit_normal", logit_mean=mean, logit_std=std))
+    assert ks(logit(t), stats.norm(mean, std).cdf) > P_MIN
+
+
+def test_beta_matches_scipy_libreflux_params():
+    t = draw(ObjectiveConfig(timestep_sampler="beta", beta_alpha=2.0, beta_beta=1.6))
+    assert ks(t, stats.beta(2.0, 1.6).cdf) > P_MIN
+
+
+def test_samplers_are_distinguishable():
+    # The KS tests above must be able to fail: Beta(2, 1.6) samples are rejected as Beta(2, 2) or as uniform.
+    t = draw(ObjectiveConfig(timestep_sampler="beta", beta_alpha=2.0, beta_beta=1.6))
+    assert ks(t, stats.beta(2.0, 2.0).cdf) < P_MIN
+    assert ks(t, stats.uniform().cdf) < P_MIN
+
+
+# --- temperature -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.7])
+def test_tempered_logit_normal_is_logit_normal_with_scaled_std(temperature):
+    t = draw(ObjectiveConfig(timestep_sampler="logit_normal", logit_mean=0.3, logit_std=0.9, temperature=temperature))
+    assert ks(logit(t), stats.norm(0.3, 0.9 * temperature).cdf) > P_MIN
+    assert ks(logit(t), stats.norm(0.3, 0.9).cdf) < P_MIN  # and it did change the distribution
+
+
+def test_tempered_beta_scales_logit_spread_around_the_median():
+    a, b, temp = 2.0, 1.6, 1.5
+    t = draw(ObjectiveConfig(timestep_sampler="beta", beta_alpha=a, beta_beta=b, temperature=temp))
+    m = logit(stats.beta(a, b).median())
+    base = expit(m + (logit(t) - m) / temp)  # undo the temperature: must be Beta(a, b) again
+    assert ks(base, stats.beta(a, b).cdf) > P_MIN
+    assert abs(np.median(t) - stats.beta(a, b).median()) < 0.02  # the median is the fixed point
+
+
+def test_temperature_one_is_identity():
+    cfg = ObjectiveConfig(timestep_sampler="beta")
+    t1 = draw(cfg, n=64)
+    t2 = draw(ObjectiveConfig(timestep_sampler="beta", temperature=1.0 + 1e-9), n=64)
+    np.testing.assert_allclose(t1, t2, atol=1e-6)
+
+
+def test_timesteps_are_clamped_away_from_0_and_1():
+    # std 40 in logit space puts most draws beyond float precision of 0 and 1: the clamp must catch them.
+    t = objective.sample_timesteps(ObjectiveConfig(timestep_sampler="logit_normal", logit_std=40.0), 1000,
+                                   generator=torch.Generator().manual_seed(0), image_seq_len=SEQ)
+    lo, hi = torch.tensor(objective.T_EPS), torch.tensor(1 - objective.T_EPS)  # as float32
+    assert float(t.min()) == float(lo) and float(t.max()) == float(hi)
+    assert torch.isfinite(torch.logit(t)).all()
+
+
+# --- shift -----------------------------------------------------------------------------------------------------
+
+
+def test_constant_shift_matches_transformed_distribution():
+    s, mean, std = 3.0, 0.0, 1.0
+    t = draw(ObjectiveConfig(timestep_sampler="logit_normal", shift="constant", shift_value=s))
+    # t' = s·u / (1 + (s-1)·u)  <=>  u = t' / (s - (s-1)·t'), so P(t' <= x) = P(u <= u(x)).
+    base_cdf = stats.norm(mean, std).cdf
+    assert ks(t, lambda x: base_cdf(logit(x / (s - (s - 1) * x)))) > P_MIN
+    assert ks(t, lambda x: base_cdf(logit(x))) < P_MIN  # unshifted is rejected
+
+
+def test_shift_formula_endpoints_and_value():
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=torch.float64)
+    out = objective.shift_timesteps(t, 3.0)
+    torch.testing.assert_close(out, torch.tensor([0.0, 0.75 / 1.5, 1.5 / 2.0, 1.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("seq", [256, 1024, 4096, 8192])
+def test_resolution_shift_matches_diffusers_calculate_shift(seq):
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    cfg = ObjectiveConfig()
+    assert objective.resolution_shift(seq, cfg) == pytest.approx(math.exp(calculate_shift(seq)), rel=1e-12)
+    other = ObjectiveConfig(base_shift=0.3, max_shift=1.4, base_seq_len=128, max_seq_len=2048)
+    ref = calculate_shift(seq, base_seq_len=128, max_seq_len=2048, base_shift=0.3, max_shift=1.4)
+    assert objective.resolution_shift(seq, other) == pytest.approx(math.exp(ref), rel=1e-12)
+
+
+def test_resolution_shift_sampling_equals_diffusers_time_shift():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    base = draw(ObjectiveConfig(timestep_sampler="uniform"), n=256, seq=4096)
+    shifted = draw(ObjectiveConfig(timestep_sampler="uniform", shift="resolution"), n=256, seq=4096)
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    ref = sched.time_shift(calculate_shift(4096), 1.0, base)
+    np.testing.assert_allclose(shifted, ref, rtol=1e-5)
+    assert np.all(shifted > base)  # a real shift happened (s = exp(1.15) > 1)
+
+
+# --- determinism -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "logit_normal", "beta"])
+def test_sampling_is_determined_by_the_generator_only(sampler):
+    cfg = ObjectiveConfig(timestep_sampler=sampler, temperature=1.3, shift="resolution")
+    torch.manual_seed(0)
+    a = draw(cfg, n=32, seed=7)
+    torch.manual_seed(99)  # the global RNG must not matter
+    b = draw(cfg, n=32, seed=7)
+    c = draw(cfg, n=32, seed=8)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    g = torch.Generator().manual_seed(5)
+    m1 = objective.caption_dropout_mask(64, 0.5, generator=g)
+    m2 = objective.caption_dropout_mask(64, 0.5, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(m1, m2)
+
+
+# --- caption dropout -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.447])
+def test_caption_dropout_frequency(p):
+    mask = objective.caption_dropout_mask(N, p, generator=torch.Generator().manual_seed(3))
+    assert mask.dtype == torch.bool and mask.shape == (N,)
+    lo, hi = stats.binom.interval(0.999, N, p)
+    assert lo <= int(mask.sum()) <= hi
+
+
+def test_caption_dropout_extremes():
+    g = torch.Generator().manual_seed(0)
+    assert not objective.caption_dropout_mask(1000, 0.0, generator=g).any()
+    assert objective.caption_dropout_mask(1000, 1.0, generator=g).all()
+
+
+# --- interpolation, target, loss -------------------------------------------------------------------------------
+
+
+def test_interpolate_endpoints_and_midpoint():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 5, 4, generator=g)
+    eps = torch.randn(3, 5, 4, generator=g)
+    out = objective.interpolate(x0, eps, torch.tensor([0.0, 1.0, 0.25]))
+    assert torch.equal(out[0], x0[0])
+    assert torch.equal(out[1], eps[1])
+    torch.testing.assert_close(out[2], 0.75 * x0[2] + 0.25 * eps[2])
+    torch.testing.assert_close(objective.velocity_target(x0, eps), eps - x0)
+    # v is the derivative of x_t in t
+    t, h = torch.full((3,), 0.4), 1e-3
+    fd = (objective.interpolate(x0, eps, t + h) - objective.interpolate(x0, eps, t - h)) / (2 * h)
+    torch.testing.assert_close(fd, objective.velocity_target(x0, eps), atol=1e-3, rtol=1e-3)
+
+
+def test_loss_by_hand():
+    pred = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    target = torch.tensor([[0.0, 2.0], [1.0, 1.0]])
+    t = torch.tensor([0.5, 0.0])
+    # squared errors: [[1, 0], [4, 9]] -> per-sample means [0.5, 6.5] -> mean 3.5
+    loss, per = objective.flow_matching_loss(pred, target, t)
+    torch.testing.assert_close(per, torch.tensor([0.5, 6.5]))
+    torch.testing.assert_close(loss, torch.tensor(3.5))
+    # cosmap: w(0.5) = 2/(π·0.5) = 4/π, w(0) = 2/π -> [2/π, 13/π], mean 7.5/π
+    loss, per = objective.flow_matching_loss(pred, target, t, weighting="cosmap")
+    torch.testing.assert_close(per, torch.tensor([2 / math.pi, 13 / math.pi]))
+    torch.testing.assert_close(loss, torch.tensor(7.5 / math.pi))
+
+
+def test_loss_is_fp32_for_bf16_inputs():
+    pred = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.bfloat16)
+    target = torch.tensor([[0.0, 2.0], [1.0, 1.0]], dtype=torch.bfloat16)
+    loss, per = objective.flow_matching_loss(pred, target, torch.tensor([0.1, 0.9]))
+    assert loss.dtype == torch.float32 and per.dtype == torch.float32
+    torch.testing.assert_close(loss, torch.tensor(3.5))
+
+
+def test_unknown_weighting_names_the_key():
+    with pytest.raises(ValueError, match="objective.loss_weighting"):
+        objective.flow_matching_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1), weighting="snr")
+
+
+# --- inference schedule ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps,seq", [(4, 256), (28, 1024), (50, 4096), (1, 64)])
+def test_sampling_sigmas_match_diffusers_scheduler(steps, seq):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    sched = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
+    )
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=calculate_shift(seq))
+    ours = objective.sampling_sigmas(steps, image_seq_len=seq)
+    assert ours.shape == (steps + 1,) and ours.dtype == torch.float32
+    assert ours[0] == 1.0 and ours[-1] == 0.0
+    torch.testing.assert_close(ours, sched.sigmas, atol=1e-6, rtol=0)
+    assert torch.all(ours[1:] < ours[:-1])

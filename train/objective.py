@@ -1,0 +1,215 @@
+"""Flow-matching maths: timesteps, interpolation, target, loss, caption dropout, the inference schedule.
+
+No model and no data here. Conventions (rectified flow, as FLUX):
+
+    x_t = (1 - t)·x0 + t·ε,      v = dx_t/dt = ε - x0,      t = 1 is pure noise, t = 0 is the clean latent.
+
+Randomness comes only from the `torch.Generator` the caller passes (the trainer derives it from
+(seed, rank, step, micro-step)), never from the global RNG, so a resumed run draws exactly what an uninterrupted
+one would. Each call draws a fixed number of values from the generator, in a fixed order.
+
+Two temperatures, not to be confused:
+
+- **Timestep-distribution temperature** (`ObjectiveConfig.temperature`, training): scales the spread of the
+  timestep sampler in logit space around the base distribution's median m = logit(median):
+  t = sigmoid(m + T·(logit(t0) - m)). T = 1 is the identity; T > 1 puts more mass near t = 0 and t = 1, T < 1
+  concentrates it around the median. For logit-normal(mean, std) it is exactly logit-normal(mean, std·T).
+  The shift (below) is applied after the temperature.
+- **Noise temperature** (`SampleConfig.noise_temperature`, sampling): the initial noise x_1 = T_noise·ε of the
+  Euler sampler in evals/. T_noise < 1 gives smoother, lower-variance images; it does not touch training.
+
+Shift: t' = s·t / (1 + (s - 1)·t) moves mass towards the noisy end for s > 1. `shift="resolution"` uses FLUX's
+rule s = exp(mu), mu linear in the image token count, which is the same rule diffusers' FluxPipeline applies at
+inference (`calculate_shift` + the scheduler's exponential `time_shift`: exp(mu) / (exp(mu) + (1/t - 1)), which is
+the shift formula above with s = exp(mu)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from train.config import ObjectiveConfig
+
+T_EPS = 1e-5
+"""Sampled timesteps are clamped to [T_EPS, 1 - T_EPS]: t = 0 or 1 exactly makes logit/cosmap weights infinite."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shift
+
+
+def mu_for_seq_len(
+    image_seq_len: int,
+    *,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """FLUX's mu: linear in image_seq_len through (base_seq_len, base_shift) and (max_seq_len, max_shift)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return float(base_shift + m * (image_seq_len - base_seq_len))
+
+
+def resolution_shift(image_seq_len: int, cfg: ObjectiveConfig) -> float:
+    """The shift s = exp(mu) FLUX uses for `image_seq_len` packed image tokens (256 at 256², 4096 at 1024²)."""
+    mu = mu_for_seq_len(
+        image_seq_len,
+        base_seq_len=cfg.base_seq_len,
+        max_seq_len=cfg.max_seq_len,
+        base_shift=cfg.base_shift,
+        max_shift=cfg.max_shift,
+    )
+    return math.exp(mu)
+
+
+def shift_timesteps(t: torch.Tensor, s: float) -> torch.Tensor:
+    """t' = s·t / (1 + (s - 1)·t): monotone, fixes 0 and 1; s > 1 moves mass towards t = 1 (noise)."""
+    return s * t / (1 + (s - 1) * t)
+
+
+def _shift_for(cfg: ObjectiveConfig, image_seq_len: int) -> float:
+    if cfg.shift == "none":
+        return 1.0
+    if cfg.shift == "constant":
+        return float(cfg.shift_value)
+    if cfg.shift == "resolution":
+        return resolution_shift(image_seq_len, cfg)
+    raise ValueError(f"objective.shift: {cfg.shift!r} is not one of none, constant, resolution")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timestep sampling
+
+
+def _base_median(cfg: ObjectiveConfig) -> float:
+    """Median of the untempered, unshifted sampler, in t."""
+    if cfg.timestep_sampler == "uniform":
+        return 0.5
+    if cfg.timestep_sampler == "logit_normal":
+        return 1.0 / (1.0 + math.exp(-cfg.logit_mean))
+    if cfg.timestep_sampler == "beta":
+        from scipy.special import betaincinv
+
+        return float(betaincinv(cfg.beta_alpha, cfg.beta_beta, 0.5))
+    raise ValueError(f"objective.timestep_sampler: {cfg.timestep_sampler!r} is not one of uniform, logit_normal, beta")
+
+
+def _sample_base(cfg: ObjectiveConfig, n: int, generator: torch.Generator) -> torch.Tensor:
+    """(n,) float64 on CPU from the base distribution, driven only by `generator`."""
+    dev = generator.device
+    if cfg.timestep_sampler == "uniform":
+        return torch.rand(n, generator=generator, dtype=torch.float64, device=dev).cpu()
+    if cfg.timestep_sampler == "logit_normal":
+        z = torch.randn(n, generator=generator, dtype=torch.float64, device=dev).cpu()
+        return torch.sigmoid(cfg.logit_mean + cfg.logit_std * z)
+    if cfg.timestep_sampler == "beta":
+        # torch.distributions.Beta ignores generators; inverse-CDF sampling is exact and generator-driven.
+        from scipy.special import betaincinv
+
+        u = torch.rand(n, generator=generator, dtype=torch.float64, device=dev).cpu()
+        return torch.from_numpy(np.asarray(betaincinv(cfg.beta_alpha, cfg.beta_beta, u.numpy()), dtype=np.float64))
+    raise ValueError(f"objective.timestep_sampler: {cfg.timestep_sampler!r} is not one of uniform, logit_normal, beta")
+
+
+def apply_temperature(t: torch.Tensor, temperature: float, median: float) -> torch.Tensor:
+    """t -> sigmoid(m + T·(logit(t) - m)), m = logit(median). T = 1 returns t unchanged."""
+    if temperature == 1.0:
+        return t
+    m = math.log(median / (1.0 - median))
+    return torch.sigmoid(m + temperature * (torch.logit(t) - m))
+
+
+def sample_timesteps(
+    cfg: ObjectiveConfig, n: int, *, generator: torch.Generator, image_seq_len: int
+) -> torch.Tensor:
+    """(n,) float32 timesteps in [T_EPS, 1 - T_EPS]: base sampler -> temperature -> shift -> clamp.
+
+    base: uniform | logit_normal(cfg.logit_mean, cfg.logit_std) | beta(cfg.beta_alpha, cfg.beta_beta);
+    temperature: see the module docstring; shift: none | constant (cfg.shift_value) | resolution (FLUX's rule for
+    `image_seq_len` packed tokens). Draws n values from `generator` (CPU or CUDA generator); returns a CPU tensor.
+    """
+    t = _sample_base(cfg, n, generator)  # (n,) float64
+    t = apply_temperature(t, cfg.temperature, _base_median(cfg))
+    s = _shift_for(cfg, image_seq_len)
+    if s != 1.0:
+        t = shift_timesteps(t, s)
+    return t.clamp(T_EPS, 1.0 - T_EPS).float()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Interpolation, target, loss
+
+
+def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, *([1] * (like.ndim - 1)))  # (B,) -> (B, 1, ..., 1)
+
+
+def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t)·x0 + t·ε, t (B,) broadcast over the non-batch dims."""
+    t = _bcast(t.to(x0.dtype), x0)
+    return (1 - t) * x0 + t * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """v = ε - x0, the time derivative of x_t."""
+    return noise - x0
+
+
+def loss_weights(t: torch.Tensor, weighting: str) -> torch.Tensor | None:
+    """(B,) per-sample weights, or None for "none". cosmap (SD3): 2 / (π·(1 - 2t + 2t²))."""
+    if weighting == "none":
+        return None
+    if weighting == "cosmap":
+        t = t.float()
+        return 2.0 / (math.pi * (1 - 2 * t + 2 * t * t))
+    raise ValueError(f"objective.loss_weighting: {weighting!r} is not one of none, cosmap")
+
+
+def flow_matching_loss(
+    pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, *, weighting: str = "none"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scalar mean loss, per-sample loss (B,)); MSE over the non-batch dims, in fp32, optionally weighted."""
+    diff = pred.float() - target.float()
+    per_sample = diff.square().flatten(1).mean(1)  # (B,)
+    w = loss_weights(t.to(per_sample.device), weighting)
+    if w is not None:
+        per_sample = per_sample * w
+    return per_sample.mean(), per_sample
+
+
+def caption_dropout_mask(n: int, p: float, *, generator: torch.Generator) -> torch.Tensor:
+    """(n,) bool, True = replace that caption by the empty prompt (each independently with probability p)."""
+    u = torch.rand(n, generator=generator, device=generator.device).cpu()
+    return u < p
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inference schedule
+
+
+def sampling_sigmas(
+    steps: int,
+    image_seq_len: int,
+    *,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+) -> torch.Tensor:
+    """(steps + 1,) float32 sigmas from 1 down to 0, the schedule diffusers' FluxPipeline uses.
+
+    linspace(1, 1/steps, steps), shifted with s = exp(mu) for `image_seq_len`, then a final 0. Equals
+    FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, ...).set_timesteps(sigmas=..., mu=mu).sigmas.
+    """
+    if steps < 1:
+        raise ValueError(f"sample.steps: must be >= 1, got {steps}")
+    mu = mu_for_seq_len(
+        image_seq_len, base_seq_len=base_seq_len, max_seq_len=max_seq_len, base_shift=base_shift, max_shift=max_shift
+    )
+    sigmas = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)  # float32 as the scheduler casts
+    sigmas = math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
+    return torch.cat([torch.from_numpy(np.asarray(sigmas)).float(), torch.zeros(1)])
