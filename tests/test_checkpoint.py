@@ -1,0 +1,42 @@
+"""CheckpointManager without a process group (a single process): completion marker, pruning, incomplete dirs."""
+
+import torch
+
+from train.checkpoint import MARKER, CheckpointManager, latest_checkpoint
+from train.config import CheckpointConfig
+
+
+def test_keep_last_and_incomplete_checkpoints(tmp_path):
+    ckpt = CheckpointManager(tmp_path, CheckpointConfig(every_steps=1, keep_last=2), rank=0)
+    for step in (1, 2, 3):
+        ckpt.save(step, {"w": torch.full((3,), float(step))}, per_rank={"data": {"pos": step}})
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step_00000002", "step_00000003"]
+
+    # a save killed before its marker: it never counts, and the older complete one is resumed
+    broken = tmp_path / "checkpoints" / "step_00000004"
+    broken.mkdir()
+    (broken / "__0_0.distcp").write_bytes(b"partial")
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step_00000003"
+
+    state = {"w": torch.zeros(3)}
+    torch.manual_seed(123)
+    extras = ckpt.load(ckpt.latest(), state)
+    assert torch.equal(state["w"], torch.full((3,), 3.0)) and extras["data"] == {"pos": 3}
+    # the RNG state saved with step 3 was restored (it was the state at save time, not seed 123)
+    assert extras["step"] == 3
+
+    ckpt.save(5, {"w": torch.ones(3)}, per_rank={"data": None})
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step_00000003", "step_00000005"]  # the incomplete step 4 was removed as debris
+    assert (tmp_path / "checkpoints" / "step_00000005" / MARKER).is_file()
+
+
+def test_rng_restored(tmp_path):
+    ckpt = CheckpointManager(tmp_path, CheckpointConfig(), rank=0)
+    torch.manual_seed(7)
+    ckpt.save(1, {"w": torch.zeros(1)}, per_rank={})
+    expected = torch.rand(4)
+    torch.manual_seed(999)
+    ckpt.load(ckpt.latest(), {"w": torch.zeros(1)})
+    assert torch.equal(torch.rand(4), expected)
