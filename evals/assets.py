@@ -98,6 +98,14 @@ def write_tiny_clip(path: str | Path, seed: int = 0, *, tokenizer_dir: str | Pat
     with torch.random.fork_rng(devices=[]):  # transformers initialises from the global RNG; leave it untouched
         torch.manual_seed(seed)
         model = CLIPModel(config).eval()
+    with torch.no_grad():
+        # Random towers give cosines scattered around 0, which the clamp of the score turns into a flat 0. A shared
+        # direction in both embeddings (LayerNorm bias 1, a rank-1 term on projection row 0) centres the cosines near
+        # 0.5 and leaves them varying with image and caption, so tiny-model reports show numbers that move.
+        for norm, proj in ((model.vision_model.post_layernorm, model.visual_projection),
+                           (model.text_model.final_layer_norm, model.text_projection)):
+            norm.bias.fill_(1.0)
+            proj.weight[0] += 6.0 / norm.bias.numel()
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     model.save_pretrained(path, safe_serialization=True)
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)

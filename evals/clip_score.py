@@ -34,9 +34,10 @@ class CLIPScorer:
         if not any(path.glob("*.safetensors")):
             raise ValueError(f"{key}: {path} has no .safetensors weights (pickled .bin weights are refused)")
         self.device = torch.device(device)
-        self.model = CLIPModel.from_pretrained(str(path), use_safetensors=True, torch_dtype=torch.float32)
+        self.model = CLIPModel.from_pretrained(str(path), use_safetensors=True, dtype=torch.float32)
         self.model.to(self.device).eval().requires_grad_(False)
-        self.processor = CLIPProcessor.from_pretrained(str(path))
+        # The slow (PIL) image processor: the reference preprocessing, and what torchmetrics got for years.
+        self.processor = CLIPProcessor.from_pretrained(str(path), use_fast=False)
         self.max_tokens = self.model.config.text_config.max_position_embeddings
 
     @torch.no_grad()

@@ -103,10 +103,15 @@ def cmd_demo(a) -> None:
         write_tiny_model(model, seed=0)
     if not (data / "index.json").is_file():
         write_tiny_data(data, n=a.n_samples, size=64, seed=0)
+    from train.config import load_config
+
+    # The tiny eval suite runs inline (rank 0) at the last step: metrics.json, grids, plots. Overridable.
+    last = load_config(CONFIGS / "tiny-cpu.yaml", list(a.overrides)).train.max_steps
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
         "-m", "train", str(CONFIGS / "tiny-cpu.yaml"),
-        f"model.path={model}", f"data.local={data}", f"run_dir={run}", *a.overrides,
+        f"model.path={model}", f"data.local={data}", f"run_dir={run}",
+        "eval.suite=tiny", "eval.mode=inline", f"eval.every_steps={last}", *a.overrides,
     ]
     print("[demo] " + shlex.join(cmd), flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -114,6 +119,7 @@ def cmd_demo(a) -> None:
     if rc != 0:
         raise SystemExit(rc)
     grids = sorted((run / "samples").glob("grid_step_*.png"))
+    evals = sorted((run / "evals").glob("step_*/metrics.json"))
     print(
         "\n[demo] finished in {:.0f} s\n"
         "  tiny FLUX pipeline : {}\n"
@@ -121,8 +127,11 @@ def cmd_demo(a) -> None:
         "  run dir            : {}\n"
         "  checkpoints        : {}\n"
         "  TensorBoard        : tensorboard --logdir {}\n"
-        "  CFG grid           : {}".format(
-            time.perf_counter() - t0, model, data, run, run / "checkpoints", run / "tb", grids[-1] if grids else "-"
+        "  CFG grid           : {}\n"
+        "  eval (FID, CLIP)   : {}\n"
+        "  eval plots         : {}".format(
+            time.perf_counter() - t0, model, data, run, run / "checkpoints", run / "tb", grids[-1] if grids else "-",
+            evals[-1] if evals else "-", run / "plots" if evals else "-",
         )
     )
 

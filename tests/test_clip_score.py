@@ -9,6 +9,15 @@ from evals.assets import write_tiny_clip
 from evals.clip_score import CLIPScorer, clip_score_from_cosines
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny ops on 2 shared cores: a second intra-op thread mostly waits (10x slower under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     return write_tiny_clip(tmp_path_factory.mktemp("clip") / "clip", seed=0)

@@ -14,6 +14,15 @@ from evals.fid import Stats, fid_from_stats, frechet_distance, reference_stats, 
 from evals.inception import FIDInceptionV3, inception_features, load_inception
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny ops on 2 shared cores: a second intra-op thread mostly waits (10x slower under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def shapes(n: int, *, seed: int, kind: str, size: int = 64) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     out = []

@@ -54,7 +54,9 @@ def load_trainable_state(transformer: torch.nn.Module, checkpoint: Path, *, ema:
     state = {n: p.detach().clone().float() for n, p in named}
     key = "ema" if ema else "model"
     try:
-        dcp.load({key: state}, checkpoint_id=str(checkpoint))
+        # no_dist: this process reads every shard itself, even when a process group exists (an inline eval on
+        # rank 0 of a training job, or each rank of an eval job); with collectives it would wait for the others.
+        dcp.load({key: state}, checkpoint_id=str(checkpoint), no_dist=True)
     except Exception as e:  # DCP raises a generic error for a missing key
         raise ValueError(f"checkpoint '{checkpoint}': cannot load '{key}' state ({str(e).splitlines()[0]})") from None
     with torch.no_grad():

@@ -141,6 +141,10 @@ def train(cfg: JobConfig, *, on_checkpoint: Callable[[int, Path], None] | None =
 
 
 def _train(cfg: JobConfig, info: DistInfo, on_checkpoint) -> TrainState:
+    from evals.periodic import make_eval_callback
+
+    # Evals every eval.every_steps (inline or as submitted jobs); a failed eval never stops training.
+    on_checkpoint = make_eval_callback(cfg, info, chain=on_checkpoint)
     run_dir = Path(cfg.run_dir)
     torch.manual_seed(cfg.seed)
     transformer, dtype = build_model(cfg, info)

@@ -1,0 +1,113 @@
+"""Evals during training: every `eval.every_steps` the trainer's new checkpoint goes to the suite in `eval.suite`.
+
+- `eval.mode: job` — rank 0 submits a separate job with submitit (a SLURM job when training runs under SLURM, else
+  a local process); training never waits for it.
+- `eval.mode: inline` — for tiny CPU runs: rank 0 loads the just-saved checkpoint with
+  `train.inference.load_for_inference` (an unsharded copy, no collectives) and evaluates it in the training process
+  while the other ranks wait at a barrier. The trainer's RNG state is left exactly as it was.
+
+Either way a failed eval is recorded in `<run_dir>/evals/step_N/error.txt` with its traceback, announced in one
+printed line, and never stops training.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from evals.suite import eval_dir, evaluate_into_run, load_suite, resolve_suite_path
+
+
+def record_failure(run_dir: Path, step: int, exc: BaseException) -> Path:
+    out = eval_dir(run_dir, step)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "error.txt"
+    path.write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    first = (str(exc).splitlines() or [type(exc).__name__])[0]
+    print(f"[dedistill] eval of step {step} failed: {type(exc).__name__}: {first} (traceback: {path})", flush=True)
+    return path
+
+
+@contextmanager
+def preserved_rng():
+    """The eval may draw random numbers (module init in from_pretrained, ...); training must not notice."""
+    py, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
+
+
+def run_eval_job(suite_path: str, checkpoint: str, run_dir: str, step: int) -> dict | None:
+    """The body of a submitted eval job (one process). Re-raises after recording, so the scheduler marks it failed."""
+    try:
+        return evaluate_into_run(load_suite(suite_path), checkpoint)
+    except Exception as e:
+        record_failure(Path(run_dir), step, e)
+        raise
+
+
+def submit_eval(suite_path: Path, checkpoint: Path, *, run_dir: Path, step: int, timeout_min: int = 240):
+    """One eval job through submitit; returns the submitit Job. Extend the executor parameters here."""
+    import submitit
+
+    # Under SLURM (the training job's own env says so) the eval is another SLURM job; elsewhere a local process.
+    # Not `which sbatch`: login nodes and test machines can have the client without a reachable cluster.
+    cluster = "slurm" if "SLURM_JOB_ID" in os.environ else "local"
+    executor = submitit.AutoExecutor(folder=Path(run_dir) / "evals" / "submitit", cluster=cluster)
+    gpus = 1 if cluster == "slurm" or torch.cuda.is_available() else 0
+    executor.update_parameters(name=f"eval-step{step}", timeout_min=timeout_min, gpus_per_node=gpus, nodes=1,
+                               tasks_per_node=1)
+    job = executor.submit(run_eval_job, str(suite_path), str(checkpoint), str(run_dir), step)
+    print(f"[dedistill] eval of step {step} submitted ({cluster} job {job.job_id}); results: "
+          f"{eval_dir(run_dir, step)}", flush=True)
+    return job
+
+
+def make_eval_callback(cfg, info, chain: Callable[[int, Path], None] | None = None):
+    """The trainer's `on_checkpoint(step, path)`, or `chain` unchanged when no eval is configured.
+
+    The suite is parsed now, so a typo in it stops the run at start; its paths are checked when each eval runs (a
+    missing file then fails that eval, not training).
+    """
+    ec = cfg.eval
+    if ec.every_steps <= 0 or not ec.suite:
+        return chain
+    suite_path = resolve_suite_path(ec.suite, key="eval.suite")
+    load_suite(suite_path, key="eval.suite")
+    run_dir = Path(cfg.run_dir).resolve()
+    submitted = []  # keeps local submitit jobs referenced for the life of the run
+
+    def on_checkpoint(step: int, path: Path) -> None:
+        if chain is not None:
+            chain(step, path)
+        if step % ec.every_steps:
+            return
+        if ec.mode == "job":
+            if info.is_main:
+                try:
+                    submitted.append(submit_eval(suite_path, Path(path).resolve(), run_dir=run_dir, step=step))
+                except Exception as e:
+                    record_failure(run_dir, step, e)
+            return
+        if info.is_main:
+            with preserved_rng():
+                try:
+                    evaluate_into_run(load_suite(suite_path), path, device=info.device)
+                except Exception as e:
+                    record_failure(run_dir, step, e)
+        from train.parallelize import barrier
+
+        barrier()
+
+    return on_checkpoint
