@@ -122,7 +122,9 @@ def count_images(path: Path, *, key: str = "fid.reference") -> int:
     raise ValueError(f"{key}: {path} holds statistics, not images")
 
 
-def iter_images(path: Path, *, limit: int = 0, image_key: str = "image", key: str = "fid.reference") -> Iterator[Image.Image]:
+def iter_images(
+    path: Path, *, limit: int = 0, image_key: str = "image", key: str = "fid.reference"
+) -> Iterator[Image.Image]:
     """The first `limit` images (0 = all) of a folder (sorted by name) or an MDS dataset (in index order), as RGB."""
     kind = source_kind(path, key=key)
     n = count_images(path, key=key)

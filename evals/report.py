@@ -109,12 +109,12 @@ def write_report(out_dir: str | Path, entries: list[tuple[str, dict]], *, title:
     out_dir = Path(out_dir)
     metrics = [m for _, m in entries]
     plot = plot_fid_vs_clip(metrics, out_dir / "fid_vs_clip.png")
-    suite = metrics[0]["suite"] if metrics else ""
+    first = metrics[0] if metrics else {}
     lines = [
-        f"# {title or 'Eval report'}: suite `{suite}`",
+        f"# {title or 'Eval report'}: suite `{first.get('suite', '')}`",
         "",
-        f"{metrics[0]['num_samples'] if metrics else 0} samples per setting at {metrics[0]['resolution'] if metrics else 0} px; "
-        f"FID on Inception {metrics[0].get('fid_dims') or '–'}-d features vs `{metrics[0].get('fid_reference') or '–'}`. "
+        f"{first.get('num_samples', 0)} samples per setting at {first.get('resolution', 0)} px; FID on Inception "
+        f"{first.get('fid_dims') or '–'}-d features vs `{first.get('fid_reference') or '–'}`. "
         "FID: lower is better. CLIP: higher is better.",
         "",
         "| model | setting | steps | cfg | FID | CLIP | seconds |",

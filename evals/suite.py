@@ -359,7 +359,8 @@ def sample_and_measure(
         arrays = [p[k] for p in parts if p[k] is not None]
         return np.concatenate(arrays) if arrays else None
 
-    return {"features": cat("features"), "cosines": cat("cosines"), "grid": [im for p in parts for im in p["grid"]][:grid_n]}
+    grid = [im for p in parts for im in p["grid"]][:grid_n]
+    return {"features": cat("features"), "cosines": cat("cosines"), "grid": grid}
 
 
 # -------------------------------------------------------------------------------------------------------- evaluation

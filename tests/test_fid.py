@@ -120,12 +120,14 @@ def patched_torchvision_pool(kind: str):
         tv.F.avg_pool2d = orig
 
 
-@pytest.mark.parametrize("name, kind", [("Mixed_5b", "avg"), ("Mixed_6b", "avg"), ("Mixed_7b", "avg"), ("Mixed_7c", "max")])
+@pytest.mark.parametrize(
+    "name, kind", [("Mixed_5b", "avg"), ("Mixed_6b", "avg"), ("Mixed_7b", "avg"), ("Mixed_7c", "max")]
+)
 def test_fid_blocks_equal_torchvision_blocks_with_tf_pooling(inception, name, kind):
     import torchvision.models.inception as tv
 
     block = getattr(inception, name)
-    parent = {"Mixed_5b": tv.InceptionA, "Mixed_6b": tv.InceptionC, "Mixed_7b": tv.InceptionE, "Mixed_7c": tv.InceptionE}[name]
+    parent = dict(Mixed_5b=tv.InceptionA, Mixed_6b=tv.InceptionC, Mixed_7b=tv.InceptionE, Mixed_7c=tv.InceptionE)[name]
     x = torch.randn(2, block.branch1x1.conv.in_channels, 9, 9, generator=torch.Generator().manual_seed(0)).abs()
     with torch.no_grad():
         plain = torch.cat(parent._forward(block, x), 1)  # torchvision's pooling: counts the zero padding
@@ -143,7 +145,8 @@ def test_features_match_torchvision_forward_with_the_same_weights(weights):
 
     ours = load_inception(weights)
     ref = Inception3(num_classes=1008, aux_logits=False, init_weights=False)
-    for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7b", "Mixed_7c"):
+    for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7b",
+                 "Mixed_7c"):
         setattr(ref, name, getattr(ours, name))  # the TF-pooling blocks (tested against torchvision above)
     ref.load_state_dict(load_file(str(weights)), strict=False)
     ref.eval()
@@ -248,7 +251,9 @@ def test_cli_fid_prints_like_pytorch_fid(weights, inception, tmp_path, capsys):
         assert out.startswith("FID:  "), out
         return float(out.split()[-1])
 
-    expected = fid_from_stats(stats_of_images(inception, circles, dims=64), stats_of_images(inception, squares, dims=64))
+    expected = fid_from_stats(
+        stats_of_images(inception, circles, dims=64), stats_of_images(inception, squares, dims=64)
+    )
     assert run(a, b) == pytest.approx(expected, rel=1e-6)
     assert run(a, mds_b) == pytest.approx(expected, rel=1e-6)  # an MDS dir is as good as a folder
     assert abs(run(a, a)) < 1e-6
