@@ -4,11 +4,18 @@ Layout: `<run_dir>/checkpoints/step_<N:08d>/` holds the DCP shards (model traina
 step) plus one `rank_<r>.pt` per rank with what differs per rank (RNG states, data-loader position). The file
 `COMPLETE` is written last, by rank 0, after every rank finished: a checkpoint without it never counts, so a job
 killed in the middle of a save resumes from the previous one.
+
+Loading never unpickles arbitrary objects from a checkpoint: DCP's `.metadata` is a pickle, read here with an
+unpickler that only admits DCP's own metadata classes (`SafeReader`), and DCP's non-tensor entries (optimizer param
+groups, scheduler state) are loaded with `torch.load(weights_only=True)` (`SafeLoadPlanner`). `safe_load` is the one
+entry point for reading DCP checkpoints (training resume, inference, export).
 """
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 import random
 import re
 import shutil
@@ -19,6 +26,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.planner import ReadItem
 
 from train.config import CheckpointConfig
 from train.parallelize import barrier
@@ -49,6 +58,70 @@ def list_checkpoints(root: Path, *, complete_only: bool = True) -> list[tuple[in
 def latest_checkpoint(root: Path) -> Path | None:
     found = list_checkpoints(root)
     return found[-1][1] if found else None
+
+
+# What a DCP `.metadata` pickle may name (torch 2.6-2.14); anything else is refused, never imported or called.
+_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+                 "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format)):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata names {module}.{name}, which a DCP checkpoint never does")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """FileSystemReader whose `.metadata` unpickler admits only DCP's metadata classes."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner, but non-tensor entries are read with `torch.load(weights_only=True)`."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner uses
+
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def safe_load(state: dict[str, Any], path: str | Path, *, no_dist: bool = False) -> None:
+    """`dcp.load` into `state` (in place) without unpickling anything but plain data and DCP's own metadata."""
+    dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(), no_dist=no_dist)
+
+
+def read_metadata(path: str | Path):
+    """The DCP metadata of a checkpoint (key -> storage metadata), read safely."""
+    return SafeReader(str(path)).read_metadata()
 
 
 def rng_state() -> dict[str, Any]:
@@ -117,7 +190,7 @@ class CheckpointManager:
         """Loads DCP entries into `state` in place; restores this rank's RNG; returns its per-rank extras."""
         if not is_complete(path):
             raise ValueError(f"checkpoint '{path}' is incomplete (no {MARKER} marker)")
-        dcp.load(state, checkpoint_id=str(path))
+        safe_load(state, path)
         rank_file = path / f"rank_{self.rank:05d}.pt"
         if not rank_file.is_file():
             raise ValueError(

@@ -6,7 +6,6 @@ Run directly (a world of one) or under torchrun; the code path is the same.
 from __future__ import annotations
 
 import hashlib
-import math
 import signal
 import sys
 import time
@@ -17,21 +16,15 @@ from typing import Callable
 import torch
 import yaml
 
-from train.adapters import apply_adapter, count_parameters, trainable_named_parameters
+from train.adapters import apply_adapter, trainable_named_parameters
 from train.checkpoint import CheckpointManager
 from train.config import JobConfig, dump_config, to_dict
 from train.data import build_loader, forever
 from train.metrics import Logger
 from train.model import check_model_dir, load_transformer, load_vae, resolve_dtype
 from train.optim import EMA, build_optimizer, build_scheduler
-from train.parallelize import (
-    DistInfo,
-    all_reduce_mean,
-    barrier,
-    destroy_distributed,
-    init_distributed,
-    parallelize_transformer,
-)
+from train.parallel import Backend, StepConfig, build_backend
+from train.parallelize import DistInfo, all_reduce_mean, barrier, destroy_distributed, init_distributed
 from train.step import Frozen, forward_backward_step
 from train.text import TextEncoder
 
@@ -98,37 +91,28 @@ def _write_resolved_config(cfg: JobConfig, run_dir: Path, step: int) -> None:
         dump_config(cfg, run_dir / f"config.resumed_step_{step:08d}.yaml")
 
 
-def _model_state(model, optimizer) -> tuple[dict, dict]:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    # Frozen base weights are not saved: they come from model.path again (a 12B copy per checkpoint would be waste).
-    opts = StateDictOptions(ignore_frozen_params=True)
-    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
-
-
-def _set_model_state(model, optimizer, model_sd, optim_sd) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
-    opts = StateDictOptions(ignore_frozen_params=True, strict=False)
-    set_model_state_dict(model, model_sd, options=opts)
-    set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
-
-
-def build_model(cfg: JobConfig, info: DistInfo):
-    """Base transformer (meta -> weights), adapter, fp32 trainable params, then FSDP2."""
+def build_model(cfg: JobConfig, info: DistInfo) -> tuple[Backend, torch.dtype]:
+    """Base transformer (meta -> weights), adapter, fp32 trainable params, then the parallel backend (FSDP2 or
+    DeepSpeed, `parallel.backend`), which also builds the optimizer over the parameters in its own form."""
     dtype = resolve_dtype(cfg.model.dtype, info.device)
     transformer = load_transformer(cfg.model.path, dtype=dtype)
     apply_adapter(transformer, cfg.model.adapter)
     for _, p in trainable_named_parameters(transformer):
         p.data = p.data.float()  # fp32 master copy of what trains; frozen weights stay in `dtype`
-    transformer = parallelize_transformer(
+    backend = build_backend(
         transformer,
         cfg.parallel,
         info=info,
         compute_dtype=dtype,
-        activation_checkpointing=cfg.train.activation_checkpointing,
+        step=StepConfig(
+            micro_batch_size=cfg.train.batch_size,
+            grad_accum=cfg.train.grad_accum,
+            grad_clip=cfg.train.grad_clip,
+            activation_checkpointing=cfg.train.activation_checkpointing,
+        ),
+        make_optimizer=lambda params: build_optimizer(params, cfg.optim),
     )
-    return transformer, dtype
+    return backend, dtype
 
 
 def train(cfg: JobConfig, *, on_checkpoint: Callable[[int, Path], None] | None = None) -> TrainState:
@@ -145,43 +129,53 @@ def _train(cfg: JobConfig, info: DistInfo, on_checkpoint) -> TrainState:
 
     # Evals every eval.every_steps (inline or as submitted jobs); a failed eval never stops training.
     on_checkpoint = make_eval_callback(cfg, info, chain=on_checkpoint)
-    run_dir = Path(cfg.run_dir)
     torch.manual_seed(cfg.seed)
-    transformer, dtype = build_model(cfg, info)
+    backend, dtype = build_model(cfg, info)
+    try:
+        return _train_with(cfg, info, on_checkpoint, backend, dtype)
+    finally:
+        backend.close()
+
+
+def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend, dtype: torch.dtype) -> TrainState:
+    run_dir = Path(cfg.run_dir)
+    transformer = backend.model
     frozen = Frozen(
         vae=load_vae(cfg.model.path, dtype=dtype, device=info.device),
         text=TextEncoder(cfg.model.path, dtype=dtype, device=info.device),
         dtype=dtype,
         device=info.device,
     )
-    named = trainable_named_parameters(transformer)
-    optimizer = build_optimizer([p for _, p in named], cfg.optim)
+    optimizer = backend.optimizer
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    ema = EMA(named, cfg.ema) if cfg.ema.decay > 0 else None
+    ema = EMA(backend.ema_tensors(), cfg.ema) if cfg.ema.decay > 0 else None
     loader = build_loader(cfg.data, batch_size=cfg.train.batch_size)
     state = TrainState()
     ckpt = CheckpointManager(run_dir, cfg.checkpoint, rank=info.rank)
 
+    def payload() -> dict:
+        out = {**backend.checkpoint_state(), "scheduler": scheduler.state_dict(), "train": state.state_dict()}
+        if ema:
+            out["ema"] = backend.ema_to_checkpoint(ema.state_dict())
+        return out
+
     latest = ckpt.latest() if cfg.checkpoint.resume else None
     if latest is not None:
-        model_sd, optim_sd = _model_state(transformer, optimizer)
-        payload = {"model": model_sd, "optim": optim_sd, "scheduler": scheduler.state_dict(), "train": state.state_dict()}
+        loaded = payload()
+        extras = ckpt.load(latest, loaded)
+        backend.load_checkpoint_state(loaded)
+        scheduler.load_state_dict(loaded["scheduler"])
+        state.load_state_dict(loaded["train"])
         if ema:
-            payload["ema"] = ema.state_dict()
-        extras = ckpt.load(latest, payload)
-        _set_model_state(transformer, optimizer, payload["model"], payload["optim"])
-        scheduler.load_state_dict(payload["scheduler"])
-        state.load_state_dict(payload["train"])
-        if ema:
-            ema.load_state_dict(payload["ema"])
+            backend.ema_from_checkpoint(loaded["ema"], ema.shadow)
         if extras.get("data") is not None:
             loader.load_state_dict(extras["data"])
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_resolved_config(cfg, run_dir, state.step)
-        n_train, n_total = count_parameters(transformer)
+        n_train, n_total = backend.count_parameters()
         print(
-            f"[dedistill] world={info.world_size} device={info.device} dtype={dtype} "
+            f"[dedistill] world={info.world_size} device={info.device} dtype={dtype} backend={backend.name} "
             f"adapter={cfg.model.adapter.kind} trainable={n_train:,}/{n_total:,} "
             + (f"resumed from {latest}" if latest else "fresh start"),
             flush=True,
@@ -190,11 +184,7 @@ def _train(cfg: JobConfig, info: DistInfo, on_checkpoint) -> TrainState:
     transformer.train()
 
     def save(step: int) -> Path:
-        model_sd, optim_sd = _model_state(transformer, optimizer)
-        payload = {"model": model_sd, "optim": optim_sd, "scheduler": scheduler.state_dict(), "train": state.state_dict()}
-        if ema:
-            payload["ema"] = ema.state_dict()
-        path = ckpt.save(step, payload, per_rank={"data": loader.state_dict()})
+        path = ckpt.save(step, payload(), per_rank={"data": loader.state_dict()})
         if on_checkpoint is not None:
             on_checkpoint(step, path)
         return path
@@ -208,7 +198,6 @@ def _train(cfg: JobConfig, info: DistInfo, on_checkpoint) -> TrainState:
     stop = StopFlag().install()
     batches = forever(loader)
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * info.world_size
-    trainable = [p for _, p in named]
     while state.step < cfg.train.max_steps:
         t0 = time.perf_counter()
         losses = []
@@ -223,20 +212,15 @@ def _train(cfg: JobConfig, info: DistInfo, on_checkpoint) -> TrainState:
                 loss_scale=1.0 / cfg.train.grad_accum,
             )
             losses.append(out["loss"])
-        max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         loss = all_reduce_mean(torch.stack(losses).mean())
-        # The global grad norm is identical on every rank, so every rank skips together (no extra collective).
-        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss))
         lr = scheduler.get_last_lr()[0]
-        if finite:
-            optimizer.step()
-        else:
+        # clip, optimizer step unless the loss or the global grad norm is not finite (all ranks agree), zero grads
+        result = backend.step(loss_finite=bool(torch.isfinite(loss)))
+        grad_norm, finite = result.grad_norm, result.applied
+        if not finite:
             state.skipped_steps += 1
             if info.is_main:
                 print(f"[dedistill] step {state.step}: non-finite loss/grad ({loss.item()}), step skipped", flush=True)
-        optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         state.step += 1
         if ema and finite:
@@ -276,7 +260,7 @@ def _train(cfg: JobConfig, info: DistInfo, on_checkpoint) -> TrainState:
     if cfg.sample.at_end and state.history and not state.stopped_by_signal:
         from evals.sampler import sample_grid_for_run
 
-        sample_grid_for_run(transformer, frozen, cfg, step=state.step, logger=logger, is_main=info.is_main)
+        sample_grid_for_run(backend.module, frozen, cfg, step=state.step, logger=logger, is_main=info.is_main)
     logger.close()
     barrier()
     return state

@@ -1,0 +1,97 @@
+"""Training backends behind one small interface (`parallel.backend`): FSDP2 (default) and DeepSpeed ZeRO-2/3.
+
+The loop never touches FSDP or DeepSpeed. It gets a `Backend` and uses only:
+
+    backend.model                   what `forward_backward_step` calls (an FSDP2 module or a DeepSpeed engine);
+                                    `loss.backward()` inside the step works for both
+    backend.module                  the plain transformer underneath (sampling, counting)
+    backend.optimizer               the torch optimizer our LR scheduler drives
+    backend.step(loss_finite=...)   clip + optimizer step (skipped on a non-finite grad norm) + zero grads
+    backend.checkpoint_state()      {"model": ..., "optim": ...} in the one DCP layout both backends share
+    backend.load_checkpoint_state() the inverse
+    backend.ema_tensors()           what an EMA tracks, and ema_to/from_checkpoint to put it in the same layout
+    backend.close()
+
+Checkpoint layout (identical for both backends, so `train.inference`, export and evals never ask which one wrote
+it): `model.<fqn>` = the fp32 trainable parameters, `optim.state.<fqn>.{step,exp_avg,exp_avg_sq}`,
+`optim.param_groups`, `ema.<fqn>` — the names `torch.distributed.checkpoint.state_dict` gives under FSDP2. FSDP2
+saves them as DTensors (sharded writes); DeepSpeed gathers each ZeRO-partitioned tensor to its full shape first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from train.config import ParallelConfig
+from train.parallelize import DistInfo
+
+
+@dataclass(frozen=True)
+class StepResult:
+    grad_norm: float
+    """Global grad norm before clipping (inf/nan when the step was skipped for it)."""
+    applied: bool
+    """False when the optimizer step was skipped (non-finite loss or gradient); every rank agrees."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepConfig:
+    """What a backend needs to know about the step (a narrow view of TrainConfig)."""
+
+    micro_batch_size: int
+    grad_accum: int
+    grad_clip: float
+    activation_checkpointing: bool
+
+
+class Backend(Protocol):
+    name: str
+    model: torch.nn.Module
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+
+    def step(self, *, loss_finite: bool) -> StepResult: ...
+
+    def checkpoint_state(self) -> dict: ...
+
+    def load_checkpoint_state(self, state: dict) -> None: ...
+
+    def ema_tensors(self) -> list[tuple[str, torch.Tensor]]: ...
+
+    def ema_to_checkpoint(self, shadow: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+    def ema_from_checkpoint(self, full: dict[str, torch.Tensor], shadow: dict[str, torch.Tensor]) -> None: ...
+
+    def count_parameters(self) -> tuple[int, int]: ...
+
+    def close(self) -> None: ...
+
+
+def build_backend(
+    transformer: torch.nn.Module,
+    cfg: ParallelConfig,
+    *,
+    info: DistInfo,
+    compute_dtype: torch.dtype,
+    step: StepConfig,
+    make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
+) -> Backend:
+    """Wrap an unsharded transformer (adapter applied, fp32 trainable parameters) in the configured backend.
+
+    `make_optimizer` receives the parameters to optimise in the backend's own form (DTensors for FSDP2, plain
+    parameters for DeepSpeed, which then partitions the optimizer state itself).
+    """
+    if cfg.backend == "fsdp2":
+        from train.parallel.fsdp2 import FSDP2Backend
+
+        return FSDP2Backend(transformer, cfg, info=info, compute_dtype=compute_dtype, step=step,
+                            make_optimizer=make_optimizer)
+    if cfg.backend == "deepspeed":
+        from train.parallel.deepspeed import DeepSpeedBackend
+
+        return DeepSpeedBackend(transformer, cfg, info=info, compute_dtype=compute_dtype, step=step,
+                                make_optimizer=make_optimizer)
+    raise ValueError(f"parallel.backend: {cfg.backend!r} is not one of fsdp2, deepspeed")

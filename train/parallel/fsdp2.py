@@ -1,0 +1,89 @@
+"""FSDP2 backend: `fully_shard` per block then root (train/parallelize.py), optionally HSDP on a 2-D mesh.
+
+Parameters, gradients and optimizer state are DTensors; DCP writes each rank's shards directly (no gather).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from train.adapters import count_parameters, trainable_named_parameters
+from train.config import ParallelConfig
+from train.parallel import StepConfig, StepResult
+from train.parallelize import DistInfo, parallelize_transformer
+
+
+class FSDP2Backend:
+    name = "fsdp2"
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        cfg: ParallelConfig,
+        *,
+        info: DistInfo,
+        compute_dtype: torch.dtype,
+        step: StepConfig,
+        make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
+    ):
+        self.model = self.module = parallelize_transformer(
+            transformer, cfg, info=info, compute_dtype=compute_dtype,
+            activation_checkpointing=step.activation_checkpointing,
+        )
+        self.named = trainable_named_parameters(self.model)
+        self.optimizer = make_optimizer([p for _, p in self.named])
+        self.max_norm = step.grad_clip if step.grad_clip > 0 else math.inf
+
+    def step(self, *, loss_finite: bool) -> StepResult:
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.named], self.max_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        # The global grad norm is identical on every rank, so every rank skips together (no extra collective).
+        applied = bool(torch.isfinite(grad_norm)) and loss_finite
+        if applied:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(grad_norm=float(grad_norm), applied=applied)
+
+    def checkpoint_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        # Frozen base weights are not saved: they come from model.path again (a 12B copy per checkpoint is waste).
+        opts = StateDictOptions(ignore_frozen_params=True)
+        return {
+            "model": get_model_state_dict(self.model, options=opts),
+            "optim": get_optimizer_state_dict(self.model, self.optimizer, options=opts),
+        }
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(ignore_frozen_params=True, strict=False)
+        set_model_state_dict(self.model, state["model"], options=opts)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optim"], options=opts)
+
+    def ema_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        return self.named  # DTensors: the EMA shadow is sharded exactly like the parameters
+
+    def ema_to_checkpoint(self, shadow: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(shadow)
+
+    def ema_from_checkpoint(self, full: dict[str, torch.Tensor], shadow: dict[str, torch.Tensor]) -> None:
+        for n, t in full.items():
+            shadow[n].copy_(t)
+
+    def count_parameters(self) -> tuple[int, int]:
+        return count_parameters(self.model)
+
+    def close(self) -> None:
+        pass
