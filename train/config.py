@@ -7,6 +7,7 @@ Every user mistake raises `ValueError` with the offending key in the message.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -220,9 +221,20 @@ class ParallelConfig:
     zero_stage: int = 2
     """DeepSpeed only: ZeRO stage 2 or 3."""
     cpu_offload: bool = False
+    ac_policy: str = "full"
+    """What `train.activation_checkpointing` recomputes (FSDP2): full (every block) | ops (every block, but the
+    outputs of matmuls and attention are kept and only the cheap ops are recomputed — torchtitan's op-level selective
+    AC) | every_N, e.g. every_2 (only every N-th block — layer-level selective AC: less recompute, more memory)."""
+    compile_blocks: bool = False
+    """FSDP2: `torch.compile` each transformer block (after activation checkpointing, before `fully_shard`, as
+    torchtitan). Parameter names do not change, so checkpoints are interchangeable with uncompiled runs."""
 
     def __post_init__(self) -> None:
         _check_choice("parallel.backend", self.backend, ("fsdp2", "deepspeed"))
+        if not re.fullmatch(r"full|ops|every_[1-9][0-9]*", self.ac_policy):
+            raise ValueError(f"parallel.ac_policy: {self.ac_policy!r} is not one of full, ops, every_N (N >= 1)")
+        if self.backend != "fsdp2" and (self.compile_blocks or self.ac_policy != "full"):
+            raise ValueError("parallel.compile_blocks / parallel.ac_policy: only the fsdp2 backend applies them")
         _check_choice("parallel.dist_backend", self.dist_backend, ("auto", "nccl", "gloo"))
         _check_choice("parallel.reduce_dtype", self.reduce_dtype, ("fp32", "bf16"))
         _check_choice("parallel.zero_stage", self.zero_stage, (2, 3))

@@ -86,6 +86,65 @@ def _blocks(model) -> list[torch.nn.Module]:
     return [*model.transformer_blocks, *model.single_transformer_blocks]
 
 
+def _sac_policy():
+    """Op-level selective AC: keep what is expensive to recompute (matmuls, attention), recompute the rest."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten = torch.ops.aten
+    save = {aten.mm.default, aten.addmm.default, aten.bmm.default}
+    for name in (
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_mm",
+    ):
+        if hasattr(aten, name):
+            save.add(getattr(aten, name).default)
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def apply_activation_checkpointing(model: torch.nn.Module, policy: str) -> list[int]:
+    """Checkpoint transformer blocks in place, per `parallel.ac_policy`; returns the indices checkpointed.
+
+    The block's own `forward` is wrapped (an instance attribute), not the module: parameter names stay exactly the
+    diffusers names, so checkpoints, exports and state dicts do not depend on the policy. Blocks are counted over the
+    double-stream then the single-stream list (57 for FLUX.1).
+    """
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    every = int(policy.removeprefix("every_")) if policy.startswith("every_") else 1
+    context_fn = partial(create_selective_checkpoint_contexts, _sac_policy()) if policy == "ops" else None
+    chosen = []
+    for i, block in enumerate(_blocks(model)):
+        if i % every:
+            continue
+        inner = block.forward  # the bound method, captured before it is shadowed
+
+        def forward(*args, _inner=inner, **kwargs):
+            extra = {"context_fn": context_fn} if context_fn is not None else {}
+            return checkpoint(_inner, *args, use_reentrant=False, **extra, **kwargs)
+
+        block.forward = forward
+        chosen.append(i)
+    return chosen
+
+
+def apply_compile(model: torch.nn.Module, *, backend: str = "inductor") -> None:
+    """`torch.compile` every block in place (`Module.compile`: no `_orig_mod.` prefix in parameter names).
+
+    Blocks of one class share compiled code (dynamo treats parameters as inputs), so FLUX compiles two graphs, not 57.
+    """
+    for block in _blocks(model):
+        block.compile(backend=backend)
+
+
 def parallelize_transformer(
     model: torch.nn.Module,
     cfg: ParallelConfig,
@@ -94,15 +153,17 @@ def parallelize_transformer(
     compute_dtype: torch.dtype,
     activation_checkpointing: bool,
 ) -> torch.nn.Module:
-    """Activation checkpointing, then FSDP2 `fully_shard` on every block, then on the root (torchtitan's order)."""
+    """torchtitan's order: activation checkpointing, then per-block `torch.compile`, then FSDP2 `fully_shard` on every
+    block, then on the root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     if cfg.backend != "fsdp2":
         raise ValueError(f"parallel.backend: '{cfg.backend}' is not available in this build (use fsdp2)")
     if activation_checkpointing:
-        # diffusers' own per-block checkpointing: keeps parameter names unchanged (no wrapper prefixes in ckpts).
-        model.enable_gradient_checkpointing()
+        apply_activation_checkpointing(model, cfg.ac_policy)
+    if cfg.compile_blocks:
+        apply_compile(model)
 
     if cfg.hsdp and info.world_size > info.local_world_size:
         mesh = init_device_mesh(
