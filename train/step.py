@@ -63,8 +63,9 @@ def forward_backward_step(
     generator: torch.Generator,
     loss_scale: float = 1.0,
     backward: bool = True,
-) -> dict[str, torch.Tensor]:
-    """One micro-batch: returns {"loss": scalar (detached), "t": (B,), "dropped": (B,)}.
+) -> dict[str, torch.Tensor | int]:
+    """One micro-batch: returns {"loss": scalar (detached), "t": (B,), "dropped": (B,), "image_tokens": int,
+    "text_tokens": int} — the token counts per sample the transformer processed (text after trimming), for MFU.
 
     Backward always runs (when `backward`), even on a non-finite loss: under FSDP every rank must join the
     gradient reduce-scatter; the loop then sees a non-finite grad norm on all ranks and skips the step together.
@@ -89,4 +90,10 @@ def forward_backward_step(
     loss, _ = objective.flow_matching_loss(pred.float(), target, t, weighting=cfg.loss_weighting)
     if backward:
         (loss * loss_scale).backward()
-    return {"loss": loss.detach(), "t": t.detach(), "dropped": dropped}
+    return {
+        "loss": loss.detach(),
+        "t": t.detach(),
+        "dropped": dropped,
+        "image_tokens": x0.shape[1],
+        "text_tokens": prompts.t5.shape[1],
+    }
