@@ -21,6 +21,7 @@ from train.checkpoint import CheckpointManager
 from train.config import JobConfig, dump_config, to_dict
 from train.data import build_loader, forever
 from train.metrics import Logger
+from train.mfu import flops_model, peak_flops
 from train.model import check_model_dir, load_transformer, load_vae, resolve_dtype
 from train.optim import EMA, build_optimizer, build_scheduler
 from train.parallel import Backend, StepConfig, build_backend
@@ -198,9 +199,13 @@ def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend,
     stop = StopFlag().install()
     batches = forever(loader)
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * info.world_size
+    # MFU (train/mfu.py): this rank's model FLOPs per second over the device's dense bf16 peak (GPUs it knows).
+    flops = flops_model(getattr(transformer, "module", transformer))  # DeepSpeed engines wrap it as .module
+    peak = peak_flops(info.device)
     while state.step < cfg.train.max_steps:
         t0 = time.perf_counter()
         losses = []
+        step_flops = 0.0
         for micro in range(cfg.train.grad_accum):
             batch = next(batches)
             out = forward_backward_step(
@@ -212,6 +217,10 @@ def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend,
                 loss_scale=1.0 / cfg.train.grad_accum,
             )
             losses.append(out["loss"])
+            step_flops += flops.per_step(
+                image_tokens=out["image_tokens"], text_tokens=out["text_tokens"], batch=cfg.train.batch_size,
+                full=cfg.model.adapter.kind == "full",
+            )
         loss = all_reduce_mean(torch.stack(losses).mean())
         lr = scheduler.get_last_lr()[0]
         # clip, optimizer step unless the loss or the global grad norm is not finite (all ranks agree), zero grads
@@ -238,6 +247,8 @@ def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend,
                         "train/grad_norm": record["grad_norm"],
                         "train/step_time_s": dt,
                         "train/samples_per_s": global_batch / dt,
+                        "train/tflops_per_device": step_flops / dt / 1e12,
+                        **({"train/mfu": step_flops / dt / peak} if peak else {}),
                         "train/skipped_steps": state.skipped_steps,
                     },
                     state.step,
