@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 import platform
 import resource
 import sys
@@ -438,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     if size_name == "full" and device.type != "cuda":
         print("warning: the full-size benchmark on CPU needs ~50 GB of RAM per row and hours; use --tiny", flush=True)
 
+    if args.offload == "on" and device.type != "cuda":
+        p.error("--offload on: FSDP2 CPU offload needs a CUDA device (it pins host memory)")
+
     from train.model import resolve_dtype
     from train.parallelize import destroy_distributed, init_distributed
 
@@ -477,6 +481,10 @@ def _run_and_summarise(mode, res, *, size, args, info, dtype, opts, fm, peak) ->
                            pooled_dim=size.arch["pooled_projection_dim"], max_tokens=size.text_tokens,
                            device=info.device, dtype=dtype, seed=args.seed)
     row = {"mode": mode, "res": res, "batch": batch}
+    why = _cannot_fit(mode, size, info.device, opts)
+    if why:
+        print(f"note: {mode} at {res}² skipped: {why}", flush=True)
+        return {**row, "skipped": why}
     runner = None
     torch.manual_seed(args.seed)  # the random init of each row, independent of the rows before it
     try:
@@ -518,6 +526,21 @@ def _run_and_summarise(mode, res, *, size, args, info, dtype, opts, fm, peak) ->
     }
 
 
+def _cannot_fit(mode: str, size: BenchSize, device: torch.device, opts: Options) -> str | None:
+    """A reason to skip a full fine-tune whose offloaded fp32 state cannot fit in host RAM (the OOM killer would end
+    the whole benchmark, not just the row); None when it may fit. GPU OOMs are caught per row instead."""
+    offload = opts.offload == "on" or (opts.offload == "auto" and device.type == "cuda")
+    if mode != "full" or not offload:
+        return None
+    n = sum(p.numel() for p in _meta_model(size.arch).parameters())
+    need = 16 * n  # fp32 parameters, gradients and AdamW's two moments, all pinned in host memory
+    have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > 0.9 * have:
+        return (f"FSDP2 CPU offload needs ~{need / 2**30:.0f} GiB of host RAM for fp32 params + grads + AdamW, "
+                f"this machine has {have / 2**30:.0f} GiB")
+    return None
+
+
 def _fmt(v, digits: int) -> str:
     if v is None:
         return "n/a"
@@ -548,12 +571,13 @@ def print_report(rows, *, size_name, device, dtype, opts, peak, fm, args) -> Non
     print("# tokens = image + processed text tokens per sample (mean over the timed steps); peak_mem_GiB: "
           + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else "the process's peak RSS (cumulative)"))
     print()
-    base = {r["res"]: r["img_per_s"] for r in rows if r["mode"] == "baseline" and not r.get("oom")}
+    base = {r["res"]: r["img_per_s"] for r in rows if r["mode"] == "baseline" and "img_per_s" in r}
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "|".join("---" for _ in COLUMNS) + "|")
     for r in rows:
-        if r.get("oom"):
-            cells = [r["mode"], str(r["res"]), str(r["batch"]), "-", "OOM"] + ["-"] * (len(COLUMNS) - 5)
+        if r.get("oom") or r.get("skipped"):
+            cells = [r["mode"], str(r["res"]), str(r["batch"]), "-", "OOM" if r.get("oom") else "skipped"]
+            cells += ["-"] * (len(COLUMNS) - len(cells))
         else:
             ratio = r["img_per_s"] / base[r["res"]] if r["res"] in base else None
             cells = [

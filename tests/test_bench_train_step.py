@@ -70,6 +70,22 @@ def test_tiny_bench_prints_a_consistent_table():
     assert by_mode["baseline"]["vs_baseline"] == "1.00"
 
 
+def test_full_fine_tune_row_is_skipped_when_host_ram_cannot_hold_the_offloaded_state(monkeypatch):
+    """12B fp32 params + grads + AdamW = ~177 GiB pinned on the host: a 128 GiB machine skips the row (the OOM
+    killer would take the whole benchmark), a 512 GiB one runs it; adapters and CPU runs are never skipped."""
+    from bench.train_step import SIZES, Options, _cannot_fit
+
+    page = 4096
+    for gib, skipped in ((128, True), (512, False)):
+        monkeypatch.setattr(os, "sysconf", lambda key, gib=gib: page if key == "SC_PAGE_SIZE" else gib * 2**30 // page)
+        why = _cannot_fit("full", SIZES["full"], torch.device("cuda"), Options())
+        assert (why is not None) == skipped, why
+        if skipped:
+            assert "177 GiB" in why and "128 GiB" in why
+    assert _cannot_fit("lora", SIZES["full"], torch.device("cuda"), Options()) is None
+    assert _cannot_fit("full", SIZES["full"], torch.device("cpu"), Options()) is None
+
+
 def _grads(model, batch=2):
     x, t, _, padded, ids = inputs(batch=batch)
     model.zero_grad(set_to_none=True)
