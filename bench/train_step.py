@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
 
@@ -206,7 +207,7 @@ class Options:
 class Runner:
     """One benchmark row's model, optimizer and step function."""
 
-    step: callable
+    step: Callable[[dict], None] | None
     model: torch.nn.Module
     full: bool
     text_tokens: list[int] = field(default_factory=list)
@@ -562,7 +563,8 @@ def print_report(rows, *, size_name, device, dtype, opts, peak, fm, args) -> Non
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"# bench/train_step.py --size {size_name}  ({when})")
-    print(f"# device: {device.type} ({gpu}), threads {torch.get_num_threads()}, dtype {str(dtype).removeprefix('torch.')}")
+    dtype_name = str(dtype).removeprefix("torch.")
+    print(f"# device: {device.type} ({gpu}), threads {torch.get_num_threads()}, dtype {dtype_name}")
     print(f"# torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}, "
           f"python {platform.python_version()}")
     print(f"# ours: compile={opts.compile} ac={opts.ac} attention={opts.attention or 'native'} float8={opts.float8} "

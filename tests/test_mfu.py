@@ -16,8 +16,9 @@ FLUX1_ARCH = dict(
 def test_formula(tokens):
     """FLOPs/sample = c·P_tok·T + 12·L·T²·h, c = 6 full / 4 adapter, with the FLUX.1 constants of the issue."""
     p_tok, layers, h = 6.455e9, 57, 3072
-    assert FLUX1.per_sample(tokens, full=True) == pytest.approx(6 * p_tok * tokens + 12 * layers * tokens**2 * h, rel=1e-5)
-    assert FLUX1.per_sample(tokens, full=False) == pytest.approx(4 * p_tok * tokens + 12 * layers * tokens**2 * h, rel=1e-5)
+    attention = 12 * layers * tokens**2 * h
+    assert FLUX1.per_sample(tokens, full=True) == pytest.approx(6 * p_tok * tokens + attention, rel=1e-5)
+    assert FLUX1.per_sample(tokens, full=False) == pytest.approx(4 * p_tok * tokens + attention, rel=1e-5)
 
 
 def test_worked_example_in_docs():
