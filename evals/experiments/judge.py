@@ -1,0 +1,116 @@
+"""The toy's FID/CLIP: a small CNN trained on the world to read each attribute of a single-object image.
+
+Heads: main object's shape, colour, position, size, and the background colour. The penultimate layer (width
+`feat_dim`) gives the toy FID's features; per-attribute accuracy against the prompt gives prompt adherence.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from torch import nn
+
+from dataset_tools.tiny_data import COLOURS, POSITIONS, SHAPES, SIZES, draw_sample
+
+ATTRS: dict[str, list[str]] = {
+    "shape": list(SHAPES),
+    "colour": sorted(COLOURS),
+    "position": list(POSITIONS),
+    "size": sorted(SIZES),
+    "background": sorted(COLOURS),
+}
+
+
+def labels_of(attrs: dict) -> dict[str, int]:
+    """World attribute dict (tiny_data.draw_sample) -> class index per judge head; objects[0] is the main one."""
+    main = attrs["objects"][0]
+    values = {"shape": main["shape"], "colour": main["colour"], "position": main["position"], "size": main["size"],
+              "background": attrs["background"]}
+    return {k: ATTRS[k].index(v) for k, v in values.items()}
+
+
+def full_caption(attrs: dict) -> str:
+    """The caption naming all five attributes (the eval prompts' form; the world's captions take this form too)."""
+    o = attrs["objects"][0]
+    where = "in the center" if o["position"] == "center" else f"at the {o['position']}"
+    bg = attrs["background"]
+    return f"a {o['size']} {o['colour']} {o['shape']} {where} on {'an' if bg[0] in 'aeiou' else 'a'} {bg} background"
+
+
+def single_object_samples(n: int, *, size: int, seed: int) -> list[tuple[np.ndarray, dict]]:
+    """n world samples with exactly one object (the only case where 'the main object' is visible in pixels)."""
+    out, i = [], 0
+    while len(out) < n:
+        img, _, attrs = draw_sample(random.Random(f"{seed}/{i}"), size)
+        i += 1
+        if len(attrs["objects"]) == 1:
+            out.append((np.asarray(img), attrs))
+    return out
+
+
+def to_tensor(images) -> torch.Tensor:
+    """list of HxWx3 uint8 arrays / PIL images -> (B, 3, H, W) float in [-1, 1]."""
+    arr = np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+class Judge(nn.Module):
+    def __init__(self, *, width: int = 32, feat_dim: int = 64):
+        super().__init__()
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(3, w, 3, padding=1), nn.GELU(),
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.GELU(),  # /2
+            nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1), nn.GELU(),  # /4
+            nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1), nn.GELU(),  # /8
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(),  # (B, 2w*16): keeps coarse position
+            nn.Linear(2 * w * 16, feat_dim), nn.GELU(),
+        )
+        self.heads = nn.ModuleDict({k: nn.Linear(feat_dim, len(v)) for k, v in ATTRS.items()})
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        f = self.body(x)  # (B, feat_dim): the FID features
+        return f, {k: h(f) for k, h in self.heads.items()}
+
+
+def train_judge(images: torch.Tensor, labels: dict[str, torch.Tensor], *, steps: int, batch_size: int, lr: float,
+                seed: int, width: int, feat_dim: int) -> Judge:
+    torch.manual_seed(seed)
+    judge = Judge(width=width, feat_dim=feat_dim)
+    opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        idx = torch.randint(len(images), (batch_size,), generator=g)
+        x = images[idx]
+        x = x + 0.05 * torch.randn(x.shape, generator=g)  # robust to the VAE's/generator's slight blur and noise
+        _, logits = judge(x)
+        loss = sum(nn.functional.cross_entropy(logits[k], labels[k][idx]) for k in ATTRS)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % max(1, steps // 5) == 0:
+            print(f"[proof] judge step {step + 1}/{steps} loss {loss.item():.3f}", flush=True)
+    return judge.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def judge_images(judge: Judge, x: torch.Tensor, batch: int = 256) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(features (N, feat_dim), predicted class per head (N,))."""
+    feats, preds = [], {k: [] for k in ATTRS}
+    for i in range(0, len(x), batch):
+        f, logits = judge(x[i : i + batch])
+        feats.append(f.numpy())
+        for k in ATTRS:
+            preds[k].append(logits[k].argmax(1).numpy())
+    return np.concatenate(feats), {k: np.concatenate(v) for k, v in preds.items()}
+
+
+def accuracy(preds: dict[str, np.ndarray], labels: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per-attribute accuracy and their mean ('adherence' when labels come from the prompts)."""
+    acc = {k: float((preds[k] == labels[k].numpy()).mean()) for k in ATTRS}
+    acc["mean"] = float(np.mean([acc[k] for k in ATTRS]))
+    return acc

@@ -1,0 +1,526 @@
+"""Proof that de-distillation works, at toy scale: teacher -> distilled ("toy schnell") -> de-distilled.
+
+    python -m evals.experiments.proof --config configs/proof-cpu.yaml [--smoke] [key=value ...]
+
+Stages (each writes into `out_dir` and is skipped when its output is already there, so a rerun resumes):
+  1. world    `tiny_data` MDS shards (training set) + a held-out set of single-object samples whose full captions
+              are not among the training captions (the eval prompts).
+  2. judge    small CNN reading shape/colour/position/size/background; held-out accuracy on real images reported.
+  3. vae      AutoencoderKL (diffusers) trained on the world; reconstruction error reported. Pipeline dir = the tiny
+              pipeline (tokenizers, text encoders) + this VAE + a transformer of `model` dims, in diffusers layout.
+  4. teacher  `train.loop.train`, adapter `full`, flow matching, caption dropout, masked T5 — the real trainer.
+  5. student  reflow on teacher CFG couplings (evals/experiments/distill.py), few-step, no CFG.
+  6. dedistill `train.loop.train` from the student's pipeline dir: our recipe, one run per adapter kind.
+  7. eval     toy FID + prompt adherence per model x steps x cfg x repeat; table, CFG curve PNG, sample grids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from train.config import from_dict, load_yaml, to_dict
+
+
+@dataclass(kw_only=True)
+class JudgeConfig:
+    n_train: int = 4000
+    n_test: int = 1000
+    steps: int = 800
+    batch_size: int = 128
+    lr: float = 3e-3
+    width: int = 32
+    feat_dim: int = 64
+
+
+@dataclass(kw_only=True)
+class VAEConfig:
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    """3 blocks = 4x downsampling: a 32 px image -> 8x8x4 latents -> 16 image tokens."""
+    latent_channels: int = 4
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 1e-3
+    kl_weight: float = 1e-6
+
+
+@dataclass(kw_only=True)
+class ModelDims:
+    num_layers: int = 2
+    num_single_layers: int = 4
+    num_attention_heads: int = 4
+    attention_head_dim: int = 32
+    axes_dims_rope: list[int] = field(default_factory=lambda: [8, 12, 12])
+
+
+@dataclass(kw_only=True)
+class TrainBudget:
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 3e-4
+    caption_dropout: float = 0.15
+
+
+@dataclass(kw_only=True)
+class DistillConfig:
+    n_pairs: int = 1024
+    teacher_cfg: float = 4.0
+    teacher_steps: int = 28
+    student_steps: int = 4
+    train_steps: int = 600
+    batch_size: int = 64
+    lr: float = 1e-4
+
+
+@dataclass(kw_only=True)
+class EvalSettings:
+    n_prompts: int = 256
+    steps: list[int] = field(default_factory=lambda: [4, 28])
+    cfg_scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.5, 5.0])
+    repeats: int = 2
+    """Noise seeds per setting: seed r uses initial noise seeds 100_000·(r+1) + i."""
+    grid_prompts: int = 4
+
+
+@dataclass(kw_only=True)
+class ProofConfig:
+    out_dir: str = "runs/proof-cpu"
+    seed: int = 0
+    resolution: int = 32
+    n_train: int = 4000
+    max_text_tokens: int = 64
+    threads: int = 2
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    model: ModelDims = field(default_factory=ModelDims)
+    teacher: TrainBudget = field(default_factory=TrainBudget)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    dedistill: TrainBudget = field(default_factory=lambda: TrainBudget(steps=300))
+    dedistill_adapters: list[str] = field(default_factory=lambda: ["full", "lokr"])
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+    def __post_init__(self) -> None:
+        if self.resolution % 16:
+            raise ValueError(f"resolution: must be a multiple of 16, got {self.resolution}")
+        for a in self.dedistill_adapters:
+            if a not in ("full", "lokr", "lora"):
+                raise ValueError(f"dedistill_adapters: '{a}' is not one of full, lokr, lora")
+
+
+SMOKE = {  # seconds-long: every stage runs, numbers are meaningless
+    "n_train": 64, "judge": {"n_train": 64, "n_test": 32, "steps": 5, "batch_size": 16},
+    "vae": {"steps": 3, "batch_size": 8, "block_out_channels": [8, 8, 8]},
+    "model": {"num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2, "attention_head_dim": 16,
+              "axes_dims_rope": [4, 6, 6]},
+    "teacher": {"steps": 2, "batch_size": 4}, "dedistill": {"steps": 2, "batch_size": 4},
+    "distill": {"n_pairs": 8, "teacher_steps": 2, "train_steps": 2, "batch_size": 4},
+    "eval": {"n_prompts": 6, "repeats": 1, "grid_prompts": 2},
+}
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def load_proof_config(path: str | None, *, smoke: bool = False, overrides: list[str] = ()) -> ProofConfig:
+    data = load_yaml(path) if path else {}
+    if smoke:
+        data = _merge(data, SMOKE)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = __import__("yaml").safe_load(value)
+    return from_dict(ProofConfig, data)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------- stages
+
+
+def stage_world(cfg: ProofConfig, out: Path) -> dict:
+    """Training shards + held-out eval set (single-object samples, full captions unseen in training)."""
+    from dataset_tools.tiny_data import iter_samples, write_tiny_data
+    from evals.experiments.judge import full_caption, single_object_samples
+
+    data = out / "data"
+    if not data.exists():
+        write_tiny_data(data, n=cfg.n_train, size=cfg.resolution, seed=cfg.seed)
+    train_captions = {c for _, _, c, _ in iter_samples(cfg.n_train, size=8, seed=cfg.seed)}
+    pool = single_object_samples(4 * cfg.eval.n_prompts, size=cfg.resolution, seed=cfg.seed + 10_000)
+    held = [(img, a) for img, a in pool if full_caption(a) not in train_captions][: cfg.eval.n_prompts]
+    return {"data": data, "train_captions": sorted(train_captions), "eval": held,
+            "eval_prompts": [full_caption(a) for _, a in held]}
+
+
+def stage_judge(cfg: ProofConfig, out: Path, world: dict):
+    from evals.experiments.judge import (ATTRS, accuracy, judge_images, labels_of, single_object_samples, to_tensor,
+                                         train_judge, Judge)
+
+    path = out / "judge.pt"
+    j = cfg.judge
+    test = single_object_samples(j.n_test, size=cfg.resolution, seed=cfg.seed + 20_000)
+    test_x = to_tensor([im for im, _ in test])
+    test_y = {k: torch.tensor([labels_of(a)[k] for _, a in test]) for k in ATTRS}
+    if path.exists():
+        judge = Judge(width=j.width, feat_dim=j.feat_dim)
+        judge.load_state_dict(torch.load(path))
+        judge.eval().requires_grad_(False)
+    else:
+        t0 = time.time()
+        # The judge trains on a seed disjoint from the generators' training shards and from its test set.
+        train = single_object_samples(j.n_train, size=cfg.resolution, seed=cfg.seed + 30_000)
+        x = to_tensor([im for im, _ in train])
+        y = {k: torch.tensor([labels_of(a)[k] for _, a in train]) for k in ATTRS}
+        judge = train_judge(x, y, steps=j.steps, batch_size=j.batch_size, lr=j.lr, seed=cfg.seed, width=j.width,
+                            feat_dim=j.feat_dim)
+        torch.save(judge.state_dict(), path)
+        log(f"[proof] judge trained in {time.time() - t0:.0f}s")
+    _, preds = judge_images(judge, test_x)
+    acc = accuracy(preds, test_y)
+    log(f"[proof] judge held-out accuracy on real images: {json.dumps({k: round(v, 3) for k, v in acc.items()})}")
+    return judge, acc, test_x
+
+
+def stage_vae(cfg: ProofConfig, out: Path, judge, test_x: torch.Tensor) -> tuple[Path, dict]:
+    """Train the VAE; write the pipeline dir (tiny tokenizers/encoders + this VAE + a fresh transformer)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    from dataset_tools.tiny_data import atomic_output_dir, iter_samples
+    from dataset_tools.tiny_model import TINY_SIZES, build_tiny_pipeline
+    from evals.experiments.judge import ATTRS, accuracy, judge_images, to_tensor
+
+    pipe_dir = out / "pipeline"
+    v = cfg.vae
+    if not pipe_dir.exists():
+        t0 = time.time()
+        torch.manual_seed(cfg.seed)
+        n = len(v.block_out_channels)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=v.latent_channels,
+            block_out_channels=tuple(v.block_out_channels), down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n, layers_per_block=1, norm_num_groups=8 if min(
+                v.block_out_channels) % 8 == 0 else 4, sample_size=cfg.resolution,
+            use_quant_conv=False, use_post_quant_conv=False,
+        )
+        x = to_tensor([im for _, im, _, _ in iter_samples(cfg.n_train, size=cfg.resolution, seed=cfg.seed)])
+        opt = torch.optim.AdamW(vae.parameters(), lr=v.lr)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=v.lr, total_steps=v.steps)
+        g = torch.Generator().manual_seed(cfg.seed)
+        for step in range(v.steps):
+            xb = x[torch.randint(len(x), (v.batch_size,), generator=g)]
+            post = vae.encode(xb).latent_dist
+            rec = vae.decode(post.sample(generator=g)).sample
+            loss = torch.nn.functional.mse_loss(rec, xb) + v.kl_weight * post.kl().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            if (step + 1) % max(1, v.steps // 5) == 0:
+                log(f"[proof] vae step {step + 1}/{v.steps} loss {loss.item():.4f}")
+        vae.eval().requires_grad_(False)
+        with torch.no_grad():  # FLUX-style normalisation: latents' mean -> shift_factor, 1/std -> scaling_factor
+            lat = torch.cat([vae.encode(x[i : i + 256]).latent_dist.mean for i in range(0, min(len(x), 2048), 256)])
+        vae.register_to_config(shift_factor=float(lat.mean()), scaling_factor=float(1.0 / lat.std()))
+        log(f"[proof] vae trained in {time.time() - t0:.0f}s")
+
+        d = cfg.model
+        heads_dim = d.num_attention_heads * d.attention_head_dim
+        assert sum(d.axes_dims_rope) == d.attention_head_dim, "model.axes_dims_rope must sum to attention_head_dim"
+        tiny = TINY_SIZES["tiny"]["transformer"]
+        with atomic_output_dir(pipe_dir) as tmp:
+            pipe = build_tiny_pipeline(tmp / ".tok", seed=cfg.seed)
+            torch.manual_seed(cfg.seed + 1)
+            pipe.transformer = FluxTransformer2DModel(
+                patch_size=1, in_channels=4 * v.latent_channels, num_layers=d.num_layers,
+                num_single_layers=d.num_single_layers, attention_head_dim=d.attention_head_dim,
+                num_attention_heads=d.num_attention_heads, joint_attention_dim=tiny["joint_attention_dim"],
+                pooled_projection_dim=tiny["pooled_projection_dim"], guidance_embeds=False,
+                axes_dims_rope=tuple(d.axes_dims_rope),
+            )
+            pipe.vae = vae
+            pipe.save_pretrained(str(tmp), safe_serialization=True)
+            shutil.rmtree(tmp / ".tok")
+        log(f"[proof] pipeline: transformer width {heads_dim}, {d.num_layers}+{d.num_single_layers} blocks")
+    vae = AutoencoderKL.from_pretrained(str(pipe_dir / "vae")).eval()
+    with torch.no_grad():
+        lat = vae.encode(test_x).latent_dist.mean
+        rec = vae.decode(lat).sample.clamp(-1, 1)
+    mse = float(torch.nn.functional.mse_loss(rec, test_x))  # on [-1, 1]
+    _, preds = judge_images(judge, rec)
+    from evals.experiments.judge import labels_of  # noqa: F401  (labels come from stage_judge's test set)
+    stats = {"mse": mse, "psnr_db": float(10 * np.log10(4.0 / mse))}
+    return pipe_dir, stats, preds
+
+
+def _job(cfg: ProofConfig, *, run_dir: Path, model_path: Path, data: Path, budget: TrainBudget, adapter: str):
+    from train.config import JobConfig
+
+    return from_dict(JobConfig, {
+        "run_dir": str(run_dir), "seed": cfg.seed,
+        "model": {"path": str(model_path), "dtype": "auto",
+                  "adapter": {"kind": adapter, "rank": 8, "alpha": 8.0, "lokr_factor": 4}},
+        "objective": {"timestep_sampler": "logit_normal", "shift": "none", "caption_dropout": budget.caption_dropout,
+                      "max_text_tokens": cfg.max_text_tokens, "attention_mask": True, "trim_text": True},
+        "data": {"local": str(data), "resolution": cfg.resolution, "shuffle": True, "num_workers": 0},
+        "train": {"max_steps": budget.steps, "batch_size": budget.batch_size, "grad_clip": 1.0,
+                  "log_every": max(1, budget.steps // 10), "progress_bar": False},
+        "optim": {"lr": budget.lr, "schedule": "cosine", "warmup_steps": min(50, budget.steps // 10),
+                  "min_lr_ratio": 0.1},
+        "checkpoint": {"every_steps": budget.steps, "keep_last": 1, "resume": True},
+        "sample": {"at_end": False, "resolution": cfg.resolution},
+        "parallel": {"backend": "fsdp2"},
+    })
+
+
+def run_trainer(job) -> None:
+    """The real trainer, in-process at world size 1 (env:// rendezvous on a free local port)."""
+    import socket
+
+    from train.loop import train
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        t0 = time.time()
+        state = train(job)
+        losses = [h["loss"] for h in state.history]
+        if losses:
+            log(f"[proof] {job.run_dir}: {state.step} steps in {time.time() - t0:.0f}s, loss "
+                f"{np.mean(losses[:10]):.4f} -> {np.mean(losses[-10:]):.4f}")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def export_pipeline(base: Path, transformer, out: Path) -> Path:
+    """A diffusers pipeline dir: `base` with its transformer replaced."""
+    if not out.exists():
+        from dataset_tools.tiny_data import atomic_output_dir
+
+        with atomic_output_dir(out) as tmp:
+            for item in base.iterdir():
+                if item.name != "transformer":
+                    (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+            transformer.save_pretrained(str(tmp / "transformer"), safe_serialization=True)
+    return out
+
+
+def load_model(path: Path):
+    from train.inference import load_for_inference
+
+    return load_for_inference(path, device=torch.device("cpu"), dtype="fp32")
+
+
+# ------------------------------------------------------------------------------------------------------------ eval
+
+
+def evaluate(cfg: ProofConfig, models: dict[str, Path], judge, world: dict, out: Path,
+             real_x: torch.Tensor) -> list[dict]:
+    """Rows of {model, steps, cfg, repeat, fid, acc_*}. The first row is real images: adherence of the eval set's own
+    renders, FID of an independent real set (`real_x`, the judge's test images) against them (the floor)."""
+    from evals.experiments.judge import ATTRS, accuracy, judge_images, labels_of, to_tensor
+    from evals.fid import frechet_distance
+    from evals.sampler import SamplerSettings, generate, make_grid
+
+    e = cfg.eval
+    prompts = world["eval_prompts"]
+    labels = {k: torch.tensor([labels_of(a)[k] for _, a in world["eval"]]) for k in ATTRS}
+    ref_feats, ref_preds = judge_images(judge, to_tensor([im for im, _ in world["eval"]]))
+    ref_mu, ref_sigma = ref_feats.mean(0), np.cov(ref_feats, rowvar=False)
+    real_feats, _ = judge_images(judge, real_x)
+    real_fid = frechet_distance(real_feats.mean(0), np.cov(real_feats, rowvar=False), ref_mu, ref_sigma)
+    rows = [{"model": "real (held-out)", "steps": 0, "cfg": 0.0, "repeat": 0, "fid": real_fid,
+             **{f"acc_{k}": v for k, v in accuracy(ref_preds, labels).items()}}]
+    grid_rows = []
+    for name, path in models.items():
+        m = load_model(path)
+        for steps in e.steps:
+            row_imgs = []
+            for scale in e.cfg_scales:
+                for r in range(e.repeats):
+                    t0 = time.time()
+                    s = SamplerSettings(steps=steps, cfg_scale=scale, resolution=cfg.resolution,
+                                        seed=100_000 * (r + 1), max_text_tokens=cfg.max_text_tokens, batch_size=256)
+                    images = generate(m.transformer, m.vae, m.text, prompts, s, dtype=m.dtype)
+                    feats, preds = judge_images(judge, to_tensor(images))
+                    fid = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), ref_mu, ref_sigma)
+                    acc = accuracy(preds, labels)
+                    rows.append({"model": name, "steps": steps, "cfg": scale, "repeat": r, "fid": fid,
+                                 **{f"acc_{k}": v for k, v in acc.items()}})
+                    log(f"[proof] {name:>16} steps {steps:2d} cfg {scale:3.1f} rep {r}: fid {fid:8.3f} "
+                        f"adherence {acc['mean']:.3f} ({time.time() - t0:.1f}s)")
+                    if r == 0:
+                        row_imgs += images[: e.grid_prompts]
+            grid_rows.append((f"{name} {steps} steps", row_imgs))
+    # Sample grid: one row per (model, steps); columns = cfg scales x grid prompts (same noise seeds throughout).
+    make_grid([imgs for _, imgs in grid_rows]).resize(
+        (len(grid_rows[0][1]) * (cfg.resolution + 2) * 2, len(grid_rows) * (cfg.resolution + 2) * 2), 0
+    ).save(out / "samples_grid.png")
+    (out / "samples_grid.txt").write_text(
+        "rows: " + ", ".join(n for n, _ in grid_rows) + "\ncolumns: for each cfg in " + str(e.cfg_scales)
+        + ", prompts:\n" + "\n".join(prompts[: e.grid_prompts]) + "\n")
+    return rows
+
+
+def summarise(rows: list[dict], cfg: ProofConfig) -> str:
+    """Markdown table: mean ± spread (half the range over repeats) of toy FID and adherence per model/steps/cfg."""
+    models = list(dict.fromkeys(r["model"] for r in rows if r["steps"]))
+    lines = ["| model | steps | " + " | ".join(f"cfg {c:g} FID" for c in cfg.eval.cfg_scales) + " | "
+             + " | ".join(f"cfg {c:g} adh." for c in cfg.eval.cfg_scales) + " |",
+             "|---|---|" + "---|" * (2 * len(cfg.eval.cfg_scales))]
+
+    def cell(vals, fmt):
+        return f"{np.mean(vals):{fmt}}" + (f" ± {(max(vals) - min(vals)) / 2:{fmt}}" if len(vals) > 1 else "")
+
+    for m in models:
+        for steps in cfg.eval.steps:
+            sel = {c: [r for r in rows if r["model"] == m and r["steps"] == steps and r["cfg"] == c]
+                   for c in cfg.eval.cfg_scales}
+            lines.append(f"| {m} | {steps} | " + " | ".join(cell([r["fid"] for r in sel[c]], ".2f")
+                                                          for c in cfg.eval.cfg_scales) + " | "
+                         + " | ".join(cell([r["acc_mean"] for r in sel[c]], ".3f") for c in cfg.eval.cfg_scales)
+                         + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], cfg: ProofConfig, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows if r["steps"]))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, m in enumerate(models):
+        for steps, ls in zip(cfg.eval.steps, ("--", "-")):
+            xs = cfg.eval.cfg_scales
+            for ax, key in zip(axes, ("acc_mean", "fid")):
+                vals = [[r[key] for r in rows if r["model"] == m and r["steps"] == steps and r["cfg"] == c] for c in xs]
+                ax.errorbar(xs, [np.mean(v) for v in vals], yerr=[(max(v) - min(v)) / 2 for v in vals], ls=ls,
+                            marker="o", color=f"C{i}", label=f"{m}, {steps} steps", capsize=3)
+    real = [r for r in rows if r["model"].startswith("real")][0]
+    axes[0].axhline(real["acc_mean"], color="gray", lw=0.8, ls=":", label="real images")
+    axes[0].set(xlabel="CFG scale", ylabel="prompt adherence (judge accuracy)", title="Adherence vs CFG")
+    axes[1].set(xlabel="CFG scale", ylabel="toy FID (judge features)", title="Toy FID vs CFG (lower is better)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------------------ main
+
+
+def run(cfg: ProofConfig) -> dict:
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "proof_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    timings: dict[str, float] = {}
+    t = time.time()
+
+    def lap(name):
+        nonlocal t
+        timings[name] = round(time.time() - t, 1)
+        t = time.time()
+
+    world = stage_world(cfg, out)
+    log(f"[proof] world: {cfg.n_train} training samples, {len(world['eval_prompts'])} held-out eval prompts")
+    lap("world")
+    judge, judge_acc, test_x = stage_judge(cfg, out, world)
+    lap("judge")
+    pipe_dir, vae_stats, rec_preds = stage_vae(cfg, out, judge, test_x)
+    from evals.experiments.judge import ATTRS, labels_of, single_object_samples  # noqa: F401
+    log(f"[proof] vae held-out reconstruction: {vae_stats}")
+    lap("vae")
+
+    teacher_run = out / "teacher"
+    if not (out / "teacher_pipeline").exists():
+        run_trainer(_job(cfg, run_dir=teacher_run, model_path=pipe_dir, data=world["data"], budget=cfg.teacher,
+                         adapter="full"))
+        export_pipeline(pipe_dir, load_model(teacher_run).transformer, out / "teacher_pipeline")
+    lap("teacher")
+
+    student_dir = out / "student_pipeline"
+    if not student_dir.exists():
+        from evals.experiments.distill import reflow, teacher_pairs
+
+        d = cfg.distill
+        teacher = load_model(out / "teacher_pipeline")
+        h = w = cfg.resolution // (2 ** (len(cfg.vae.block_out_channels) - 1))
+        prompts = (world["train_captions"] * (d.n_pairs // len(world["train_captions"]) + 1))[: d.n_pairs]
+        t0 = time.time()
+        noise, x0 = teacher_pairs(teacher.transformer, teacher.text, prompts, latent_hw=(h, w),
+                                  channels=cfg.vae.latent_channels, cfg_scale=d.teacher_cfg, steps=d.teacher_steps,
+                                  seed=cfg.seed + 50_000, max_text_tokens=cfg.max_text_tokens)
+        log(f"[proof] {len(prompts)} teacher CFG pairs in {time.time() - t0:.0f}s")
+        student, hist = reflow(teacher.transformer, teacher.text, prompts, noise, x0, latent_hw=(h, w),
+                               student_steps=d.student_steps, train_steps=d.train_steps, batch_size=d.batch_size,
+                               lr=d.lr, seed=cfg.seed, max_text_tokens=cfg.max_text_tokens, log=log)
+        export_pipeline(pipe_dir, student, student_dir)
+    lap("distill")
+
+    models = {"teacher": out / "teacher_pipeline", "student": student_dir}
+    for adapter in cfg.dedistill_adapters:
+        run_dir = out / f"dedistill-{adapter}"
+        if not (run_dir / "checkpoints").is_dir() or not any((run_dir / "checkpoints").glob("step_*")):
+            run_trainer(_job(cfg, run_dir=run_dir, model_path=student_dir, data=world["data"], budget=cfg.dedistill,
+                             adapter=adapter))
+        models[f"dedistilled-{adapter}"] = run_dir
+        lap(f"dedistill-{adapter}")
+
+    rows = evaluate(cfg, models, judge, world, out, test_x)
+    lap("eval")
+    table = summarise(rows, cfg)
+    plot(rows, cfg, out / "cfg_curve.png")
+    labels = {k: torch.tensor([labels_of(a)[k] for a in [a for _, a in single_object_samples(
+        cfg.judge.n_test, size=cfg.resolution, seed=cfg.seed + 20_000)]]) for k in ATTRS}
+    from evals.experiments.judge import accuracy
+
+    results = {"config": to_dict(cfg), "judge_heldout_accuracy": judge_acc, "vae": vae_stats,
+               "judge_accuracy_on_vae_reconstructions": accuracy(rec_preds, labels), "rows": rows,
+               "timings_s": timings, "torch_threads": torch.get_num_threads(),
+               "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "table.md").write_text(table + "\n")
+    log(table)
+    log(f"[proof] timings (s): {timings}; results in {out}/results.json, table.md, cfg_curve.png, samples_grid.png")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m evals.experiments.proof", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=None, help="a configs/proof*.yaml preset")
+    p.add_argument("--smoke", action="store_true", help="seconds-long run of every stage (for the test suite)")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. out_dir=runs/x teacher.steps=100")
+    a = p.parse_args(argv)
+    run(load_proof_config(a.config, smoke=a.smoke, overrides=a.overrides))
+
+
+if __name__ == "__main__":
+    main()
