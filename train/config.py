@@ -137,7 +137,11 @@ class DataConfig:
     local: str = ""
     """Local cache directory (or the shard directory itself when `remote` is None)."""
     resolution: int = 512
-    """Square training resolution in pixels (multiple of 16)."""
+    """Training resolution R in pixels (multiple of 16): images are R x R, or about R*R pixels with buckets."""
+    buckets: bool = False
+    """Aspect-ratio buckets: every batch comes from one bucket (W x H ~ R*R, sides multiples of 16). Needs a
+    bucketed dataset (`dedistill data bucket` or `dedistill data precompute`, at the same R). false: scale the
+    short side to R and centre crop a square. Precomputed multi-bucket data requires true."""
     shuffle: bool = True
     shuffle_algo: str = "py1e"
     shuffle_seed: int = 9176

@@ -1,4 +1,19 @@
-"""Training input: MosaicML Streaming MDS shards (local directory or object store) -> (pixels, caption) batches.
+"""Training input: MosaicML Streaming MDS shards (local directory or object store) -> batches for the step.
+
+Three dataset layouts, told apart by the files at the dataset root (docs/data.md):
+- raw (`dedistill data convert`): `index.json`; encoded image bytes + caption; every image is scaled and centre
+  cropped to `data.resolution` squared. Batches: {"caption": [str], "pixels": (B, 3, R, R)}.
+- raw, bucketed (`dedistill data bucket`): `buckets.json` + one MDS directory per aspect bucket; with
+  `data.buckets` every batch comes from one bucket and each image is scaled to cover its bucket and centre cropped.
+  Batches: {"caption", "pixels": (B, 3, H, W)}.
+- precomputed (`dedistill data precompute`): `buckets.json` (kind "precomputed") + per-bucket directories holding
+  normalised VAE latent mean/std, unpadded T5 states and CLIP pooled vectors, plus the stored empty-prompt
+  encoding for caption dropout. Batches: {"caption", "latent_mean", ["latent_std"], "t5", "t5_mask", "pooled",
+  "empty_t5", "empty_mask", "empty_pooled", "max_text_tokens"}; `train.step` uses them instead of the encoders.
+
+Bucketed layouts give one `Stream` per bucket and use streaming's `batching_method="per_stream"`: each global
+batch (all ranks, same step) comes from one bucket, and the order is a pure function of (shuffle_seed, epoch), so
+the loader's state_dict (saved in every checkpoint) resumes exactly.
 
 Each rank streams its own partition; the loader's state goes into every checkpoint so a resumed run sees exactly
 the batches an uninterrupted run would have seen.
@@ -7,25 +22,36 @@ the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import io
+import json
+import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from train.config import DataConfig
 
+log = logging.getLogger(__name__)
 
-def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Scale the short side to `size` (bicubic), then crop the centre square: one documented way, done once."""
+
+def resize_cover_crop(img: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale (bicubic) so the image covers width x height, then crop the centre: one documented way, done once."""
     w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    scale = max(width / w, height / h)
+    nw, nh = max(width, round(w * scale)), max(height, round(h * scale))
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    left, top = (nw - width) // 2, (nh - height) // 2
+    return img.crop((left, top, left + width, top + height))
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Scale the short side to `size` (bicubic), then crop the centre square."""
+    return resize_cover_crop(img, size, size)
 
 
 def image_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -34,38 +60,270 @@ def image_to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def decode_image(data: bytes, size: int) -> torch.Tensor:
-    return image_to_tensor(resize_center_crop(Image.open(io.BytesIO(data)).convert("RGB"), size))
+def open_rgb(data: bytes) -> Image.Image:
+    """Decode encoded bytes to RGB; a JPEG's EXIF orientation is applied (as `data convert` measured its size)."""
+    img = Image.open(io.BytesIO(data))
+    if img.format == "JPEG":
+        img = ImageOps.exif_transpose(img)
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, size: int, height: int | None = None) -> torch.Tensor:
+    """Encoded bytes -> (3, height, size) in [-1, 1]: cover-scaled and centre cropped (square when height is None)."""
+    return image_to_tensor(resize_cover_crop(open_rgb(data), size, size if height is None else height))
+
+
+# ------------------------------------------------------------------------------------------------------ layouts
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts]) if "://" in root else os.path.join(root, *parts)
+
+
+def _fetch(cfg: DataConfig, name: str) -> Path | None:
+    """A small file at the dataset root: the local copy, or downloaded from data.remote (None when absent)."""
+    if cfg.remote is None:
+        path = Path(cfg.local) / name
+        return path if path.is_file() else None
+    from streaming.base.storage.download import CloudDownloader
+
+    Path(cfg.local).mkdir(parents=True, exist_ok=True)
+    # A fresh name per call: the downloader skips existing files, and an old cache must not shadow the remote.
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=cfg.local)
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        CloudDownloader.direct_download(_join(cfg.remote, name), tmp)
+    except Exception as e:  # absent (a raw layout has no buckets.json) or unreachable: the index fetch will tell
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        log.debug("no %s at %s: %s", name, cfg.remote, e)
+        return None
+    dest = Path(cfg.local) / name
+    os.replace(tmp, dest)
+    return dest
+
+
+def read_layout(cfg: DataConfig) -> dict | None:
+    """buckets.json of a bucketed or precomputed dataset (None for a plain `data convert` directory)."""
+    path = _fetch(cfg, "buckets.json")
+    return json.loads(path.read_text()) if path is not None else None
 
 
 def _check_source(cfg: DataConfig) -> None:
     if not cfg.local:
         raise ValueError("data.local: must be set (the shard directory, or a local cache when data.remote is set)")
-    if cfg.remote is None and not (Path(cfg.local) / "index.json").is_file():
-        raise ValueError(f"data.local: '{cfg.local}' has no index.json (expected MDS shards; see dedistill data convert)")
+    local = Path(cfg.local)
+    if cfg.remote is None and not ((local / "index.json").is_file() or (local / "buckets.json").is_file()):
+        hint = " (a bucket/precompute run that has not finished: see its report)" if (local / "parts").is_dir() else ""
+        raise ValueError(
+            f"data.local: '{cfg.local}' has no index.json or buckets.json{hint} (expected MDS shards; see "
+            f"dedistill data convert)"
+        )
 
 
-def build_dataset(cfg: DataConfig, *, batch_size: int):
-    """A StreamingDataset that yields {"pixels": (3, R, R), "caption": str}."""
+def _check_layout(cfg: DataConfig, layout: dict | None) -> None:
+    if layout is None:
+        if cfg.buckets:
+            raise ValueError(
+                f"data.buckets: '{cfg.remote or cfg.local}' is not bucketed (no buckets.json); run `dedistill data "
+                f"bucket` (raw) or `dedistill data precompute` on it, or set data.buckets=false"
+            )
+        return
+    n_buckets = sum(1 for b in layout["buckets"] if b["samples"])
+    if layout["resolution"] != cfg.resolution:
+        raise ValueError(
+            f"data.resolution: {cfg.resolution}, but '{cfg.remote or cfg.local}' was bucketed/precomputed for "
+            f"{layout['resolution']}"
+        )
+    if layout["kind"] == "precomputed" and n_buckets > 1 and not cfg.buckets:
+        raise ValueError(
+            f"data.buckets: false, but '{cfg.remote or cfg.local}' holds precomputed latents in {n_buckets} aspect "
+            f"buckets (they cannot share a batch); set data.buckets=true"
+        )
+
+
+# ------------------------------------------------------------------------------------------------------ samples
+
+
+def _tensor(arr: np.ndarray, dtype: str) -> torch.Tensor:
+    """A stored array as float32; bf16 is stored as its raw 16 bits (numpy has no bfloat16)."""
+    if dtype == "bf16":
+        return torch.from_numpy(np.array(arr).view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(np.array(arr, dtype=np.float32))  # a copy: MDS arrays are read-only views
+
+
+def _train_samples_class():
+    """TrainSamples is built on first use so that importing train.data does not import streaming (and, through
+    it, transformers); module `__getattr__` below makes it picklable as train.data.TrainSamples (loader workers)."""
+    global _TrainSamples
+    if _TrainSamples is not None:
+        return _TrainSamples
     from streaming import StreamingDataset
 
-    _check_source(cfg)
+    class TrainSamples(StreamingDataset):
+        """StreamingDataset yielding what the step needs from each sample (see the module docstring)."""
 
-    class _ImageCaptionDataset(StreamingDataset):
+        def __init__(self, *, cfg: DataConfig, layout: dict | None, **kwargs):
+            super().__init__(**kwargs)
+            self.cfg = cfg
+            self.kind = "raw" if layout is None else layout["kind"]
+            self.sizes = None if layout is None else {b["id"]: (b["width"], b["height"]) for b in layout["buckets"]}
+            self.store_dtype = layout["precompute"]["dtype"] if self.kind == "precomputed" else None
+
         def __getitem__(self, idx: int) -> dict[str, Any]:
             sample = super().__getitem__(idx)
-            try:
-                pixels = decode_image(sample[cfg.image_key], cfg.resolution)
-            except KeyError:
-                raise ValueError(f"data.image_key: shards have no column '{cfg.image_key}'") from None
+            cfg = self.cfg
             caption = sample.get(cfg.caption_key)
             if caption is None:
                 raise ValueError(f"data.caption_key: shards have no column '{cfg.caption_key}'")
-            return {"pixels": pixels, "caption": caption}
+            if self.kind == "precomputed":
+                out = {
+                    "caption": caption,
+                    "latent_mean": _tensor(sample["latent_mean"], self.store_dtype),  # (C, h, w), normalised
+                    "t5": _tensor(sample["t5"], self.store_dtype),  # (L, D), unpadded
+                    "pooled": _tensor(sample["pooled"], self.store_dtype),  # (D_clip,)
+                }
+                if "latent_std" in sample:
+                    out["latent_std"] = _tensor(sample["latent_std"], self.store_dtype)
+                return out
+            try:
+                data = sample[cfg.image_key]
+            except KeyError:
+                raise ValueError(f"data.image_key: shards have no column '{cfg.image_key}'") from None
+            if cfg.buckets and self.sizes is not None:
+                w, h = self.sizes[sample["bucket"]]
+                pixels = decode_image(data, w, h)  # (3, h, w)
+            else:
+                pixels = decode_image(data, cfg.resolution)  # (3, R, R)
+            return {"caption": caption, "pixels": pixels}
 
-    return _ImageCaptionDataset(
-        remote=cfg.remote,
-        local=cfg.local,
+    TrainSamples.__module__, TrainSamples.__qualname__ = __name__, "TrainSamples"
+    _TrainSamples = TrainSamples
+    return TrainSamples
+
+
+_TrainSamples = None
+
+
+def __getattr__(name: str):
+    if name == "TrainSamples":
+        return _train_samples_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class Collate:
+    """Stack a batch; pad precomputed T5 states to the batch's longest (zeros + a False mask, as TextEncoder
+    does), and attach the dataset's stored empty prompt. "caption" comes first: StreamingDataLoader counts samples
+    by the first value."""
+
+    def __init__(self, empty: dict[str, torch.Tensor] | None = None, max_text_tokens: int | None = None):
+        self.empty = empty
+        self.max_text_tokens = max_text_tokens
+
+    def __call__(self, samples: list[dict]) -> dict[str, Any]:
+        batch: dict[str, Any] = {"caption": [s["caption"] for s in samples]}
+        if "pixels" in samples[0]:
+            batch["pixels"] = torch.stack([s["pixels"] for s in samples])
+            return batch
+        batch["latent_mean"] = torch.stack([s["latent_mean"] for s in samples])  # (B, C, h, w)
+        if "latent_std" in samples[0]:
+            batch["latent_std"] = torch.stack([s["latent_std"] for s in samples])
+        lengths = [s["t5"].shape[0] for s in samples]
+        dim = samples[0]["t5"].shape[1]
+        t5 = torch.zeros(len(samples), max(lengths), dim)  # (B, L, D)
+        for i, s in enumerate(samples):
+            t5[i, : lengths[i]] = s["t5"]
+        batch["t5"] = t5
+        batch["t5_mask"] = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]  # (B, L) bool
+        batch["pooled"] = torch.stack([s["pooled"] for s in samples])
+        if self.empty is not None:
+            batch.update(self.empty)
+        batch["max_text_tokens"] = self.max_text_tokens
+        return batch
+
+
+def _empty_prompt(cfg: DataConfig) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = _fetch(cfg, "empty_prompt.safetensors")
+    if path is None:
+        raise ValueError(f"data.local: precomputed dataset '{cfg.remote or cfg.local}' has no empty_prompt.safetensors")
+    t = load_file(str(path))  # stored in the dataset's storage dtype (safetensors holds bf16 natively)
+    t5, pooled = t["t5"].float(), t["pooled"].float()  # (L0, D), (D_clip,)
+    return {
+        "empty_t5": t5[None],  # (1, L0, D)
+        "empty_mask": torch.ones(1, t5.shape[0], dtype=torch.bool),
+        "empty_pooled": pooled[None],  # (1, D)
+    }
+
+
+# ------------------------------------------------------------------------------------------ shared-memory hygiene
+
+
+def release_stale_shm(locals_: list[str]) -> list[int]:
+    """Unlink streaming shared memory registered for *our* local cache directories (Linux only).
+
+    A process killed without cleanup (SIGKILL, OOM, node failure) leaves its StreamingDataset's shared memory
+    behind; with a remote, the next StreamingDataset on the same local directory then fails with "Reused local
+    directory". streaming's `clean_stale_shared_memory()` fixes that by unlinking *every* streaming segment on the
+    node, which breaks any other job running there; this removes only the registrations that name our directories
+    (which no live job can legitimately share). Returns the prefixes released.
+    """
+    shm_dir = Path("/dev/shm")
+    if not shm_dir.is_dir():
+        return []
+    from streaming.base.constant import LOCALS, SHM_TO_CLEAN
+    from streaming.base.shared import SharedMemory
+    from streaming.base.shared.prefix import _get_path, _unpack_locals
+
+    ours = {os.path.abspath(p) for p in locals_}
+    released = []
+    for entry in sorted(shm_dir.glob(f"*_{LOCALS}")):
+        prefix = entry.name.split("_", 1)[0]
+        if not prefix.isdigit():
+            continue
+        try:
+            shm = SharedMemory(entry.name, False, auto_cleanup=False)
+            theirs, _ = _unpack_locals(bytes(shm.buf))
+            shm.cleanup()
+        except (FileNotFoundError, ValueError, UnicodeDecodeError):
+            continue
+        if ours & set(theirs):
+            for name in SHM_TO_CLEAN:
+                try:
+                    os.unlink(shm_dir / _get_path(int(prefix), name))
+                except FileNotFoundError:
+                    pass
+            released.append(int(prefix))
+    if released:
+        log.warning("released stale streaming shared memory %s for %s", released, sorted(ours))
+    return released
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _prepare_shared_memory(locals_: list[str]) -> None:
+    """Local rank 0 releases stale registrations of our cache dirs; everyone waits for it (when distributed)."""
+    if _local_rank() == 0:
+        release_stale_shm(locals_)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+# ------------------------------------------------------------------------------------------------------ loaders
+
+
+def build_dataset(cfg: DataConfig, *, batch_size: int):
+    """A StreamingDataset yielding per-sample dicts for `Collate` (see the module docstring)."""
+    from streaming import Stream
+
+    _check_source(cfg)
+    layout = read_layout(cfg)
+    _check_layout(cfg, layout)
+    kwargs: dict[str, Any] = dict(
         batch_size=batch_size,
         shuffle=cfg.shuffle,
         shuffle_algo=cfg.shuffle_algo,
@@ -73,28 +331,77 @@ def build_dataset(cfg: DataConfig, *, batch_size: int):
         shuffle_block_size=cfg.shuffle_block_size,
         predownload=cfg.predownload,
     )
+    if layout is None:
+        locals_ = [cfg.local]
+        kwargs.update(remote=cfg.remote, local=cfg.local)
+    else:
+        buckets = [b for b in layout["buckets"] if b["samples"]]
+        if cfg.buckets or layout["kind"] == "precomputed":
+            buckets = _usable_buckets(buckets, batch_size)
+            kwargs["batching_method"] = "per_stream"  # every global batch from one bucket
+        streams = [
+            Stream(remote=None if cfg.remote is None else _join(cfg.remote, b["dir"]), local=_join(cfg.local, b["dir"]))
+            for b in buckets
+        ]
+        locals_ = [s.local for s in streams]
+        kwargs["streams"] = streams
+    if cfg.remote is not None:
+        _prepare_shared_memory(locals_)
+    return _train_samples_class()(cfg=cfg, layout=layout, **kwargs)
 
 
-def build_loader(cfg: DataConfig, *, batch_size: int):
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _usable_buckets(buckets: list[dict], batch_size: int) -> list[dict]:
+    """per_stream batching needs at least one full global batch from every stream (streaming raises otherwise):
+    buckets smaller than that are left out, with a warning naming them."""
+    global_batch = batch_size * _world_size()
+    small = [b for b in buckets if b["samples"] < global_batch]
+    if small:
+        log.warning("data.buckets: leaving out %d bucket(s) with fewer samples than one global batch (%d): %s",
+                    len(small), global_batch,
+                    ", ".join(f"{b['width']}x{b['height']} ({b['samples']})" for b in small[:10]))
+    usable = [b for b in buckets if b["samples"] >= global_batch]
+    if not usable:
+        raise ValueError(f"data.buckets: no bucket holds a full global batch ({global_batch} samples)")
+    return usable
+
+
+def build_loader(cfg: DataConfig, *, batch_size: int, max_text_tokens: int | None = None):
     """StreamingDataLoader: a torch DataLoader whose state_dict() records the position in the stream."""
     from streaming import StreamingDataLoader
 
     dataset = build_dataset(cfg, batch_size=batch_size)
+    collate = Collate()
+    if dataset.kind == "precomputed":
+        layout = read_layout(cfg)
+        collate = Collate(_empty_prompt(cfg), layout["precompute"]["max_text_tokens"])
     return StreamingDataLoader(
         dataset,
         batch_size=batch_size,
         num_workers=cfg.num_workers,
         drop_last=True,
         persistent_workers=False,
+        collate_fn=collate,
     )
 
 
 def forever(loader) -> Iterator[dict[str, Any]]:
-    """Iterate epoch after epoch; the streaming loader itself advances its epoch counter."""
+    """Iterate epoch after epoch; the streaming loader itself advances its epoch counter.
+
+    One empty epoch is expected: a run resumed from a checkpoint taken right after an epoch's last batch first
+    finishes that (now empty) epoch. Two in a row mean the data cannot fill a single batch.
+    """
+    empty = 0
     while True:
         n = 0
         for batch in loader:
             n += 1
             yield batch
-        if n == 0:
+        empty = empty + 1 if n == 0 else 0
+        if empty >= 2:
             raise ValueError("data.local: the dataset yields no full batch for this world size and batch size")
