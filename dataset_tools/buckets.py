@@ -152,13 +152,21 @@ def _part_marker(out: Path, k: int) -> Path:
     return out / "parts" / f"part_{k:05d}"
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def _check_settings(out: Path, settings: dict) -> None:
     settings = json.loads(json.dumps(settings))  # as stored (tuples become lists)
     path = out / "settings.json"
     if path.is_file():
         old = json.loads(path.read_text())
         if old != settings:
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            a, b = _flat(old), _flat(settings)
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             raise ValueError(f"--out: '{out}' was written with other settings ({', '.join(diff)} differ); use "
                              f"another --out or delete it")
     else:

@@ -73,8 +73,8 @@ class ConvertOptions:
             raise ValueError(f"--check: '{self.check}' is not one of {', '.join(CHECKS)}")
         if self.min_size < 0:
             raise ValueError(f"--min-size: must be >= 0, got {self.min_size}")
-        if self.shard_size < 1 << 16:
-            raise ValueError(f"--shard-size: must be at least 64 KiB, got {self.shard_size}")
+        if self.shard_size < 1 << 12:
+            raise ValueError(f"--shard-size: must be at least 4 KiB, got {self.shard_size}")
 
 
 # -------------------------------------------------------------------------------------------------------- checks

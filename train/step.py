@@ -37,18 +37,59 @@ def encode_images(vae, pixels: torch.Tensor, *, generator: torch.Generator) -> t
     return (latents - vae.config.shift_factor) * vae.config.scaling_factor
 
 
+def batch_latents(frozen: Frozen, batch: dict, *, generator: torch.Generator) -> torch.Tensor:
+    """(B, C, h, w) normalised latents: the VAE encodes `pixels`, or a precomputed batch (`dedistill data
+    precompute`) holds the posterior's normalised mean/std and the sample is drawn here, as encode_images does."""
+    if "latent_mean" not in batch:
+        return encode_images(frozen.vae, batch["pixels"], generator=generator)
+    mean = batch["latent_mean"].to(frozen.device, torch.float32)  # (B, C, h, w), already shifted and scaled
+    # Drawn even when no std is stored (--latents mean), so the generator advances exactly as on the raw path.
+    noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
+    std = batch.get("latent_std")
+    return mean if std is None else mean + std.to(mean.device, torch.float32) * noise
+
+
+def _stored_prompts(stored: dict, cfg: ObjectiveConfig) -> tuple[PromptEmbeds, PromptEmbeds]:
+    """The batch's precomputed T5/CLIP encodings and the dataset's stored empty prompt."""
+    if not cfg.attention_mask:
+        raise ValueError(
+            "objective.attention_mask: precomputed T5 states are stored unpadded, which is exact only with the "
+            "padding mask; set objective.attention_mask=true or train on raw shards"
+        )
+    if stored.get("max_text_tokens") != cfg.max_text_tokens:
+        raise ValueError(
+            f"objective.max_text_tokens: {cfg.max_text_tokens}, but the dataset was precomputed with "
+            f"--max-text-tokens {stored.get('max_text_tokens')}"
+        )
+    enc = PromptEmbeds(stored["t5"], stored["t5_mask"], stored["pooled"])  # (B, L_batch, D): padded to the longest
+    empty = PromptEmbeds(stored["empty_t5"], stored["empty_mask"], stored["empty_pooled"])
+    return enc, empty
+
+
 def prepare_prompts(
-    frozen: Frozen, captions: list[str], cfg: ObjectiveConfig, *, generator: torch.Generator
+    frozen: Frozen,
+    captions: list[str],
+    cfg: ObjectiveConfig,
+    *,
+    generator: torch.Generator,
+    stored: dict | None = None,
 ) -> tuple[PromptEmbeds, torch.Tensor]:
-    """Encode captions; caption dropout swaps in the empty prompt (with its own mask); trim to the longest prompt."""
+    """Encode captions (or take the `stored` precomputed ones); caption dropout swaps in the empty prompt (with its
+    own mask); trim to the longest prompt."""
     drop = objective.caption_dropout_mask(len(captions), cfg.caption_dropout, generator=generator)
-    kept = [c for c, d in zip(captions, drop.tolist()) if not d] or [""]
-    masked = cfg.attention_mask
-    enc = frozen.text.encode(kept, max_tokens=cfg.max_text_tokens, masked=masked)
-    empty = frozen.text.empty(max_tokens=cfg.max_text_tokens, masked=masked)
-    # Scatter the encoded captions back into batch order, empty prompt where dropped.
-    order = torch.cumsum(~drop, 0) - 1
-    prompts = enc.select(order.clamp(min=0)).where(drop, empty)
+    if stored is not None:
+        enc, empty = _stored_prompts(stored, cfg)
+        prompts = enc.where(drop, empty)
+        if not cfg.trim_text:
+            prompts = prompts.pad_to(cfg.max_text_tokens)  # as the raw path's padded encoding
+    else:
+        kept = [c for c, d in zip(captions, drop.tolist()) if not d] or [""]
+        masked = cfg.attention_mask
+        enc = frozen.text.encode(kept, max_tokens=cfg.max_text_tokens, masked=masked)
+        empty = frozen.text.empty(max_tokens=cfg.max_text_tokens, masked=masked)
+        # Scatter the encoded captions back into batch order, empty prompt where dropped.
+        order = torch.cumsum(~drop, 0) - 1
+        prompts = enc.select(order.clamp(min=0)).where(drop, empty)
     if cfg.attention_mask and cfg.trim_text:
         prompts = prompts.trimmed()
     return prompts, drop
@@ -71,10 +112,11 @@ def forward_backward_step(
     gradient reduce-scatter; the loop then sees a non-finite grad norm on all ranks and skips the step together.
     """
     device, dtype = frozen.device, frozen.dtype
-    latents = encode_images(frozen.vae, batch["pixels"], generator=generator)  # (B, C, h, w)
+    latents = batch_latents(frozen, batch, generator=generator)  # (B, C, h, w)
     b, _, h, w = latents.shape
     x0 = pack_latents(latents.float())  # (B, h/2*w/2, C*4)
-    prompts, dropped = prepare_prompts(frozen, list(batch["caption"]), cfg, generator=generator)
+    stored = batch if "t5" in batch else None  # precomputed text encodings (dedistill data precompute)
+    prompts, dropped = prepare_prompts(frozen, list(batch["caption"]), cfg, generator=generator, stored=stored)
 
     t = objective.sample_timesteps(cfg, b, generator=generator, image_seq_len=x0.shape[1]).to(device)
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
