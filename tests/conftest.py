@@ -17,3 +17,35 @@ def tiny_data_dir(tmp_path_factory):
     from dataset_tools.tiny_data import write_tiny_data
 
     return write_tiny_data(tmp_path_factory.mktemp("tiny") / "data", n=128, size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny_model_dir, tiny_data_dir, tmp_path_factory):
+    """The uninterrupted tiny run every resume/backend test compares with: torchrun, 2 gloo ranks, FSDP2,
+    6 steps, a checkpoint every 2 (tests/tiny_runs.py)."""
+    import tiny_runs
+
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    tiny_runs.train(tiny_model_dir, tiny_data_dir, run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real local SLURM cluster (munged, slurmctld, two slurmd "nodes"), installed from Debian packages if missing
+    (as root) and stopped by PID at the end (tests/slurm_cluster.py). Skips only where it cannot be installed."""
+    import tempfile
+    from pathlib import Path
+
+    from slurm_cluster import LocalSlurmCluster, ensure_installed
+
+    reason = ensure_installed()
+    if reason:
+        pytest.skip(f"no SLURM: {reason}")
+    base = Path(tempfile.mkdtemp(prefix="dedistill-slurm-"))  # not under pytest's 0700 tmp: munge must enter it
+    cluster = LocalSlurmCluster(base)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

@@ -140,6 +140,9 @@ def _train(cfg: JobConfig, info: DistInfo, on_checkpoint) -> TrainState:
 
 def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend, dtype: torch.dtype) -> TrainState:
     run_dir = Path(cfg.run_dir)
+    # Installed before the (possibly long) setup: a SIGTERM while loading is then not fatal; the loop stops after
+    # its first step and saves.
+    stop = StopFlag().install()
     transformer = backend.model
     frozen = Frozen(
         vae=load_vae(cfg.model.path, dtype=dtype, device=info.device),
@@ -196,7 +199,6 @@ def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend,
 
         progress = tqdm(total=cfg.train.max_steps, initial=state.step, desc="train", file=sys.stderr, dynamic_ncols=True)
 
-    stop = StopFlag().install()
     batches = forever(loader)
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * info.world_size
     # MFU (train/mfu.py): this rank's model FLOPs per second over the device's dense bf16 peak (GPUs it knows).

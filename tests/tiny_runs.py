@@ -1,0 +1,116 @@
+"""Helpers for the cluster tests: the tiny 2-rank training run, launching it, comparing checkpoints bitwise.
+
+Every cluster test trains the same tiny LoKr job (6 steps, a checkpoint every 2, EMA on), so runs that were stopped,
+killed, requeued or run on another backend can be compared with one uninterrupted reference, tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "tiny-cpu.yaml"
+STEPS = 6
+EVERY = 2
+
+
+def overrides(model, data, run_dir, *, steps: int = STEPS, **extra) -> list[str]:
+    over = {
+        "model.path": model, "data.local": data, "run_dir": run_dir, "train.max_steps": steps,
+        "checkpoint.every_steps": EVERY, "checkpoint.keep_last": 10, "train.progress_bar": "false",
+        "sample.at_end": "false", "optim.warmup_steps": 2, "ema.decay": 0.5, **extra,
+    }
+    return [f"{k}={v}" for k, v in over.items()]
+
+
+def env(**extra) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu", **extra}
+
+
+def torchrun_cmd(*args, nproc: int = 2, script: str | None = None) -> list[str]:
+    target = [script] if script else ["-m", "train"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target,
+            *map(str, args)]
+
+
+def run(cmd: list[str], *, timeout: float = 600, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, cwd=REPO, env=kw.pop("env", env()), capture_output=True, text=True, timeout=timeout, **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{cmd[:6]}... failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
+    return r
+
+
+def train(model, data, run_dir, *, nproc: int = 2, **extra) -> subprocess.CompletedProcess:
+    return run(torchrun_cmd(CONFIG, *overrides(model, data, run_dir, **extra), nproc=nproc))
+
+
+def ckpt(run_dir, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+
+
+def trainable_state(path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint (model, optimizer moments, EMA, scheduler/step counters), unsharded."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from train.checkpoint import read_metadata, safe_load
+
+    meta = read_metadata(path)
+    state = {
+        k: torch.empty(v.size, dtype=v.properties.dtype)
+        for k, v in meta.state_dict_metadata.items()
+        if isinstance(v, TensorStorageMetadata)
+    }
+    safe_load(state, path, no_dist=True)
+    return state
+
+
+def assert_same_state(a_path, b_path, *, atol: float = 0.0) -> dict[str, torch.Tensor]:
+    """Bitwise (atol=0) or close equality of two checkpoints' tensors; returns a's state."""
+    a, b = trainable_state(a_path), trainable_state(b_path)
+    assert a.keys() == b.keys(), f"different keys: {sorted(a.keys() ^ b.keys())[:5]}"
+    assert any(k.startswith("model.") for k in a) and any(k.startswith("optim.state.") for k in a)
+    assert any(k.startswith("ema.") for k in a)
+    for k in a:
+        if atol == 0.0:
+            assert torch.equal(a[k], b[k]), f"{k} differs: max |diff| {(a[k].float() - b[k].float()).abs().max()}"
+        else:
+            assert torch.allclose(a[k], b[k], atol=atol, rtol=0), f"{k} differs by more than {atol}"
+    return a
+
+
+def wait_until(predicate, timeout: float, what: str, poll: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def descendants(pid: int) -> list[int]:
+    from launch.submit import _descendants
+
+    return _descendants(pid)
+
+
+def signal_tree(proc: subprocess.Popen, sig: int, *, include_root: bool = True) -> None:
+    """Send `sig` to a launcher and every process under it (torchrun puts its workers in their own sessions)."""
+    pids = descendants(proc.pid) + ([proc.pid] if include_root else [])
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    signal_tree(proc, signal.SIGKILL)
+    proc.wait(timeout=30)
