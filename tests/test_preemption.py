@@ -74,3 +74,34 @@ def test_kill_mid_save_then_sigterm_then_resume_is_bitwise(tiny_model_dir, tiny_
     assert f"step_{stopped_at:08d}" in r.stdout and "resumed from" in r.stdout
     assert (tiny_runs.ckpt(run_dir, 4) / "COMPLETE").is_file()
     tiny_runs.assert_same_state(tiny_runs.ckpt(reference_run, tiny_runs.STEPS), tiny_runs.ckpt(run_dir, tiny_runs.STEPS))
+
+
+def test_train_sbatch_requeues_itself_on_usr1_and_leaves_sigterm_to_slurm(tmp_path):
+    """slurm/train.sbatch's one requeue path, with fake srun/scontrol/scancel (no SLURM needed): on USR1 (time limit
+    near) it forwards the signal to the job steps, waits for the training to exit, then `scontrol requeue`s itself;
+    on SIGTERM (SLURM is requeueing, preempting or cancelling) it waits and does not requeue."""
+    import os
+    import time
+
+    from test_security import fake_slurm
+
+    script = tiny_runs.REPO / "slurm" / "train.sbatch"
+    for sig, requeues in ((signal.SIGUSR1, 1), (signal.SIGTERM, 0)):
+        work = tmp_path / sig.name
+        work.mkdir()
+        env = {**fake_slurm(work), "FAKE_SRUN_WAIT": "1"}
+        proc = subprocess.Popen(["bash", str(script), "cfg.yaml"], cwd=work, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        srun_pid = tiny_runs.wait_until(lambda: (work / "srun.pid").is_file() and (work / "srun.pid").read_text(),
+                                        30, "the fake srun")
+        time.sleep(0.3)  # the batch shell reaches `wait`
+        os.kill(proc.pid, sig)
+        if sig == signal.SIGTERM:  # SLURM signals every process of the job, srun included
+            os.kill(int(srun_pid), signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        log = (work / "scontrol.log").read_text()
+        assert proc.returncode == 0, out
+        assert log.count("requeue 1234") == requeues, (sig.name, log, out)
+        assert (work / "srun.signals").read_text().split() == [sig.name.removeprefix("SIG")], out
+        if sig == signal.SIGUSR1:
+            assert (work / "scancel.log").read_text().split() == ["--signal=USR1", "1234"]

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 from train.adapters import apply_adapter, trainable_named_parameters
-from train.checkpoint import is_complete, latest_checkpoint
+from train.checkpoint import is_complete, latest_checkpoint, safe_load
 from train.config import JobConfig, load_config
 from train.model import load_transformer, load_vae, resolve_dtype
 from train.text import TextEncoder
@@ -56,8 +56,8 @@ def load_trainable_state(transformer: torch.nn.Module, checkpoint: Path, *, ema:
     try:
         # no_dist: this process reads every shard itself, even when a process group exists (an inline eval on
         # rank 0 of a training job, or each rank of an eval job); with collectives it would wait for the others.
-        dcp.load({key: state}, checkpoint_id=str(checkpoint), no_dist=True)
-    except Exception as e:  # DCP raises a generic error for a missing key
+        safe_load({key: state}, checkpoint, no_dist=True)  # no pickled objects from the checkpoint
+    except (Exception, CheckpointException) as e:  # DCP raises a generic error for a missing key
         raise ValueError(f"checkpoint '{checkpoint}': cannot load '{key}' state ({str(e).splitlines()[0]})") from None
     with torch.no_grad():
         for n, p in named:

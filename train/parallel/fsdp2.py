@@ -33,6 +33,8 @@ class FSDP2Backend:
             transformer, cfg, info=info, compute_dtype=compute_dtype,
             activation_checkpointing=step.activation_checkpointing,
         )
+        if cfg.hsdp and info.world_size > info.local_world_size:  # the 2-D mesh parallelize_transformer builds
+            self.name = f"fsdp2-hsdp({info.world_size // info.local_world_size}x{info.local_world_size})"
         self.named = trainable_named_parameters(self.model)
         self.optimizer = make_optimizer([p for _, p in self.named])
         self.max_norm = step.grad_clip if step.grad_clip > 0 else math.inf

@@ -1,0 +1,124 @@
+"""`dedistill export`: a checkpoint as consolidated safetensors that diffusers loads.
+
+- `--format diffusers` (any adapter kind): the base transformer with the adapter merged into its weights (LoRA and
+  LoKr alike; a full fine-tune is just its weights), saved with `save_pretrained`, and every other pipeline component
+  (VAE, both text encoders and tokenizers, scheduler, model_index.json) copied from the run's base model dir.
+  `FluxPipeline.from_pretrained(DIR)` loads it, and so does `dedistill sample --model DIR`.
+- `--format lora` (LoRA adapters only): `pytorch_lora_weights.safetensors` in the PEFT key layout diffusers expects
+  (`transformer.<module>.lora_A.weight`, ...), written by diffusers' own `FluxPipeline.save_lora_weights` with the
+  adapter's rank/alpha/targets as metadata, so `FluxPipeline.load_lora_weights(DIR)` applies it at the trained scale.
+  LoKr has no diffusers loader for FLUX: export it merged (`--format diffusers`).
+
+One process, CPU, no process group: DCP reassembles the sharded checkpoint (FSDP2 or DeepSpeed, same layout). The merge
+runs in fp32 and the result is cast to `--dtype` (bf16, what FLUX ships, by default).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _load_trained_transformer(ckpt: Path, run_dir: Path, *, ema: bool):
+    """(transformer with the trained adapter/weights in fp32 on CPU, the run's config)."""
+    from train.adapters import apply_adapter
+    from train.config import load_config
+    from train.inference import load_trainable_state
+    from train.model import load_transformer
+
+    cfg = load_config(run_dir / "config.yaml")
+    transformer = load_transformer(cfg.model.path, dtype=torch.float32)
+    apply_adapter(transformer, cfg.model.adapter)
+    load_trainable_state(transformer, ckpt, ema=ema)
+    return transformer.eval().requires_grad_(False), cfg
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out: '{out}' exists and is not empty")
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, fmt: str = "diffusers", dtype: str = "bf16",
+                      ema: bool = False) -> Path:
+    from train.adapters import merge_adapter
+    from train.inference import resolve_checkpoint
+
+    if fmt not in ("diffusers", "lora"):
+        raise ValueError(f"--format: {fmt!r} is not one of diffusers, lora")
+    if dtype not in _DTYPES:
+        raise ValueError(f"--dtype: {dtype!r} is not one of {', '.join(_DTYPES)}")
+    ckpt, run_dir = resolve_checkpoint(checkpoint, key="--checkpoint")
+    if ckpt is None:
+        raise ValueError(f"--checkpoint: '{checkpoint}' is already a diffusers model dir; there is nothing to export")
+    out = Path(out)
+    _check_out(out)
+    transformer, cfg = _load_trained_transformer(ckpt, run_dir, ema=ema)
+    kind = cfg.model.adapter.kind
+    if fmt == "lora" and kind != "lora":
+        raise ValueError(
+            f"--format: lora exports a LoRA adapter, but this run trained '{kind}'"
+            + ("; diffusers has no LoKr loader for FLUX: use --format diffusers (merged weights)" if kind == "lokr"
+               else "; use --format diffusers")
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    step = int(ckpt.name.split("_")[1])
+    if fmt == "lora":
+        _save_lora(transformer, out, _DTYPES[dtype])
+    else:
+        merge_adapter(transformer)  # in fp32, then cast once
+        transformer.to(_DTYPES[dtype]).save_pretrained(str(out / "transformer"), safe_serialization=True)
+        _copy_components(Path(cfg.model.path), out)
+    (out / "dedistill_export.json").write_text(json.dumps({
+        "checkpoint": str(ckpt), "step": step, "adapter": kind, "format": fmt, "dtype": dtype, "ema": ema,
+        "base_model": cfg.model.path,
+    }, indent=2))
+    return out
+
+
+def _copy_components(base: Path, out: Path) -> None:
+    """Every pipeline component of the base model except the transformer, and its model_index.json."""
+    index = json.loads((base / "model_index.json").read_text())
+    for name, value in index.items():
+        if name.startswith("_") or name == "transformer" or not isinstance(value, list):
+            continue
+        if (base / name).is_dir():
+            shutil.copytree(base / name, out / name)
+    shutil.copy2(base / "model_index.json", out / "model_index.json")
+
+
+def _save_lora(transformer: torch.nn.Module, out: Path, dtype: torch.dtype) -> None:
+    from diffusers import FluxPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    from train.adapters import ADAPTER_NAME
+
+    config = transformer.peft_config[ADAPTER_NAME]
+    state = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)  # "<module>.lora_A.weight", ...
+    state = {k: v.detach().to(dtype).contiguous() for k, v in state.items()}
+    meta = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules),
+            "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern),
+            "use_dora": False, "lora_bias": False}
+    FluxPipeline.save_lora_weights(str(out), transformer_lora_layers=state, transformer_lora_adapter_metadata=meta)
+
+
+def register(sub) -> None:
+    s = sub.add_parser(
+        "export", help="a checkpoint as a diffusers pipeline dir (adapter merged) or a diffusers-loadable LoRA",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+    )
+    s.add_argument("--checkpoint", required=True, help="checkpoint dir (step_N) or run dir (its newest checkpoint)")
+    s.add_argument("--out", required=True, help="output directory (new or empty)")
+    s.add_argument("--format", dest="fmt", choices=["diffusers", "lora"], default="diffusers")
+    s.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="weights dtype of the export")
+    s.add_argument("--ema", action="store_true", help="export the EMA weights")
+    s.set_defaults(func=cmd_export)
+
+
+def cmd_export(a) -> None:
+    out = export_checkpoint(a.checkpoint, a.out, fmt=a.fmt, dtype=a.dtype, ema=a.ema)
+    print(out)

@@ -1,0 +1,102 @@
+"""The tiny run on a real local SLURM cluster (tests/slurm_cluster.py): 2 "nodes" x 1 process, HSDP across them.
+
+1. `sbatch --nodes 2 slurm/train.sbatch CONFIG ...` finishes; its step-6 checkpoint is the reference for the others.
+   The run dir contains spaces, `;` and `$(...)`: arguments reach the training verbatim, no shell runs them.
+2. The same job, `scontrol requeue`d after its first checkpoint: SIGTERM -> checkpoint -> requeue -> resume, and every
+   tensor equals the reference.
+3. `dedistill submit --nodes 2` (submitit) of the same run, preempted by a job in the higher-priority partition: USR1
+   -> checkpoint -> requeue -> resume, equal to the reference (without HSDP: on 2 x 1 ranks HSDP's arithmetic is
+   FSDP's, bitwise).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+import tiny_runs
+
+pytestmark = pytest.mark.slow
+SBATCH = tiny_runs.REPO / "slurm" / "train.sbatch"
+DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+HOSTILE = "run with spaces; touch PWNED $(touch PWNED2)"
+
+
+def _sbatch(cluster, cwd, run_dir, model, data, **extra) -> str:
+    args = tiny_runs.overrides(model, data, run_dir, **{"parallel.hsdp": "true", **extra})
+    # PYTHON: the job inherits this environment, but pytest may run from an unactivated venv
+    r = cluster.cmd("sbatch", "--parsable", "--nodes", "2", str(SBATCH), str(tiny_runs.CONFIG), *args, cwd=cwd,
+                    env=tiny_runs.env(PYTHON=sys.executable))
+    return r.stdout.strip().split(";")[0]
+
+
+def _logs(cwd, job_id) -> str:
+    files = sorted((cwd / "slurm-logs").glob(f"*-{job_id}/*.log")) + sorted(cwd.glob(f"*-{job_id}.out"))
+    return "\n".join(f"==> {f.name}\n{f.read_text(errors='replace')}" for f in files)
+
+
+def _finished(cluster, job_id, cwd, timeout=240) -> dict:
+    info = cluster.wait_state(job_id, DONE, timeout)
+    assert info["JobState"] == "COMPLETED" and info.get("ExitCode") == "0:0", f"{info}\n{_logs(cwd, job_id)[-6000:]}"
+    return info
+
+
+@pytest.fixture(scope="module")
+def slurm_reference(slurm_cluster, tiny_model_dir, tiny_data_dir, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("sbatch")
+    run_dir = cwd / HOSTILE
+    job = _sbatch(slurm_cluster, cwd, run_dir, tiny_model_dir, tiny_data_dir)
+    info = _finished(slurm_cluster, job, cwd)
+    return cwd, job, run_dir, info
+
+
+def test_sbatch_two_nodes_hsdp_finishes(slurm_reference):
+    cwd, job, run_dir, info = slurm_reference
+    assert info["NumNodes"] == "2" and info["Restarts"] == "0"
+    assert (tiny_runs.ckpt(run_dir, tiny_runs.STEPS) / "COMPLETE").is_file()
+    assert not list(cwd.rglob("PWNED*")) and not list(tiny_runs.REPO.glob("PWNED*")), "an argument was run by a shell"
+    node_logs = sorted((cwd / "slurm-logs" / f"dedistill-{job}").glob("attempt0-node*.log"))
+    assert [p.name for p in node_logs] == ["attempt0-node0.log", "attempt0-node1.log"]
+    log = _logs(cwd, job)
+    assert "world=2" in log and "backend=fsdp2-hsdp(2x1)" in log and "fresh start" in log
+    assert "rendezvous 127.0.0.1:" in log  # the first node's NodeAddr, not its (unresolvable) name
+
+
+def test_scontrol_requeue_resumes_bitwise(slurm_cluster, slurm_reference, tiny_model_dir, tiny_data_dir, tmp_path):
+    _, _, ref_dir, _ = slurm_reference
+    run_dir = tmp_path / "requeued"
+    job = _sbatch(slurm_cluster, tmp_path, run_dir, tiny_model_dir, tiny_data_dir)
+    tiny_runs.wait_until(lambda: (tiny_runs.ckpt(run_dir, 2) / "COMPLETE").is_file(), 180, "the first checkpoint")
+    slurm_cluster.cmd("scontrol", "requeue", job)
+    info = _finished(slurm_cluster, job, tmp_path)
+    log = _logs(tmp_path, job)
+    assert info["Restarts"] == "1", log[-6000:]
+    assert "SIGTERM: SLURM is stopping the job" in log and "stop signal: checkpoint saved at step" in log
+    assert "resumed from" in log and "attempt1-node0.log" in log
+    tiny_runs.assert_same_state(tiny_runs.ckpt(ref_dir, tiny_runs.STEPS), tiny_runs.ckpt(run_dir, tiny_runs.STEPS))
+
+
+def test_dedistill_submit_preempted_resumes_bitwise(slurm_cluster, slurm_reference, tiny_model_dir, tiny_data_dir,
+                                                    tmp_path):
+    _, _, ref_dir, _ = slurm_reference
+    run_dir = tmp_path / HOSTILE
+    cmd = [sys.executable, "-m", "launch", "submit", str(tiny_runs.CONFIG), "--nodes", "2", "--name", "tiny; true",
+           "--signal-grace", "30", *tiny_runs.overrides(tiny_model_dir, tiny_data_dir, run_dir)]
+    r = slurm_cluster.cmd(*cmd, cwd=tmp_path, env=tiny_runs.env())
+    assert "slurm job" in r.stdout, r.stdout + r.stderr
+    job = r.stdout.split("slurm job ")[1].split(":")[0]
+    assert slurm_cluster.cmd("squeue", "-h", "-j", job, "-o", "%j").stdout.strip() == "tiny; true"
+
+    tiny_runs.wait_until(lambda: (tiny_runs.ckpt(run_dir, 2) / "COMPLETE").is_file(), 180, "the first checkpoint")
+    # A whole-cluster job in the higher-priority partition preempts ours (PreemptMode=REQUEUE, GraceTime=10).
+    slurm_cluster.cmd("sbatch", "--parsable", "--partition", "high", "--nodes", "2", "--exclusive",
+                      "--output", str(tmp_path / "high-%j.out"), "--wrap", "sleep 1", cwd=tmp_path)
+    info = _finished(slurm_cluster, job, tmp_path, timeout=300)
+    logs = "\n".join(p.read_text(errors="replace") for p in sorted((run_dir / "submitit").rglob("*_log.*")))
+    assert int(info["Restarts"]) >= 1, logs[-6000:]
+    assert "Caught signal SIGUSR1" in logs and "stop signal: checkpoint saved at step" in logs
+    assert "resumed from" in logs
+    assert not list(tmp_path.rglob("PWNED*"))
+    tiny_runs.assert_same_state(tiny_runs.ckpt(ref_dir, tiny_runs.STEPS), tiny_runs.ckpt(run_dir, tiny_runs.STEPS))
+
