@@ -9,8 +9,9 @@ import pytest
 from evals.experiments.proof import load_proof_config, run
 
 
-def test_proof_cpu_preset_parses():
-    cfg = load_proof_config("configs/proof-cpu.yaml")
+@pytest.mark.parametrize("preset", ["configs/proof-cpu.yaml", "configs/proof-gpu.yaml"])
+def test_proof_presets_parse(preset):
+    cfg = load_proof_config(preset)
     assert cfg.eval.steps == [4, 28] and cfg.eval.cfg_scales == [1.0, 2.0, 3.5, 5.0]
     with pytest.raises(ValueError, match="dedistill_adapters"):
         load_proof_config("configs/proof-cpu.yaml", overrides=["dedistill_adapters=[dora]"])

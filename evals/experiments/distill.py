@@ -21,7 +21,7 @@ import torch
 from evals.sampler import SamplerSettings, denoise, initial_noise
 from train.flux import image_ids, pack_latents, predict_velocity
 from train.objective import sampling_sigmas
-from train.text import PromptEmbeds, TextEncoder
+from train.text import TextEncoder
 
 
 @torch.no_grad()
@@ -35,13 +35,13 @@ def teacher_pairs(teacher, text: TextEncoder, prompts: list[str], *, latent_hw: 
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         noise = pack_latents(torch.cat([initial_noise((1, channels, h, w), seed + start + j)
-                                        for j in range(len(chunk))]))
+                                        for j in range(len(chunk))])).to(text.device)
         cond = text.encode(chunk, max_tokens=max_text_tokens)
         uncond = text.encode([""] * len(chunk), max_tokens=max_text_tokens)
         x0 = denoise(teacher, noise, cond, uncond, s, latent_hw=latent_hw, dtype=torch.float32)
         noises.append(noise)
         samples.append(x0)
-    return torch.cat(noises), torch.cat(samples)
+    return torch.cat(noises).float(), torch.cat(samples).float()
 
 
 def reflow(teacher, text: TextEncoder, prompts: list[str], noise: torch.Tensor, x0: torch.Tensor, *,
@@ -64,10 +64,12 @@ def reflow(teacher, text: TextEncoder, prompts: list[str], noise: torch.Tensor, 
         idx = torch.randint(len(x0), (batch_size,), generator=g)
         on_grid = grid[torch.randint(len(grid), (batch_size,), generator=g)]
         t = torch.where(torch.rand(batch_size, generator=g) < 0.5, on_grid, torch.rand(batch_size, generator=g))
+        t = t.to(x0.device)
+        idx = idx.to(x0.device)
         eps, x1 = noise[idx], x0[idx]
         x_t = (1 - t[:, None, None]) * x1 + t[:, None, None] * eps  # (B, N, C*4)
         prompt = embeds.select(idx).trimmed()
-        pred = predict_velocity(student, x_t, t, prompt, ids, masked=True)
+        pred = predict_velocity(student, x_t, t, prompt, ids, masked=True).float()  # fp32 here (the toy's dtype)
         loss = torch.nn.functional.mse_loss(pred, eps - x1)
         opt.zero_grad()
         loss.backward()
@@ -78,5 +80,3 @@ def reflow(teacher, text: TextEncoder, prompts: list[str], noise: torch.Tensor, 
             log(f"[proof] reflow step {step + 1}/{train_steps} loss {sum(history[-20:]) / len(history[-20:]):.4f}")
     return student.eval().requires_grad_(False), history
 
-
-__all__ = ["teacher_pairs", "reflow", "PromptEmbeds"]

@@ -57,22 +57,28 @@ def to_tensor(images) -> torch.Tensor:
 
 
 class Judge(nn.Module):
+    """Input: the image and the image minus its per-channel median (the background, which covers most pixels), so
+    the object stands out as the non-zero pixels; global max- and coarse average-pooling keep a 3-px object's colour
+    and shape from being averaged away, and its grid cell."""
+
     def __init__(self, *, width: int = 32, feat_dim: int = 64):
         super().__init__()
         w = width
-        self.body = nn.Sequential(
-            nn.Conv2d(3, w, 3, padding=1), nn.GELU(),
-            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.GELU(),  # /2
-            nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1), nn.GELU(),  # /4
-            nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1), nn.GELU(),  # /8
-            nn.AdaptiveAvgPool2d(4), nn.Flatten(),  # (B, 2w*16): keeps coarse position
-            nn.Linear(2 * w * 16, feat_dim), nn.GELU(),
+        self.conv = nn.Sequential(
+            nn.Conv2d(6, w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1), nn.ReLU(),  # /2
+            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.ReLU(),  # /4
         )
+        self.fc = nn.Sequential(nn.Linear(4 * w * (9 + 1), feat_dim), nn.ReLU())
         self.heads = nn.ModuleDict({k: nn.Linear(feat_dim, len(v)) for k, v in ATTRS.items()})
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        f = self.body(x)  # (B, feat_dim): the FID features
-        return f, {k: h(f) for k, h in self.heads.items()}
+        bg = x.flatten(2).median(dim=2).values[:, :, None, None]  # (B, 3, 1, 1)
+        h = self.conv(torch.cat([x, x - bg], dim=1))  # (B, 4w, H/4, W/4)
+        pooled = torch.cat([nn.functional.adaptive_avg_pool2d(h, 3).flatten(1), h.amax(dim=(2, 3))], dim=1)
+        f = self.fc(pooled)  # (B, feat_dim): the FID features
+        return f, {k: head(f) for k, head in self.heads.items()}
 
 
 def train_judge(images: torch.Tensor, labels: dict[str, torch.Tensor], *, steps: int, batch_size: int, lr: float,

@@ -274,7 +274,7 @@ def _job(cfg: ProofConfig, *, run_dir: Path, model_path: Path, data: Path, budge
 
     return from_dict(JobConfig, {
         "run_dir": str(run_dir), "seed": cfg.seed,
-        "model": {"path": str(model_path), "dtype": "auto",
+        "model": {"path": str(model_path), "dtype": "fp32",
                   "adapter": {"kind": adapter, "rank": 8, "alpha": 8.0, "lokr_factor": 4}},
         "objective": {"timestep_sampler": "logit_normal", "shift": "none", "caption_dropout": budget.caption_dropout,
                       "max_text_tokens": cfg.max_text_tokens, "attention_mask": True, "trim_text": True},
@@ -333,7 +333,8 @@ def export_pipeline(base: Path, transformer, out: Path) -> Path:
 def load_model(path: Path):
     from train.inference import load_for_inference
 
-    return load_for_inference(path, device=torch.device("cpu"), dtype="fp32")
+    # fp32 everywhere (the toy is small; also on GPU, so CPU and GPU numbers differ only by kernels)
+    return load_for_inference(path, device=torch.device("cuda" if torch.cuda.is_available() else "cpu"), dtype="fp32")
 
 
 # ------------------------------------------------------------------------------------------------------------ eval
