@@ -34,6 +34,7 @@ def reference_run(tiny_model_dir, tiny_data_dir, tmp_path_factory):
 def slurm_cluster(tmp_path_factory):
     """A real local SLURM cluster (munged, slurmctld, two slurmd "nodes"), installed from Debian packages if missing
     (as root) and stopped by PID at the end (tests/slurm_cluster.py). Skips only where it cannot be installed."""
+    import os
     import tempfile
     from pathlib import Path
 
@@ -41,6 +42,8 @@ def slurm_cluster(tmp_path_factory):
 
     reason = ensure_installed()
     if reason:
+        if os.environ.get("DEDISTILL_REQUIRE_SLURM") == "1":  # CI sets it where apt should work: fail, not skip
+            pytest.fail(f"DEDISTILL_REQUIRE_SLURM=1 but SLURM is unavailable: {reason}")
         pytest.skip(f"no SLURM: {reason}")
     base = Path(tempfile.mkdtemp(prefix="dedistill-slurm-"))  # not under pytest's 0700 tmp: munge must enter it
     cluster = LocalSlurmCluster(base)

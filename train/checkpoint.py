@@ -190,6 +190,13 @@ class CheckpointManager:
         """Loads DCP entries into `state` in place; restores this rank's RNG; returns its per-rank extras."""
         if not is_complete(path):
             raise ValueError(f"checkpoint '{path}' is incomplete (no {MARKER} marker)")
+        saved_world = json.loads((path / MARKER).read_text()).get("world_size")
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if saved_world is not None and saved_world != world:
+            raise ValueError(
+                f"checkpoint '{path}' was written by {saved_world} processes, this run has {world}: resume with the "
+                f"same number (RNG and data-loader position are per rank)"
+            )
         safe_load(state, path)
         rank_file = path / f"rank_{self.rank:05d}.pt"
         if not rank_file.is_file():
