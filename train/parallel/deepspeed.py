@@ -70,6 +70,13 @@ def _import_deepspeed(device: torch.device):
         raise ValueError(
             f"parallel.backend: deepspeed is not installed ({e}); pip install 'dedistill[deepspeed]' or use fsdp2"
         ) from None
+    if device.type == "cpu":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel with g++ on first use (minutes on a
+        # small machine) that only its inference all-reduce uses; training collectives go through torch.distributed.
+        import importlib
+
+        # (import_module: the attribute `deepspeed.comm.torch` is the torch package, shadowing the submodule)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     return deepspeed
 
 
