@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import shutil
 import sys
@@ -424,6 +425,23 @@ def convert_part(
     return rep
 
 
+def _worker_context():
+    """fork when this process runs no other thread (the CLI): a worker starts in milliseconds, where spawn would
+    re-import torch via streaming for seconds. With threads alive (a notebook, a test session with live streaming
+    loaders) a forked child can inherit a lock held mid-use and hang, so then a forkserver with this module
+    preloaded: a clean, single-threaded parent to fork from, paid for once per process."""
+    import threading
+
+    methods = mp.get_all_start_methods()
+    if "fork" in methods and threading.active_count() == 1:
+        return mp.get_context("fork")
+    if "forkserver" in methods:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+        return ctx
+    return mp.get_context("spawn")
+
+
 def _worker_main(args: dict, counter) -> None:
     def progress(n: int) -> None:
         with counter.get_lock():
@@ -479,24 +497,26 @@ def convert(
     jobs = [dict(source=source, out=out, kind=kind, opts=opts, slice_index=shard_index, num_slices=num_shards,
                  worker=j, workers=workers) for j in range(workers)]
     t0 = time.perf_counter()
-    bar = None
-    if progress_bar:
+    def new_bar():
+        if not progress_bar:
+            return None
         from tqdm import tqdm
 
-        bar = tqdm(desc=f"convert {source.name}", unit=" samples", file=sys.stderr, dynamic_ncols=True)
+        return tqdm(desc=f"convert {source.name}", unit=" samples", file=sys.stderr, dynamic_ncols=True)
+
     if workers == 1:
+        bar = new_bar()
         reports = [convert_part(**jobs[0], progress=bar.update if bar else None)]
     else:
-        # fork starts a worker in milliseconds (spawn re-imports torch via streaming: seconds per worker). Safe here:
-        # the parent has run no torch op and holds no CUDA context or locks a child could inherit mid-use.
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        ctx = _worker_context()
         counter = ctx.Value("q", 0)
         procs = [ctx.Process(target=_worker_main, args=(job, counter), daemon=True) for job in jobs]
         for p in procs:
             p.start()
+        bar = new_bar()  # after the workers started: tqdm's monitor thread would make fork unsafe
         shown = 0
         while any(p.is_alive() for p in procs):
-            time.sleep(0.2)
+            mp.connection.wait([p.sentinel for p in procs if p.is_alive()], timeout=0.2)  # wakes when one ends
             if bar is not None and counter.value > shown:
                 bar.update(counter.value - shown)
                 shown = counter.value
