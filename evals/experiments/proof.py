@@ -195,7 +195,7 @@ def stage_judge(cfg: ProofConfig, out: Path, world: dict):
     _, preds = judge_images(judge, test_x)
     acc = accuracy(preds, test_y)
     log(f"[proof] judge held-out accuracy on real images: {json.dumps({k: round(v, 3) for k, v in acc.items()})}")
-    return judge, acc, test_x
+    return judge, acc, test_x, test_y
 
 
 def stage_vae(cfg: ProofConfig, out: Path, judge, test_x: torch.Tensor) -> tuple[Path, dict]:
@@ -204,7 +204,7 @@ def stage_vae(cfg: ProofConfig, out: Path, judge, test_x: torch.Tensor) -> tuple
 
     from dataset_tools.tiny_data import atomic_output_dir, iter_samples
     from dataset_tools.tiny_model import TINY_SIZES, build_tiny_pipeline
-    from evals.experiments.judge import ATTRS, accuracy, judge_images, to_tensor
+    from evals.experiments.judge import judge_images, to_tensor
 
     pipe_dir = out / "pipeline"
     v = cfg.vae
@@ -263,8 +263,7 @@ def stage_vae(cfg: ProofConfig, out: Path, judge, test_x: torch.Tensor) -> tuple
         lat = vae.encode(test_x).latent_dist.mean
         rec = vae.decode(lat).sample.clamp(-1, 1)
     mse = float(torch.nn.functional.mse_loss(rec, test_x))  # on [-1, 1]
-    _, preds = judge_images(judge, rec)
-    from evals.experiments.judge import labels_of  # noqa: F401  (labels come from stage_judge's test set)
+    _, preds = judge_images(judge, rec)  # scored against stage_judge's test labels by the caller
     stats = {"mse": mse, "psnr_db": float(10 * np.log10(4.0 / mse))}
     return pipe_dir, stats, preds
 
@@ -453,10 +452,9 @@ def run(cfg: ProofConfig) -> dict:
     world = stage_world(cfg, out)
     log(f"[proof] world: {cfg.n_train} training samples, {len(world['eval_prompts'])} held-out eval prompts")
     lap("world")
-    judge, judge_acc, test_x = stage_judge(cfg, out, world)
+    judge, judge_acc, test_x, test_y = stage_judge(cfg, out, world)
     lap("judge")
     pipe_dir, vae_stats, rec_preds = stage_vae(cfg, out, judge, test_x)
-    from evals.experiments.judge import ATTRS, labels_of, single_object_samples  # noqa: F401
     log(f"[proof] vae held-out reconstruction: {vae_stats}")
     lap("vae")
 
@@ -499,12 +497,10 @@ def run(cfg: ProofConfig) -> dict:
     lap("eval")
     table = summarise(rows, cfg)
     plot(rows, cfg, out / "cfg_curve.png")
-    labels = {k: torch.tensor([labels_of(a)[k] for a in [a for _, a in single_object_samples(
-        cfg.judge.n_test, size=cfg.resolution, seed=cfg.seed + 20_000)]]) for k in ATTRS}
     from evals.experiments.judge import accuracy
 
     results = {"config": to_dict(cfg), "judge_heldout_accuracy": judge_acc, "vae": vae_stats,
-               "judge_accuracy_on_vae_reconstructions": accuracy(rec_preds, labels), "rows": rows,
+               "judge_accuracy_on_vae_reconstructions": accuracy(rec_preds, test_y), "rows": rows,
                "timings_s": timings, "torch_threads": torch.get_num_threads(),
                "device": "cuda" if torch.cuda.is_available() else "cpu"}
     (out / "results.json").write_text(json.dumps(results, indent=2))
