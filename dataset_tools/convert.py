@@ -552,6 +552,8 @@ def convert(
 
 def find_parts(root: Path) -> list[Path]:
     """Finished parts of a conversion, checked for a consistent, complete set of slices and workers."""
+    if not root.is_dir():
+        raise ValueError(f"{root}: not a directory")
     dirs = sorted(p for p in root.glob("part-*") if p.is_dir())
     if not dirs:
         raise ValueError(f"{root}: no part-* directories (nothing converted here yet)")

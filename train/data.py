@@ -167,6 +167,7 @@ def _train_samples_class():
         def __init__(self, *, cfg: DataConfig, layout: dict | None, **kwargs):
             super().__init__(**kwargs)
             self.cfg = cfg
+            self.layout = layout
             self.kind = "raw" if layout is None else layout["kind"]
             self.sizes = None if layout is None else {b["id"]: (b["width"], b["height"]) for b in layout["buckets"]}
             self.store_dtype = layout["precompute"]["dtype"] if self.kind == "precomputed" else None
@@ -371,15 +372,14 @@ def _usable_buckets(buckets: list[dict], batch_size: int) -> list[dict]:
     return usable
 
 
-def build_loader(cfg: DataConfig, *, batch_size: int, max_text_tokens: int | None = None):
+def build_loader(cfg: DataConfig, *, batch_size: int):
     """StreamingDataLoader: a torch DataLoader whose state_dict() records the position in the stream."""
     from streaming import StreamingDataLoader
 
     dataset = build_dataset(cfg, batch_size=batch_size)
     collate = Collate()
     if dataset.kind == "precomputed":
-        layout = read_layout(cfg)
-        collate = Collate(_empty_prompt(cfg), layout["precompute"]["max_text_tokens"])
+        collate = Collate(_empty_prompt(cfg), dataset.layout["precompute"]["max_text_tokens"])
     return StreamingDataLoader(
         dataset,
         batch_size=batch_size,
