@@ -26,7 +26,7 @@ import torch.distributed as dist
 from train.adapters import trainable_named_parameters
 from train.config import ParallelConfig
 from train.parallel import StepConfig, StepResult
-from train.parallelize import DistInfo
+from train.parallelize import DistInfo, apply_activation_checkpointing
 
 
 def deepspeed_config(cfg: ParallelConfig, step: StepConfig, *, compute_dtype: torch.dtype, world_size: int) -> dict:
@@ -97,7 +97,8 @@ class DeepSpeedBackend:
             raise ValueError("parallel.hsdp: only with parallel.backend=fsdp2 (DeepSpeed shards over all ranks)")
         deepspeed = _import_deepspeed(info.device)
         if step.activation_checkpointing:
-            transformer.enable_gradient_checkpointing()
+            # the FSDP2 path's block wrapper (names unchanged); config.py admits only ac_policy=full here
+            apply_activation_checkpointing(transformer, cfg.ac_policy)
         self.stage = cfg.zero_stage
         self.names = [n for n, _ in trainable_named_parameters(transformer)]
         params = [p for _, p in trainable_named_parameters(transformer)]
