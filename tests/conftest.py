@@ -21,12 +21,19 @@ def tiny_data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference_run(tiny_model_dir, tiny_data_dir, tmp_path_factory):
-    """The uninterrupted tiny run every resume/backend test compares with: torchrun, 2 gloo ranks, FSDP2,
-    6 steps, a checkpoint every 2 (tests/tiny_runs.py)."""
+    """The uninterrupted tiny run every resume/backend test compares with: 2 gloo ranks, FSDP2, 6 steps, a checkpoint
+    every 2 (tests/tiny_runs.py). Started with `dedistill submit --cluster local` (submitit's local executor ->
+    launch.torchrun --standalone), the path users without SLURM take; the tests that compare plain torchrun runs
+    with it bitwise also check that this path trains exactly the same job."""
+    import sys
+
     import tiny_runs
 
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    tiny_runs.train(tiny_model_dir, tiny_data_dir, run_dir)
+    cmd = [sys.executable, "-m", "launch", "submit", str(tiny_runs.CONFIG), "--cluster", "local",
+           "--nproc-per-node", "2", *tiny_runs.overrides(tiny_model_dir, tiny_data_dir, run_dir)]
+    r = tiny_runs.run(cmd)
+    assert "local job" in r.stdout and "'finished': True" in r.stdout, r.stdout[-2000:]
     return run_dir
 
 
