@@ -162,6 +162,19 @@ def test_other_sbatch_scripts_pass_arguments_verbatim(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     argv = (tmp_path / "srun.argv").read_text().split("\0")[:-1]
     assert argv[-len(HOSTILE) - 1:] == ["eval", *HOSTILE]
+    # convert_array.sbatch runs python itself (no srun): a fake PYTHON records what it gets
+    fake_python = tmp_path / "fakebin" / "python"
+    fake_python.write_text('#!/bin/bash\nprintf \'%s\\0\' "$@" > "$FAKE_DIR/python.argv"\n')
+    fake_python.chmod(0o755)
+    env_array = {**env, "PYTHON": str(fake_python), "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "8"}
+    r = subprocess.run(["bash", str(REPO / "slurm" / "convert_array.sbatch"), "--source", "my dir; rm -rf x", "--out",
+                        "$(touch PWNED)"], cwd=tmp_path, env=env_array, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    argv = (tmp_path / "python.argv").read_text().split("\0")[:-1]
+    assert argv == ["-u", "-m", "dataset_tools", "data", "convert", "--source", "my dir; rm -rf x", "--out",
+                    "$(touch PWNED)", "--shard-index", "3", "--num-shards", "8", "--no-progress"]
+    assert not list(tmp_path.rglob("PWNED*"))
+
     for script in ("train.sbatch", "eval.sbatch", "convert_array.sbatch"):
         text = (REPO / "slurm" / script).read_text()
         assert subprocess.run(["bash", "-n", str(REPO / "slurm" / script)]).returncode == 0
