@@ -437,7 +437,7 @@ def _worker_context():
         return mp.get_context("fork")
     if "forkserver" in methods:
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])
+        ctx.set_forkserver_preload([__name__, "streaming", "PIL.Image"])  # what a worker imports
         return ctx
     return mp.get_context("spawn")
 
