@@ -70,12 +70,12 @@ def standalone_torchrun_args(nproc_per_node: int) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # The agent installs its own handlers when it starts the workers, for the signals named here (default
-    # SIGTERM,SIGINT,SIGHUP,SIGQUIT): leave SIGTERM out so the SIG_IGN above stays in force; Ctrl-C still stops it.
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
+    # The agent installs its own handlers when it starts the workers, for the signals in --signals-to-handle
+    # (default SIGTERM,SIGINT,SIGHUP,SIGQUIT): leave SIGTERM out so the SIG_IGN above stays; Ctrl-C still stops it.
     from torch.distributed.run import main as torchrun_main
 
-    torchrun_main(sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else list(argv)
+    torchrun_main(["--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", *args])
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ When the binaries are missing and we are root with apt, `ensure_installed()` ins
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -74,6 +75,7 @@ def _free_ports(n: int) -> list[int]:
 
 SLURM_CONF = """\
 ClusterName=dedistilltest
+FirstJobId={first_job_id}
 SlurmctldHost=localhost
 SlurmUser=root
 SlurmdUser=root
@@ -162,6 +164,7 @@ class LocalSlurmCluster:
         self.conf.write_text(
             SLURM_CONF.format(
                 base=base, ctld_port=ctld_port, nodes=self.nodes, node_port_lo=node_lo,
+                first_job_id=random.randrange(1000, 900_000),  # clusters started side by side get distinct ids
                 node_port_hi=node_lo + self.nodes - 1, cpus=self.cpus, cred_expire=self.cred_expire,
             )
         )

@@ -105,3 +105,39 @@ def test_train_sbatch_requeues_itself_on_usr1_and_leaves_sigterm_to_slurm(tmp_pa
         assert (work / "srun.signals").read_text().split() == [sig.name.removeprefix("SIG")], out
         if sig == signal.SIGUSR1:
             assert (work / "scancel.log").read_text().split() == ["--signal=USR1", "1234"]
+
+
+WORKER = """
+import os, signal, sys, time
+def stop(signum, frame):
+    time.sleep(1.0)  # a checkpoint being written
+    open(sys.argv[1] + "." + signal.Signals(signum).name, "w").close()
+    sys.exit(0)
+signal.signal(signal.SIGUSR1, stop)
+signal.signal(signal.SIGTERM, stop)
+open(sys.argv[1] + ".ready", "w").close()
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
+def test_launch_torchrun_agent_outlives_the_workers_checkpoint(tmp_path, sig):
+    """SLURM signals every process of a step. Stock torchrun dies on USR1 and, on TERM, kills its workers; the agent
+    of `python -m launch.torchrun` ignores both, so the worker finishes its 'checkpoint' and everything exits 0."""
+    import os
+    import sys
+
+    script, marker = tmp_path / "worker.py", tmp_path / "w"
+    script.write_text(WORKER)
+    proc = subprocess.Popen([sys.executable, "-m", "launch.torchrun", "--standalone", "--nproc-per-node=1",
+                             str(script), str(marker)], cwd=tiny_runs.REPO, env=tiny_runs.env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        tiny_runs.wait_until(lambda: marker.with_suffix(".ready").exists(), 120, "the worker")
+        tiny_runs.signal_tree(proc, sig)  # agent and worker, as SLURM does
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            tiny_runs.kill_tree(proc)
+    assert proc.returncode == 0, out[-3000:]
+    assert os.path.exists(f"{marker}.{sig.name}"), out[-3000:]

@@ -2,8 +2,8 @@
 
 1. `sbatch --nodes 2 slurm/train.sbatch CONFIG ...` finishes; its step-6 checkpoint is the reference for the others.
    The run dir contains spaces, `;` and `$(...)`: arguments reach the training verbatim, no shell runs them.
-2. The same job, `scontrol requeue`d after its first checkpoint: SIGTERM -> checkpoint -> requeue -> resume, and every
-   tensor equals the reference.
+2. The same job, `scontrol requeue`d once training runs: SIGTERM -> checkpoint -> requeue -> resume, and every tensor
+   equals the reference.
 3. `dedistill submit --nodes 2` (submitit) of the same run, preempted by a job in the higher-priority partition: USR1
    -> checkpoint -> requeue -> resume, equal to the reference (without HSDP: on 2 x 1 ranks HSDP's arithmetic is
    FSDP's, bitwise).
@@ -27,13 +27,27 @@ def _sbatch(cluster, cwd, run_dir, model, data, **extra) -> str:
     args = tiny_runs.overrides(model, data, run_dir, **{"parallel.hsdp": "true", **extra})
     # PYTHON: the job inherits this environment, but pytest may run from an unactivated venv
     r = cluster.cmd("sbatch", "--parsable", "--nodes", "2", str(SBATCH), str(tiny_runs.CONFIG), *args, cwd=cwd,
-                    env=tiny_runs.env(PYTHON=sys.executable))
+                    env=_job_env(PYTHON=sys.executable))
     return r.stdout.strip().split(";")[0]
+
+
+def _job_env(**extra) -> dict:
+    """The environment jobs inherit. RDZV_PORT: a free port rather than 29500 + job id, so that test sessions
+    running side by side on one machine (each with its own cluster) never share a rendezvous port."""
+    from slurm_cluster import _free_ports
+
+    return tiny_runs.env(RDZV_PORT=str(_free_ports(1)[0]), **extra)
 
 
 def _logs(cwd, job_id) -> str:
     files = sorted((cwd / "slurm-logs").glob(f"*-{job_id}/*.log")) + sorted(cwd.glob(f"*-{job_id}.out"))
     return "\n".join(f"==> {f.name}\n{f.read_text(errors='replace')}" for f in files)
+
+
+def _training_started(log_glob) -> bool:
+    """Rank 0 printed its start line: every rank's SIGTERM/USR1 handler is installed by then (it is installed before
+    setup), so a signal from now on checkpoints instead of killing; and the 6 steps are still ahead."""
+    return any("fresh start" in p.read_text(errors="replace") for p in log_glob())
 
 
 def _finished(cluster, job_id, cwd, timeout=240) -> dict:
@@ -67,12 +81,14 @@ def test_scontrol_requeue_resumes_bitwise(slurm_cluster, slurm_reference, tiny_m
     _, _, ref_dir, _ = slurm_reference
     run_dir = tmp_path / "requeued"
     job = _sbatch(slurm_cluster, tmp_path, run_dir, tiny_model_dir, tiny_data_dir)
-    tiny_runs.wait_until(lambda: (tiny_runs.ckpt(run_dir, 2) / "COMPLETE").is_file(), 180, "the first checkpoint")
+    logs = lambda: (tmp_path / "slurm-logs").glob(f"*-{job}/attempt0-node*.log")  # noqa: E731
+    tiny_runs.wait_until(lambda: _training_started(logs), 180, "training to start")
     slurm_cluster.cmd("scontrol", "requeue", job)
     info = _finished(slurm_cluster, job, tmp_path)
     log = _logs(tmp_path, job)
     assert info["Restarts"] == "1", log[-6000:]
     assert "SIGTERM: SLURM is stopping the job" in log and "stop signal: checkpoint saved at step" in log
+    assert "SignalException" not in log  # the torchrun agents ignored the SIGTERM and waited for the save
     assert "resumed from" in log and "attempt1-node0.log" in log
     tiny_runs.assert_same_state(tiny_runs.ckpt(ref_dir, tiny_runs.STEPS), tiny_runs.ckpt(run_dir, tiny_runs.STEPS))
 
@@ -83,12 +99,13 @@ def test_dedistill_submit_preempted_resumes_bitwise(slurm_cluster, slurm_referen
     run_dir = tmp_path / HOSTILE
     cmd = [sys.executable, "-m", "launch", "submit", str(tiny_runs.CONFIG), "--nodes", "2", "--name", "tiny; true",
            "--signal-grace", "30", *tiny_runs.overrides(tiny_model_dir, tiny_data_dir, run_dir)]
-    r = slurm_cluster.cmd(*cmd, cwd=tmp_path, env=tiny_runs.env())
+    r = slurm_cluster.cmd(*cmd, cwd=tmp_path, env=_job_env())
     assert "slurm job" in r.stdout, r.stdout + r.stderr
     job = r.stdout.split("slurm job ")[1].split(":")[0]
     assert slurm_cluster.cmd("squeue", "-h", "-j", job, "-o", "%j").stdout.strip() == "tiny; true"
 
-    tiny_runs.wait_until(lambda: (tiny_runs.ckpt(run_dir, 2) / "COMPLETE").is_file(), 180, "the first checkpoint")
+    task_logs = lambda: (run_dir / "submitit").glob(f"{job}/*_log.out")  # noqa: E731
+    tiny_runs.wait_until(lambda: _training_started(task_logs), 180, "training to start")
     # A whole-cluster job in the higher-priority partition preempts ours (PreemptMode=REQUEUE, GraceTime=10).
     slurm_cluster.cmd("sbatch", "--parsable", "--partition", "high", "--nodes", "2", "--exclusive",
                       "--output", str(tmp_path / "high-%j.out"), "--wrap", "sleep 1", cwd=tmp_path)
