@@ -42,6 +42,7 @@ def slurm_cluster(tmp_path_factory):
     """A real local SLURM cluster (munged, slurmctld, two slurmd "nodes"), installed from Debian packages if missing
     (as root) and stopped by PID at the end (tests/slurm_cluster.py). Skips only where it cannot be installed."""
     import os
+    import shutil
     import tempfile
     from pathlib import Path
 
@@ -59,3 +60,5 @@ def slurm_cluster(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+        if not os.environ.get("DEDISTILL_KEEP_SLURM"):  # set it to keep the logs and state for a post-mortem
+            shutil.rmtree(base, ignore_errors=True)
