@@ -55,6 +55,11 @@ def _rank_main(rank: int, world: int, port: int, jobs: list[dict], result_path: 
         del batches, loader
     Path(f"{result_path}.{rank}").write_text(json.dumps(results))
     torch.distributed.destroy_process_group()
+    # A multiprocessing child ends in os._exit, skipping atexit, where streaming unlinks its shared memory: run the
+    # handlers now, or every run of this test leaves segments in /dev/shm.
+    import atexit
+
+    atexit._run_exitfuncs()
 
 
 def run_pair(jobs: list[dict], tmp: Path, name: str) -> list[list[dict]]:
