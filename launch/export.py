@@ -109,7 +109,9 @@ def _save_lora(transformer: torch.nn.Module, out: Path, dtype: torch.dtype) -> N
 def register(sub) -> None:
     s = sub.add_parser(
         "export", help="a checkpoint as a diffusers pipeline dir (adapter merged) or a diffusers-loadable LoRA",
-        description=__doc__.split("\n\n")[1] if __doc__ else None,
+        description="Consolidated safetensors of a checkpoint. --format diffusers: a full pipeline dir, the adapter "
+        "merged into the transformer (LoRA, LoKr or full fine-tune), that FluxPipeline.from_pretrained loads. "
+        "--format lora: a LoRA adapter for FluxPipeline.load_lora_weights (LoRA runs only; export LoKr merged).",
     )
     s.add_argument("--checkpoint", required=True, help="checkpoint dir (step_N) or run dir (its newest checkpoint)")
     s.add_argument("--out", required=True, help="output directory (new or empty)")
