@@ -90,14 +90,6 @@ def test_no_unsafe_deserialisation_in_our_code():
                 offenders.append(f"{path.relative_to(REPO)}:{i}: {line.strip()}")
     # the one allowed unpickler: DCP metadata, restricted to DCP's own classes
     offenders = [o for o in offenders if not o.startswith("train/checkpoint.py") or "_MetadataUnpickler" not in o]
-    # Known, reported to its owner (the toy proof reloads the judge.pt it wrote itself): listed here so that any
-    # new offender still fails this test. Remove the entry once it loads with weights_only=True.
-    known = [o for o in offenders if o.startswith("evals/experiments/proof.py:") and "torch.load(path)" in o]
-    if known:
-        import warnings
-
-        warnings.warn("known unsafe torch.load, reported: " + "; ".join(known))
-    offenders = [o for o in offenders if o not in known]
     assert not offenders, "unsafe deserialisation:\n" + "\n".join(offenders)
 
 

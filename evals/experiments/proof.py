@@ -180,7 +180,7 @@ def stage_judge(cfg: ProofConfig, out: Path, world: dict):
     test_y = {k: torch.tensor([labels_of(a)[k] for _, a in test]) for k in ATTRS}
     if path.exists():
         judge = Judge(width=j.width, feat_dim=j.feat_dim)
-        judge.load_state_dict(torch.load(path))
+        judge.load_state_dict(torch.load(path, weights_only=True))
         judge.eval().requires_grad_(False)
     else:
         t0 = time.time()
