@@ -12,6 +12,7 @@ from train.adapters import (
     trainable_named_parameters,
 )
 from train.config import AdapterConfig
+from tiny_nets import tiny_transformer
 
 DOUBLE_SUFFIXES = [
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
@@ -22,23 +23,6 @@ SINGLE_SUFFIXES = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out"
 EXPECTED = sorted(
     [f"transformer_blocks.1.{s}" for s in DOUBLE_SUFFIXES] + [f"single_transformer_blocks.0.{s}" for s in SINGLE_SUFFIXES]
 )
-
-
-def tiny_transformer(seed=0):
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(seed)
-    m = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
-        axes_dims_rope=(4, 6, 6),
-    ).eval()
-    # Randomise the zero-initialised output layers, or every output is zero and equalities prove nothing.
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.02)
-    return m
 
 
 def inputs(seed=1, batch=2, text_len=5, hw=4):

@@ -5,23 +5,7 @@ import torch
 
 from train.flux import image_ids, joint_attention_mask, pack_latents, predict_velocity, unpack_latents
 from train.text import PromptEmbeds
-
-
-def tiny_transformer(seed=0):
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(seed)
-    m = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
-        axes_dims_rope=(4, 6, 6),
-    ).eval()
-    # Randomise the zero-initialised output layers, or every forward is trivially zero and proves nothing.
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.02)
-    return m
+from tiny_nets import tiny_transformer
 
 
 def inputs(text_len=5, pad_to=12, batch=2, seed=1):
