@@ -9,12 +9,15 @@ DEMO_DIR ?= demo
 
 install: $(STAMP)
 
+# setuptools' editable-install notice is silenced (it warns that ./train shadows the installed train, which is the
+# point of an editable install); everything else pip or the build prints still shows.
 # constraints.txt pins every package to a set that was resolved and tested together (torch 2.14.1 + torchvision
 # 0.29.1: mosaicml-streaming imports torchvision, and PyPI's torchvision does not import beside a CPU-only torch).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24"
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	@echo "installing the pinned set into $(VENV) (first run only: a few minutes, ~7 GB)"
+	PYTHONWARNINGS="ignore:Editable installation:UserWarning" $(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
