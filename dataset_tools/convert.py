@@ -506,7 +506,8 @@ def convert(
 
     if workers == 1:
         bar = new_bar()
-        reports = [convert_part(**jobs[0], progress=bar.update if bar else None)]
+        # `is not None`: a tqdm without a total has no truth value (bool(bar) raises TypeError)
+        reports = [convert_part(**jobs[0], progress=bar.update if bar is not None else None)]
     else:
         ctx = _worker_context()
         counter = ctx.Value("q", 0)
