@@ -9,10 +9,11 @@ from pathlib import Path
 
 def register(sub) -> None:
     from evals import fid
+    from launch.cli import allow_intermixed
 
     s = sub.add_parser(
         "eval", help="run an eval suite on checkpoints or model dirs (FID, CLIP score, CFG grids, plots)",
-        description="Without --out, each --checkpoint must belong to a run: results go to <run_dir>/evals/step_N/, "
+        description="Without --out, each --checkpoint must belong to a run: results go to <run_dir>/evals/step_N/<suite>/, "
         "its TensorBoard and plots. With --out, every --checkpoint (checkpoint, run dir or diffusers dir, e.g. "
         "FLUX.1-schnell) is evaluated into DIR and compared in DIR/report.md. Under torchrun the prompts are split "
         "across ranks (each rank holds a full copy of the model).",
@@ -24,6 +25,7 @@ def register(sub) -> None:
     s.add_argument("--out", default=None, metavar="DIR", help="write a comparison report (report.md + plots) here")
     s.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     s.set_defaults(func=cmd_eval)
+    allow_intermixed(s)  # `eval SUITE --checkpoint X key=value` as well as `eval SUITE key=value --checkpoint X`
     fid.register(sub)
 
 

@@ -2,22 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
-
-
-class _IntermixedParser(argparse.ArgumentParser):
-    """Positionals (the overrides) may come after options; argparse's intermixed parsing, used as a subparser."""
-
-    _inside = False
-
-    def parse_known_args(self, args=None, namespace=None):
-        if self._inside:  # parse_known_intermixed_args calls back into parse_known_args
-            return super().parse_known_args(args, namespace)
-        self._inside = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._inside = False
+from launch.cli import allow_intermixed
 
 
 def register(sub) -> None:
@@ -50,7 +35,7 @@ def register(sub) -> None:
     s.add_argument("--wait", action="store_true", help="block until the job has finished (always for local)")
     s.set_defaults(func=cmd_submit)
     # `dedistill submit CONFIG --nodes 2 a.b=1`: overrides may follow the options (plain argparse would refuse them).
-    s.__class__ = _IntermixedParser
+    allow_intermixed(s)
 
 
 def cmd_submit(a) -> None:

@@ -375,3 +375,18 @@ def test_job_mode_submits_and_training_does_not_wait(tiny_model_dir, tiny_data_d
     assert "clip.model: model dir not found" in error.read_text()
     assert list((run / "evals" / "submitit").glob("*_log.*")), "submitit wrote no job logs"
     assert time.perf_counter() - t0 < 150
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "tiny", "num_samples=2", "sampling.steps=[2]", "--checkpoint", "CKPT", "--out", "OUT"],
+    ["eval", "tiny", "--checkpoint", "CKPT", "num_samples=2", "--out", "OUT", "sampling.steps=[2]"],
+    ["eval", "--checkpoint", "CKPT", "tiny", "num_samples=2", "sampling.steps=[2]", "--out", "OUT"],
+])
+def test_eval_takes_overrides_before_or_after_the_options(argv):
+    """`dedistill eval SUITE --checkpoint X key=value` parses like `submit`: overrides anywhere."""
+    from launch.cli import _load_extensions, build_parser
+
+    _load_extensions()
+    a = build_parser().parse_args(argv)
+    assert (a.suite, a.overrides, a.checkpoint, a.out) == ("tiny", ["num_samples=2", "sampling.steps=[2]"],
+                                                           ["CKPT"], "OUT")
