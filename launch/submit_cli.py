@@ -11,7 +11,8 @@ def register(sub) -> None:
         help="submit the training job (and, with eval.mode=job, its eval jobs) to SLURM via submitit",
         description="Submits `dedistill train CONFIG` as a SLURM job: one torchrun per node, c10d rendezvous on the "
         "first node, requeued on time limit/preemption and resumed from the newest checkpoint. Without sbatch on "
-        "PATH it runs locally (1 node) and waits. Job files and logs: <run_dir>/submitit/<job id>/.",
+        "PATH (or with --cluster local) it runs on this machine (1 node) and waits. Job files and logs: "
+        "<run_dir>/submitit/.",
     )
     s.add_argument("config", help="YAML config path or preset name (configs/)")
     s.add_argument("overrides", nargs="*", help="a.b=value overrides")
