@@ -172,6 +172,10 @@ def resolve_job(config: str, overrides: list[str]) -> tuple[str, list[str], obje
     cfg = load_config(path, overrides)
     absolutize_paths(cfg)
     check_model_dir(cfg.model.path)
+    if cfg.eval.every_steps > 0:  # an eval that could never run fails here, not hours into the job
+        from evals.periodic import check_suite_for_run
+
+        check_suite_for_run(cfg)
     if _CONTROL.search(cfg.run_dir):
         raise ValueError(f"run_dir: {cfg.run_dir!r} contains a control character (newline, tab, ...)")
     pinned_keys = ("model.path=", "run_dir=", "data.local=")

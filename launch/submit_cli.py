@@ -51,7 +51,7 @@ def cmd_submit(a) -> None:
     print(f"[dedistill submit] {cluster} job {job.job_id}: {opts.nodes} node(s) x {opts.procs_per_node} process(es)")
     print(f"  run dir : {cfg.run_dir}")
     print(f"  logs    : {job.paths.stdout.parent}")
-    if cfg.eval.every_steps and cfg.eval.mode == "job":
+    if cfg.eval.every_steps > 0 and cfg.eval.suite and cfg.eval.mode == "job":
         print(f"  evals   : one job per {cfg.eval.every_steps} steps, submitted by the training job")
     if a.wait or cluster != "slurm":
         result = wait_for(job)
