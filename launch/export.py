@@ -48,6 +48,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, fmt: str = "di
                       ema: bool = False) -> Path:
     from train.adapters import merge_adapter
     from train.inference import resolve_checkpoint
+    from train.model import cast_model
 
     if fmt not in ("diffusers", "lora"):
         raise ValueError(f"--format: {fmt!r} is not one of diffusers, lora")
@@ -72,7 +73,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, fmt: str = "di
         _save_lora(transformer, out, _DTYPES[dtype])
     else:
         merge_adapter(transformer)  # in fp32, then cast once
-        transformer.to(_DTYPES[dtype]).save_pretrained(str(out / "transformer"), safe_serialization=True)
+        cast_model(transformer, _DTYPES[dtype]).save_pretrained(str(out / "transformer"), safe_serialization=True)
         _copy_components(Path(cfg.model.path), out)
     (out / "dedistill_export.json").write_text(json.dumps({
         "checkpoint": str(ckpt), "step": step, "adapter": kind, "format": fmt, "dtype": dtype, "ema": ema,
