@@ -260,6 +260,12 @@ def test_exif_rotation_swaps_width_and_height():
     buf = io.BytesIO()
     img.save(buf, format="JPEG", exif=exif)
     assert check_image(buf.getvalue(), min_size=8) == ("JPEG", 40, 80)
+    # any format: a PNG's eXIf chunk counts too, so the recorded size is the one train.images.open_rgb decodes
+    from train.images import open_rgb
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", exif=exif)
+    assert check_image(buf.getvalue(), min_size=8) == ("PNG", 40, 80) and open_rgb(buf.getvalue()).size == (40, 80)
 
 
 def test_cli_errors_are_one_line_and_nothing_converted_fails(tmp_path, capsys):
