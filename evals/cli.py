@@ -9,7 +9,6 @@ from pathlib import Path
 
 def register(sub) -> None:
     from evals import fid
-    from launch.cli import allow_intermixed
 
     s = sub.add_parser(
         "eval", help="run an eval suite on checkpoints or model dirs (FID, CLIP score, CFG grids, plots)",
@@ -25,7 +24,6 @@ def register(sub) -> None:
     s.add_argument("--out", default=None, metavar="DIR", help="write a comparison report (report.md + plots) here")
     s.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     s.set_defaults(func=cmd_eval)
-    allow_intermixed(s)  # `eval SUITE --checkpoint X key=value` as well as `eval SUITE key=value --checkpoint X`
     fid.register(sub)
 
 

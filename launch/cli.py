@@ -210,8 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     for extra in _EXTENSIONS:
         extra(sub)
+    for name in _INTERMIXED:  # `submit CONFIG --nodes 2 a.b=1`, `eval SUITE --checkpoint X a.b=1`
+        if name in sub.choices:
+            allow_intermixed(sub.choices[name])
     return p
 
+
+# Commands whose key=value overrides may come before or after their options (registered by other packages).
+_INTERMIXED = ("submit", "eval")
 
 # Other packages register their subcommands here (data, submit, eval, fid, export) without editing this file's body.
 _EXTENSIONS: list = []

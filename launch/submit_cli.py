@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from launch.cli import allow_intermixed
-
 
 def register(sub) -> None:
     s = sub.add_parser(
@@ -35,8 +33,6 @@ def register(sub) -> None:
                    help="default: slurm when sbatch is on PATH, else local")
     s.add_argument("--wait", action="store_true", help="block until the job has finished (always for local)")
     s.set_defaults(func=cmd_submit)
-    # `dedistill submit CONFIG --nodes 2 a.b=1`: overrides may follow the options (plain argparse would refuse them).
-    allow_intermixed(s)
 
 
 def cmd_submit(a) -> None:
