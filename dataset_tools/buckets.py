@@ -35,13 +35,23 @@ from dataset_tools.report import Skip, SkipLog, merge_reports, write_json_atomic
 LAYOUT_VERSION = 1
 
 
+def default_step(resolution: int) -> int:
+    """The bucket step when none is given: R/16 rounded down to a multiple of 16, at least 16."""
+    return max(16, resolution // 16 // 16 * 16)
+
+
+def default_step_help() -> str:
+    """`--bucket-step`'s help, computed from `default_step` so it cannot drift from it."""
+    examples = ", ".join(f"{default_step(r)} at R={r}" for r in (256, 512, 1024, 2048))
+    return f"R/16 rounded down to a multiple of 16, at least 16: {examples}"
+
+
 @dataclass(kw_only=True)
 class BucketSpec:
     resolution: int = 512
     """Target side R: every bucket holds at most R*R pixels."""
     step: int | None = None
-    """Bucket sides are multiples of this (a multiple of 16). None: R/16 rounded to 16, at least 16 (64 -> 16,
-    512 -> 32, 1024 -> 64)."""
+    """Bucket sides are multiples of this (a multiple of 16). None: `default_step(resolution)`."""
     max_aspect: float = 2.5
     """Widest aspect ratio (long side / short side) a bucket may have."""
     square: bool = False
@@ -51,7 +61,7 @@ class BucketSpec:
         if self.resolution <= 0 or self.resolution % 16:
             raise ValueError(f"--resolution: must be a positive multiple of 16, got {self.resolution}")
         if self.step is None:
-            self.step = max(16, self.resolution // 16 // 16 * 16)
+            self.step = default_step(self.resolution)
         if self.step <= 0 or self.step % 16:
             raise ValueError(f"--bucket-step: must be a positive multiple of 16, got {self.step}")
         if self.max_aspect < 1.0:

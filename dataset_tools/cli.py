@@ -95,10 +95,12 @@ def _slicing(s) -> None:
 
 
 def _bucket_args(s, *, default_resolution: int | None) -> None:
+    from dataset_tools.buckets import default_step_help  # no heavy imports: --help stays instant
+
     s.add_argument("--resolution", type=int, required=default_resolution is None, default=default_resolution,
                    help="target side R: buckets hold about R*R pixels")
     s.add_argument("--bucket-step", type=int, default=None,
-                   help="bucket sides are multiples of this (a multiple of 16; default 16 below R=512, else 64)")
+                   help=f"bucket sides are multiples of this (a multiple of 16; default: {default_step_help()})")
     s.add_argument("--max-aspect", type=float, default=2.5, help="widest bucket aspect ratio (long/short side)")
     s.add_argument("--square", action="store_true", help="one square bucket: scale + centre crop to R x R")
 

@@ -44,8 +44,6 @@ FORMATS = ("JPEG", "PNG", "WEBP")
 COLUMNS = {"image": "bytes", "caption": "str", "width": "int", "height": "int", "key": "str", "attributes": "json"}
 KINDS = ("auto", "folder", "webdataset", "manifest")
 CHECKS = ("fast", "full")
-_ORIENTATION_TAG = 0x0112
-_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 @dataclass(kw_only=True)
@@ -82,13 +80,16 @@ class ConvertOptions:
 
 
 def check_image(data: bytes, *, min_size: int, check: str = "fast") -> tuple[str, int, int]:
-    """(format, width, height) of encoded image bytes, or raise Skip. Width/height follow EXIF orientation.
+    """(format, width, height) of encoded image bytes, or raise Skip. Width/height follow EXIF orientation
+    (`train.images.displayed_size`: the size every later stage sees).
 
     fast costs a header parse plus: JPEG a look at the last bytes (a truncated JPEG has no end-of-image marker;
     when the marker is not there, e.g. data appended after it, a full decode decides), PNG `verify()` (every chunk's
     CRC and the IEND chunk), WebP `verify()` (the RIFF length). See docs/data.md for measured costs.
     """
     from PIL import Image, UnidentifiedImageError
+
+    from train.images import displayed_size
 
     if not data:
         raise Skip("empty_file")
@@ -102,12 +103,7 @@ def check_image(data: bytes, *, min_size: int, check: str = "fast") -> tuple[str
         raise Skip("corrupt_image", str(e)) from None
     if img.format not in FORMATS:
         raise Skip("unsupported_format", str(img.format))
-    w, h = img.size
-    try:
-        if img.format == "JPEG" and img.getexif().get(_ORIENTATION_TAG) in _TRANSPOSED:
-            w, h = h, w
-    except Exception:  # a broken EXIF block does not make the pixels unusable
-        pass
+    w, h = img.size  # the short side does not change under EXIF rotation
     if min(w, h) < min_size:
         raise Skip("too_small", f"{w}x{h} < {min_size}")
     try:
@@ -120,6 +116,9 @@ def check_image(data: bytes, *, min_size: int, check: str = "fast") -> tuple[str
         if "truncated" in msg.lower() or "could not create decoder" in msg.lower() or isinstance(e, EOFError):
             raise Skip("truncated_image", msg) from None
         raise Skip("corrupt_image", f"{type(e).__name__}: {msg}") from None
+    # After EXIF rotation, as train.images.open_rgb decodes it (any format). A fresh header parse: PIL's verify()
+    # must come first on an opened image, and reading a PNG's EXIF walks its chunks.
+    w, h = displayed_size(Image.open(io.BytesIO(data)))
     return img.format, w, h
 
 
@@ -506,7 +505,8 @@ def convert(
 
     if workers == 1:
         bar = new_bar()
-        reports = [convert_part(**jobs[0], progress=bar.update if bar else None)]
+        # `is not None`: a tqdm without a total has no truth value (bool(bar) raises TypeError)
+        reports = [convert_part(**jobs[0], progress=bar.update if bar is not None else None)]
     else:
         ctx = _worker_context()
         counter = ctx.Value("q", 0)

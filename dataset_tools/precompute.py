@@ -166,7 +166,8 @@ def precompute(
     shard_index: int = 0, num_shards: int = 1, progress_bar: bool = True,
 ) -> dict:
     """Precompute one slice of `src` into `out` (bucketed layout, dataset_tools.buckets); finalize when all done."""
-    from train.data import image_to_tensor, open_rgb, resize_cover_crop
+    from train.data import image_to_tensor, resize_cover_crop
+    from train.images import open_rgb
     from train.model import check_model_dir, resolve_dtype
 
     opts = opts or PrecomputeOptions()

@@ -12,7 +12,7 @@ def register(sub) -> None:
 
     s = sub.add_parser(
         "eval", help="run an eval suite on checkpoints or model dirs (FID, CLIP score, CFG grids, plots)",
-        description="Without --out, each --checkpoint must belong to a run: results go to <run_dir>/evals/step_N/, "
+        description="Without --out, each --checkpoint must belong to a run: results go to <run_dir>/evals/step_N/<suite>/, "
         "its TensorBoard and plots. With --out, every --checkpoint (checkpoint, run dir or diffusers dir, e.g. "
         "FLUX.1-schnell) is evaluated into DIR and compared in DIR/report.md. Under torchrun the prompts are split "
         "across ranks (each rank holds a full copy of the model).",

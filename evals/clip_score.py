@@ -43,7 +43,9 @@ class CLIPScorer:
     @torch.no_grad()
     def image_embeds(self, images: list) -> torch.Tensor:
         """PIL images -> (N, D) unit vectors."""
-        pixels = self.processor.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+        from train.images import to_rgb
+
+        pixels = self.processor.image_processor(images=[to_rgb(im) for im in images], return_tensors="pt")
         feats = self.model.get_image_features(pixel_values=pixels["pixel_values"].to(self.device))
         return torch.nn.functional.normalize(feats.float(), dim=-1)
 

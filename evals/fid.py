@@ -9,7 +9,6 @@ the image count and the preprocessing, so a suite computes them once.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import warnings
@@ -19,6 +18,8 @@ from typing import Iterator
 
 import numpy as np
 from PIL import Image
+
+from train.images import open_rgb, to_rgb
 
 IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
 
@@ -109,8 +110,8 @@ def mds_image(sample: dict, image_key: str, *, key: str) -> Image.Image:
         raise ValueError(f"{key}: MDS samples have no column '{image_key}' (columns: {', '.join(sample)})")
     value = sample[image_key]
     if isinstance(value, Image.Image):
-        return value
-    return Image.open(io.BytesIO(value))
+        return to_rgb(value)
+    return open_rgb(value)
 
 
 def count_images(path: Path, *, key: str = "fid.reference") -> int:
@@ -131,12 +132,11 @@ def iter_images(
     n = min(n, limit) if limit > 0 else n
     if kind == "folder":
         for p in list_images(path)[:n]:
-            with Image.open(p) as im:
-                yield im.convert("RGB")
+            yield open_rgb(p)  # EXIF-upright, 16-bit and alpha handled as everywhere (train.images)
     else:
         ds = open_mds(path)
         for i in range(n):
-            yield mds_image(ds[i], image_key, key=key).convert("RGB")
+            yield mds_image(ds[i], image_key, key=key)
 
 
 # ---------------------------------------------------------------------------------------------------------- features

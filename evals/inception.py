@@ -147,7 +147,9 @@ def load_inception(path: str | Path, *, device: torch.device | str = "cpu", key:
 
 def pil_to_unit(img) -> torch.Tensor:
     """PIL image -> (3, H, W) float in [0, 1] (torchvision's ToTensor, as pytorch-fid feeds the network)."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    from train.images import to_rgb
+
+    arr = np.asarray(to_rgb(img), dtype=np.float32) / 255.0  # any mode, as every stage reads images
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 

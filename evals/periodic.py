@@ -6,8 +6,8 @@
   `train.inference.load_for_inference` (an unsharded copy, no collectives) and evaluates it in the training process
   while the other ranks wait at a barrier. The trainer's RNG state is left exactly as it was.
 
-Either way a failed eval is recorded in `<run_dir>/evals/step_N/error.txt` with its traceback, announced in one
-printed line, and never stops training.
+Either way a failed eval is recorded in `<run_dir>/evals/step_N/<suite>/error.txt` with its traceback, announced in
+one printed line, and never stops training.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from evals.suite import eval_dir, evaluate_into_run, load_suite, resolve_suite_path
+from evals.suite import Target, eval_dir, evaluate_into_run, load_suite, resolve_paths, resolve_suite_path
 
 
-def record_failure(run_dir: Path, step: int, exc: BaseException) -> Path:
-    out = eval_dir(run_dir, step)
+def record_failure(run_dir: Path, step: int, suite: str, exc: BaseException) -> Path:
+    out = eval_dir(run_dir, step, suite)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "error.txt"
     path.write_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
@@ -48,16 +48,17 @@ def preserved_rng():
             np.random.set_state(np_state)
 
 
-def run_eval_job(suite_path: str, checkpoint: str, run_dir: str, step: int) -> dict | None:
+def run_eval_job(suite_path: str, checkpoint: str, run_dir: str, step: int, suite_name: str) -> dict | None:
     """The body of a submitted eval job (one process). Re-raises after recording, so the scheduler marks it failed."""
     try:
         return evaluate_into_run(load_suite(suite_path), checkpoint)
     except Exception as e:
-        record_failure(Path(run_dir), step, e)
+        record_failure(Path(run_dir), step, suite_name, e)
         raise
 
 
-def submit_eval(suite_path: Path, checkpoint: Path, *, run_dir: Path, step: int, timeout_min: int = 240):
+def submit_eval(suite_path: Path, checkpoint: Path, *, run_dir: Path, step: int, suite_name: str,
+                timeout_min: int = 240):
     """One eval job through submitit; returns the submitit Job. Extend the executor parameters here."""
     import submitit
 
@@ -68,23 +69,37 @@ def submit_eval(suite_path: Path, checkpoint: Path, *, run_dir: Path, step: int,
     gpus = 1 if cluster == "slurm" or torch.cuda.is_available() else 0
     executor.update_parameters(name=f"eval-step{step}", timeout_min=timeout_min, gpus_per_node=gpus, nodes=1,
                                tasks_per_node=1)
-    job = executor.submit(run_eval_job, str(suite_path), str(checkpoint), str(run_dir), step)
+    job = executor.submit(run_eval_job, str(suite_path), str(checkpoint), str(run_dir), step, suite_name)
     print(f"[dedistill] eval of step {step} submitted ({cluster} job {job.job_id}); results: "
-          f"{eval_dir(run_dir, step)}", flush=True)
+          f"{eval_dir(run_dir, step, suite_name)}", flush=True)
     return job
+
+
+def check_suite_for_run(cfg) -> Path:
+    """The resolved path of `cfg.eval.suite`, after checking that the suite parses and that every path it names
+    exists for this run (`{model}` = model.path, `{data}` = data.local); ValueError naming the key otherwise."""
+    suite_path = resolve_suite_path(cfg.eval.suite, key="eval.suite")
+    suite = load_suite(suite_path, key="eval.suite")
+    target = Target(path=Path(cfg.model.path), checkpoint=None, run_dir=Path(cfg.run_dir), run_config=cfg, step=None)
+    try:
+        resolve_paths(suite, target)
+    except ValueError as e:
+        raise ValueError(f"eval.suite: {suite_path}: {e}") from None
+    return suite_path
 
 
 def make_eval_callback(cfg, info, chain: Callable[[int, Path], None] | None = None):
     """The trainer's `on_checkpoint(step, path)`, or `chain` unchanged when no eval is configured.
 
-    The suite is parsed now, so a typo in it stops the run at start; its paths are checked when each eval runs (a
-    missing file then fails that eval, not training).
+    The suite is parsed and its paths (prompts, Inception weights, FID reference, CLIP model) are checked now, so an
+    eval that could never run stops the run at start with one line naming the key. A file that breaks later fails
+    only that eval (recorded in error.txt), never training.
     """
     ec = cfg.eval
-    if ec.every_steps <= 0 or not ec.suite:
+    if ec.every_steps <= 0:
         return chain
-    suite_path = resolve_suite_path(ec.suite, key="eval.suite")
-    load_suite(suite_path, key="eval.suite")
+    suite_path = check_suite_for_run(cfg)
+    suite_name = load_suite(suite_path).name
     run_dir = Path(cfg.run_dir).resolve()
     submitted = []  # keeps local submitit jobs referenced for the life of the run
 
@@ -96,16 +111,17 @@ def make_eval_callback(cfg, info, chain: Callable[[int, Path], None] | None = No
         if ec.mode == "job":
             if info.is_main:
                 try:
-                    submitted.append(submit_eval(suite_path, Path(path).resolve(), run_dir=run_dir, step=step))
+                    submitted.append(submit_eval(suite_path, Path(path).resolve(), run_dir=run_dir, step=step,
+                                                 suite_name=suite_name))
                 except Exception as e:
-                    record_failure(run_dir, step, e)
+                    record_failure(run_dir, step, suite_name, e)
             return
         if info.is_main:
             with preserved_rng():
                 try:
                     evaluate_into_run(load_suite(suite_path), path, device=info.device)
                 except Exception as e:
-                    record_failure(run_dir, step, e)
+                    record_failure(run_dir, step, suite_name, e)
         from train.parallelize import barrier
 
         barrier()

@@ -29,8 +29,15 @@ def load_metrics(paths) -> list[dict]:
 
 
 def run_metrics(run_dir: str | Path) -> list[dict]:
-    found = sorted((Path(run_dir) / "evals").glob("step_*/metrics.json"))
-    return sorted(load_metrics(found), key=lambda m: m.get("step") or 0)
+    """Every finished eval of a run: <run_dir>/evals/step_N/<suite>/metrics.json, by step then suite."""
+    found = sorted((Path(run_dir) / "evals").glob("step_*/*/metrics.json"))
+    return sorted(load_metrics(found), key=lambda m: (m.get("step") or 0, m.get("suite", "")))
+
+
+def _suite_prefix(metrics: list[dict]):
+    """Labels name the suite only when several suites are plotted together (their settings may share names)."""
+    several = len({m.get("suite") for m in metrics}) > 1
+    return (lambda m: f"{m.get('suite')}: ") if several else (lambda m: "")
 
 
 def _save(fig, path: Path) -> Path:
@@ -44,10 +51,11 @@ def _save(fig, path: Path) -> Path:
 
 def plot_fid_vs_step(metrics: list[dict], path: str | Path) -> Path | None:
     lines: dict[str, list[tuple[int, float]]] = {}
+    prefix = _suite_prefix(metrics)
     for m in metrics:
         for r in m["results"]:
             if r.get("fid") is not None and m.get("step") is not None:
-                lines.setdefault(r["setting"], []).append((m["step"], r["fid"]))
+                lines.setdefault(prefix(m) + r["setting"], []).append((m["step"], r["fid"]))
     if not lines:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -64,13 +72,14 @@ def plot_fid_vs_step(metrics: list[dict], path: str | Path) -> Path | None:
 
 def plot_fid_vs_clip(metrics: list[dict], path: str | Path) -> Path | None:
     series = []
+    prefix = _suite_prefix(metrics)
     for m in metrics:
         by_steps: dict[int, list[dict]] = {}
         for r in m["results"]:
             if r.get("fid") is not None and r.get("clip") is not None:
                 by_steps.setdefault(r["steps"], []).append(r)
         for steps, rs in sorted(by_steps.items()):
-            label = m["label"] + (f", {steps} steps" if len(by_steps) > 1 else "")
+            label = prefix(m) + m["label"] + (f", {steps} steps" if len(by_steps) > 1 else "")
             series.append((label, sorted(rs, key=lambda r: r["cfg_scale"])))
     if not series:
         return None
@@ -92,7 +101,7 @@ def plot_fid_vs_clip(metrics: list[dict], path: str | Path) -> Path | None:
 
 
 def update_run_plots(run_dir: str | Path) -> list[Path]:
-    """<run_dir>/plots/fid_vs_step.png and fid_vs_clip.png from every <run_dir>/evals/step_*/metrics.json."""
+    """<run_dir>/plots/fid_vs_step.png and fid_vs_clip.png from every <run_dir>/evals/step_*/*/metrics.json."""
     metrics = run_metrics(run_dir)
     plots = Path(run_dir) / "plots"
     made = [plot_fid_vs_step(metrics, plots / "fid_vs_step.png"), plot_fid_vs_clip(metrics, plots / "fid_vs_clip.png")]

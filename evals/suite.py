@@ -1,7 +1,7 @@
 """Eval suites: a YAML that names prompts, sampling settings (steps × CFG scales, plus extras such as the schnell
 baseline), the FID reference and Inception weights, and the CLIP model. `evaluate` runs one model or checkpoint
-through every setting and writes `metrics.json` and `grid_cfg<S>.png` (plus TensorBoard scalars/images when given a
-logger).
+through every setting and writes `metrics.json` and `grid_cfg<S>.png` (plus TensorBoard scalars/images under
+`eval/<suite>/` when given a logger). In a run, each suite has its own `evals/step_N/<suite>/` directory.
 
 Paths in a suite may use `{model}` (the base model dir: the run's `model.path` for a checkpoint, or the model dir
 itself), `{data}` (the run's `data.local`) and `{suite_dir}` (the YAML's directory), so one preset works for any
@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -453,16 +454,19 @@ def evaluate(
     tmp = out_dir / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2))
     tmp.replace(out_dir / "metrics.json")
+    for old in out_dir.glob("grid_cfg*.png"):  # an earlier run of this suite may have had other cfg scales
+        old.unlink()
+    tag = f"eval/{suite_dirname(suite.name)}"
     for cfg, rows in grids.items():
         rows = [r for r in sorted(rows, key=lambda x: x[0]) if r[1]]
         if rows:
             grid = make_grid([imgs for _, imgs in rows])
             grid.save(out_dir / f"grid_cfg{cfg:g}.png")
             if logger is not None:
-                logger.image(f"eval/grid_cfg{cfg:g}", grid, target.step or 0)
+                logger.image(f"{tag}/grid_cfg{cfg:g}", grid, target.step or 0)
     if logger is not None:
         for r in results:
-            values = {f"eval/{m}/{r['setting']}": r[m] for m in ("fid", "clip") if r[m] is not None}
+            values = {f"{tag}/{m}/{r['setting']}": r[m] for m in ("fid", "clip") if r[m] is not None}
             logger.scalars(values, target.step or 0)
         logger.flush()
     summary = ", ".join(
@@ -473,14 +477,21 @@ def evaluate(
     return metrics
 
 
-def eval_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "evals" / f"step_{step:08d}"
+def suite_dirname(name: str) -> str:
+    """A suite's name as a directory name (what `evals/step_N/<suite>/` uses)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "suite"
+
+
+def eval_dir(run_dir: Path, step: int, suite: str) -> Path:
+    """<run_dir>/evals/step_<N:08d>/<suite>/: one directory per suite, so the results of several suites on one
+    checkpoint sit side by side."""
+    return Path(run_dir) / "evals" / f"step_{step:08d}" / suite_dirname(suite)
 
 
 def evaluate_into_run(
     suite: SuiteConfig, checkpoint: str | Path, *, device: torch.device | None = None, rank: int = 0, world: int = 1
 ) -> dict | None:
-    """Evaluate one checkpoint of a run: results to <run_dir>/evals/step_N/, its TensorBoard, and its plots."""
+    """Evaluate one checkpoint of a run: results to <run_dir>/evals/step_N/<suite>/, its TensorBoard, and its plots."""
     from evals.report import update_run_plots
     from train.metrics import Logger
 
@@ -489,11 +500,11 @@ def evaluate_into_run(
         raise ValueError(f"--checkpoint: {checkpoint} is a model dir, not a run checkpoint; pass --out for a report")
     logger = Logger(target.run_dir, enabled=rank == 0)
     try:
-        metrics = evaluate(suite, target, out_dir=eval_dir(target.run_dir, target.step), device=device,
+        metrics = evaluate(suite, target, out_dir=eval_dir(target.run_dir, target.step, suite.name), device=device,
                            rank=rank, world=world, logger=logger)
     finally:
         logger.close()
     if rank == 0:
-        (eval_dir(target.run_dir, target.step) / "error.txt").unlink(missing_ok=True)  # a rerun that succeeded
+        (eval_dir(target.run_dir, target.step, suite.name) / "error.txt").unlink(missing_ok=True)  # a rerun succeeded
         update_run_plots(target.run_dir)
     return metrics

@@ -119,7 +119,7 @@ def cmd_demo(a) -> None:
     if rc != 0:
         raise SystemExit(rc)
     grids = sorted((run / "samples").glob("grid_step_*.png"))
-    evals = sorted((run / "evals").glob("step_*/metrics.json"))
+    evals = sorted((run / "evals").glob("step_*/*/metrics.json"))
     print(
         "\n[demo] finished in {:.0f} s\n"
         "  tiny FLUX pipeline : {}\n"
@@ -137,6 +137,28 @@ def cmd_demo(a) -> None:
 
 
 # -------------------------------------------------------------------------------------------------------------- parser
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """Positionals (the overrides) may come after options; argparse's intermixed parsing, used as a subparser."""
+
+    _inside = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inside:  # parse_known_intermixed_args calls back into parse_known_args
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
+def allow_intermixed(subparser: argparse.ArgumentParser) -> None:
+    """`dedistill CMD POSITIONAL --option X key=value`: positionals (overrides) before or after the options, as users
+    type them; plain argparse stops collecting `nargs="*"` positionals at the first option."""
+    subparser.__class__ = _IntermixedParser
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,8 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     for extra in _EXTENSIONS:
         extra(sub)
+    for name in _INTERMIXED:  # `submit CONFIG --nodes 2 a.b=1`, `eval SUITE --checkpoint X a.b=1`
+        if name in sub.choices:
+            allow_intermixed(sub.choices[name])
     return p
 
+
+# Commands whose key=value overrides may come before or after their options (registered by other packages).
+_INTERMIXED = ("submit", "eval")
 
 # Other packages register their subcommands here (data, submit, eval, fid, export) without editing this file's body.
 _EXTENSIONS: list = []

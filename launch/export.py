@@ -28,10 +28,11 @@ def _load_trained_transformer(ckpt: Path, run_dir: Path, *, ema: bool):
     """(transformer with the trained adapter/weights in fp32 on CPU, the run's config)."""
     from train.adapters import apply_adapter
     from train.config import load_config
-    from train.inference import load_trainable_state
+    from train.inference import check_ema, load_trainable_state
     from train.model import load_transformer
 
     cfg = load_config(run_dir / "config.yaml")
+    check_ema(cfg, run_dir, ema)  # before the (slow) base model load
     transformer = load_transformer(cfg.model.path, dtype=torch.float32)
     apply_adapter(transformer, cfg.model.adapter)
     load_trainable_state(transformer, ckpt, ema=ema)
@@ -47,6 +48,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, fmt: str = "di
                       ema: bool = False) -> Path:
     from train.adapters import merge_adapter
     from train.inference import resolve_checkpoint
+    from train.model import cast_model
 
     if fmt not in ("diffusers", "lora"):
         raise ValueError(f"--format: {fmt!r} is not one of diffusers, lora")
@@ -71,7 +73,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, fmt: str = "di
         _save_lora(transformer, out, _DTYPES[dtype])
     else:
         merge_adapter(transformer)  # in fp32, then cast once
-        transformer.to(_DTYPES[dtype]).save_pretrained(str(out / "transformer"), safe_serialization=True)
+        cast_model(transformer, _DTYPES[dtype]).save_pretrained(str(out / "transformer"), safe_serialization=True)
         _copy_components(Path(cfg.model.path), out)
     (out / "dedistill_export.json").write_text(json.dumps({
         "checkpoint": str(ckpt), "step": step, "adapter": kind, "format": fmt, "dtype": dtype, "ema": ema,

@@ -18,6 +18,8 @@ through `evals.periodic.submit_eval` (the evals package owns that submission).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shutil
@@ -170,6 +172,10 @@ def resolve_job(config: str, overrides: list[str]) -> tuple[str, list[str], obje
     cfg = load_config(path, overrides)
     absolutize_paths(cfg)
     check_model_dir(cfg.model.path)
+    if cfg.eval.every_steps > 0:  # an eval that could never run fails here, not hours into the job
+        from evals.periodic import check_suite_for_run
+
+        check_suite_for_run(cfg)
     if _CONTROL.search(cfg.run_dir):
         raise ValueError(f"run_dir: {cfg.run_dir!r} contains a control character (newline, tab, ...)")
     pinned_keys = ("model.path=", "run_dir=", "data.local=")
@@ -203,16 +209,23 @@ def _import_submitit():
 
 
 def submit_training(config: str, overrides: list[str], opts: SubmitOptions):
-    """Submit the training job; returns the submitit Job (its folder is <run_dir>/submitit/<job id>)."""
+    """Submit the training job; returns the submitit Job (its files: <run_dir>/submitit/<job id>/ under SLURM,
+    <run_dir>/submitit/<job id>_* locally)."""
     submitit = _import_submitit()
 
     config_path, pinned, cfg = resolve_job(config, overrides)
     cluster = opts.cluster or ("slurm" if shutil.which("sbatch") else "local")
     if cluster != "slurm" and opts.nodes > 1:
         raise ValueError(f"--nodes: {opts.nodes} nodes need SLURM (no sbatch on PATH; the local executor runs 1 node)")
+    if cluster == "slurm" and not shutil.which("srun"):
+        raise ValueError("--cluster: sbatch is on PATH but srun is not (no complete SLURM client here); run the job "
+                         "on this machine with --cluster local")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    executor = submitit.AutoExecutor(folder=run_dir / "submitit" / "%j", cluster=cluster)
+    # SLURM expands %j in its own paths (one folder per job id). The local executor's job process would create the
+    # folder with a literal "%j" in its name, so local jobs share one folder (their files are named by job id).
+    folder = run_dir / "submitit" / ("%j" if cluster == "slurm" else "")
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     params: dict = dict(name=opts.name, timeout_min=opts.time_min, nodes=opts.nodes, tasks_per_node=1)
     if opts.gpus_per_node:
         params["gpus_per_node"] = opts.gpus_per_node
@@ -227,8 +240,23 @@ def submit_training(config: str, overrides: list[str], opts: SubmitOptions):
             if getattr(opts, key):
                 params[f"slurm_{key}"] = getattr(opts, key)
     executor.update_parameters(**params)
-    job = executor.submit(TrainJob(config_path, pinned, nproc_per_node=opts.procs_per_node, run_dir=cfg.run_dir,
-                                   max_steps=cfg.train.max_steps))
+    train_job = TrainJob(config_path, pinned, nproc_per_node=opts.procs_per_node, run_dir=cfg.run_dir,
+                         max_steps=cfg.train.max_steps)
+    if cluster != "slurm":
+        return executor.submit(train_job), cfg, cluster
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):  # submitit prints sbatch's stderr before raising; we say it once
+            job = executor.submit(train_job)
+    except (FailedJobError, FailedSubmissionError) as e:
+        said = [ln.strip() for ln in (str(e) or err.getvalue()).splitlines() if ln.strip()]
+        # sbatch ends with its most telling line ("fatal: Could not establish a configuration source", ...)
+        telling = [ln for ln in said if "fatal" in ln.lower()] or [ln for ln in said if "error" in ln.lower()] or said
+        reason = telling[-1] if telling else type(e).__name__
+        raise ValueError(f"--cluster: sbatch failed ({reason}); if this machine is not part of a SLURM cluster, run "
+                         f"the job here with --cluster local") from None
     return job, cfg, cluster
 
 

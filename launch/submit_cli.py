@@ -2,23 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
-
-class _IntermixedParser(argparse.ArgumentParser):
-    """Positionals (the overrides) may come after options; argparse's intermixed parsing, used as a subparser."""
-
-    _inside = False
-
-    def parse_known_args(self, args=None, namespace=None):
-        if self._inside:  # parse_known_intermixed_args calls back into parse_known_args
-            return super().parse_known_args(args, namespace)
-        self._inside = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._inside = False
-
 
 def register(sub) -> None:
     s = sub.add_parser(
@@ -26,7 +9,8 @@ def register(sub) -> None:
         help="submit the training job (and, with eval.mode=job, its eval jobs) to SLURM via submitit",
         description="Submits `dedistill train CONFIG` as a SLURM job: one torchrun per node, c10d rendezvous on the "
         "first node, requeued on time limit/preemption and resumed from the newest checkpoint. Without sbatch on "
-        "PATH it runs locally (1 node) and waits. Job files and logs: <run_dir>/submitit/<job id>/.",
+        "PATH (or with --cluster local) it runs on this machine (1 node) and waits. Job files and logs: "
+        "<run_dir>/submitit/.",
     )
     s.add_argument("config", help="YAML config path or preset name (configs/)")
     s.add_argument("overrides", nargs="*", help="a.b=value overrides")
@@ -49,8 +33,6 @@ def register(sub) -> None:
                    help="default: slurm when sbatch is on PATH, else local")
     s.add_argument("--wait", action="store_true", help="block until the job has finished (always for local)")
     s.set_defaults(func=cmd_submit)
-    # `dedistill submit CONFIG --nodes 2 a.b=1`: overrides may follow the options (plain argparse would refuse them).
-    s.__class__ = _IntermixedParser
 
 
 def cmd_submit(a) -> None:
@@ -65,7 +47,7 @@ def cmd_submit(a) -> None:
     print(f"[dedistill submit] {cluster} job {job.job_id}: {opts.nodes} node(s) x {opts.procs_per_node} process(es)")
     print(f"  run dir : {cfg.run_dir}")
     print(f"  logs    : {job.paths.stdout.parent}")
-    if cfg.eval.every_steps and cfg.eval.mode == "job":
+    if cfg.eval.every_steps > 0 and cfg.eval.suite and cfg.eval.mode == "job":
         print(f"  evals   : one job per {cfg.eval.every_steps} steps, submitted by the training job")
     if a.wait or cluster != "slurm":
         result = wait_for(job)

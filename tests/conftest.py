@@ -62,3 +62,94 @@ def slurm_cluster(tmp_path_factory):
         cluster.stop()
         if not os.environ.get("DEDISTILL_KEEP_SLURM"):  # set it to keep the logs and state for a post-mortem
             shutil.rmtree(base, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------------ real photos
+
+PHOTOS = __import__("pathlib").Path(__file__).resolve().parent / "fixtures" / "photos"
+
+# name -> (source in tests/fixtures/photos, how it is written, caption). Every odd mode a user's folder holds.
+PHOTO_FILES = {
+    "rocket.jpg": ("rocket.jpg", "copy", "a rocket lifting off from a launch pad into a blue sky"),
+    "chelsea.jpg": ("chelsea.jpg", "copy", "a tabby cat looking to the side"),
+    "astronaut.jpg": ("astronaut.jpg", "copy", "an astronaut in an orange suit in front of a flag"),
+    "camera_l.png": ("camera.jpg", "L", "a black and white photo of a man with a camera on a tripod"),
+    "camera_16bit.png": ("camera.jpg", "I;16", "a black and white photo of a man with a camera, 16-bit"),
+    "astronaut_p.png": ("astronaut.jpg", "P", "an astronaut, a small palette image with a transparent colour"),
+    "astronaut_rgba.png": ("astronaut.jpg", "RGBA", "an astronaut fading into transparency"),
+    "coffee_cmyk.jpg": ("coffee.jpg", "CMYK", "a cup of coffee on a saucer, CMYK"),
+    "coffee_exif.jpg": ("coffee.jpg", "EXIF6", "a cup of coffee on a saucer, stored rotated"),
+}
+
+
+def write_photo(name: str, dest_dir):
+    """Write one entry of PHOTO_FILES into dest_dir; returns its path."""
+    import numpy as np
+    from PIL import Image
+
+    src, how, _ = PHOTO_FILES[name]
+    dest = dest_dir / name
+    if how == "copy":
+        dest.write_bytes((PHOTOS / src).read_bytes())
+        return dest
+    img = Image.open(PHOTOS / src)
+    if how == "L":
+        img.convert("L").save(dest)
+    elif how == "I;16":  # 16-bit grayscale PNG: the 8-bit values spread over 0..65535 (x 257)
+        Image.fromarray(np.asarray(img.convert("L")).astype(np.uint16) * 257).save(dest)
+    elif how == "P":  # 172 px, 64 colours, palette index 0 transparent (tRNS)
+        img.convert("RGB").resize((172, 172), Image.LANCZOS).quantize(colors=64).save(dest, transparency=0)
+    elif how == "RGBA":  # alpha from 255 (left) to 0 (right): the right edge is fully transparent
+        rgba = img.convert("RGBA")
+        w, h = rgba.size
+        alpha = np.tile(np.linspace(255, 0, w).round().astype(np.uint8), (h, 1))
+        rgba.putalpha(Image.fromarray(alpha, mode="L"))
+        rgba.save(dest)
+    elif how == "CMYK":
+        img.convert("RGB").convert("CMYK").save(dest, format="JPEG", quality=95)
+    elif how == "EXIF6":  # stored turned 90 degrees counter-clockwise, tagged "rotate 90 CW to display"
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        img.convert("RGB").transpose(Image.Transpose.ROTATE_90).save(dest, format="JPEG", quality=95, exif=exif)
+    else:
+        raise AssertionError(how)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory):
+    """Real photos (tests/fixtures/photos, public domain / CC0 from scikit-image) as a user's folder with sidecar .txt
+    captions, in every odd mode: RGB JPEG, L PNG, 16-bit PNG, palette PNG with a transparent index, RGBA PNG, CMYK
+    JPEG and an EXIF-rotated JPEG; 172 to 640 px, square and not."""
+    root = tmp_path_factory.mktemp("photos") / "photos"
+    root.mkdir()
+    for name, (_, _, caption) in PHOTO_FILES.items():
+        write_photo(name, root)
+        (root / name).with_suffix(".txt").write_text(caption + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def photo_jsonl(photo_dir):
+    """The same photos as a .jsonl manifest ({path, caption}; paths relative to the manifest's directory)."""
+    import json
+
+    manifest = photo_dir.parent / "photos.jsonl"
+    rows = [{"path": f"photos/{name}", "caption": caption} for name, (_, _, caption) in PHOTO_FILES.items()]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
+@pytest.fixture(scope="session")
+def photo_wds(photo_dir):
+    """The same photos as WebDataset: a folder with one .tar (`<key>.<ext>` + `<key>.txt` per sample)."""
+    import tarfile
+
+    out = photo_dir.parent / "wds"
+    out.mkdir()
+    with tarfile.open(out / "photos-000000.tar", "w") as tf:
+        for name in PHOTO_FILES:
+            stem = name.rsplit(".", 1)[0]
+            tf.add(photo_dir / name, arcname=f"{stem}.{name.rsplit('.', 1)[1]}")
+            tf.add(photo_dir / f"{stem}.txt", arcname=f"{stem}.txt")
+    return out

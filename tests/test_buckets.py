@@ -141,3 +141,25 @@ def test_bucket_settings_are_checked(tmp_path, tiny_data_dir):
     with pytest.raises(ValueError, match="settings .*spec.* differ"):
         bucket_dataset(raw, out, spec=BucketSpec(resolution=64, max_aspect=1.5), progress_bar=False)
     torch.manual_seed(0)  # (keeps torch imported for the fixtures' sake; no randomness used)
+
+
+def test_bucket_step_help_says_what_the_code_does(capsys):
+    """`dedistill data bucket --help` and docs/data.md state the default step; both must match BucketSpec."""
+    import re
+
+    from launch.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["data", "bucket", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    claims = re.findall(r"(\d+) at R=(\d+)", text)
+    assert len(claims) >= 3, text
+    for step, r in claims:
+        assert BucketSpec(resolution=int(r)).step == int(step), (r, step)
+    assert BucketSpec(resolution=512).step == 32
+    docs = " ".join((Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text().split())
+    stated = re.search(r"default R/16 rounded to 16, so (\d+) at R=(\d+), (\d+) at (\d+), (\d+) at (\d+)", docs)
+    assert stated, "docs/data.md no longer states the default bucket step"
+    values = [int(v) for v in stated.groups()]
+    for step, r in zip(values[::2], values[1::2]):
+        assert BucketSpec(resolution=r).step == step

@@ -40,3 +40,34 @@ def test_rng_restored(tmp_path):
     torch.manual_seed(999)
     ckpt.load(ckpt.latest(), {"w": torch.zeros(1)})
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_loading_without_a_process_group_is_quiet(tmp_path, recwarn):
+    """Every `dedistill sample/eval/export` loads a checkpoint in one process; DCP's "torch.distributed is disabled"
+    UserWarning on each load is filtered (that exact message only), and the weights still arrive."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from train.checkpoint import safe_load
+
+    dcp.save({"model": {"w": torch.arange(4.0)}}, checkpoint_id=str(tmp_path / "c"), no_dist=True)
+    recwarn.clear()
+    state = {"model": {"w": torch.zeros(4)}}
+    safe_load(state, tmp_path / "c", no_dist=True)
+    safe_load(state, tmp_path / "c")  # no process group and no_dist left False: DCP assumes one process
+    assert torch.equal(state["model"]["w"], torch.arange(4.0))
+    assert not [w for w in recwarn if "torch.distributed is disabled" in str(w.message)], [str(w.message) for w in recwarn]
+    assert not [f for f in warnings.filters if "torch" in str(f[1])], "the filter must not outlive the load"
+
+
+def test_text_encoders_load_without_the_torch_dtype_deprecation(tiny_model_dir, capfd):
+    """transformers 4.57 logs "`torch_dtype` is deprecated!" (once per process) when given torch_dtype."""
+    from transformers.utils import logging as hf_logging
+
+    from train.text import TextEncoder
+
+    hf_logging.warning_once.cache_clear()  # a load earlier in this process must not hide it
+    capfd.readouterr()
+    TextEncoder(tiny_model_dir, dtype=torch.float32, device=torch.device("cpu"))
+    assert "deprecated" not in capfd.readouterr().err

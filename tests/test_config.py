@@ -62,6 +62,7 @@ def test_overrides_typed():
         ("data.resolution=500", "data.resolution"),
         ("train.max_steps.x=1", "train.max_steps"),
         ("objective.attention_mask=maybe", "objective.attention_mask"),
+        ("eval.every_steps=100", "eval.suite"),  # evals configured but no suite: not a silent no-op
     ],
 )
 def test_bad_overrides_name_the_key(override, key):
@@ -93,3 +94,34 @@ def test_from_dict_roundtrip():
     cfg = JobConfig()
     assert from_dict(JobConfig, dataclasses.asdict(cfg)) == cfg
     assert apply_overrides({}, ["seed=3"]) == {"seed": 3}
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.name for p in PRESETS])
+def test_every_preset_has_evals_off_or_a_suite_that_works(path, tiny_model_dir, tmp_path):
+    """A preset either turns periodic evals off (every_steps 0) or names a suite that parses and, once the one thing
+    its comment says to set is set, resolves every path against a real model dir; before that, training stops at
+    start with one line naming that key (not a run whose evals silently never happen)."""
+    import yaml
+
+    from evals.periodic import check_suite_for_run
+    from evals.suite import resolve_suite_path
+
+    cfg = load_config(path, [f"model.path={tiny_model_dir}", f"run_dir={tmp_path / 'run'}"])
+    raw = yaml.safe_load(path.read_text())
+    if cfg.eval.every_steps == 0:
+        assert raw["eval"]["every_steps"] == 0  # off explicitly, not by a missing key
+        return
+    suite_path = resolve_suite_path(cfg.eval.suite)
+    if path.name == "tiny-cpu.yaml":  # the tiny suite's paths all live in the tiny model and data
+        check_suite_for_run(cfg)
+        return
+    assert suite_path.name == "prompts.yaml" and "clip.model" in path.read_text()  # the comment names the key
+    with pytest.raises(ValueError, match=r"^eval.suite: .*prompts.yaml: clip.model: model dir not found"):
+        check_suite_for_run(cfg)
+    suite = yaml.safe_load(suite_path.read_text())
+    suite["clip"]["model"] = str(tiny_model_dir / "eval" / "clip")  # what a user sets
+    suite["prompts"]["file"] = str(suite_path.parent / "prompts" / "showcase.txt")
+    mine = tmp_path / "prompts.yaml"
+    mine.write_text(yaml.safe_dump(suite))
+    cfg = load_config(path, [f"model.path={tiny_model_dir}", f"run_dir={tmp_path / 'run'}", f"eval.suite={mine}"])
+    assert check_suite_for_run(cfg) == mine.resolve()

@@ -260,6 +260,12 @@ def test_exif_rotation_swaps_width_and_height():
     buf = io.BytesIO()
     img.save(buf, format="JPEG", exif=exif)
     assert check_image(buf.getvalue(), min_size=8) == ("JPEG", 40, 80)
+    # any format: a PNG's eXIf chunk counts too, so the recorded size is the one train.images.open_rgb decodes
+    from train.images import open_rgb
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", exif=exif)
+    assert check_image(buf.getvalue(), min_size=8) == ("PNG", 40, 80) and open_rgb(buf.getvalue()).size == (40, 80)
 
 
 def test_cli_errors_are_one_line_and_nothing_converted_fails(tmp_path, capsys):
@@ -285,3 +291,20 @@ def test_cli_errors_are_one_line_and_nothing_converted_fails(tmp_path, capsys):
     (good / "x.txt").write_text("a caption")
     main(["data", "convert", "--source", str(good), "--out", str(tmp_path / "o3"), "--no-progress", "--min-size", "8"])
     assert capsys.readouterr().out.startswith("converted 1, skipped 0 (none)")
+
+
+def test_cli_defaults_convert_with_the_progress_bar(tmp_path, capsys):
+    """`dedistill data convert --source DIR --out DIR` exactly as a user types it: one worker, progress bar on (a
+    tqdm without a total, whose truth value raises) — the path the other tests above switch off."""
+    from launch.cli import main
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i, fmt in enumerate(("PNG", "JPEG", "WEBP")):
+        (src / f"img{i}.{fmt.lower()}").write_bytes(encode((96 + 16 * i, 80), fmt, i))
+        (src / f"img{i}.txt").write_text(f"caption {i}")
+    main(["data", "convert", "--source", str(src), "--out", str(tmp_path / "mds")])
+    out, err = capsys.readouterr()
+    assert out.startswith("converted 3, skipped 0 (none)"), out
+    assert "convert photos" in err  # the bar was drawn
+    assert (tmp_path / "mds" / "index.json").is_file()

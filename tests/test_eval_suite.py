@@ -207,12 +207,17 @@ def test_run_plots_are_regenerated_from_every_metrics_file(tmp_path):
     from evals.report import run_metrics, update_run_plots, write_report
 
     for step, fid in ((100, 50.0), (200, 40.0)):
-        d = tmp_path / "evals" / f"step_{step:08d}"
+        d = tmp_path / "evals" / f"step_{step:08d}" / "t"
         d.mkdir(parents=True)
         (d / "metrics.json").write_text(json.dumps(fake_metrics(step, f"run/step_{step:08d}", fid)))
-    (tmp_path / "evals" / "step_00000300").mkdir()  # a failed eval: no metrics.json, only error.txt
-    (tmp_path / "evals" / "step_00000300" / "error.txt").write_text("boom")
+    (tmp_path / "evals" / "step_00000300" / "t").mkdir(parents=True)  # a failed eval: no metrics.json, error.txt
+    (tmp_path / "evals" / "step_00000300" / "t" / "error.txt").write_text("boom")
     assert [m["step"] for m in run_metrics(tmp_path)] == [100, 200]
+    # a second suite on the same checkpoint sits beside the first, and both are read
+    other = {**fake_metrics(200, "run/step_00000200", 10.0), "suite": "u"}
+    (tmp_path / "evals" / "step_00000200" / "u").mkdir()
+    (tmp_path / "evals" / "step_00000200" / "u" / "metrics.json").write_text(json.dumps(other))
+    assert [(m["step"], m["suite"]) for m in run_metrics(tmp_path)] == [(100, "t"), (200, "t"), (200, "u")]
     plots = update_run_plots(tmp_path)
     assert sorted(p.name for p in plots) == ["fid_vs_clip.png", "fid_vs_step.png"]
     for p in plots:
@@ -324,7 +329,7 @@ def test_inline_eval_during_training_writes_metrics_grids_plots_and_tensorboard(
     state = train_tiny(tiny_model_dir, tiny_data_dir, run, "eval.mode=inline", "eval.suite=tiny")
     assert state.step == 2
     assert not (run / "evals" / "step_00000001").exists()  # only multiples of eval.every_steps
-    out = run / "evals" / "step_00000002"
+    out = run / "evals" / "step_00000002" / "tiny"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["step"] == 2 and metrics["checkpoint"].endswith("checkpoints/step_00000002")
     assert len(metrics["results"]) == 4 and all(r["fid"] is not None and r["clip"] is not None
@@ -340,20 +345,59 @@ def test_inline_eval_during_training_writes_metrics_grids_plots_and_tensorboard(
         acc = EventAccumulator(str(f)).Reload()
         for kind in tags:
             tags[kind] |= set(acc.Tags()[kind])
-    assert {"eval/fid/steps8_cfg2", "eval/clip/steps4_cfg1"} <= tags["scalars"]
-    assert "eval/grid_cfg4" in tags["images"]
+    assert {"eval/tiny/fid/steps8_cfg2", "eval/tiny/clip/steps4_cfg1"} <= tags["scalars"]
+    assert "eval/tiny/grid_cfg4" in tags["images"]
+
+    # A second suite on the same checkpoint (overrides after --checkpoint, as users type them) sits beside the
+    # first; re-running the first with fewer CFG scales replaces its files, old grids included.
+    from launch.cli import main
+
+    first = (out / "metrics.json").read_text()
+    other = write_suite(tmp_path / "other.yaml", name="other", num_samples=2, **{"sampling.cfg_scales": [1.0],
+                                                                                  "sampling.extra": []})
+    ckpt = run / "checkpoints" / "step_00000002"
+    main(["eval", str(other), "--checkpoint", str(ckpt), "fid.reference_count=8"])
+    assert (out / "metrics.json").read_text() == first
+    second = json.loads((run / "evals" / "step_00000002" / "other" / "metrics.json").read_text())
+    assert second["suite"] == "other" and [r["setting"] for r in second["results"]] == ["steps8_cfg1"]
+    assert [p.name for p in (out.parent / "other").glob("grid_cfg*.png")] == ["grid_cfg1.png"]
+    main(["eval", "tiny", "--checkpoint", str(ckpt), "num_samples=2", "sampling.cfg_scales=[1]",
+          "sampling.extra=[]"])
+    assert sorted(p.name for p in out.glob("grid_cfg*.png")) == ["grid_cfg1.png"]
+    from evals.report import run_metrics
+
+    assert sorted(m["suite"] for m in run_metrics(run)) == ["other", "tiny"]
+
+
+def test_an_eval_that_cannot_run_stops_training_at_start(tiny_model_dir, tiny_data_dir, tmp_path):
+    """A suite naming a file that does not exist is a config error before the first step, naming the key."""
+    missing = tmp_path / "nowhere" / "inception.safetensors"
+    suite = write_suite(tmp_path / "bad.yaml", **{"fid.inception_weights": str(missing)})
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=rf"^eval.suite: .*bad.yaml: fid.inception_weights: file not found: {missing}$"):
+        train_tiny(tiny_model_dir, tiny_data_dir, run, "eval.mode=inline", f"eval.suite={suite}")
+    assert not (run / "checkpoints").exists()
+
+
+def _broken_inception(tmp_path: Path) -> Path:
+    """A file that exists (so the run starts) but is not Inception weights: the eval itself fails."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "not-inception.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path))
+    return path
 
 
 @pytest.mark.slow
 def test_a_failing_eval_is_recorded_and_training_completes(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
-    missing = tmp_path / "nowhere" / "inception.safetensors"
-    suite = write_suite(tmp_path / "bad.yaml", **{"fid.inception_weights": str(missing)})
+    broken = _broken_inception(tmp_path)
+    suite = write_suite(tmp_path / "bad.yaml", **{"fid.inception_weights": str(broken)})
     run = tmp_path / "run"
     state = train_tiny(tiny_model_dir, tiny_data_dir, run, "eval.mode=inline", f"eval.suite={suite}",
                        "train.max_steps=1", "eval.every_steps=1")
     assert state.step == 1 and (run / "checkpoints" / "step_00000001" / "COMPLETE").is_file()
-    error = (run / "evals" / "step_00000001" / "error.txt").read_text()
-    assert f"fid.inception_weights: file not found: {missing}" in error and "Traceback" in error
+    error = (run / "evals" / "step_00000001" / "tiny" / "error.txt").read_text()
+    assert f"fid.inception_weights: {broken} does not hold FID Inception weights" in error and "Traceback" in error
     assert "eval of step 1 failed" in capsys.readouterr().out
 
 
@@ -361,17 +405,33 @@ def test_a_failing_eval_is_recorded_and_training_completes(tiny_model_dir, tiny_
 def test_job_mode_submits_and_training_does_not_wait(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
     """mode=job through submitit's local executor (not under SLURM): the job's failure lands in error.txt."""
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    suite = write_suite(tmp_path / "bad.yaml", **{"clip.model": str(tmp_path / "no-clip")})
+    broken = _broken_inception(tmp_path)
+    suite = write_suite(tmp_path / "bad.yaml", **{"fid.inception_weights": str(broken)})
     run = tmp_path / "run"
     t0 = time.perf_counter()
     state = train_tiny(tiny_model_dir, tiny_data_dir, run, "eval.mode=job", f"eval.suite={suite}",
                        "train.max_steps=1", "eval.every_steps=1")
     assert state.step == 1
-    error = run / "evals" / "step_00000001" / "error.txt"
+    error = run / "evals" / "step_00000001" / "tiny" / "error.txt"
     deadline = time.perf_counter() + 120
     while not error.is_file() and time.perf_counter() < deadline:
         time.sleep(0.5)
     assert error.is_file(), list((run / "evals").rglob("*"))
-    assert "clip.model: model dir not found" in error.read_text()
+    assert "does not hold FID Inception weights" in error.read_text()
     assert list((run / "evals" / "submitit").glob("*_log.*")), "submitit wrote no job logs"
     assert time.perf_counter() - t0 < 150
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "tiny", "num_samples=2", "sampling.steps=[2]", "--checkpoint", "CKPT", "--out", "OUT"],
+    ["eval", "tiny", "--checkpoint", "CKPT", "num_samples=2", "--out", "OUT", "sampling.steps=[2]"],
+    ["eval", "--checkpoint", "CKPT", "tiny", "num_samples=2", "sampling.steps=[2]", "--out", "OUT"],
+])
+def test_eval_takes_overrides_before_or_after_the_options(argv):
+    """`dedistill eval SUITE --checkpoint X key=value` parses like `submit`: overrides anywhere."""
+    from launch.cli import _load_extensions, build_parser
+
+    _load_extensions()
+    a = build_parser().parse_args(argv)
+    assert (a.suite, a.overrides, a.checkpoint, a.out) == ("tiny", ["num_samples=2", "sampling.steps=[2]"],
+                                                           ["CKPT"], "OUT")

@@ -83,7 +83,7 @@ def test_lokr_merged_diffusers_export_samples_like_the_checkpoint(reference_run,
         export_checkpoint(ckpt, tmp_path / "lora", fmt="lora")
 
 
-def test_lora_export_loads_with_diffusers_load_lora_weights(tiny_model_dir, tiny_data_dir, tmp_path):
+def test_lora_export_loads_with_diffusers_load_lora_weights(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
     from diffusers import FluxPipeline
 
     from train.inference import load_for_inference
@@ -99,6 +99,15 @@ def test_lora_export_loads_with_diffusers_load_lora_weights(tiny_model_dir, tiny
 
     ckpt, out = tiny_runs.ckpt(run_dir, 4), tmp_path / "lora"
     export_checkpoint(ckpt, out, fmt="lora", dtype="fp32")  # in-process; the CLI is covered above
+
+    # --ema on a run that trained none (ema.decay 0): one line that says so, not DCP's missing-key exception
+    from launch.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "ema"), "--ema"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert "trained no EMA (ema.decay 0)" in err[0] and not (tmp_path / "ema").exists()
 
     from safetensors import safe_open
 

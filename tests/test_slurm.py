@@ -124,6 +124,40 @@ def test_submit_without_slurm_ran_the_reference_locally(reference_run):
     logs = "\n".join(p.read_text(errors="replace") for p in sorted((reference_run / "submitit").rglob("*_log.out")))
     assert "launch.torchrun" in logs and "--standalone" in logs and "--nproc-per-node=2" in logs
     assert (tiny_runs.ckpt(reference_run, tiny_runs.STEPS) / "COMPLETE").is_file()
+    # submitit's local job process would mkdir a folder named by the unexpanded "%j" tag: none may be left
+    assert not [p for p in (reference_run / "submitit").rglob("*") if "%" in p.name]
+
+
+def test_submit_where_sbatch_exists_but_no_cluster_answers(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch,
+                                                           capsys):
+    """`dedistill submit CONFIG` in its documented form on a machine with the SLURM client but no configured
+    cluster: one line that points to --cluster local, no submitit traceback, no sbatch noise."""
+    import os
+    import shutil
+
+    from launch.cli import main
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    real = shutil.which("sbatch")
+    if real:  # the real client, pointed at a config file that does not exist
+        monkeypatch.setenv("SLURM_CONF", str(tmp_path / "no-such-slurm.conf"))
+    else:  # what Debian's sbatch 22.05 prints without a slurm.conf or a DNS SRV record
+        (bin_dir / "sbatch").write_text(
+            "#!/bin/sh\necho 'sbatch: error: resolve_ctls_from_dns_srv: res_nsearch error: Unknown host' >&2\n"
+            "echo 'sbatch: error: fetch_config: DNS SRV lookup failed' >&2\n"
+            "echo 'sbatch: fatal: Could not establish a configuration source' >&2\nexit 1\n")
+        (bin_dir / "sbatch").chmod(0o755)
+        (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # the client package ships both
+        (bin_dir / "srun").chmod(0o755)
+        monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["submit", str(tiny_runs.CONFIG), "--nodes", "1", *tiny_runs.overrides(tiny_model_dir, tiny_data_dir,
+                                                                                    run_dir)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("dedistill: error: --cluster: sbatch failed (sbatch: ") and "--cluster local" in err[0]
 
 
 def test_submit_and_export_cli_surface():

@@ -20,6 +20,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,13 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 def safe_load(state: dict[str, Any], path: str | Path, *, no_dist: bool = False) -> None:
     """`dcp.load` into `state` (in place) without unpickling anything but plain data and DCP's own metadata."""
-    dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(), no_dist=no_dist)
+    with warnings.catch_warnings():
+        # DCP warns "torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to load in a
+        # single process" on every load without collectives, even when no_dist=True says exactly that (torch 2.14,
+        # state_dict_loader.load). Only that message, only for this call.
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized",
+                                category=UserWarning)
+        dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(), no_dist=no_dist)
 
 
 def read_metadata(path: str | Path):

@@ -284,11 +284,15 @@ class EvalConfig:
     mode: str = "inline"
     """inline (in the training process; tiny CPU runs) | job (a separate SLURM job via submitit)."""
     suite: str = ""
-    """Path of an eval suite YAML (evals/); empty = no eval."""
+    """An eval suite: a YAML path or a preset name in configs/evals/ (e.g. prompts, coco, tiny). Required when
+    every_steps > 0; its paths are checked when training starts (evals/periodic.py)."""
 
     def __post_init__(self) -> None:
         _check_choice("eval.mode", self.mode, ("inline", "job"))
         _check_positive("eval.every_steps", self.every_steps, allow_zero=True)
+        if self.every_steps > 0 and not self.suite:  # would otherwise be a silent no-op for the whole run
+            raise ValueError(f"eval.suite: must be set when eval.every_steps is {self.every_steps} (a YAML path or a "
+                             f"preset in configs/evals/); set eval.every_steps=0 to train without periodic evals")
 
 
 @dataclass(kw_only=True)

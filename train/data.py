@@ -21,7 +21,6 @@ the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -31,9 +30,10 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from train.config import DataConfig
+from train.images import open_rgb, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -55,22 +55,14 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 
 
 def image_to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL RGB -> (3, H, W) float32 in [-1, 1], the VAE's input range."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    """PIL image -> (3, H, W) float32 in [-1, 1], the VAE's input range (any mode: `train.images.to_rgb`)."""
+    arr = np.asarray(to_rgb(img), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
-def open_rgb(data: bytes) -> Image.Image:
-    """Decode encoded bytes to RGB; a JPEG's EXIF orientation is applied (as `data convert` measured its size)."""
-    img = Image.open(io.BytesIO(data))
-    if img.format == "JPEG":
-        img = ImageOps.exif_transpose(img)
-    return img.convert("RGB")
 
 
 def decode_image(data: bytes, size: int, height: int | None = None) -> torch.Tensor:
     """Encoded bytes -> (3, height, size) in [-1, 1]: cover-scaled and centre cropped (square when height is None)."""
-    return image_to_tensor(resize_cover_crop(open_rgb(data), size, size if height is None else height))
+    return image_to_tensor(resize_cover_crop(open_rgb(data), size, size if height is None else height))  # train.images
 
 
 # ------------------------------------------------------------------------------------------------------ layouts

@@ -49,6 +49,13 @@ def resolve_checkpoint(path: str | Path, *, key: str = "--model") -> tuple[Path 
     raise ValueError(f"{key}: '{path}' is neither a diffusers FLUX dir, a run dir, nor a checkpoint dir")
 
 
+def check_ema(cfg: JobConfig, run_dir: Path, ema: bool, *, key: str = "--ema") -> None:
+    """A run with ema.decay 0 saved no 'ema' state: say so, instead of DCP's "cannot load" error."""
+    if ema and cfg.ema.decay <= 0:
+        raise ValueError(f"{key}: run '{run_dir}' trained no EMA (ema.decay {cfg.ema.decay:g}); use its raw weights "
+                         f"(drop {key}) or train with ema.decay > 0")
+
+
 def load_trainable_state(transformer: torch.nn.Module, checkpoint: Path, *, ema: bool = False) -> None:
     named = trainable_named_parameters(transformer)
     state = {n: p.detach().clone().float() for n, p in named}
@@ -73,6 +80,7 @@ def load_for_inference(
     model_path = Path(path)
     if ckpt is not None:
         cfg = load_config(run_dir / "config.yaml")
+        check_ema(cfg, run_dir, ema)
         model_path = Path(cfg.model.path)
     torch_dtype = resolve_dtype(dtype, device)
     transformer = load_transformer(model_path, dtype=torch_dtype)

@@ -78,6 +78,19 @@ def load_transformer(path: str | Path, *, dtype: torch.dtype):
     return model
 
 
+def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model.to(dtype)` for a diffusers model, keeping its `_keep_in_fp32_modules` in fp32 as from_pretrained does.
+
+    Not ModelMixin.to: diffusers 0.39 warns "There are modules ... that should be kept in float32: []" on every dtype
+    cast (its `fp32_modules is not None` test is always true), FLUX's empty list included."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    torch.nn.Module.to(model, dtype)
+    for name, module in model.named_modules():
+        if any(k in name.split(".") for k in keep):
+            module.float()
+    return model
+
+
 def load_vae(path: str | Path, *, dtype: torch.dtype, device: torch.device):
     from diffusers import AutoencoderKL
 

@@ -80,8 +80,9 @@ class TextEncoder:
         self.device = device
         self.clip_tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"))
         self.t5_tokenizer = T5TokenizerFast.from_pretrained(str(path / "tokenizer_2"))
-        self.clip = CLIPTextModel.from_pretrained(str(path / "text_encoder"), torch_dtype=dtype)
-        self.t5 = T5EncoderModel.from_pretrained(str(path / "text_encoder_2"), torch_dtype=dtype)
+        # transformers 4.57 takes `dtype` (its `torch_dtype` logs "`torch_dtype` is deprecated!" on every load)
+        self.clip = CLIPTextModel.from_pretrained(str(path / "text_encoder"), dtype=dtype)
+        self.t5 = T5EncoderModel.from_pretrained(str(path / "text_encoder_2"), dtype=dtype)
         for m in (self.clip, self.t5):
             m.to(device).eval().requires_grad_(False)
         self._empty: dict[tuple[int, bool], PromptEmbeds] = {}

@@ -2,7 +2,9 @@
 
     python -m evals.experiments.proof --config configs/proof-cpu.yaml [--smoke] [key=value ...]
 
-Stages (each writes into `out_dir` and is skipped when its output is already there, so a rerun resumes):
+Stages (each writes into `out_dir` and is skipped when its output is already there *and was made with the same
+settings*, recorded per stage in `out_dir/stages.json`, so a rerun resumes; other settings are an error naming the
+directory). `--smoke` writes to `<out_dir>-smoke`, never where a full run looks:
   1. world    `tiny_data` MDS shards (training set) + a held-out set of single-object samples whose full captions
               are not among the training captions (the eval prompts).
   2. judge    small CNN reading shape/colour/position/size/background; held-out accuracy on real images reported.
@@ -133,7 +135,12 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
+SMOKE_SUFFIX = "-smoke"
+
+
 def load_proof_config(path: str | None, *, smoke: bool = False, overrides: list[str] = ()) -> ProofConfig:
+    """A preset (+ SMOKE when `smoke`) + key=value overrides. A smoke run's out_dir gets SMOKE_SUFFIX, so its
+    64-sample world, judge and VAE never sit where the full run with the same config looks for its stages."""
     data = load_yaml(path) if path else {}
     if smoke:
         data = _merge(data, SMOKE)
@@ -144,7 +151,66 @@ def load_proof_config(path: str | None, *, smoke: bool = False, overrides: list[
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = __import__("yaml").safe_load(value)
-    return from_dict(ProofConfig, data)
+    cfg = from_dict(ProofConfig, data)
+    if smoke:
+        cfg.out_dir = cfg.out_dir.rstrip("/") + SMOKE_SUFFIX
+    return cfg
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class StageRecord:
+    """`out_dir/stages.json`: the settings that made each stage's output. A stage whose output exists is reused only
+    when the settings it was made with are the ones asked for now (as `dedistill data convert` checks its parts);
+    anything else is a ValueError naming the directory and the keys that differ, never a silent reuse."""
+
+    def __init__(self, out: Path):
+        self.path = out / "stages.json"
+        self.done: dict = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def claim(self, stage: str, settings: dict, outputs: list[Path]) -> dict:
+        """Check `stage`'s existing outputs against `settings`, then record them (before the stage runs, so an
+        interrupted stage resumes only under the same settings). Returns the settings, normalised."""
+        settings = json.loads(json.dumps(settings))
+        present = [p for p in outputs if p.exists()]
+        old = self.done.get(stage)
+        if present and old != settings:
+            if old is None:
+                raise ValueError(f"{present[0]}: exists, but {self.path} does not say which settings made it (an older "
+                                 f"or interrupted run); delete it or use another out_dir")
+            o, n = _flat(old), _flat(settings)
+            diff = sorted(k for k in set(o) | set(n) if o.get(k) != n.get(k))
+            raise ValueError(f"{present[0]}: made by an earlier run with other settings ({', '.join(diff)} differ); "
+                             f"delete it or use another out_dir")
+        if old != settings:
+            self.done[stage] = settings
+            tmp = self.path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(self.done, indent=2))
+            tmp.replace(self.path)
+        return settings
+
+
+def stage_settings(cfg: ProofConfig) -> dict[str, dict]:
+    """What each stage's output depends on: its own settings and those of the stages it reads."""
+    from dataclasses import asdict
+
+    world = {"n_train": cfg.n_train, "resolution": cfg.resolution, "seed": cfg.seed}
+    judge = {"judge": asdict(cfg.judge), "resolution": cfg.resolution, "seed": cfg.seed}
+    vae = {"vae": asdict(cfg.vae), "model": asdict(cfg.model), **world}
+    teacher = {"teacher": asdict(cfg.teacher), "max_text_tokens": cfg.max_text_tokens, "pipeline": vae, "world": world}
+    distill = {"distill": asdict(cfg.distill), "teacher": teacher}
+    out = {"world": world, "judge": judge, "vae": vae, "teacher": teacher, "distill": distill}
+    for a in cfg.dedistill_adapters:
+        out[f"dedistill-{a}"] = {"dedistill": asdict(cfg.dedistill), "adapter": a, "student": distill}
+    return out
 
 
 def log(msg: str) -> None:
@@ -440,6 +506,14 @@ def run(cfg: ProofConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    record, settings = StageRecord(out), stage_settings(cfg)
+    # Checked for every stage before any runs: a mismatch fails in a second, not after an hour of retraining.
+    outputs = {"world": [out / "data"], "judge": [out / "judge.pt"], "vae": [out / "pipeline"],
+               "teacher": [out / "teacher", out / "teacher_pipeline"], "distill": [out / "student_pipeline"],
+               **{f"dedistill-{a}": [out / f"dedistill-{a}"] for a in cfg.dedistill_adapters}}
+    for stage, paths in outputs.items():
+        record.claim(stage, settings[stage], paths)
+
     (out / "proof_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     timings: dict[str, float] = {}
     t = time.time()
@@ -513,7 +587,8 @@ def run(cfg: ProofConfig) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m evals.experiments.proof", description=__doc__.splitlines()[0])
     p.add_argument("--config", default=None, help="a configs/proof*.yaml preset")
-    p.add_argument("--smoke", action="store_true", help="seconds-long run of every stage (for the test suite)")
+    p.add_argument("--smoke", action="store_true",
+                   help="seconds-long run of every stage (for the test suite), written to <out_dir>-smoke")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. out_dir=runs/x teacher.steps=100")
     a = p.parse_args(argv)
     run(load_proof_config(a.config, smoke=a.smoke, overrides=a.overrides))
