@@ -5,19 +5,31 @@ place and keeps the diffusers class: per-block FSDP wrapping and `FluxPipeline` 
 explicit list of full module names (`transformer_blocks.3.attn.to_q`), built here from `AdapterConfig`, so what
 gets adapted never depends on peft's suffix-matching rules.
 
-LoKr and LyCORIS' `full_matrix`: peft's LoKr builds the second Kronecker factor w2 (out_k × in_n for a Linear whose
-weight is (out_l·out_k) × (in_m·in_n)) as one full matrix exactly when r >= max(out_k, in_n) / 2, and as a rank-r
-product otherwise (`peft/tuners/lokr/layer.py`, `use_w2`). `lokr_full_matrix=True` therefore raises each targeted
-layer's r (peft `rank_pattern`) to that threshold, and raises its alpha (`alpha_pattern`) by the same factor so the
-update is still scaled by `alpha / rank` of the config. (LyCORIS itself uses scale 1 when both factors are full;
-set `alpha = rank` for that.) With `lokr_decompose_both` the raised r also keeps w1 full, since peft has one r per
-layer; w1 is the small factor, so this costs little.
+LoKr, read the way LyCORIS users read it (LibreFLUX trained with LyCORIS; ComfyUI applies LoKr files by the same rules):
+- Shapes. A Linear of weight (out_l·out_k) × (in_m·in_n) gets w1 (out_l × in_m) ⊗ w2 (out_k × in_n), the pairs from
+  `factorization(dim, factor)` (identical in peft and LyCORIS). peft keeps a factor a full matrix exactly when
+  LyCORIS does for the same r (`use_w2 = r >= max(out_k, in_n) / 2`; w1 full unless decompose_both), so
+  `lokr_full_matrix=True` (LyCORIS `full_matrix`) raises each layer's peft r (`rank_pattern`) to that threshold.
+- Scale. LyCORIS scales the Kronecker update by 1 whenever both factors are full matrices, whatever `linear_alpha`
+  says, and by alpha / rank otherwise; peft always by alpha / r. With `scale_convention: lycoris` (the default)
+  each layer's peft alpha (`alpha_pattern`) is set so that alpha / r is LyCORIS's scale; with `peft` it is
+  alpha / rank of the config on every layer. So LibreFLUX's settings (linear_dim 1e6, linear_alpha 1, factor 2,
+  full_matrix) give scale 1 here too, not 1e-6.
+- Per-layer factor. peft's LoKrConfig has one `decompose_factor`; `lokr_factor_pattern` (LyCORIS `name_algo_map`
+  globs) therefore splits the targets into one group per factor and injects each group under the same adapter
+  name. Every layer is still one peft LoKr layer; only which config built it differs.
+- Init. peft starts w1 at zero and w2 random; LyCORIS the other way round. Both make the adapter a no-op at step 0;
+  `init_from` starts from a LyCORIS file instead (`load_lycoris_lokr`).
+`adapter_groups` reports each group's effective scale and parameter count; the trainer prints them at start.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import re
+import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -77,50 +89,96 @@ def target_module_names(transformer: nn.Module, cfg: AdapterConfig) -> list[str]
     return sorted(set(names))
 
 
-def _lokr_full_matrix_patterns(
-    transformer: nn.Module, names: list[str], cfg: AdapterConfig
-) -> tuple[dict[str, int], dict[str, float]]:
-    """Per-layer r and alpha that make peft keep LoKr's w2 a full matrix (see the module docstring)."""
+@dataclass(frozen=True)
+class LoKrLayerPlan:
+    """How one Linear is adapted by LoKr: peft's r and alpha for it, and the scale alpha / r that results."""
+
+    name: str
+    factor: int
+    r: int
+    alpha: float
+    scale: float
+    w1_full: bool
+    w2_full: bool
+
+
+def _linear(module: nn.Module) -> nn.Linear:
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def lokr_factor_for(name: str, cfg: AdapterConfig) -> int:
+    """The first `lokr_factor_pattern` glob matching the full module name sets the factor (LyCORIS's name_algo_map
+    order: an exact name first, then the globs in order); otherwise `lokr_factor`."""
+    if name in cfg.lokr_factor_pattern:
+        return cfg.lokr_factor_pattern[name]
+    for glob, factor in cfg.lokr_factor_pattern.items():
+        if fnmatch.fnmatchcase(name, glob):
+            return factor
+    return cfg.lokr_factor
+
+
+def plan_lokr(transformer: nn.Module, names: list[str], cfg: AdapterConfig) -> list[LoKrLayerPlan]:
+    """Per-layer factor, r, alpha and scale (see the module docstring for the LyCORIS rules they follow)."""
     from peft.tuners.lokr.layer import factorization
 
-    ranks, alphas = {}, {}
+    plans = []
     for name in names:
-        lin = transformer.get_submodule(name)
-        _, out_k = factorization(lin.out_features, cfg.lokr_factor)
-        _, in_n = factorization(lin.in_features, cfg.lokr_factor)
-        r = max(cfg.rank, math.ceil(max(out_k, in_n) / 2))
-        key = re.escape(name)  # peft matches pattern keys as regexes against the full module name
-        ranks[key] = r
-        alphas[key] = cfg.alpha * r / cfg.rank
-    return ranks, alphas
+        lin = _linear(transformer.get_submodule(name))
+        factor = lokr_factor_for(name, cfg)
+        out_l, out_k = factorization(lin.out_features, factor)
+        in_m, in_n = factorization(lin.in_features, factor)
+        r = max(cfg.rank, math.ceil(max(out_k, in_n) / 2)) if cfg.lokr_full_matrix else cfg.rank
+        w2_full = r >= max(out_k, in_n) / 2
+        w1_full = not (cfg.lokr_decompose_both and r < max(out_l, in_m) / 2)
+        both_full = w1_full and w2_full
+        scale = 1.0 if cfg.scale_convention == "lycoris" and both_full else cfg.alpha / cfg.rank
+        plans.append(LoKrLayerPlan(name=name, factor=factor, r=r, alpha=scale * r, scale=scale,
+                                   w1_full=w1_full, w2_full=w2_full))
+    unused = [g for g in cfg.lokr_factor_pattern if not any(p.name == g or fnmatch.fnmatchcase(p.name, g)
+                                                              for p in plans)]
+    if unused:
+        raise ValueError(f"model.adapter.lokr_factor_pattern: {unused[0]!r} matches none of the adapted layers "
+                         f"(full names such as {names[0]!r})")
+    return plans
 
 
-def _peft_config(transformer: nn.Module, names: list[str], cfg: AdapterConfig):
+def _lokr_configs(plans: list[LoKrLayerPlan], cfg: AdapterConfig):
+    """One peft LoKrConfig per factor (peft has a single decompose_factor per config), r/alpha set per layer."""
+    from peft import LoKrConfig
+
+    by_factor: dict[int, list[LoKrLayerPlan]] = {}
+    for p in plans:
+        by_factor.setdefault(p.factor, []).append(p)
+    configs = []
+    for factor, group in by_factor.items():
+        key = re.escape  # peft matches pattern keys as regexes against the full module name
+        configs.append(LoKrConfig(
+            r=cfg.rank,
+            alpha=cfg.alpha,
+            rank_dropout=cfg.dropout,
+            target_modules=[p.name for p in group],
+            decompose_factor=factor,
+            decompose_both=cfg.lokr_decompose_both,
+            init_weights=cfg.init_weights,
+            rank_pattern={key(p.name): p.r for p in group},
+            alpha_pattern={key(p.name): p.alpha for p in group},
+        ))
+    return configs
+
+
+def _peft_configs(transformer: nn.Module, names: list[str], cfg: AdapterConfig) -> list:
     if cfg.kind == "lora":
         from peft import LoraConfig
 
-        return LoraConfig(
+        return [LoraConfig(
             r=cfg.rank,
             lora_alpha=cfg.alpha,
             lora_dropout=cfg.dropout,
             target_modules=names,
             init_lora_weights=cfg.init_weights,
-        )
+        )]
     if cfg.kind == "lokr":
-        from peft import LoKrConfig
-
-        ranks, alphas = _lokr_full_matrix_patterns(transformer, names, cfg) if cfg.lokr_full_matrix else ({}, {})
-        return LoKrConfig(
-            r=cfg.rank,
-            alpha=cfg.alpha,
-            rank_dropout=cfg.dropout,
-            target_modules=names,
-            decompose_factor=cfg.lokr_factor,
-            decompose_both=cfg.lokr_decompose_both,
-            init_weights=cfg.init_weights,
-            rank_pattern=ranks,
-            alpha_pattern=alphas,
-        )
+        return _lokr_configs(plan_lokr(transformer, names, cfg), cfg)
     raise ValueError(f"model.adapter.kind: {cfg.kind!r} is not one of lora, lokr, full")
 
 
@@ -142,17 +200,69 @@ def apply_adapter(transformer: nn.Module, cfg: AdapterConfig) -> nn.Module:
     from peft import inject_adapter_in_model
 
     names = target_module_names(transformer, cfg)
-    config = _peft_config(transformer, names, cfg)
-    inject_adapter_in_model(config, transformer, adapter_name=ADAPTER_NAME)
+    configs = _peft_configs(transformer, names, cfg)
+    for i, config in enumerate(configs):
+        with warnings.catch_warnings():
+            if i:  # the groups share one adapter name on disjoint layers; peft warns about a second config
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            inject_adapter_in_model(config, transformer, adapter_name=ADAPTER_NAME)
     transformer.requires_grad_(False)
     layers = _tuner_layers(transformer)
     assert sorted(n for n, _ in layers) == names, "peft adapted a different set of modules than requested"
+    if cfg.kind == "lokr":
+        for plan in plan_lokr(transformer, names, cfg):
+            layer = transformer.get_submodule(plan.name)
+            assert math.isclose(layer.scaling[ADAPTER_NAME], plan.scale, rel_tol=1e-9), plan
+            assert (ADAPTER_NAME in layer.lokr_w1, ADAPTER_NAME in layer.lokr_w2) == (plan.w1_full, plan.w2_full), plan
     for _, layer in layers:
         for attr in layer.adapter_layer_names:
             container = getattr(layer, attr)
             if ADAPTER_NAME in container:
                 container[ADAPTER_NAME].requires_grad_(True)
     return transformer
+
+
+@dataclass(frozen=True)
+class AdapterGroup:
+    """Layers that share an adapter form and effective scale (the update is scale × the factors' product)."""
+
+    kind: str
+    form: str
+    scale: float
+    layers: int
+    parameters: int
+
+    def line(self) -> str:
+        return (f"{self.kind} {self.form}: effective scale {self.scale:g} on {self.layers} layers, "
+                f"{self.parameters:,} trainable")
+
+
+def _numel(p: torch.Tensor) -> int:
+    return p.numel()  # DTensors (FSDP2) and meta tensors report their global size
+
+
+def adapter_groups(transformer: nn.Module, cfg: AdapterConfig) -> list[AdapterGroup]:
+    """Each adapted layer group's effective scale and trainable parameters, as the trainer prints them at start."""
+    if cfg.kind == "full":
+        n = sum(_numel(p) for p in transformer.parameters() if p.requires_grad)
+        return [AdapterGroup(kind="full", form="every parameter", scale=1.0, layers=0, parameters=n)]
+    groups: dict[tuple[str, float], list[int]] = {}
+    plans = {p.name: p for p in plan_lokr(transformer, adapted_module_names(transformer), cfg)} \
+        if cfg.kind == "lokr" else {}
+    for name, layer in _tuner_layers(transformer):
+        n = sum(_numel(p) for p in layer.parameters() if p.requires_grad)
+        if cfg.kind == "lokr":
+            p = plans[name]
+            form = (f"factor {p.factor}, w1 {'full' if p.w1_full else f'rank {p.r}'}, "
+                    f"w2 {'full' if p.w2_full else f'rank {p.r}'}")
+        else:
+            form = f"rank {layer.r[ADAPTER_NAME]}"
+        key = (form, float(layer.scaling[ADAPTER_NAME]))
+        groups.setdefault(key, [0, 0])
+        groups[key][0] += 1
+        groups[key][1] += n
+    return [AdapterGroup(kind=cfg.kind, form=form, scale=scale, layers=c, parameters=n)
+            for (form, scale), (c, n) in sorted(groups.items())]
 
 
 def adapted_module_names(model: nn.Module) -> list[str]:

@@ -39,9 +39,14 @@ class AdapterConfig:
     kind: str = "lokr"
     """lora | lokr | full"""
     rank: int = 16
-    """LoRA rank r; for LoKr the rank of the low-rank factor (ignored by full_matrix)."""
+    """LoRA rank r; for LoKr the rank of the low-rank factor (LyCORIS `linear_dim`; ignored by full_matrix)."""
     alpha: float = 16.0
-    """Scale numerator: the update is multiplied by alpha / rank."""
+    """Scale numerator (LyCORIS `linear_alpha`): the update is multiplied by alpha / rank, except where
+    `scale_convention` says otherwise."""
+    scale_convention: str = "lycoris"
+    """LoKr scale rule. lycoris: LyCORIS's (and ComfyUI's) rule, scale 1 for a layer whose two Kronecker factors are
+    both full matrices, alpha / rank where one is a low-rank product — so LyCORIS settings mean what they mean there.
+    peft: alpha / rank on every layer (peft's LoKr). LoRA scales by alpha / rank under both."""
     dropout: float = 0.0
     target_modules: list[str] = field(
         default_factory=lambda: [
@@ -60,16 +65,33 @@ class AdapterConfig:
     """LoKr decomposition factor (-1: as square as possible; LibreFLUX used 2)."""
     lokr_full_matrix: bool = False
     """LoKr: train the second Kronecker factor as a full matrix (LyCORIS `full_matrix`, as LibreFLUX)."""
+    lokr_factor_pattern: dict[str, int] = field(default_factory=dict)
+    """LoKr: per-layer factor overrides, {glob: factor}, as LyCORIS's `name_algo_map` with `use_fnmatch`: a glob is
+    matched (fnmatch) against the full module name, the first matching glob wins, unmatched layers use
+    lokr_factor. Factor 1 makes w1 1x1 and w2 the full matrix: a full update of that layer (LibreFLUX's choice for
+    the ff*/norm1* layers of chosen blocks), e.g. {"transformer_blocks.1[0-8].ff*": 1}. Selects no extra layers."""
     lokr_decompose_both: bool = False
     init_weights: bool = True
     """True: the adapter starts as a no-op (the base model's output is unchanged at step 0)."""
+    init_from: str = ""
+    """LoKr: a LyCORIS-format .safetensors (`lycoris_<module>.lokr_w1`, ...; what LyCORIS, SimpleTuner and
+    `dedistill export --format lycoris` write) to start from instead of the no-op init. Every layer in the file
+    must be one this config adapts, with the same factor shapes; its effective update is kept exactly."""
 
     def __post_init__(self) -> None:
         _check_choice("model.adapter.kind", self.kind, ("lora", "lokr", "full"))
+        _check_choice("model.adapter.scale_convention", self.scale_convention, ("lycoris", "peft"))
         _check_positive("model.adapter.rank", self.rank)
         _check_unit("model.adapter.dropout", self.dropout)
         if not self.target_modules and self.kind != "full":
             raise ValueError("model.adapter.target_modules: empty; name at least one module")
+        for key, value in (("lokr_factor_pattern", self.lokr_factor_pattern), ("init_from", self.init_from)):
+            if value and self.kind != "lokr":
+                raise ValueError(f"model.adapter.{key}: applies to kind lokr only (this config has {self.kind!r})")
+        for glob, factor in self.lokr_factor_pattern.items():
+            if factor == 0 or factor < -1:
+                raise ValueError(f"model.adapter.lokr_factor_pattern: factor for {glob!r} must be >= 1 or -1, "
+                                 f"got {factor}")
 
 
 @dataclass(kw_only=True)
@@ -342,6 +364,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, dict):
             raise ValueError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return from_dict(tp, value, prefix=key + ".")
+    if origin is dict:
+        key_tp, item_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(f"{key} key", k, key_tp): _coerce(f"{key}[{k!r}]", v, item_tp) for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):

@@ -16,10 +16,11 @@ from typing import Callable
 import torch
 import yaml
 
-from train.adapters import apply_adapter, trainable_named_parameters
+from train.adapters import adapter_groups, apply_adapter, trainable_named_parameters
 from train.checkpoint import CheckpointManager
 from train.config import JobConfig, dump_config, to_dict
 from train.data import build_loader, forever
+from train.lycoris_format import load_lycoris_lokr
 from train.metrics import Logger
 from train.mfu import flops_model, peak_flops
 from train.model import check_model_dir, load_transformer, load_vae, resolve_dtype
@@ -100,6 +101,13 @@ def build_model(cfg: JobConfig, info: DistInfo) -> tuple[Backend, torch.dtype]:
     apply_adapter(transformer, cfg.model.adapter)
     for _, p in trainable_named_parameters(transformer):
         p.data = p.data.float()  # fp32 master copy of what trains; frozen weights stay in `dtype`
+    if cfg.model.adapter.init_from:  # after the fp32 cast: the file's factors are not rounded to `dtype`
+        n = load_lycoris_lokr(transformer, cfg.model.adapter.init_from)
+        if info.is_main:
+            print(f"[dedistill] adapter init_from {cfg.model.adapter.init_from}: {n} LoKr layers", flush=True)
+    if info.is_main:  # before sharding: what trains, and at which effective scale (LyCORIS users check this)
+        for group in adapter_groups(transformer, cfg.model.adapter):
+            print(f"[dedistill] adapter {group.line()}", flush=True)
     backend = build_backend(
         transformer,
         cfg.parallel,
