@@ -7,7 +7,9 @@
 - `--format lora` (LoRA adapters only): `pytorch_lora_weights.safetensors` in the PEFT key layout diffusers expects
   (`transformer.<module>.lora_A.weight`, ...), written by diffusers' own `FluxPipeline.save_lora_weights` with the
   adapter's rank/alpha/targets as metadata, so `FluxPipeline.load_lora_weights(DIR)` applies it at the trained scale.
-  LoKr has no diffusers loader for FLUX: export it merged (`--format diffusers`).
+  LoKr has no diffusers loader for FLUX: export it merged (`--format diffusers`), or as a LyCORIS file.
+- `--format lycoris` (LoKr adapters only): `lycoris_lokr.safetensors` in the LyCORIS/kohya key layout that LyCORIS'
+  `create_lycoris_from_weights` and ComfyUI load (launch/export_lycoris.py).
 
 One process, CPU, no process group: DCP reassembles the sharded checkpoint (FSDP2 or DeepSpeed, same layout). The merge
 runs in fp32 and the result is cast to `--dtype` (bf16, what FLUX ships, by default).
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FORMATS = ("diffusers", "lora", "lycoris")
 
 
 def _load_trained_transformer(ckpt: Path, run_dir: Path, *, ema: bool):
@@ -50,8 +53,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, fmt: str = "di
     from train.inference import resolve_checkpoint
     from train.model import cast_model
 
-    if fmt not in ("diffusers", "lora"):
-        raise ValueError(f"--format: {fmt!r} is not one of diffusers, lora")
+    if fmt not in FORMATS:
+        raise ValueError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
     if dtype not in _DTYPES:
         raise ValueError(f"--dtype: {dtype!r} is not one of {', '.join(_DTYPES)}")
     ckpt, run_dir = resolve_checkpoint(checkpoint, key="--checkpoint")
@@ -67,9 +70,15 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, fmt: str = "di
             + ("; diffusers has no LoKr loader for FLUX: use --format diffusers (merged weights)" if kind == "lokr"
                else "; use --format diffusers")
         )
+    if fmt == "lycoris" and kind != "lokr":
+        raise ValueError(f"--format: lycoris exports a LoKr adapter, but this run trained '{kind}'")
     out.mkdir(parents=True, exist_ok=True)
     step = int(ckpt.name.split("_")[1])
-    if fmt == "lora":
+    if fmt == "lycoris":  # launch/export_lycoris.py
+        from launch.export_lycoris import save_lycoris
+
+        save_lycoris(transformer, out, _DTYPES[dtype], metadata={"base_model": cfg.model.path, "step": str(step)})
+    elif fmt == "lora":
         _save_lora(transformer, out, _DTYPES[dtype])
     else:
         merge_adapter(transformer)  # in fp32, then cast once
@@ -117,7 +126,8 @@ def register(sub) -> None:
     )
     s.add_argument("--checkpoint", required=True, help="checkpoint dir (step_N) or run dir (its newest checkpoint)")
     s.add_argument("--out", required=True, help="output directory (new or empty)")
-    s.add_argument("--format", dest="fmt", choices=["diffusers", "lora"], default="diffusers")
+    s.add_argument("--format", dest="fmt", choices=list(FORMATS), default="diffusers",
+                   help="lycoris: a LoKr run's adapter in the LyCORIS/ComfyUI key layout (launch/export_lycoris.py)")
     s.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="weights dtype of the export")
     s.add_argument("--ema", action="store_true", help="export the EMA weights")
     s.set_defaults(func=cmd_export)

@@ -8,9 +8,11 @@ ComfyUI's `comfy/lora.py` maps exactly `lycoris_<diffusers path with underscores
 
 Scale, as every reader of this layout computes it (LyCORIS `LokrModule`, ComfyUI `calculate_weight`): 1 when both
 factors are full matrices (`alpha` is then ignored), otherwise alpha / dim with dim the low-rank factor's rank.
-Writing: a layer whose peft scale differs from what a reader would compute from the factors gets its scale folded
-into w1 (both full) or into `alpha` (a low-rank factor), so every reader rebuilds our exact update. Reading: the
-factors are copied and w1 rescaled by (file scale / our scale), so the loaded adapter's update equals the file's.
+Writing: each layer's scale is folded into w1 (or w1_a) and `alpha` is written so that readers compute scale 1 (alpha
+= dim for a low-rank factor; LyCORIS's own value, its rank, for full x full), so every reader rebuilds our exact update
+— including LyCORIS's `merge_to`, which in lycoris-lora 4.1.3 applies a layer's scale twice (harmless at scale 1).
+Reading: the factors are copied and w1 rescaled by (file scale / our scale), so the loaded adapter's update equals
+the file's as LyCORIS's forward and ComfyUI apply it (scale once).
 """
 
 from __future__ import annotations
@@ -60,14 +62,11 @@ def lokr_state_dict(transformer: nn.Module, dtype: torch.dtype) -> dict[str, tor
     out: dict[str, torch.Tensor] = {}
     for name, layer in sorted(_lokr_layers(transformer, "--format").items()):
         factors = {k: v.detach().float().clone() for k, v in _factors(layer).items()}
-        scale = float(layer.scaling[ADAPTER_NAME])
-        r = int(layer.r[ADAPTER_NAME])
+        factors["lokr_w1" if "lokr_w1" in factors else "lokr_w1_a"] *= float(layer.scaling[ADAPTER_NAME])
         if "lokr_w1" in factors and "lokr_w2" in factors:
-            factors["lokr_w1"] *= scale  # readers use scale 1 here
-            alpha = float(r)  # what LyCORIS stores for a full-matrix layer (its lora_dim); readers ignore it
+            alpha = float(layer.r[ADAPTER_NAME])  # LyCORIS stores its rank here; readers ignore it (scale 1)
         else:
-            dim = factors["lokr_w1_a"].shape[1] if "lokr_w1_a" in factors else factors["lokr_w2_a"].shape[1]
-            alpha = scale * dim
+            alpha = float(factors["lokr_w1_a"].shape[1] if "lokr_w1_a" in factors else factors["lokr_w2_a"].shape[1])
         base = lycoris_name(name)
         for k, v in factors.items():
             out[f"{base}.{k}"] = v.to(dtype).contiguous()
