@@ -9,15 +9,15 @@ LoKr, read the way LyCORIS users read it (LibreFLUX trained with LyCORIS; ComfyU
 - Shapes. A Linear of weight (out_l·out_k) × (in_m·in_n) gets w1 (out_l × in_m) ⊗ w2 (out_k × in_n), the pairs from
   `factorization(dim, factor)` (identical in peft and LyCORIS). peft keeps a factor a full matrix exactly when
   LyCORIS does for the same r (`use_w2 = r >= max(out_k, in_n) / 2`; w1 full unless decompose_both), so
-  `lokr_full_matrix=True` (LyCORIS `full_matrix`) raises each layer's peft r (`rank_pattern`) to that threshold.
+  `lokr_full_matrix=True` (LyCORIS `full_matrix`) raises each layer's peft r to that threshold.
 - Scale. LyCORIS scales the Kronecker update by 1 whenever both factors are full matrices, whatever `linear_alpha`
   says, and by alpha / rank otherwise; peft always by alpha / r. With `scale_convention: lycoris` (the default)
-  each layer's peft alpha (`alpha_pattern`) is set so that alpha / r is LyCORIS's scale; with `peft` it is
+  each layer's peft alpha is set so that alpha / r is LyCORIS's scale; with `peft` it is
   alpha / rank of the config on every layer. So LibreFLUX's settings (linear_dim 1e6, linear_alpha 1, factor 2,
   full_matrix) give scale 1 here too, not 1e-6.
 - Per-layer factor. peft's LoKrConfig has one `decompose_factor`; `lokr_factor_pattern` (LyCORIS `name_algo_map`
-  globs) therefore splits the targets into one group per factor and injects each group under the same adapter
-  name. Every layer is still one peft LoKr layer; only which config built it differs.
+  globs) therefore splits the targets into groups of equal (factor, r, alpha) and injects each group with its own
+  config under the same adapter name. Every layer is still one peft LoKr layer; only which config built it differs.
 - Init. peft starts w1 at zero and w2 random; LyCORIS the other way round. Both make the adapter a no-op at step 0;
   `init_from` starts from a LyCORIS file instead (`load_lycoris_lokr`).
 `adapter_groups` reports each group's effective scale and parameter count; the trainer prints them at start.
@@ -143,27 +143,25 @@ def plan_lokr(transformer: nn.Module, names: list[str], cfg: AdapterConfig) -> l
 
 
 def _lokr_configs(plans: list[LoKrLayerPlan], cfg: AdapterConfig):
-    """One peft LoKrConfig per factor (peft has a single decompose_factor per config), r/alpha set per layer."""
+    """One peft LoKrConfig per (factor, r, alpha): peft has a single decompose_factor per config, and per-layer
+    `rank_pattern` keys are regexes that peft recompiles for every layer (minutes for FLUX's 400+ layers)."""
     from peft import LoKrConfig
 
-    by_factor: dict[int, list[LoKrLayerPlan]] = {}
+    groups: dict[tuple[int, int, float], list[str]] = {}
     for p in plans:
-        by_factor.setdefault(p.factor, []).append(p)
-    configs = []
-    for factor, group in by_factor.items():
-        key = re.escape  # peft matches pattern keys as regexes against the full module name
-        configs.append(LoKrConfig(
-            r=cfg.rank,
-            alpha=cfg.alpha,
+        groups.setdefault((p.factor, p.r, p.alpha), []).append(p.name)
+    return [
+        LoKrConfig(
+            r=r,
+            alpha=alpha,
             rank_dropout=cfg.dropout,
-            target_modules=[p.name for p in group],
+            target_modules=names,
             decompose_factor=factor,
             decompose_both=cfg.lokr_decompose_both,
             init_weights=cfg.init_weights,
-            rank_pattern={key(p.name): p.r for p in group},
-            alpha_pattern={key(p.name): p.alpha for p in group},
-        ))
-    return configs
+        )
+        for (factor, r, alpha), names in groups.items()
+    ]
 
 
 def _peft_configs(transformer: nn.Module, names: list[str], cfg: AdapterConfig) -> list:
