@@ -39,6 +39,11 @@ def test_libreflux_preset_is_the_published_recipe():
     assert cfg.model.adapter.kind == "lokr" and cfg.model.adapter.lokr_factor == 2
     assert (cfg.objective.timestep_sampler, cfg.objective.beta_alpha, cfg.objective.beta_beta) == ("beta", 2.0, 1.6)
     assert cfg.objective.max_text_tokens == 512 and cfg.objective.attention_mask
+    a = cfg.model.adapter  # LyCORIS: full_matrix, linear_alpha 1 and LyCORIS's scale rule (scale 1, not alpha / r)
+    assert a.lokr_full_matrix and a.alpha == 1.0 and a.scale_convention == "lycoris"
+    # ~1.33 MP images in aspect buckets, lr 1e-5, batch 1 per GPU, ~16k steps (docs/recipes.md)
+    assert cfg.data.buckets and cfg.data.resolution == 1152
+    assert (cfg.optim.lr, cfg.train.batch_size, cfg.train.max_steps) == (1e-5, 1, 16000)
 
 
 def test_overrides_typed():

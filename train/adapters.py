@@ -231,6 +231,8 @@ class AdapterGroup:
     parameters: int
 
     def line(self) -> str:
+        if self.kind == "full":
+            return f"full: every parameter trains, {self.parameters:,} trainable"
         return (f"{self.kind} {self.form}: effective scale {self.scale:g} on {self.layers} layers, "
                 f"{self.parameters:,} trainable")
 
