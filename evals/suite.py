@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from train.config import _check_choice, _check_positive, apply_overrides, from_dict, load_config, load_yaml
+from train.config import _check_choice, _check_positive, apply_overrides, from_dict, load_run_config, load_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "configs" / "evals"
@@ -221,7 +221,7 @@ def resolve_target(path: str | Path, *, key: str = "--checkpoint") -> Target:
     ckpt, run_dir = resolve_checkpoint(path, key=key)
     if ckpt is None:
         return Target(path, None, None, None, None)
-    run_cfg = load_config(run_dir / "config.yaml")
+    run_cfg = load_run_config(run_dir)
     return Target(ckpt, ckpt, run_dir, run_cfg, int(ckpt.name.split("_")[1]))
 
 

@@ -30,11 +30,11 @@ FORMATS = ("diffusers", "lora", "lycoris")
 def _load_trained_transformer(ckpt: Path, run_dir: Path, *, ema: bool):
     """(transformer with the trained adapter/weights in fp32 on CPU, the run's config)."""
     from train.adapters import apply_adapter
-    from train.config import load_config
+    from train.config import load_run_config
     from train.inference import check_ema, load_trainable_state
     from train.model import load_transformer
 
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir)
     check_ema(cfg, run_dir, ema)  # before the (slow) base model load
     transformer = load_transformer(cfg.model.path, dtype=torch.float32)
     apply_adapter(transformer, cfg.model.adapter)

@@ -130,3 +130,18 @@ def test_every_preset_has_evals_off_or_a_suite_that_works(path, tiny_model_dir, 
     mine.write_text(yaml.safe_dump(suite))
     cfg = load_config(path, [f"model.path={tiny_model_dir}", f"run_dir={tmp_path / 'run'}", f"eval.suite={mine}"])
     assert check_suite_for_run(cfg) == mine.resolve()
+
+
+def test_run_recorded_before_scale_convention_keeps_peft_scale(tmp_path):
+    """Checkpoints of LoKr runs recorded before model.adapter.scale_convention existed were trained with peft's
+    alpha / r: reading the run back (sample, eval, export) keeps that update; new configs get LyCORIS's rule."""
+    import yaml
+
+    from train.config import load_run_config
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": {"adapter": {"kind": "lokr", "rank": 4}}}))
+    assert load_run_config(tmp_path).model.adapter.scale_convention == "peft"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(
+        {"model": {"adapter": {"kind": "lokr", "rank": 4, "scale_convention": "lycoris"}}}))
+    assert load_run_config(tmp_path).model.adapter.scale_convention == "lycoris"
+    assert load_config(None).model.adapter.scale_convention == "lycoris"

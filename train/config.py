@@ -482,5 +482,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, cls
     return from_dict(cls, data)
 
 
+def load_run_config(run_dir: str | Path) -> JobConfig:
+    """A run's recorded `config.yaml`. Runs recorded before `model.adapter.scale_convention` existed trained LoKr with
+    peft's alpha / r on every layer; their checkpoints keep meaning that update."""
+    data = load_yaml(Path(run_dir) / "config.yaml")
+    adapter = data.get("model", {}).get("adapter", {})
+    if isinstance(adapter, dict) and adapter.get("kind") == "lokr" and "scale_convention" not in adapter:
+        adapter["scale_convention"] = "peft"
+    return from_dict(JobConfig, data)
+
+
 def dump_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

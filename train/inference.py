@@ -14,7 +14,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 
 from train.adapters import apply_adapter, trainable_named_parameters
 from train.checkpoint import is_complete, latest_checkpoint, safe_load
-from train.config import JobConfig, load_config
+from train.config import JobConfig, load_run_config
 from train.model import load_transformer, load_vae, resolve_dtype
 from train.text import TextEncoder
 
@@ -79,7 +79,7 @@ def load_for_inference(
     cfg = None
     model_path = Path(path)
     if ckpt is not None:
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = load_run_config(run_dir)
         check_ema(cfg, run_dir, ema)
         model_path = Path(cfg.model.path)
     torch_dtype = resolve_dtype(dtype, device)
