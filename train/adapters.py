@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import re
 import warnings
 from dataclasses import dataclass
 
