@@ -383,6 +383,21 @@ def encoders_loaded(cfg: JobConfig, precomputed: bool | None) -> bool:
     return True
 
 
+def encoder_params(cfg: JobConfig) -> dict[str, int]:
+    """Parameter counts of the frozen parts: counted on meta from model.path's configs when readable, else FLUX.1's."""
+    root = Path(cfg.model.path) if cfg.model.path else None
+    if root is None or not all((root / d / "config.json").is_file() for d in ("text_encoder", "text_encoder_2", "vae")):
+        return dict(ENCODER_PARAMS)
+    from diffusers import AutoencoderKL
+    from transformers import AutoConfig, CLIPTextModel, T5EncoderModel
+
+    with torch.device("meta"):
+        models = {"t5": T5EncoderModel(AutoConfig.from_pretrained(root / "text_encoder_2")),
+                  "clip": CLIPTextModel(AutoConfig.from_pretrained(root / "text_encoder")),
+                  "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae"))}
+    return {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+
+
 def _trainer_skips_encoders() -> bool:
     """Issue #11 part 2 teaches the loop to skip the frozen parts on precomputed data; until that code is here, the
     trainer loads them regardless."""
@@ -404,7 +419,8 @@ class MemoryPlan:
         return sum(self.rows.values())
 
 
-def gpu_memory(inv: Inventory, cfg: JobConfig, cl: Cluster, tok: Tokens, *, with_encoders: bool) -> MemoryPlan:
+def gpu_memory(inv: Inventory, cfg: JobConfig, cl: Cluster, tok: Tokens, *, with_encoders: bool,
+               encoders: dict[str, int] | None = None) -> MemoryPlan:
     """Per-GPU bytes by component for the configured backend."""
     b = compute_dtype_bytes(cfg, cl)
     autocast = cl.device == "cuda" and b == 2
@@ -459,7 +475,7 @@ def gpu_memory(inv: Inventory, cfg: JobConfig, cl: Cluster, tok: Tokens, *, with
         notes.append("DeepSpeed rows follow its default bucket sizes; not measured in this repo")
     rows["activations (kept for backward)"] = acts["kept"]
     rows["backward working set (recomputed block)"] = acts["recompute"]
-    rows["frozen encoders (T5, CLIP, VAE)"] = (sum(ENCODER_PARAMS.values()) * b) if with_encoders else 0.0
+    rows["frozen encoders (T5, CLIP, VAE)"] = sum((encoders or ENCODER_PARAMS).values()) * b * with_encoders
     rows["CUDA context + workspaces"] = RUNTIME_RESERVE_GIB * GiB if cl.device == "cuda" else 0.0
     return MemoryPlan(rows, notes)
 
@@ -468,7 +484,8 @@ def gpu_memory(inv: Inventory, cfg: JobConfig, cl: Cluster, tok: Tokens, *, with
 # Host memory, checkpoint, FLOPs and communication
 
 
-def host_ram_at_load(inv: Inventory, cfg: JobConfig, cl: Cluster, *, with_encoders: bool) -> float:
+def host_ram_at_load(inv: Inventory, cfg: JobConfig, cl: Cluster, *, with_encoders: bool,
+                     encoders: dict[str, int] | None = None) -> float:
     """Peak host bytes per node while the ranks load the transformer. Each rank reads the full state dict into RAM
     and casts the trainable part to fp32 before sharding — unless this build has the sharded loader (issue #11 part 1:
     `train/parallel/load.py`), where each rank reads only its FSDP2 shard."""
@@ -480,7 +497,7 @@ def host_ram_at_load(inv: Inventory, cfg: JobConfig, cl: Cluster, *, with_encode
         per_rank += max(u.n_frozen + u.n_trainable for u in inv.units) * 4  # one unit in flight
     else:
         per_rank = inv.n_total * b + inv.n_trainable * 4
-    enc = sum(ENCODER_PARAMS.values()) * b if with_encoders else 0  # from_pretrained goes through host RAM
+    enc = sum((encoders or ENCODER_PARAMS).values()) * b * with_encoders  # from_pretrained goes through host RAM
     return cl.gpus_per_node * (per_rank + enc)
 
 
@@ -535,11 +552,11 @@ def comm_per_step(inv: Inventory, cfg: JobConfig, cl: Cluster) -> Comm:
     R = cl.world // S
     f = (S - 1) / S
     ag = rs = 0.0
-    for u in inv.units:
-        gathered = (u.n_frozen + u.n_trainable) * b
+    for u in inv.units:  # FSDP2's buffers: every parameter's dim 0 padded to a multiple of S
+        gathered = S * (u.shard_numel(u.frozen, S) + u.shard_numel(u.trainable, S)) * b
         times = 2 if (cfg.parallel.reshard_after_forward and u.name != "root") else 1
         ag += times * gathered * f
-        rs += u.n_trainable * rb * f
+        rs += S * u.shard_numel(u.trainable, S) * rb * f
     ar = 2 * (R - 1) / R * sum(u.shard_numel(u.trainable, S) for u in inv.units) * rb if R > 1 else 0.0
     return Comm(micro * ag, micro * rs, ar, S, R, S <= cl.gpus_per_node)
 
@@ -583,6 +600,7 @@ class Plan:
     inv: Inventory
     tokens: Tokens
     with_encoders: bool
+    encoders: dict[str, int]
     memory: MemoryPlan
     host_bytes: float
     ckpt_bytes: float
@@ -593,14 +611,16 @@ class Plan:
 
 
 def make_plan(cfg: JobConfig, cl: Cluster, *, text_tokens: int | None = None,
-              precomputed: bool | None = None) -> Plan:
+              precomputed: bool | None = None, inv: Inventory | None = None) -> Plan:
+    """The whole plan; pass `inv` (from an earlier plan of the same model and adapter) to skip the meta build."""
     config, source = transformer_config(cfg)
-    inv = inventory(config, cfg)
+    inv = inv or inventory(config, cfg)
     tok = tokens_for(cfg, text_tokens)
     with_enc = encoders_loaded(cfg, precomputed)
-    mem = gpu_memory(inv, cfg, cl, tok, with_encoders=with_enc)
-    host = host_ram_at_load(inv, cfg, cl, with_encoders=with_enc)
-    plan = Plan(cfg, cl, source, inv, tok, with_enc, mem, host, checkpoint_bytes(inv, cfg), step_flops(inv, cfg, tok),
+    enc = encoder_params(cfg)
+    mem = gpu_memory(inv, cfg, cl, tok, with_encoders=with_enc, encoders=enc)
+    host = host_ram_at_load(inv, cfg, cl, with_encoders=with_enc, encoders=enc)
+    plan = Plan(cfg, cl, source, inv, tok, with_enc, enc, mem, host, checkpoint_bytes(inv, cfg), step_flops(inv, cfg, tok),
                 comm_per_step(inv, cfg, cl), step_timing(inv, cfg, cl, tok), "")
     plan.verdict = verdict(plan)
     return plan
@@ -636,13 +656,14 @@ def _knob(p: Plan) -> str:
         if mutate:
             mutate(c)
         q = Plan(c, cluster or cl, p.source, p.inv if c.model.adapter.kind == cfg.model.adapter.kind else
-                 inventory(p.inv.config, c), p.tokens, p.with_encoders, MemoryPlan({}), 0, 0, 0, p.comm, p.timing, "")
-        q.memory = gpu_memory(q.inv, c, q.cluster, p.tokens, with_encoders=p.with_encoders)
+                 inventory(p.inv.config, c), p.tokens, p.with_encoders, p.encoders, MemoryPlan({}), 0, 0, 0, p.comm,
+                 p.timing, "")
+        q.memory = gpu_memory(q.inv, c, q.cluster, p.tokens, with_encoders=p.with_encoders, encoders=p.encoders)
         return _fits(q)
 
     if p.with_encoders:
         q = copy.copy(p)
-        q.memory = gpu_memory(p.inv, cfg, cl, p.tokens, with_encoders=False)
+        q.memory = gpu_memory(p.inv, cfg, cl, p.tokens, with_encoders=False, encoders=p.encoders)
         if _fits(q) and _trainer_skips_encoders():
             return "precompute the data (`dedistill data precompute`): the encoders then stay off the GPU"
     if not cfg.train.activation_checkpointing:
@@ -693,6 +714,10 @@ def _knob(p: Plan) -> str:
 # Text output
 
 
+def _count(n: float) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
 def _gib(x: float) -> str:
     return f"{x / GiB:8.2f} GiB"
 
@@ -705,7 +730,7 @@ def format_plan(p: Plan) -> str:
         backend += f" HSDP ({cl.world // S} replicas × {S})"
     lines = [
         f"model      {p.source}",
-        f"           {inv.n_total / 1e9:.3f}B parameters, {inv.n_trainable / 1e6:,.1f}M trainable "
+        f"           {_count(inv.n_total)} parameters, {_count(inv.n_trainable)} trainable "
         f"({cfg.model.adapter.kind}); {len(inv.blocks)} blocks, hidden {inv.hidden}",
         f"cluster    {cl.nodes} node(s) × {cl.gpus_per_node} GPU(s) of {cl.gpu_mem_gib:g} GiB, {backend}, "
         f"shard group {S}",
