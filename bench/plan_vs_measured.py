@@ -5,13 +5,14 @@
     python bench/plan_vs_measured.py --rows full     # one row
 
 Each row runs in its own process (1 rank, gloo, fp32, FSDP2 at world size 1 — the trainer's `build_backend`): the
-transformer is built with random weights, the adapter applied, trainable parameters cast to fp32, then one step on
+transformer is built with random weights, the adapter applied, trainable parameters cast to fp32, then two steps on
 a precomputed-like batch (latents and T5 states as tensors, so no encoders: `--precomputed yes` in plan terms):
 forward through `train.flux.predict_velocity` with the bool mask, flow-matching MSE, backward, clip + AdamW step,
 EMA update.
 
 What is compared: the process's resident set size (RSS, /proc/self/statm sampled every 2 ms) at its peak during the
-step, minus the RSS just before the transformer was built — against the plan's per-GPU total for the same config on
+second step (the first allocates AdamW's moments, so the second is what every later step looks like), minus the RSS
+just before the transformer was built — against the plan's per-GPU total for the same config on
 `device=cpu` (fp32, no CUDA reserve, no encoders). `kept` is the RSS right after the forward minus right before it,
 against the plan's activation row. glibc is told to serve every allocation above 64 KiB with mmap
 (MALLOC_MMAP_THRESHOLD_), so freed tensors leave the RSS at once and the RSS follows what PyTorch holds.
@@ -113,15 +114,18 @@ def measure(row: str, model_dir: Path) -> dict:
                             activation_checkpointing=cfg.train.activation_checkpointing),
             make_optimizer=lambda params: build_optimizer(params, cfg.optim))
         ema = EMA(backend.ema_tensors(), cfg.ema) if cfg.ema.decay > 0 else None
-        before_fwd = _rss()
-        pred = predict_velocity(backend.model, x, t, prompt, ids, masked=True)
-        loss = torch.nn.functional.mse_loss(pred.float(), target)
-        kept = _rss() - before_fwd
-        loss.backward()
-        del pred, loss
-        backend.step(loss_finite=True)
-        if ema:
-            ema.update(1)
+        for step in (1, 2):  # AdamW allocates its moments in the first step: the second is the steady state
+            if step == 2:
+                peak.peak = _rss()
+            before_fwd = _rss()
+            pred = predict_velocity(backend.model, x, t, prompt, ids, masked=True)
+            loss = torch.nn.functional.mse_loss(pred.float(), target)
+            kept = _rss() - before_fwd
+            loss.backward()
+            del pred, loss
+            backend.step(loss_finite=True)
+            if ema:
+                ema.update(step)
     par.destroy_distributed()
     return {"row": row, "peak": peak.peak - base, "kept": kept}
 

@@ -399,13 +399,20 @@ def encoder_params(cfg: JobConfig) -> dict[str, int]:
 
 
 def _trainer_skips_encoders() -> bool:
-    """Issue #11 part 2 teaches the loop to skip the frozen parts on precomputed data; until that code is here, the
-    trainer loads them regardless."""
-    import inspect
-
+    """Issue #11 part 2 teaches the loop to skip the frozen parts on precomputed data (`train.loop.load_frozen`);
+    a build without it loads them regardless."""
     import train.loop as loop
 
-    return "precomputed" in inspect.getsource(loop._train_with)
+    return hasattr(loop, "load_frozen")
+
+
+def encoder_bytes_on_gpu(cfg: JobConfig, cl: Cluster, encoders: dict[str, int], b: int) -> float:
+    """`model.text_encoder_placement` (where this build has it): device = T5 + CLIP replicated on every GPU; cpu =
+    they stay in host memory; fsdp = T5 sharded over the world, CLIP replicated. The VAE is always on the device."""
+    placement = getattr(cfg.model, "text_encoder_placement", "device")
+    t5 = {"device": encoders["t5"], "cpu": 0, "fsdp": math.ceil(encoders["t5"] / cl.world)}[placement]
+    clip = 0 if placement == "cpu" else encoders["clip"]
+    return (t5 + clip + encoders["vae"]) * b
 
 
 @dataclass
@@ -475,7 +482,12 @@ def gpu_memory(inv: Inventory, cfg: JobConfig, cl: Cluster, tok: Tokens, *, with
         notes.append("DeepSpeed rows follow its default bucket sizes; not measured in this repo")
     rows["activations (kept for backward)"] = acts["kept"]
     rows["backward working set (recomputed block)"] = acts["recompute"]
-    rows["frozen encoders (T5, CLIP, VAE)"] = sum((encoders or ENCODER_PARAMS).values()) * b * with_encoders
+    # zero_grad(set_to_none) frees the gradients after every step, and the backward frees activations as it fills
+    # gradients: the two peak at opposite ends of the backward, never together.
+    grads = next(v for k, v in rows.items() if k.startswith("gradients"))
+    rows["gradients and activations not at once"] = -min(grads, acts["kept"])
+    rows["frozen encoders (T5, CLIP, VAE)"] = (
+        encoder_bytes_on_gpu(cfg, cl, encoders or ENCODER_PARAMS, b) if with_encoders else 0.0)
     rows["CUDA context + workspaces"] = RUNTIME_RESERVE_GIB * GiB if cl.device == "cuda" else 0.0
     return MemoryPlan(rows, notes)
 
@@ -666,6 +678,12 @@ def _knob(p: Plan) -> str:
         q.memory = gpu_memory(p.inv, cfg, cl, p.tokens, with_encoders=False, encoders=p.encoders)
         if _fits(q) and _trainer_skips_encoders():
             return "precompute the data (`dedistill data precompute`): the encoders then stay off the GPU"
+        if getattr(cfg.model, "text_encoder_placement", "cpu") == "device":
+            for where in ("fsdp", "cpu"):
+                def place(c, where=where):
+                    c.model.text_encoder_placement = where
+                if trial(place):
+                    return f"set model.text_encoder_placement={where} (or precompute the data)"
     if not cfg.train.activation_checkpointing:
         def ac(c):
             c.train.activation_checkpointing = True
@@ -758,7 +776,7 @@ def format_plan(p: Plan) -> str:
         f"{c.reduce_scatter / 1e9:.2f} GB ({link})"
         + (f" + all-reduce {c.all_reduce / 1e9:.2f} GB (InfiniBand)" if c.all_reduce else "")
         + f" = {t.comm_s * 1e3:.0f} ms, exposed {t.exposed_s * 1e3:.0f} ms",
-        f"step time                   {t.step_s * 1e3:.0f} ms (weak-scaling efficiency "
+        f"step time                   {t.step_s * 1e3:.0f} ms (efficiency = compute / step: "
         f"{t.compute_s / t.step_s:.0%})",
         "",
         f"verdict: {p.verdict}",
