@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from train.config import JobConfig
 from train.mfu import FlopsModel
@@ -480,6 +479,8 @@ def gpu_memory(inv: Inventory, cfg: JobConfig, cl: Cluster, tok: Tokens, *, with
             comm += min(1e9, n_total) * b  # stage3_max_live_parameters (default 1e9 elements) gathered at once
         rows["comm buckets / gathered params"] = comm
         notes.append("DeepSpeed rows follow its default bucket sizes; not measured in this repo")
+        notes.append(f"a DeepSpeed checkpoint save gathers the full fp32 trainable state (12 B/param) into every "
+                     f"rank's host memory: {12 * n_train * cl.gpus_per_node / GiB:.0f} GiB per node")
     rows["activations (kept for backward)"] = acts["kept"]
     rows["backward working set (recomputed block)"] = acts["recompute"]
     # zero_grad(set_to_none) frees the gradients after every step, and the backward frees activations as it fills
@@ -505,8 +506,11 @@ def host_ram_at_load(inv: Inventory, cfg: JobConfig, cl: Cluster, *, with_encode
     sharded = cfg.parallel.backend == "fsdp2" and importlib.util.find_spec("train.parallel.load") is not None
     if sharded:
         S = shard_group(cfg, cl)
-        per_rank = sum(u.shard_numel(u.frozen, S) * b + u.shard_numel(u.trainable, S) * 4 for u in inv.units)
-        per_rank += max(u.n_frozen + u.n_trainable for u in inv.units) * 4  # one unit in flight
+        # the shards themselves land on the GPU (in host RAM only for CPU runs); one unit's rows are in flight; a
+        # new adapter's initial values are held (fp32, whole) until its shards are filled
+        shards = sum(u.shard_numel(u.frozen, S) * b + u.shard_numel(u.trainable, S) * 4 for u in inv.units)
+        per_rank = shards * (cl.device != "cuda") + max(u.n_frozen + u.n_trainable for u in inv.units) * 4
+        per_rank += inv.n_trainable * 4 * (inv.kind != "full")
     else:
         per_rank = inv.n_total * b + inv.n_trainable * 4
     enc = sum((encoders or ENCODER_PARAMS).values()) * b * with_encoders  # from_pretrained goes through host RAM
@@ -632,8 +636,8 @@ def make_plan(cfg: JobConfig, cl: Cluster, *, text_tokens: int | None = None,
     enc = encoder_params(cfg)
     mem = gpu_memory(inv, cfg, cl, tok, with_encoders=with_enc, encoders=enc)
     host = host_ram_at_load(inv, cfg, cl, with_encoders=with_enc, encoders=enc)
-    plan = Plan(cfg, cl, source, inv, tok, with_enc, enc, mem, host, checkpoint_bytes(inv, cfg), step_flops(inv, cfg, tok),
-                comm_per_step(inv, cfg, cl), step_timing(inv, cfg, cl, tok), "")
+    plan = Plan(cfg, cl, source, inv, tok, with_enc, enc, mem, host, checkpoint_bytes(inv, cfg),
+                step_flops(inv, cfg, tok), comm_per_step(inv, cfg, cl), step_timing(inv, cfg, cl, tok), "")
     plan.verdict = verdict(plan)
     return plan
 
