@@ -168,8 +168,9 @@ def inventory(config: dict, cfg: JobConfig) -> Inventory:
     import re
 
     model = build_transformer_meta(config)
-    # peft matches every rank_pattern key (one per Linear with lokr_full_matrix: 418 for FLUX.1) as a regex against
-    # every module; with more keys than re's cache holds, each match recompiles (minutes). A bigger cache: seconds.
+    # Where adapters.py hands peft one rank_pattern key per Linear (lokr_full_matrix: 418 for FLUX.1), peft matches
+    # each key as a regex against every module; past re's cache size each match recompiles (minutes). A bigger cache
+    # makes that seconds, and costs nothing when there are few patterns.
     cache, re._MAXCACHE = re._MAXCACHE, max(re._MAXCACHE, 8192)
     try:
         with torch.device("meta"):  # adapter weights on meta as well: a 3B-parameter LoKr must not be allocated
