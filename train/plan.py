@@ -165,18 +165,9 @@ def inventory(config: dict, cfg: JobConfig) -> Inventory:
     from train.mfu import flops_model
     from train.model import build_transformer_meta
 
-    import re
-
     model = build_transformer_meta(config)
-    # Where adapters.py hands peft one rank_pattern key per Linear (lokr_full_matrix: 418 for FLUX.1), peft matches
-    # each key as a regex against every module; past re's cache size each match recompiles (minutes). A bigger cache
-    # makes that seconds, and costs nothing when there are few patterns.
-    cache, re._MAXCACHE = re._MAXCACHE, max(re._MAXCACHE, 8192)
-    try:
-        with torch.device("meta"):  # adapter weights on meta as well: a 3B-parameter LoKr must not be allocated
-            apply_adapter(model, cfg.model.adapter)
-    finally:
-        re._MAXCACHE = cache
+    with torch.device("meta"):  # adapter weights on meta as well: a 3B-parameter LoKr must not be allocated
+        apply_adapter(model, cfg.model.adapter)
     blocks = [(f"transformer_blocks.{i}", b) for i, b in enumerate(model.transformer_blocks)]
     blocks += [(f"single_transformer_blocks.{i}", b) for i, b in enumerate(model.single_transformer_blocks)]
     in_blocks: set[int] = set()
