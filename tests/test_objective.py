@@ -263,3 +263,43 @@ def test_sampling_sigmas_match_diffusers_scheduler(steps, seq):
     assert ours[0] == 1.0 and ours[-1] == 0.0
     torch.testing.assert_close(ours, sched.sigmas, atol=1e-6, rtol=0)
     assert torch.all(ours[1:] < ours[:-1])
+
+
+# --- minibatch OT noise pairing ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pairing", ["ot_cosine", "ot_l2"])
+def test_ot_pairing_is_a_permutation_that_lowers_the_cost(pairing):
+    g = torch.Generator().manual_seed(0)
+    # Latents with structure (a shared mean direction plus per-sample offsets), as real latents have.
+    x0 = torch.randn(1, 64, 16, generator=g) + 0.7 * torch.randn(32, 64, 16, generator=g)
+    noise = torch.randn(32, 64, 16, generator=g)
+    paired = objective.pair_noise(x0, noise, pairing)
+    # A permutation of the noise rows: both marginals are unchanged as multisets, each row used once.
+    match = [(paired[i] == noise).flatten(1).all(1).nonzero().flatten().tolist() for i in range(32)]
+    assert all(len(m) == 1 for m in match) and sorted(m[0] for m in match) == list(range(32))
+    assert torch.equal(paired.flatten().sort().values, noise.flatten().sort().values)
+    cost = objective.pairing_cost(x0, noise, pairing)
+    perm = torch.tensor([m[0] for m in match])
+    identity, ot = cost.diagonal().mean(), cost[torch.arange(32), perm].mean()
+    assert ot < identity  # the assignment lowers the mean pair cost (it is optimal, so never raises it)
+    # Optimal: no random permutation beats it.
+    for s in range(200):
+        p = torch.randperm(32, generator=torch.Generator().manual_seed(s))
+        assert cost[torch.arange(32), p].mean() >= ot - 1e-12
+
+
+def test_ot_cost_matches_its_definition():
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(5, 7, 3, generator=g), torch.randn(5, 7, 3, generator=g)
+    x, e = x0.flatten(1).double(), noise.flatten(1).double()
+    cos = torch.nn.functional.cosine_similarity(x[:, None], e[None], dim=2)
+    torch.testing.assert_close(objective.pairing_cost(x0, noise, "ot_cosine"), -cos)
+    torch.testing.assert_close(objective.pairing_cost(x0, noise, "ot_l2"), torch.cdist(x, e).square())
+
+
+def test_no_pairing_is_todays_noise():
+    noise = torch.randn(4, 8, 16)
+    assert objective.pair_noise(torch.randn(4, 8, 16), noise, "none") is noise
+    with pytest.raises(ValueError, match="objective.noise_pairing"):
+        ObjectiveConfig(noise_pairing="ot")

@@ -189,6 +189,34 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
+def pairing_cost(x0: torch.Tensor, noise: torch.Tensor, pairing: str) -> torch.Tensor:
+    """(B, B) float64 cost of pairing latent i with noise j, over the flattened samples.
+
+    ot_cosine: −cos(x0_i, ε_j), Chroma's `cosine_optimal_transport`; ot_l2: ‖x0_i − ε_j‖², the W2 coupling of
+    minibatch OT-CFM (Tong et al.) and of the straight-path argument for rectified flow."""
+    x, e = x0.flatten(1).double(), noise.flatten(1).double()
+    if pairing == "ot_cosine":
+        return -(torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(e, dim=1).T)
+    if pairing == "ot_l2":
+        return (x.square().sum(1)[:, None] + e.square().sum(1)[None, :] - 2.0 * (x @ e.T)).clamp(min=0)
+    raise ValueError(f"objective.noise_pairing: {pairing!r} is not one of none, ot_cosine, ot_l2")
+
+
+def pair_noise(x0: torch.Tensor, noise: torch.Tensor, pairing: str) -> torch.Tensor:
+    """`noise` permuted along the batch so that sum_i cost(x0_i, ε_π(i)) is minimal (scipy's Hungarian solver).
+
+    The noise moves, not the latents: each latent keeps its caption, timestep and dropout. Draws nothing from any
+    generator and the solver is deterministic, so a resumed step pairs exactly as the uninterrupted one did.
+    "none" returns `noise` itself (today's independent pairing, bitwise)."""
+    if pairing == "none" or x0.shape[0] < 2:
+        return noise
+    from scipy.optimize import linear_sum_assignment
+
+    cost = pairing_cost(x0, noise, pairing).cpu().numpy()
+    rows, cols = linear_sum_assignment(cost)  # rows == arange(B)
+    return noise[torch.as_tensor(cols[np.argsort(rows)], device=noise.device)]
+
+
 def loss_weights(t: torch.Tensor, weighting: str) -> torch.Tensor | None:
     """(B,) per-sample weights, or None for "none". cosmap (SD3): 2 / (π·(1 - 2t + 2t²))."""
     if weighting == "none":
