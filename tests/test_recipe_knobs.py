@@ -94,3 +94,73 @@ def test_ot_bench_tiny_runs():
     rows = [line for line in r.stdout.splitlines() if line.startswith("| tiny")]
     assert len(rows) == 4 and all(float(row.split("|")[6]) > 0 for row in rows)  # total ms
     assert float(rows[-1].split("|")[7]) > 0  # batch 8, ot_l2: the assignment beats the identity
+
+
+# --- visible padding tokens --------------------------------------------------------------------------------------
+
+
+def test_visible_padding_mask_and_trim():
+    from train.text import PromptEmbeds, with_visible_padding
+
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    assert with_visible_padding(mask, 0) is mask
+    one = with_visible_padding(mask, 1)
+    assert one.sum(1).tolist() == [4, 2, 6] and torch.equal(one[:, :1], mask[:, :1])
+    assert with_visible_padding(mask, 2).sum(1).tolist() == [5, 3, 6]  # the last row runs out of padding
+    p = PromptEmbeds(torch.randn(3, 6, 4), with_visible_padding(mask, 1), torch.randn(3, 8))
+    assert p.trimmed().t5.shape[1] == 6  # max(len) + k = 6, clipped to the 6 tokens there are
+    p = PromptEmbeds(torch.randn(3, 6, 4), with_visible_padding(mask[:2], 1), torch.randn(3, 8)[:2])
+    assert p.trimmed().t5.shape[1] == 4  # max(len) + k = 3 + 1
+    with pytest.raises(ValueError, match="objective.visible_padding_tokens"):
+        ObjectiveConfig(visible_padding_tokens=1, attention_mask=False)
+    with pytest.raises(ValueError, match="objective.visible_padding_tokens"):
+        ObjectiveConfig(visible_padding_tokens=-1)
+
+
+def test_visible_pad_keeps_its_t5_state_independent_of_padding(loaded):
+    a = loaded.text.encode(PROMPTS, max_tokens=64, visible_padding=1)
+    b = loaded.text.encode(PROMPTS, max_tokens=128, visible_padding=1)
+    real = loaded.text.encode(PROMPTS, max_tokens=64)
+    lengths = real.mask.sum(1)
+    assert torch.equal(a.mask.sum(1), lengths + 1) and torch.equal(b.mask.sum(1), lengths + 1)
+    n = int(lengths.max()) + 1
+    torch.testing.assert_close(a.t5[:, :n], b.t5[:, :n], atol=1e-6, rtol=0)
+    assert not b.t5[:, n:].any() and not a.t5[a.mask.logical_not()].any()
+    for i, length in enumerate(lengths.tolist()):  # the visible pad is T5's own state for it, not zeros
+        assert a.t5[i, length].abs().sum() > 0
+        torch.testing.assert_close(a.t5[i, :length], real.t5[i, :length], atol=0, rtol=0)
+
+
+def _sample(loaded, tokens, k, cfg=3.0):
+    s = SamplerSettings(steps=3, cfg_scale=cfg, resolution=64, seed=7, max_text_tokens=tokens, visible_padding_tokens=k)
+    (img,) = generate(loaded.transformer, loaded.vae, loaded.text, [PROMPTS[0]], s, dtype=loaded.dtype)
+    return np.asarray(img)
+
+
+def test_one_visible_pad_sample_does_not_depend_on_padding(loaded):
+    a, b = _sample(loaded, 64, 1), _sample(loaded, 128, 1)
+    assert a.std() > 0 and np.array_equal(a, b)
+    assert not np.array_equal(a, _sample(loaded, 64, 0))  # the visible pad is seen by the model
+
+
+def test_one_visible_pad_loss_does_not_depend_on_padding_or_trimming(loaded):
+    def loss(tokens, k, trim=True):
+        return _step(loaded, ObjectiveConfig(max_text_tokens=tokens, trim_text=trim, visible_padding_tokens=k,
+                                             caption_dropout=0.5))[0]
+
+    base = loss(64, 1)
+    assert base["dropped"].any() and not base["dropped"].all()  # the empty prompt's visible pad is covered too
+    lengths = loaded.text.encode(PROMPTS + [""], max_tokens=64).mask.sum(1)
+    assert base["text_tokens"] == int(lengths.max()) + 1  # trimmed to max(len) + k
+    torch.testing.assert_close(loss(128, 1)["loss"], base["loss"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(loss(128, 1, trim=False)["loss"], base["loss"], atol=1e-6, rtol=0)
+    assert (loss(64, 0)["loss"] - base["loss"]).abs() > 1e-6
+
+
+def test_precomputed_text_refuses_visible_padding(loaded):
+    from train.step import prepare_prompts
+
+    frozen = Frozen(vae=loaded.vae, text=loaded.text, dtype=torch.float32, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="objective.visible_padding_tokens"):
+        prepare_prompts(frozen, PROMPTS, ObjectiveConfig(visible_padding_tokens=1, max_text_tokens=64),
+                        generator=torch.Generator().manual_seed(0), stored={"max_text_tokens": 64})
