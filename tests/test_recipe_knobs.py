@@ -93,7 +93,7 @@ def test_ot_bench_tiny_runs():
     assert r.returncode == 0, r.stderr[-4000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("| tiny")]
     assert len(rows) == 4 and all(float(row.split("|")[6]) > 0 for row in rows)  # total ms
-    assert float(rows[-1].split("|")[7]) > 0  # batch 8, ot_l2: the assignment beats the identity
+    assert float(rows[-1].split("|")[8]) > 0  # batch 8, ot_l2: the assignment beats the identity
 
 
 # --- visible padding tokens --------------------------------------------------------------------------------------
