@@ -126,7 +126,7 @@ def forward_backward_step(
 
     t = objective.sample_timesteps(cfg, b, generator=generator, image_seq_len=x0.shape[1]).to(device)
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
-    noise = objective.pair_noise(x0.to(device), noise, cfg.noise_pairing)  # minibatch OT; "none" = unchanged
+    noise = objective.pair_noise(x0, noise, cfg.noise_pairing)  # minibatch OT; "none" = unchanged
     x_t = objective.interpolate(x0, noise, t)
     target = objective.velocity_target(x0, noise)
     ids = image_ids(h, w, device=device, dtype=dtype)

@@ -95,7 +95,7 @@ class TextEncoder:
         self.t5 = T5EncoderModel.from_pretrained(str(path / "text_encoder_2"), dtype=dtype)
         for m in (self.clip, self.t5):
             m.to(device).eval().requires_grad_(False)
-        self._empty: dict[tuple[int, bool], PromptEmbeds] = {}
+        self._empty: dict[tuple[int, bool, int], PromptEmbeds] = {}
 
     @torch.no_grad()
     def encode(
