@@ -54,14 +54,15 @@ def _loop_cfg(model, data, run, **over):
     items = {
         "model.path": model, "data.local": data, "run_dir": run, "train.max_steps": 4, "train.batch_size": 4,
         "train.progress_bar": False, "sample.at_end": False, "checkpoint.every_steps": 100, "train.log_every": 1,
-        "objective.noise_pairing": "ot_cosine", "objective.timestep_sampler": "chroma", **over,
+        "objective.noise_pairing": "ot_cosine", "objective.timestep_sampler": "chroma",
+        "objective.visible_padding_tokens": 1, **over,
     }
     return load_config("configs/tiny-cpu.yaml", [f"{k}={v}" for k, v in items.items()])
 
 
 def test_ot_run_stopped_and_resumed_is_bitwise(tiny_model_dir, tiny_data_dir, tmp_path):
-    """A 1-process run (the torchrun code path) with OT pairing and the chroma sampler, stopped by SIGTERM after
-    step 2 and resumed, ends with the uninterrupted run's losses and weights, bitwise."""
+    """A 1-process run (the torchrun code path) with Chroma's three knobs, stopped by SIGTERM after step 2 and
+    resumed, ends with the uninterrupted run's losses, weights, moments and EMA, bitwise."""
     import train.loop as loop
 
     straight = loop.train(_loop_cfg(tiny_model_dir, tiny_data_dir, tmp_path / "straight"))
@@ -80,6 +81,24 @@ def test_ot_run_stopped_and_resumed_is_bitwise(tiny_model_dir, tiny_data_dir, tm
     from tiny_runs import assert_same_state, ckpt
 
     assert_same_state(ckpt(tmp_path / "straight", 4), ckpt(tmp_path / "resumed", 4))  # weights, moments, EMA
+
+    # `dedistill sample` on the run takes k = 1 from its config: the same image as the sampler told k = 1.
+    from PIL import Image
+
+    from launch.cli import main
+
+    out = tmp_path / "cli.png"
+    main(["sample", "--model", str(tmp_path / "straight"), "--prompt", PROMPTS[0], "--cfg", "3", "--steps", "2",
+          "--resolution", "64", "--max-text-tokens", "64", "--seed", "7", "--out", str(out)])
+    run = load_for_inference(tmp_path / "straight", device=torch.device("cpu"))
+    assert run.config.objective.visible_padding_tokens == 1
+
+    def direct(k):
+        s = SamplerSettings(steps=2, cfg_scale=3.0, resolution=64, seed=7, max_text_tokens=64, visible_padding_tokens=k)
+        return np.asarray(generate(run.transformer, run.vae, run.text, [PROMPTS[0]], s, dtype=run.dtype)[0])
+
+    cli = np.asarray(Image.open(out).convert("RGB"))
+    assert np.array_equal(cli, direct(1)) and not np.array_equal(cli, direct(0))
 
 
 def test_ot_bench_tiny_runs():
