@@ -7,8 +7,9 @@
 Times `train.objective.pair_noise` exactly as the step calls it, split into its two parts: the (B, B) cost matrix
 (float64 matmul over the flattened latents; on a GPU run this part runs on the GPU) and scipy's Hungarian solver
 `linear_sum_assignment` (always on the CPU). Times are wall-clock medians; "total CPU ms" is the process's CPU time
-for the whole call (all threads), the better figure on a machine whose cores are shared. Batch sizes: the presets' micro-batches (libreflux 1, openflux and
-full-fsdp-multinode 2, lora-1gpu 4) and 64 (the issue's reference). Prints a header and one markdown table.
+for the whole call (all threads), the better figure on a machine whose cores are shared. Batch sizes: the presets'
+micro-batches (libreflux 1, openflux and full-fsdp-multinode 2, lora-1gpu 4) and 64 (the issue's
+reference). Prints a header and one markdown table.
 """
 
 from __future__ import annotations
@@ -66,11 +67,14 @@ def main(argv: list[str] | None = None) -> None:
     else:
         cases = [("512² 16×64×64", (16, 64, 64), b) for b in (1, 2, 4, 64)]
         cases += [("1024² 16×128×128", (16, 128, 128), b) for b in (1, 2, 64)]
-    print(f"# OT noise pairing — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC — {platform.processor() or platform.machine()}"
-          f", torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}")
+    cpu = platform.processor() or platform.machine()
+    omp = os.environ.get("OMP_NUM_THREADS", "-")
+    print(f"# OT noise pairing — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC — {cpu}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, OMP_NUM_THREADS={omp}")
     print()
     print("### pair_noise per micro-batch (CPU, median of reps)")
-    print("| latents | batch | pairing | cost matrix ms | assignment ms | total ms | total CPU ms | mean cost gain vs identity |")
+    print("| latents | batch | pairing | cost matrix ms | assignment ms | total ms | total CPU ms "
+          "| mean cost gain vs identity |")
     print("|---|---|---|---|---|---|---|---|")
     for name, latent, batch in cases:
         for pairing in ("ot_cosine", "ot_l2"):
