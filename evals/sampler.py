@@ -29,6 +29,8 @@ class SamplerSettings:
     max_text_tokens: int = 512
     masked: bool = True
     """Bool T5 padding mask in joint attention (must match how the model was trained)."""
+    visible_padding_tokens: int = 0
+    """Pads left visible after each prompt: the run's objective.visible_padding_tokens (must match training)."""
     noise_temperature: float = 1.0
     """Multiplies the initial noise: the sampling-side temperature (<1: smoother, less varied images)."""
     cfg_skip_steps: int = 0
@@ -40,6 +42,8 @@ class SamplerSettings:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps: must be >= 1, got {self.steps}")
+        if self.visible_padding_tokens < 0:
+            raise ValueError(f"visible_padding_tokens: must be >= 0, got {self.visible_padding_tokens}")
         if self.noise_temperature <= 0:
             raise ValueError(f"noise_temperature: must be > 0, got {self.noise_temperature}")
         if not 0.0 <= self.cfg_rescale <= 1.0:
@@ -122,10 +126,11 @@ def generate(
         noise = torch.cat(
             [initial_noise((1, channels, h, w), s.seed + start + j) for j in range(len(chunk))]
         ) * s.noise_temperature
-        cond = text.encode(chunk, max_tokens=s.max_text_tokens, masked=s.masked)
+        enc = {"max_tokens": s.max_text_tokens, "masked": s.masked, "visible_padding": s.visible_padding_tokens}
+        cond = text.encode(chunk, **enc)
         uncond = None
         if s.cfg_scale != 1.0:
-            uncond = text.encode([s.negative_prompt] * len(chunk), max_tokens=s.max_text_tokens, masked=s.masked)
+            uncond = text.encode([s.negative_prompt] * len(chunk), **enc)
         packed = denoise(
             transformer, pack_latents(noise).to(device), cond, uncond, s, latent_hw=(h, w), dtype=dtype
         )
@@ -163,6 +168,7 @@ def sample_grid_for_run(transformer, frozen, cfg, *, step: int, logger, is_main:
         seed=sc.seed,
         max_text_tokens=cfg.objective.max_text_tokens,
         masked=cfg.objective.attention_mask,
+        visible_padding_tokens=cfg.objective.visible_padding_tokens,
         noise_temperature=sc.noise_temperature,
     )
     was_training = transformer.training

@@ -417,6 +417,7 @@ def evaluate(
         s = SamplerSettings(
             steps=steps, cfg_scale=cfg, negative_prompt=sc.negative_prompt, resolution=sc.resolution, seed=sc.seed,
             max_text_tokens=max_tokens, masked=masked, noise_temperature=sc.noise_temperature,
+            visible_padding_tokens=run_cfg.objective.visible_padding_tokens if run_cfg else 0,
             cfg_skip_steps=sc.cfg_skip_steps, cfg_rescale=sc.cfg_rescale, batch_size=sc.batch_size,
         )
         t0 = time.perf_counter()

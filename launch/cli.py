@@ -78,6 +78,7 @@ def cmd_sample(a) -> None:
         seed=a.seed,
         max_text_tokens=a.max_text_tokens,
         masked=masked,
+        visible_padding_tokens=0 if loaded.config is None else loaded.config.objective.visible_padding_tokens,
         noise_temperature=a.noise_temperature,
         cfg_skip_steps=a.cfg_skip_steps,
         cfg_rescale=a.cfg_rescale,

@@ -45,6 +45,43 @@ def test_beta_matches_scipy_libreflux_params():
     assert ks(t, stats.beta(2.0, 1.6).cdf) > P_MIN
 
 
+def test_chroma_matches_its_density():
+    """KS against the analytic CDF of p(t) ∝ −7.7·(t − ½)² + 2, integrated by hand, not through the sampler's code."""
+    t = draw(ObjectiveConfig(timestep_sampler="chroma"))
+    z = 2.0 - 7.7 / 12.0
+
+    def cdf(x):
+        x = np.clip(x, 0.0, 1.0)
+        return (2.0 * x - 7.7 / 3.0 * ((x - 0.5) ** 3 + 0.125)) / z
+
+    assert ks(t, cdf) > P_MIN
+    assert ks(t, stats.uniform().cdf) < P_MIN  # it is not uniform: the test can fail
+    # The inverse is exact: F(F⁻¹(u)) = u to rounding, across the whole unit interval (tails included).
+    u = torch.linspace(0, 1, 10_001, dtype=torch.float64)
+    x = objective.chroma_inverse_cdf(u)
+    np.testing.assert_allclose(cdf(x.numpy()), u.numpy(), atol=1e-12, rtol=0)
+    assert bool((x.diff() > 0).all()) and abs(float(x[0])) < 1e-12 and abs(float(x[-1]) - 1) < 1e-12
+    # Chroma's own sampler (searchsorted on a 1000-point grid of the density) agrees with it.
+    grid = np.linspace(0, 1, 1000)
+    dens = -7.7 * (grid - 0.5) ** 2 + 2
+    ref = grid[np.searchsorted(np.cumsum(dens / dens.sum()), np.random.default_rng(0).random(N), side="right")]
+    assert stats.ks_2samp(t, ref).pvalue > P_MIN
+
+
+def test_chroma_consumes_the_generator_as_uniform_and_beta_do():
+    """Same draws from the generator (one uniform per sample), so switching sampler keeps every later draw."""
+    for other in ("uniform", "beta"):
+        g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        objective.sample_timesteps(ObjectiveConfig(timestep_sampler="chroma"), 17, generator=g1, image_seq_len=SEQ)
+        objective.sample_timesteps(ObjectiveConfig(timestep_sampler=other), 17, generator=g2, image_seq_len=SEQ)
+        assert torch.equal(torch.rand(8, generator=g1), torch.rand(8, generator=g2))
+    u = torch.rand(17, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    t = objective.sample_timesteps(
+        ObjectiveConfig(timestep_sampler="chroma"), 17, generator=torch.Generator().manual_seed(3), image_seq_len=SEQ
+    )
+    torch.testing.assert_close(t, objective.chroma_inverse_cdf(u).clamp(objective.T_EPS, 1 - objective.T_EPS).float())
+
+
 def test_samplers_are_distinguishable():
     # The KS tests above must be able to fail: Beta(2, 1.6) samples are rejected as Beta(2, 2) or as uniform.
     t = draw(ObjectiveConfig(timestep_sampler="beta", beta_alpha=2.0, beta_beta=1.6))
@@ -131,7 +168,7 @@ def test_resolution_shift_sampling_equals_diffusers_time_shift():
 # --- determinism -----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sampler", ["uniform", "logit_normal", "beta"])
+@pytest.mark.parametrize("sampler", ["uniform", "logit_normal", "beta", "chroma"])
 def test_sampling_is_determined_by_the_generator_only(sampler):
     cfg = ObjectiveConfig(timestep_sampler=sampler, temperature=1.3, shift="resolution")
     torch.manual_seed(0)
@@ -226,3 +263,43 @@ def test_sampling_sigmas_match_diffusers_scheduler(steps, seq):
     assert ours[0] == 1.0 and ours[-1] == 0.0
     torch.testing.assert_close(ours, sched.sigmas, atol=1e-6, rtol=0)
     assert torch.all(ours[1:] < ours[:-1])
+
+
+# --- minibatch OT noise pairing ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pairing", ["ot_cosine", "ot_l2"])
+def test_ot_pairing_is_a_permutation_that_lowers_the_cost(pairing):
+    g = torch.Generator().manual_seed(0)
+    # Latents with structure (a shared mean direction plus per-sample offsets), as real latents have.
+    x0 = torch.randn(1, 64, 16, generator=g) + 0.7 * torch.randn(32, 64, 16, generator=g)
+    noise = torch.randn(32, 64, 16, generator=g)
+    paired = objective.pair_noise(x0, noise, pairing)
+    # A permutation of the noise rows: both marginals are unchanged as multisets, each row used once.
+    match = [(paired[i] == noise).flatten(1).all(1).nonzero().flatten().tolist() for i in range(32)]
+    assert all(len(m) == 1 for m in match) and sorted(m[0] for m in match) == list(range(32))
+    assert torch.equal(paired.flatten().sort().values, noise.flatten().sort().values)
+    cost = objective.pairing_cost(x0, noise, pairing)
+    perm = torch.tensor([m[0] for m in match])
+    identity, ot = cost.diagonal().mean(), cost[torch.arange(32), perm].mean()
+    assert ot < identity  # the assignment lowers the mean pair cost (it is optimal, so never raises it)
+    # Optimal: no random permutation beats it.
+    for s in range(200):
+        p = torch.randperm(32, generator=torch.Generator().manual_seed(s))
+        assert cost[torch.arange(32), p].mean() >= ot - 1e-12
+
+
+def test_ot_cost_matches_its_definition():
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(5, 7, 3, generator=g), torch.randn(5, 7, 3, generator=g)
+    x, e = x0.flatten(1).double(), noise.flatten(1).double()
+    cos = torch.nn.functional.cosine_similarity(x[:, None], e[None], dim=2)
+    torch.testing.assert_close(objective.pairing_cost(x0, noise, "ot_cosine"), -cos)
+    torch.testing.assert_close(objective.pairing_cost(x0, noise, "ot_l2"), torch.cdist(x, e).square())
+
+
+def test_no_pairing_is_todays_noise():
+    noise = torch.randn(4, 8, 16)
+    assert objective.pair_noise(torch.randn(4, 8, 16), noise, "none") is noise
+    with pytest.raises(ValueError, match="objective.noise_pairing"):
+        ObjectiveConfig(noise_pairing="ot")

@@ -111,7 +111,7 @@ class ObjectiveConfig:
     """Flow matching on x_t = (1-t)·x0 + t·ε with target v = ε - x0 (see train/objective.py)."""
 
     timestep_sampler: str = "logit_normal"
-    """uniform | logit_normal | beta"""
+    """uniform | logit_normal | beta | chroma (Chroma's density ∝ −7.7·(t − 0.5)² + 2 on [0, 1])"""
     logit_mean: float = 0.0
     logit_std: float = 1.0
     beta_alpha: float = 2.0
@@ -138,9 +138,17 @@ class ObjectiveConfig:
     without the mask the padding changes the output, so it is kept."""
     loss_weighting: str = "none"
     """none | cosmap (SD3's weighting) — multiplies the per-sample MSE."""
+    noise_pairing: str = "none"
+    """none | ot_cosine | ot_l2: pair each micro-batch's noise with its latents by a minimum-cost assignment
+    (Chroma's minibatch optimal transport uses negative cosine similarity); none draws them independently."""
+    visible_padding_tokens: int = 0
+    """How many padding tokens after each prompt stay visible in the joint-attention mask (and keep their T5
+    states): 0 masks every pad (LibreFLUX's intent), Chroma keeps 1. Training and sampling use the same value."""
 
     def __post_init__(self) -> None:
-        _check_choice("objective.timestep_sampler", self.timestep_sampler, ("uniform", "logit_normal", "beta"))
+        _check_choice(
+            "objective.timestep_sampler", self.timestep_sampler, ("uniform", "logit_normal", "beta", "chroma")
+        )
         _check_choice("objective.shift", self.shift, ("none", "constant", "resolution"))
         _check_choice("objective.loss_weighting", self.loss_weighting, ("none", "cosmap"))
         _check_positive("objective.logit_std", self.logit_std)
@@ -150,6 +158,11 @@ class ObjectiveConfig:
         _check_positive("objective.shift_value", self.shift_value)
         _check_unit("objective.caption_dropout", self.caption_dropout)
         _check_positive("objective.max_text_tokens", self.max_text_tokens)
+        _check_choice("objective.noise_pairing", self.noise_pairing, ("none", "ot_cosine", "ot_l2"))
+        _check_positive("objective.visible_padding_tokens", self.visible_padding_tokens, allow_zero=True)
+        if self.visible_padding_tokens and not self.attention_mask:
+            raise ValueError("objective.visible_padding_tokens: needs objective.attention_mask=true (without the "
+                             "mask every pad is visible already)")
 
 
 @dataclass(kw_only=True)

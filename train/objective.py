@@ -84,10 +84,31 @@ def _shift_for(cfg: ObjectiveConfig, image_seq_len: int) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # Timestep sampling
 
+CHROMA_A, CHROMA_B = 7.7, 2.0
+"""Chroma's timestep density p(t) ∝ −A·(t − ½)² + B on [0, 1] (lodestone-rock/flow `create_distribution`)."""
+_CHROMA_Z = CHROMA_B - CHROMA_A / 12.0  # ∫₀¹ (−A·(t − ½)² + B) dt
+
+
+def chroma_cdf(t):
+    """CDF of Chroma's density: (B·t − (A/3)·((t − ½)³ + ⅛)) / Z, for t in [0, 1] (numpy or torch)."""
+    return (CHROMA_B * t - CHROMA_A / 3.0 * ((t - 0.5) ** 3 + 0.125)) / _CHROMA_Z
+
+
+def chroma_inverse_cdf(u: torch.Tensor) -> torch.Tensor:
+    """Exact inverse of `chroma_cdf` (float64): with y = t − ½, F(t) = u is the depressed cubic
+    y³ + p·y + q = 0, p = −3B/A, q = 3·(u·Z − B/2 + A/24)/A. The density is positive on [0, 1] (p(0) = B − A/4 > 0),
+    so F is increasing there and the root in [−½, ½] is the middle of the cubic's three real roots (k = 1 of the
+    trigonometric formula). Chroma itself searches a 1000-point grid; the closed form is exact and as cheap."""
+    p = -3.0 * CHROMA_B / CHROMA_A
+    q = 3.0 * (u * _CHROMA_Z - CHROMA_B / 2.0 + CHROMA_A / 24.0) / CHROMA_A
+    r = 2.0 * math.sqrt(-p / 3.0)
+    phi = torch.arccos((1.5 * q / p * math.sqrt(-3.0 / p)).clamp(-1.0, 1.0))
+    return 0.5 + r * torch.cos(phi / 3.0 - 2.0 * math.pi / 3.0)
+
 
 def _base_median(cfg: ObjectiveConfig) -> float:
     """Median of the untempered, unshifted sampler, in t."""
-    if cfg.timestep_sampler == "uniform":
+    if cfg.timestep_sampler in ("uniform", "chroma"):  # both symmetric about ½
         return 0.5
     if cfg.timestep_sampler == "logit_normal":
         return 1.0 / (1.0 + math.exp(-cfg.logit_mean))
@@ -95,7 +116,9 @@ def _base_median(cfg: ObjectiveConfig) -> float:
         from scipy.special import betaincinv
 
         return float(betaincinv(cfg.beta_alpha, cfg.beta_beta, 0.5))
-    raise ValueError(f"objective.timestep_sampler: {cfg.timestep_sampler!r} is not one of uniform, logit_normal, beta")
+    raise ValueError(
+        f"objective.timestep_sampler: {cfg.timestep_sampler!r} is not one of uniform, logit_normal, beta, chroma"
+    )
 
 
 def _sample_base(cfg: ObjectiveConfig, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -112,7 +135,13 @@ def _sample_base(cfg: ObjectiveConfig, n: int, generator: torch.Generator) -> to
 
         u = torch.rand(n, generator=generator, dtype=torch.float64, device=dev).cpu()
         return torch.from_numpy(np.asarray(betaincinv(cfg.beta_alpha, cfg.beta_beta, u.numpy()), dtype=np.float64))
-    raise ValueError(f"objective.timestep_sampler: {cfg.timestep_sampler!r} is not one of uniform, logit_normal, beta")
+    if cfg.timestep_sampler == "chroma":
+        # One uniform per sample, as uniform and beta draw: the generator advances identically for every sampler.
+        u = torch.rand(n, generator=generator, dtype=torch.float64, device=dev).cpu()
+        return chroma_inverse_cdf(u)
+    raise ValueError(
+        f"objective.timestep_sampler: {cfg.timestep_sampler!r} is not one of uniform, logit_normal, beta, chroma"
+    )
 
 
 def apply_temperature(t: torch.Tensor, temperature: float, median: float) -> torch.Tensor:
@@ -128,7 +157,8 @@ def sample_timesteps(
 ) -> torch.Tensor:
     """(n,) float32 timesteps in [T_EPS, 1 - T_EPS]: base sampler -> temperature -> shift -> clamp.
 
-    base: uniform | logit_normal(cfg.logit_mean, cfg.logit_std) | beta(cfg.beta_alpha, cfg.beta_beta);
+    base: uniform | logit_normal(cfg.logit_mean, cfg.logit_std) | beta(cfg.beta_alpha, cfg.beta_beta) | chroma
+    (Chroma's quadratic density, used by Chroma with no shift and temperature 1);
     temperature: see the module docstring; shift: none | constant (cfg.shift_value) | resolution (FLUX's rule for
     `image_seq_len` packed tokens). Draws n values from `generator` (CPU or CUDA generator); returns a CPU tensor.
     """
@@ -157,6 +187,34 @@ def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch
 def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """v = ε - x0, the time derivative of x_t."""
     return noise - x0
+
+
+def pairing_cost(x0: torch.Tensor, noise: torch.Tensor, pairing: str) -> torch.Tensor:
+    """(B, B) float64 cost of pairing latent i with noise j, over the flattened samples.
+
+    ot_cosine: −cos(x0_i, ε_j), Chroma's `cosine_optimal_transport`; ot_l2: ‖x0_i − ε_j‖², the W2 coupling of
+    minibatch OT-CFM (Tong et al.) and of the straight-path argument for rectified flow."""
+    x, e = x0.flatten(1).double(), noise.flatten(1).double()
+    if pairing == "ot_cosine":
+        return -(torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(e, dim=1).T)
+    if pairing == "ot_l2":
+        return (x.square().sum(1)[:, None] + e.square().sum(1)[None, :] - 2.0 * (x @ e.T)).clamp(min=0)
+    raise ValueError(f"objective.noise_pairing: {pairing!r} is not one of none, ot_cosine, ot_l2")
+
+
+def pair_noise(x0: torch.Tensor, noise: torch.Tensor, pairing: str) -> torch.Tensor:
+    """`noise` permuted along the batch so that sum_i cost(x0_i, ε_π(i)) is minimal (scipy's Hungarian solver).
+
+    The noise moves, not the latents: each latent keeps its caption, timestep and dropout. Draws nothing from any
+    generator and the solver is deterministic, so a resumed step pairs exactly as the uninterrupted one did.
+    "none" returns `noise` itself (today's independent pairing, bitwise)."""
+    if pairing == "none" or x0.shape[0] < 2:
+        return noise
+    from scipy.optimize import linear_sum_assignment
+
+    cost = pairing_cost(x0, noise, pairing).cpu().numpy()
+    rows, cols = linear_sum_assignment(cost)  # rows == arange(B)
+    return noise[torch.as_tensor(cols[np.argsort(rows)], device=noise.device)]
 
 
 def loss_weights(t: torch.Tensor, weighting: str) -> torch.Tensor | None:

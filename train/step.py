@@ -56,6 +56,11 @@ def _stored_prompts(stored: dict, cfg: ObjectiveConfig) -> tuple[PromptEmbeds, P
             "objective.attention_mask: precomputed T5 states are stored unpadded, which is exact only with the "
             "padding mask; set objective.attention_mask=true or train on raw shards"
         )
+    if cfg.visible_padding_tokens:
+        raise ValueError(
+            "objective.visible_padding_tokens: precomputed T5 states are stored without padding states; set it to 0 "
+            "or train on raw shards"
+        )
     if stored.get("max_text_tokens") != cfg.max_text_tokens:
         raise ValueError(
             f"objective.max_text_tokens: {cfg.max_text_tokens}, but the dataset was precomputed with "
@@ -75,7 +80,7 @@ def prepare_prompts(
     stored: dict | None = None,
 ) -> tuple[PromptEmbeds, torch.Tensor]:
     """Encode captions (or take the `stored` precomputed ones); caption dropout swaps in the empty prompt (with its
-    own mask); trim to the longest prompt."""
+    own mask); trim to the longest prompt (its visible padding tokens included)."""
     drop = objective.caption_dropout_mask(len(captions), cfg.caption_dropout, generator=generator)
     if stored is not None:
         enc, empty = _stored_prompts(stored, cfg)
@@ -85,8 +90,9 @@ def prepare_prompts(
     else:
         kept = [c for c, d in zip(captions, drop.tolist()) if not d] or [""]
         masked = cfg.attention_mask
-        enc = frozen.text.encode(kept, max_tokens=cfg.max_text_tokens, masked=masked)
-        empty = frozen.text.empty(max_tokens=cfg.max_text_tokens, masked=masked)
+        k = cfg.visible_padding_tokens
+        enc = frozen.text.encode(kept, max_tokens=cfg.max_text_tokens, masked=masked, visible_padding=k)
+        empty = frozen.text.empty(max_tokens=cfg.max_text_tokens, masked=masked, visible_padding=k)
         # Scatter the encoded captions back into batch order, empty prompt where dropped.
         order = torch.cumsum(~drop, 0) - 1
         prompts = enc.select(order.clamp(min=0)).where(drop, empty)
@@ -120,6 +126,7 @@ def forward_backward_step(
 
     t = objective.sample_timesteps(cfg, b, generator=generator, image_seq_len=x0.shape[1]).to(device)
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
+    noise = objective.pair_noise(x0, noise, cfg.noise_pairing)  # minibatch OT; "none" = unchanged
     x_t = objective.interpolate(x0, noise, t)
     target = objective.velocity_target(x0, noise)
     ids = image_ids(h, w, device=device, dtype=dtype)

@@ -70,6 +70,16 @@ class PromptEmbeds:
         )
 
 
+def with_visible_padding(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, L) bool prefix mask -> the same with the first k padding positions after each prompt also True (fewer
+    where the row runs out of padding). k = 0 returns `mask` itself."""
+    if k == 0:
+        return mask
+    length = mask.sum(1, keepdim=True)  # real tokens are a prefix (right padding)
+    pos = torch.arange(mask.shape[1], device=mask.device)[None, :]
+    return pos < length + k
+
+
 class TextEncoder:
     """Frozen CLIP-L + T5 pair from a diffusers FLUX directory."""
 
@@ -85,11 +95,17 @@ class TextEncoder:
         self.t5 = T5EncoderModel.from_pretrained(str(path / "text_encoder_2"), dtype=dtype)
         for m in (self.clip, self.t5):
             m.to(device).eval().requires_grad_(False)
-        self._empty: dict[tuple[int, bool], PromptEmbeds] = {}
+        self._empty: dict[tuple[int, bool, int], PromptEmbeds] = {}
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], *, max_tokens: int, masked: bool = True) -> PromptEmbeds:
-        """masked=False reproduces FluxPipeline/schnell: T5 attends to its padding and the states keep it."""
+    def encode(
+        self, prompts: list[str], *, max_tokens: int, masked: bool = True, visible_padding: int = 0
+    ) -> PromptEmbeds:
+        """masked=False reproduces FluxPipeline/schnell: T5 attends to its padding and the states keep it.
+
+        visible_padding=k (`objective.visible_padding_tokens`, masked only): the first k pads after each prompt
+        join its mask with their T5 states, as Chroma's `modify_mask_to_attend_padding` does. T5 itself still runs
+        with the real-token mask, so a visible pad's state depends on the prompt alone, not on max_tokens."""
         clip_ids = self.clip_tokenizer(
             prompts,
             padding="max_length",
@@ -106,13 +122,14 @@ class TextEncoder:
         if not masked:
             return PromptEmbeds(self.t5(t5_in.input_ids.to(self.device))[0], mask, pooled)
         states = self.t5(t5_in.input_ids.to(self.device), attention_mask=mask.long())[0]  # (B, L, D)
-        # Zero the padding rows: they are never attended to, and zeros make that visible in dumps.
+        mask = with_visible_padding(mask, visible_padding)
+        # Zero the masked rows: they are never attended to, and zeros make that visible in dumps.
         states = states * mask[..., None].to(states.dtype)
         return PromptEmbeds(states, mask, pooled)
 
-    def empty(self, *, max_tokens: int, masked: bool = True) -> PromptEmbeds:
+    def empty(self, *, max_tokens: int, masked: bool = True, visible_padding: int = 0) -> PromptEmbeds:
         """The empty-prompt encoding (caption dropout and CFG's unconditional branch), cached."""
-        key = (max_tokens, masked)
+        key = (max_tokens, masked, visible_padding)
         if key not in self._empty:
-            self._empty[key] = self.encode([""], max_tokens=max_tokens, masked=masked)
+            self._empty[key] = self.encode([""], max_tokens=max_tokens, masked=masked, visible_padding=visible_padding)
         return self._empty[key]
