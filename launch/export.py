@@ -3,7 +3,9 @@
 - `--format diffusers` (any adapter kind): the base transformer with the adapter merged into its weights (LoRA and
   LoKr alike; a full fine-tune is just its weights), saved with `save_pretrained`, and every other pipeline component
   (VAE, both text encoders and tokenizers, scheduler, model_index.json) copied from the run's base model dir.
-  `FluxPipeline.from_pretrained(DIR)` loads it, and so does `dedistill sample --model DIR`.
+  `FluxPipeline.from_pretrained(DIR)` loads it, and so does `dedistill sample --model DIR`. Beside it (launch/
+  export_card.py): `pipeline.py`, the masked real-CFG pipeline that `DiffusionPipeline.from_pretrained(DIR,
+  custom_pipeline=DIR, trust_remote_code=True)` loads; the run's sampling schedule in `scheduler/`; a README.md card.
 - `--format lora` (LoRA adapters only): `pytorch_lora_weights.safetensors` in the PEFT key layout diffusers expects
   (`transformer.<module>.lora_A.weight`, ...), written by diffusers' own `FluxPipeline.save_lora_weights` with the
   adapter's rank/alpha/targets as metadata, so `FluxPipeline.load_lora_weights(DIR)` applies it at the trained scale.
@@ -46,8 +48,9 @@ def _check_out(out: Path) -> None:
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, fmt: str = "diffusers", dtype: str = "bf16",
                       ema: bool = False) -> Path:
+    from launch.export_card import write_diffusers_extras
     from train.adapters import merge_adapter
-    from train.inference import resolve_checkpoint
+    from train.inference import resolve_checkpoint, sampling_schedule
     from train.model import cast_model
 
     if fmt not in ("diffusers", "lora"):
@@ -60,6 +63,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, fmt: str = "di
     out = Path(out)
     _check_out(out)
     transformer, cfg = _load_trained_transformer(ckpt, run_dir, ema=ema)
+    schedule = sampling_schedule(cfg.model.path, cfg)  # what the run says its model samples with
     kind = cfg.model.adapter.kind
     if fmt == "lora" and kind != "lora":
         raise ValueError(
@@ -75,9 +79,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, fmt: str = "di
         merge_adapter(transformer)  # in fp32, then cast once
         cast_model(transformer, _DTYPES[dtype]).save_pretrained(str(out / "transformer"), safe_serialization=True)
         _copy_components(Path(cfg.model.path), out)
+        write_diffusers_extras(out, cfg, checkpoint=ckpt, step=step, ema=ema, dtype=dtype, schedule=schedule)
     (out / "dedistill_export.json").write_text(json.dumps({
         "checkpoint": str(ckpt), "step": step, "adapter": kind, "format": fmt, "dtype": dtype, "ema": ema,
-        "base_model": cfg.model.path,
+        "base_model": cfg.model.path, "schedule": {"describe": schedule.describe(), **schedule.scheduler_config()},
     }, indent=2))
     return out
 
