@@ -9,7 +9,11 @@
 - `--format lora` (LoRA adapters only): `pytorch_lora_weights.safetensors` in the PEFT key layout diffusers expects
   (`transformer.<module>.lora_A.weight`, ...), written by diffusers' own `FluxPipeline.save_lora_weights` with the
   adapter's rank/alpha/targets as metadata, so `FluxPipeline.load_lora_weights(DIR)` applies it at the trained scale.
-  LoKr has no diffusers loader for FLUX: export it merged (`--format diffusers`).
+  LoKr has no diffusers loader for FLUX: export it merged (`--format diffusers`). `--lora-layout kohya` writes
+  `lora_kohya.safetensors` in the kohya/ComfyUI layout instead (launch/bfl_keys.py).
+- `--format bfl` (any adapter kind): the merged transformer as one safetensors file in Black Forest Labs' original key
+  layout (`flux1-dedistill.safetensors`), the single file ComfyUI / Forge load; diffusers reads it with
+  `FluxTransformer2DModel.from_single_file` (launch/export_single_file.py).
 
 One process, CPU, no process group: DCP reassembles the sharded checkpoint (FSDP2 or DeepSpeed, same layout). The merge
 runs in fp32 and the result is cast to `--dtype` (bf16, what FLUX ships, by default).
@@ -47,14 +51,18 @@ def _check_out(out: Path) -> None:
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, fmt: str = "diffusers", dtype: str = "bf16",
-                      ema: bool = False) -> Path:
+                      ema: bool = False, lora_layout: str = "peft") -> Path:
     from launch.export_card import write_diffusers_extras
     from train.adapters import merge_adapter
     from train.inference import resolve_checkpoint, sampling_schedule
     from train.model import cast_model
 
-    if fmt not in ("diffusers", "lora"):
-        raise ValueError(f"--format: {fmt!r} is not one of diffusers, lora")
+    if fmt not in ("diffusers", "lora", "bfl"):
+        raise ValueError(f"--format: {fmt!r} is not one of diffusers, lora, bfl")
+    if lora_layout not in ("peft", "kohya"):
+        raise ValueError(f"--lora-layout: {lora_layout!r} is not one of peft, kohya")
+    if lora_layout != "peft" and fmt != "lora":
+        raise ValueError(f"--lora-layout: applies to --format lora, not {fmt}")
     if dtype not in _DTYPES:
         raise ValueError(f"--dtype: {dtype!r} is not one of {', '.join(_DTYPES)}")
     ckpt, run_dir = resolve_checkpoint(checkpoint, key="--checkpoint")
@@ -73,8 +81,17 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, fmt: str = "di
         )
     out.mkdir(parents=True, exist_ok=True)
     step = int(ckpt.name.split("_")[1])
-    if fmt == "lora":
+    if fmt == "lora" and lora_layout == "kohya":
+        from launch.export_single_file import save_kohya_lora
+
+        save_kohya_lora(transformer, out, _DTYPES[dtype])
+    elif fmt == "lora":
         _save_lora(transformer, out, _DTYPES[dtype])
+    elif fmt == "bfl":
+        from launch.export_single_file import save_bfl
+
+        merge_adapter(transformer)  # in fp32, then cast once
+        save_bfl(transformer, out, _DTYPES[dtype], step=step, schedule=schedule)
     else:
         merge_adapter(transformer)  # in fp32, then cast once
         cast_model(transformer, _DTYPES[dtype]).save_pretrained(str(out / "transformer"), safe_serialization=True)
@@ -83,6 +100,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, fmt: str = "di
     (out / "dedistill_export.json").write_text(json.dumps({
         "checkpoint": str(ckpt), "step": step, "adapter": kind, "format": fmt, "dtype": dtype, "ema": ema,
         "base_model": cfg.model.path, "schedule": {"describe": schedule.describe(), **schedule.scheduler_config()},
+        **({"lora_layout": lora_layout} if fmt == "lora" else {}),
     }, indent=2))
     return out
 
@@ -122,12 +140,16 @@ def register(sub) -> None:
     )
     s.add_argument("--checkpoint", required=True, help="checkpoint dir (step_N) or run dir (its newest checkpoint)")
     s.add_argument("--out", required=True, help="output directory (new or empty)")
-    s.add_argument("--format", dest="fmt", choices=["diffusers", "lora"], default="diffusers")
+    s.add_argument("--format", dest="fmt", choices=["diffusers", "lora", "bfl"], default="diffusers",
+                   help="bfl: the merged transformer as one safetensors file in Black Forest Labs' key layout "
+                   "(ComfyUI / Forge)")
+    s.add_argument("--lora-layout", choices=["peft", "kohya"], default="peft",
+                   help="--format lora: peft (diffusers' layout) or kohya (lora_unet_<BFL module>, ComfyUI / Forge)")
     s.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="weights dtype of the export")
     s.add_argument("--ema", action="store_true", help="export the EMA weights")
     s.set_defaults(func=cmd_export)
 
 
 def cmd_export(a) -> None:
-    out = export_checkpoint(a.checkpoint, a.out, fmt=a.fmt, dtype=a.dtype, ema=a.ema)
+    out = export_checkpoint(a.checkpoint, a.out, fmt=a.fmt, dtype=a.dtype, ema=a.ema, lora_layout=a.lora_layout)
     print(out)
