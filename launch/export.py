@@ -135,8 +135,11 @@ def register(sub) -> None:
     s = sub.add_parser(
         "export", help="a checkpoint as a diffusers pipeline dir (adapter merged) or a diffusers-loadable LoRA",
         description="Consolidated safetensors of a checkpoint. --format diffusers: a full pipeline dir, the adapter "
-        "merged into the transformer (LoRA, LoKr or full fine-tune), that FluxPipeline.from_pretrained loads. "
-        "--format lora: a LoRA adapter for FluxPipeline.load_lora_weights (LoRA runs only; export LoKr merged).",
+        "merged into the transformer (LoRA, LoKr or full fine-tune), with pipeline.py (the masked real-CFG pipeline: "
+        "DiffusionPipeline.from_pretrained(DIR, custom_pipeline=DIR, trust_remote_code=True)), the run's sampling "
+        "schedule and a README.md model card. --format lora: a LoRA adapter for FluxPipeline.load_lora_weights "
+        "(LoRA runs only; export LoKr merged), PEFT or kohya layout. --format bfl: the merged transformer as one "
+        "file in Black Forest Labs' keys (ComfyUI / Forge).",
     )
     s.add_argument("--checkpoint", required=True, help="checkpoint dir (step_N) or run dir (its newest checkpoint)")
     s.add_argument("--out", required=True, help="output directory (new or empty)")
