@@ -126,7 +126,8 @@ dedistill sample --model path/to/this/folder --prompt "{prompt}" --negative-prom
     --resolution {s.resolution} --seed 0 --out sample.png
 ```
 
-Same seed, settings and dtype: the same image as the pipeline above, pixel for pixel.
+Same seed, settings and dtype: the same image as the pipeline above, pixel for pixel (dedistill's tests check this
+on CPU in fp32; on a GPU both run the same operations, which was not verified there).
 """
 
 
