@@ -77,13 +77,13 @@ class DedistillFluxPipeline(FluxPipeline):
         cfg_skip_steps: int = 0,
         cfg_rescale: float = 0.0,
         noise_temperature: float = 1.0,
-        attention_mask: bool = ATTENTION_MASK,
+        mask_text_padding: bool = ATTENTION_MASK,
         output_type: str = "pil",
         return_dict: bool = True,
     ):
         """true_cfg_scale 1 is no guidance (one forward per step); cfg_skip_steps: no CFG for the first N steps;
-        cfg_rescale in [0, 1] rescales the guided velocity's std toward the conditional one; attention_mask: how the
-        model was trained (leave the default). output_type: pil | np (uint8) | latent (packed)."""
+        cfg_rescale in [0, 1] rescales the guided velocity's std toward the conditional one; mask_text_padding: how
+        the model was trained (leave the default). output_type: pil | np (uint8) | latent (packed)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         b = len(prompts)
         negatives = [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt)
@@ -110,10 +110,10 @@ class DedistillFluxPipeline(FluxPipeline):
         guided = true_cfg_scale != 1.0
         # Prompts and negatives are encoded as two batches, then stacked [cond; uncond], as dedistill's sampler does
         # (one batch of 2B would round differently in the encoders).
-        enc = [self.encode_masked(p, max_tokens=max_sequence_length, masked=attention_mask, device=device)
+        enc = [self.encode_masked(p, max_tokens=max_sequence_length, masked=mask_text_padding, device=device)
                for p in ([prompts, negatives] if guided else [prompts])]
         t5, mask, pooled = (torch.cat(parts) for parts in zip(*enc))
-        if attention_mask:
+        if mask_text_padding:
             # Drop columns that are padding in every row: exact under the mask, and the image no longer depends
             # on max_sequence_length.
             longest = max(int(mask.sum(1).max().item()), 1)
@@ -135,7 +135,7 @@ class DedistillFluxPipeline(FluxPipeline):
                 t = sigmas[i].expand(b)
                 if guided and i >= cfg_skip_steps:
                     v = self._velocity(torch.cat([x, x]).to(dtype), torch.cat([t, t]), t5, mask, pooled, img_ids,
-                                       masked=attention_mask, dtype=dtype)
+                                       masked=mask_text_padding, dtype=dtype)
                     v_cond, v_uncond = v.float().chunk(2)
                     v = v_uncond + true_cfg_scale * (v_cond - v_uncond)
                     if cfg_rescale > 0:
@@ -144,7 +144,7 @@ class DedistillFluxPipeline(FluxPipeline):
                         v = cfg_rescale * (v * factor) + (1 - cfg_rescale) * v
                 else:
                     v = self._velocity(x.to(dtype), t, t5[:b], mask[:b], pooled[:b], img_ids,
-                                       masked=attention_mask, dtype=dtype).float()
+                                       masked=mask_text_padding, dtype=dtype).float()
                 x = x + (sigmas[i + 1] - sigmas[i]) * v  # Euler, in fp32
                 progress.update()
 
