@@ -58,7 +58,8 @@ def _recipe_rows(cfg: JobConfig) -> list[tuple[str, str]]:
         ("caption dropout", f"{o.caption_dropout:g} (the empty prompt: what CFG's unconditional branch learns)"),
         ("T5 padding mask", "on (bool key mask in joint attention)" if o.attention_mask else "off"),
         ("max_text_tokens", str(o.max_text_tokens)),
-        ("training steps", f"{cfg.train.max_steps} (batch {batch} per rank, lr {cfg.optim.lr:g}, {cfg.optim.schedule})"),
+        ("training steps",
+         f"{cfg.train.max_steps} (batch {batch} per rank, lr {cfg.optim.lr:g}, {cfg.optim.schedule})"),
         ("EMA decay", f"{cfg.ema.decay:g}" if cfg.ema.decay else "off"),
     ]
 
@@ -66,7 +67,7 @@ def _recipe_rows(cfg: JobConfig) -> list[tuple[str, str]]:
 def model_card(cfg: JobConfig, *, checkpoint: Path, step: int, ema: bool, dtype: str,
                schedule: SamplingSchedule) -> str:
     s = cfg.sample
-    cfg_scale = max(s.cfg_scales) if s.cfg_scales else 3.5
+    cfg_scale = next((c for c in s.cfg_scales if c > 1.0), 3.5)  # the run's first real-CFG scale in its sample grid
     mask_note = (
         "It was trained with the T5 padding mask. Stock `FluxPipeline` passes no mask, so it samples a different image "
         "than the model was trained for (and one that changes with `max_sequence_length`); use the pipeline below."
@@ -122,8 +123,8 @@ image.save("sample.png")
 ## Sample with dedistill
 
 ```
-dedistill sample --model path/to/this/folder --prompt "{prompt}" --negative-prompt "{neg}" --cfg {cfg_scale:g} --steps {s.steps} \\
-    --resolution {s.resolution} --seed 0 --out sample.png
+dedistill sample --model path/to/this/folder --prompt "{prompt}" --negative-prompt "{neg}" \\
+    --cfg {cfg_scale:g} --steps {s.steps} --resolution {s.resolution} --seed 0 --out sample.png
 ```
 
 Same seed, settings and dtype: the same image as the pipeline above, pixel for pixel (dedistill's tests check this
