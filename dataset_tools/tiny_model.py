@@ -9,8 +9,9 @@ Choices worth knowing:
 - VAE: four blocks, i.e. 8x downsampling like FLUX's VAE, so the `H / 8 / 2` latent and packing arithmetic is the
   real one (a 64 px image -> 8x8x4 latents -> 16 image tokens). Heights and widths must be multiples of 16.
   FLUX's scaling/shift factors and no quant convs, as in FLUX.
-- Scheduler: FLUX.1-dev-style dynamic shifting (mu from the image sequence length), which the de-distilled model
-  samples with.
+- Scheduler: FLUX.1-schnell's own config (FlowMatchEulerDiscreteScheduler, shift 1.0, no dynamic shifting), as
+  everything else here mirrors schnell. A de-distilled model samples with FLUX.1-dev's dynamic shift instead: its run
+  records that (`sample.schedule`) and its export's scheduler config says so.
 - Weights are PyTorch/diffusers default random init, seeded per component: the same seed gives identical files.
 """
 
@@ -53,8 +54,8 @@ TINY_SIZES: dict[str, dict[str, dict]] = {
     },
 }
 
-SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+SCHEDULER_CONFIG = dict(  # FLUX.1-schnell's scheduler/scheduler_config.json
+    num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5, max_shift=1.15,
     base_image_seq_len=256, max_image_seq_len=4096,
 )
 

@@ -1,7 +1,9 @@
-"""Real classifier-free guidance sampling: v = v_uncond + s·(v_cond − v_uncond), Euler on FLUX's shifted schedule.
+"""Real classifier-free guidance sampling: v = v_uncond + s·(v_cond − v_uncond), Euler over a FLUX sigma schedule.
 
 Cond and uncond run as one batch through `train.flux.predict_velocity` with the same bool T5 mask the trainer uses.
-The schnell baseline (no CFG, 4 steps) is `cfg_scale=1, steps=4`.
+The schedule is the model's (`SamplerSettings.schedule`, resolved by `train.inference.sampling_schedule`): FLUX.1-dev's
+dynamic shift for a de-distilled model, schnell's own (no shift) for schnell. The schnell baseline is
+`cfg_scale=1, steps=4` on schnell's schedule.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from PIL import Image
 
 from train.flux import image_ids, pack_latents, predict_velocity, unpack_latents
 from train.model import vae_scale_factor
-from train.objective import sampling_sigmas
+from train.objective import DEV_SCHEDULE, SamplingSchedule, sampling_sigmas
 from train.text import PromptEmbeds, TextEncoder
 
 
@@ -38,6 +40,8 @@ class SamplerSettings:
     cfg_rescale: float = 0.0
     """0 = off; φ in [0, 1] rescales the guided velocity's std toward the conditional one (Lin et al. 2023)."""
     batch_size: int = 4
+    schedule: SamplingSchedule = DEV_SCHEDULE
+    """The sigma schedule (callers pass the model's: `Loaded.schedule`); FLUX.1-dev's dynamic shift by default."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -79,7 +83,7 @@ def denoise(
     device = noise.device
     h, w = latent_hw
     ids = image_ids(h, w, device=device, dtype=dtype)
-    sigmas = sampling_sigmas(s.steps, image_seq_len=noise.shape[1]).to(device)
+    sigmas = sampling_sigmas(s.steps, image_seq_len=noise.shape[1], schedule=s.schedule).to(device)
     guided = uncond is not None and s.cfg_scale != 1.0
     both = PromptEmbeds.cat([cond, uncond]) if guided else cond
     if s.masked:
@@ -160,8 +164,11 @@ def cfg_grid(transformer, vae, text, prompts: list[str], scales: list[float], ba
 
 def sample_grid_for_run(transformer, frozen, cfg, *, step: int, logger, is_main: bool) -> Path | None:
     """The end-of-training grid: every rank runs the sharded transformer, rank 0 writes the PNG."""
+    from train.inference import sampling_schedule
+
     sc = cfg.sample
     base = SamplerSettings(
+        schedule=sampling_schedule(cfg.model.path, cfg),
         steps=sc.steps,
         negative_prompt=sc.negative_prompt,
         resolution=sc.resolution,

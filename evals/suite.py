@@ -77,6 +77,11 @@ class SamplingConfig:
     dtype: str = "auto"
     ema: bool = False
     """Evaluate the checkpoint's EMA weights instead of the raw ones."""
+    schedule: str = "auto"
+    """Sigma schedule: auto (a checkpoint: its run's sample.schedule; a model dir: its own scheduler config, so
+    FLUX.1-schnell is sampled on schnell's schedule) | dynamic | model | constant (`shift`)."""
+    shift: float = 1.0
+    """The shift of `schedule: constant`."""
 
     def __post_init__(self) -> None:
         if not self.steps or not self.cfg_scales:
@@ -95,6 +100,8 @@ class SamplingConfig:
             raise ValueError(f"sampling.cfg_rescale: must be in [0, 1], got {self.cfg_rescale}")
         _check_choice("sampling.mask", self.mask, ("auto", "true", "false"))
         _check_choice("sampling.dtype", self.dtype, ("auto", "fp32", "bf16"))
+        _check_choice("sampling.schedule", self.schedule, ("auto", "dynamic", "model", "constant"))
+        _check_positive("sampling.shift", self.shift)
 
 
 @dataclass(kw_only=True)
@@ -406,7 +413,9 @@ def evaluate(
             count=suite.fid.reference_count, resize_to=sc.resolution if suite.fid.resize_reference else 0,
             image_key=suite.fid.image_key, cache_dir=suite.fid.cache_dir or None, batch_size=suite.fid.batch_size,
         )
-    loaded = load_for_inference(target.path, device=device, dtype=sc.dtype, ema=sc.ema)
+    loaded = load_for_inference(target.path, device=device, dtype=sc.dtype, ema=sc.ema,
+                                schedule=None if sc.schedule == "auto" else sc.schedule, shift=sc.shift)
+    schedule = loaded.schedule.describe()
 
     def generate_fn(chunk: list[str], s: SamplerSettings):
         return generate(loaded.transformer, loaded.vae, loaded.text, chunk, s, dtype=loaded.dtype)
@@ -419,6 +428,7 @@ def evaluate(
             max_text_tokens=max_tokens, masked=masked, noise_temperature=sc.noise_temperature,
             visible_padding_tokens=run_cfg.objective.visible_padding_tokens if run_cfg else 0,
             cfg_skip_steps=sc.cfg_skip_steps, cfg_rescale=sc.cfg_rescale, batch_size=sc.batch_size,
+            schedule=loaded.schedule,
         )
         t0 = time.perf_counter()
         got = sample_and_measure(
@@ -447,7 +457,7 @@ def evaluate(
     metrics = {
         "suite": suite.name, "label": target.label, "model": str(target.path),
         "checkpoint": str(target.checkpoint) if target.checkpoint else None, "step": target.step,
-        "num_samples": len(prompts), "resolution": sc.resolution, "masked": masked,
+        "num_samples": len(prompts), "resolution": sc.resolution, "masked": masked, "schedule": schedule,
         "fid_dims": suite.fid.dims if scorers.inception is not None else None,
         "fid_reference": suite.fid.reference or None, "seconds": round(time.perf_counter() - t_start, 2),
         "results": results,

@@ -66,7 +66,7 @@ def cmd_sample(a) -> None:
     from evals.sampler import SamplerSettings, generate
     from train.inference import load_for_inference
 
-    loaded = load_for_inference(a.model, dtype=a.dtype, ema=a.ema)
+    loaded = load_for_inference(a.model, dtype=a.dtype, ema=a.ema, schedule=a.schedule, shift=a.shift)
     masked = True if loaded.config is None else loaded.config.objective.attention_mask
     if a.no_mask:
         masked = False
@@ -82,6 +82,7 @@ def cmd_sample(a) -> None:
         noise_temperature=a.noise_temperature,
         cfg_skip_steps=a.cfg_skip_steps,
         cfg_rescale=a.cfg_rescale,
+        schedule=loaded.schedule,
     )
     (image,) = generate(loaded.transformer, loaded.vae, loaded.text, [a.prompt], s, dtype=loaded.dtype)
     out = Path(a.out)
@@ -197,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cfg-skip-steps", type=int, default=0)
     s.add_argument("--cfg-rescale", type=float, default=0.0)
     s.add_argument("--no-mask", action="store_true", help="no T5 padding mask (schnell's original behaviour)")
+    s.add_argument("--schedule", choices=["dynamic", "model", "constant"], default=None,
+                   help="sigma schedule: dynamic (FLUX.1-dev's resolution shift), model (the model dir's scheduler "
+                   "config), constant (--shift). Default: a run's sample.schedule; a diffusers dir's own config")
+    s.add_argument("--shift", type=float, default=None, help="the shift of --schedule constant")
     s.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     s.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
     s.add_argument("--out", required=True)

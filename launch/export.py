@@ -3,13 +3,19 @@
 - `--format diffusers` (any adapter kind): the base transformer with the adapter merged into its weights (LoRA and
   LoKr alike; a full fine-tune is just its weights), saved with `save_pretrained`, and every other pipeline component
   (VAE, both text encoders and tokenizers, scheduler, model_index.json) copied from the run's base model dir.
-  `FluxPipeline.from_pretrained(DIR)` loads it, and so does `dedistill sample --model DIR`.
+  `FluxPipeline.from_pretrained(DIR)` loads it, and so does `dedistill sample --model DIR`. Beside it (launch/
+  export_card.py): `pipeline.py`, the masked real-CFG pipeline that `DiffusionPipeline.from_pretrained(DIR,
+  custom_pipeline=DIR, trust_remote_code=True)` loads; the run's sampling schedule in `scheduler/`; a README.md card.
 - `--format lora` (LoRA adapters only): `pytorch_lora_weights.safetensors` in the PEFT key layout diffusers expects
   (`transformer.<module>.lora_A.weight`, ...), written by diffusers' own `FluxPipeline.save_lora_weights` with the
   adapter's rank/alpha/targets as metadata, so `FluxPipeline.load_lora_weights(DIR)` applies it at the trained scale.
   LoKr has no diffusers loader for FLUX: export it merged (`--format diffusers`), or as a LyCORIS file.
+  `--lora-layout kohya` writes `lora_kohya.safetensors` in the kohya/ComfyUI layout instead (launch/bfl_keys.py).
 - `--format lycoris` (LoKr adapters only): `lycoris_lokr.safetensors` in the LyCORIS/kohya key layout that LyCORIS'
   `create_lycoris_from_weights` and ComfyUI load (launch/export_lycoris.py).
+- `--format bfl` (any adapter kind): the merged transformer as one safetensors file in Black Forest Labs' original key
+  layout (`flux1-dedistill.safetensors`), the single file ComfyUI / Forge load; diffusers reads it with
+  `FluxTransformer2DModel.from_single_file` (launch/export_single_file.py).
 
 One process, CPU, no process group: DCP reassembles the sharded checkpoint (FSDP2 or DeepSpeed, same layout). The merge
 runs in fp32 and the result is cast to `--dtype` (bf16, what FLUX ships, by default).
@@ -24,7 +30,7 @@ from pathlib import Path
 import torch
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-FORMATS = ("diffusers", "lora", "lycoris")
+FORMATS = ("diffusers", "lora", "lycoris", "bfl")
 
 
 def _load_trained_transformer(ckpt: Path, run_dir: Path, *, ema: bool):
@@ -48,13 +54,18 @@ def _check_out(out: Path) -> None:
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, fmt: str = "diffusers", dtype: str = "bf16",
-                      ema: bool = False) -> Path:
+                      ema: bool = False, lora_layout: str = "peft") -> Path:
+    from launch.export_card import write_diffusers_extras
     from train.adapters import merge_adapter
-    from train.inference import resolve_checkpoint
+    from train.inference import resolve_checkpoint, sampling_schedule
     from train.model import cast_model
 
     if fmt not in FORMATS:
         raise ValueError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    if lora_layout not in ("peft", "kohya"):
+        raise ValueError(f"--lora-layout: {lora_layout!r} is not one of peft, kohya")
+    if lora_layout != "peft" and fmt != "lora":
+        raise ValueError(f"--lora-layout: applies to --format lora, not {fmt}")
     if dtype not in _DTYPES:
         raise ValueError(f"--dtype: {dtype!r} is not one of {', '.join(_DTYPES)}")
     ckpt, run_dir = resolve_checkpoint(checkpoint, key="--checkpoint")
@@ -63,11 +74,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, fmt: str = "di
     out = Path(out)
     _check_out(out)
     transformer, cfg = _load_trained_transformer(ckpt, run_dir, ema=ema)
+    schedule = sampling_schedule(cfg.model.path, cfg)  # what the run says its model samples with
     kind = cfg.model.adapter.kind
     if fmt == "lora" and kind != "lora":
         raise ValueError(
             f"--format: lora exports a LoRA adapter, but this run trained '{kind}'"
-            + ("; diffusers has no LoKr loader for FLUX: use --format diffusers (merged weights)" if kind == "lokr"
+            + ("; diffusers has no LoKr loader for FLUX: use --format lycoris, or --format diffusers (merged)" if kind == "lokr"
                else "; use --format diffusers")
         )
     if fmt == "lycoris" and kind != "lokr":
@@ -78,15 +90,26 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, fmt: str = "di
         from launch.export_lycoris import save_lycoris
 
         save_lycoris(transformer, out, _DTYPES[dtype], metadata={"base_model": cfg.model.path, "step": str(step)})
+    elif fmt == "lora" and lora_layout == "kohya":
+        from launch.export_single_file import save_kohya_lora
+
+        save_kohya_lora(transformer, out, _DTYPES[dtype])
     elif fmt == "lora":
         _save_lora(transformer, out, _DTYPES[dtype])
+    elif fmt == "bfl":
+        from launch.export_single_file import save_bfl
+
+        merge_adapter(transformer)  # in fp32, then cast once
+        save_bfl(transformer, out, _DTYPES[dtype], step=step, schedule=schedule)
     else:
         merge_adapter(transformer)  # in fp32, then cast once
         cast_model(transformer, _DTYPES[dtype]).save_pretrained(str(out / "transformer"), safe_serialization=True)
         _copy_components(Path(cfg.model.path), out)
+        write_diffusers_extras(out, cfg, checkpoint=ckpt, step=step, ema=ema, dtype=dtype, schedule=schedule)
     (out / "dedistill_export.json").write_text(json.dumps({
         "checkpoint": str(ckpt), "step": step, "adapter": kind, "format": fmt, "dtype": dtype, "ema": ema,
-        "base_model": cfg.model.path,
+        "base_model": cfg.model.path, "schedule": {"describe": schedule.describe(), **schedule.scheduler_config()},
+        **({"lora_layout": lora_layout} if fmt == "lora" else {}),
     }, indent=2))
     return out
 
@@ -121,18 +144,25 @@ def register(sub) -> None:
     s = sub.add_parser(
         "export", help="a checkpoint as a diffusers pipeline dir (adapter merged) or a diffusers-loadable LoRA",
         description="Consolidated safetensors of a checkpoint. --format diffusers: a full pipeline dir, the adapter "
-        "merged into the transformer (LoRA, LoKr or full fine-tune), that FluxPipeline.from_pretrained loads. "
-        "--format lora: a LoRA adapter for FluxPipeline.load_lora_weights (LoRA runs only; export LoKr merged).",
+        "merged into the transformer (LoRA, LoKr or full fine-tune), with pipeline.py (the masked real-CFG pipeline: "
+        "DiffusionPipeline.from_pretrained(DIR, custom_pipeline=DIR, trust_remote_code=True)), the run's sampling "
+        "schedule and a README.md model card. --format lora: a LoRA adapter for FluxPipeline.load_lora_weights "
+        "(LoRA runs only; export LoKr merged), PEFT or kohya layout. --format bfl: the merged transformer as one "
+        "file in Black Forest Labs' keys (ComfyUI / Forge).",
     )
     s.add_argument("--checkpoint", required=True, help="checkpoint dir (step_N) or run dir (its newest checkpoint)")
     s.add_argument("--out", required=True, help="output directory (new or empty)")
     s.add_argument("--format", dest="fmt", choices=list(FORMATS), default="diffusers",
-                   help="lycoris: a LoKr run's adapter in the LyCORIS/ComfyUI key layout (launch/export_lycoris.py)")
+                   help="lycoris: a LoKr run's adapter in the LyCORIS/ComfyUI key layout (launch/export_lycoris.py); "
+                   "bfl: the merged transformer as one safetensors file in Black Forest Labs' key layout "
+                   "(ComfyUI / Forge)")
+    s.add_argument("--lora-layout", choices=["peft", "kohya"], default="peft",
+                   help="--format lora: peft (diffusers' layout) or kohya (lora_unet_<BFL module>, ComfyUI / Forge)")
     s.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="weights dtype of the export")
     s.add_argument("--ema", action="store_true", help="export the EMA weights")
     s.set_defaults(func=cmd_export)
 
 
 def cmd_export(a) -> None:
-    out = export_checkpoint(a.checkpoint, a.out, fmt=a.fmt, dtype=a.dtype, ema=a.ema)
+    out = export_checkpoint(a.checkpoint, a.out, fmt=a.fmt, dtype=a.dtype, ema=a.ema, lora_layout=a.lora_layout)
     print(out)

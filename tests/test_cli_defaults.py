@@ -70,7 +70,12 @@ def _pairs():
         ("seed", "seed"), ("noise_temperature", "noise_temperature"), ("cfg_skip_steps", "cfg_skip_steps"),
         ("cfg_rescale", "cfg_rescale"), ("negative_prompt", "negative_prompt"))]
     exp = _fn_defaults(export_checkpoint)
-    pairs += [("export", "fmt", exp["fmt"]), ("export", "dtype", exp["dtype"]), ("export", "ema", exp["ema"])]
+    pairs += [("export", "fmt", exp["fmt"]), ("export", "dtype", exp["dtype"]), ("export", "ema", exp["ema"]),
+              ("export", "lora_layout", exp["lora_layout"])]
+    from train.inference import load_for_inference
+
+    inf = _fn_defaults(load_for_inference)  # None: the run's sample.schedule, or the model dir's scheduler config
+    pairs += [("sample", "schedule", inf["schedule"]), ("sample", "shift", inf["shift"])]
     insp = _fn_defaults(inspect_dataset)
     pairs += [("data inspect", "max_samples", insp["max_samples"]), ("data inspect", "plot", insp["plot"])]
     return pairs

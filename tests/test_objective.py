@@ -250,18 +250,24 @@ def test_unknown_weighting_names_the_key():
 
 
 @pytest.mark.parametrize("steps,seq", [(4, 256), (28, 1024), (50, 4096), (1, 64)])
-def test_sampling_sigmas_match_diffusers_scheduler(steps, seq):
+@pytest.mark.parametrize("schedule", [objective.DEV_SCHEDULE, objective.SCHNELL_SCHEDULE,
+                                      objective.SamplingSchedule(dynamic=False, shift=3.0),
+                                      objective.SamplingSchedule(dynamic=True, base_shift=0.3, max_shift=1.4,
+                                                                 base_seq_len=128, max_seq_len=2048)],
+                         ids=["dev", "schnell", "constant3", "dynamic-custom"])
+def test_sampling_sigmas_equal_diffusers_scheduler(steps, seq, schedule):
+    """Bit for bit what FluxPipeline gets from a FlowMatchEulerDiscreteScheduler with this schedule's config."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    sched = FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096
-    )
-    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=calculate_shift(seq))
-    ours = objective.sampling_sigmas(steps, image_seq_len=seq)
+    cfg = schedule.scheduler_config()
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **cfg)
+    mu = calculate_shift(seq, cfg["base_image_seq_len"], cfg["max_image_seq_len"], cfg["base_shift"], cfg["max_shift"])
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)  # exactly FluxPipeline's call
+    ours = objective.sampling_sigmas(steps, image_seq_len=seq, schedule=schedule)
     assert ours.shape == (steps + 1,) and ours.dtype == torch.float32
     assert ours[0] == 1.0 and ours[-1] == 0.0
-    torch.testing.assert_close(ours, sched.sigmas, atol=1e-6, rtol=0)
+    assert torch.equal(ours, sched.sigmas), (ours - sched.sigmas).abs().max()
     assert torch.all(ours[1:] < ours[:-1])
 
 
@@ -303,3 +309,23 @@ def test_no_pairing_is_todays_noise():
     assert objective.pair_noise(torch.randn(4, 8, 16), noise, "none") is noise
     with pytest.raises(ValueError, match="objective.noise_pairing"):
         ObjectiveConfig(noise_pairing="ot")
+
+
+def test_schnell_schedule_is_unshifted_and_dev_shifts_towards_noise():
+    plain = torch.linspace(1.0, 0.25, 4)
+    assert torch.equal(objective.sampling_sigmas(4, 1024, schedule=objective.SCHNELL_SCHEDULE)[:-1], plain)
+    assert torch.all(objective.sampling_sigmas(4, 1024, schedule=objective.DEV_SCHEDULE)[1:-1] > plain[1:])
+
+
+def test_schedule_round_trips_through_a_scheduler_config_and_refuses_what_it_cannot_sample():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    for s in (objective.DEV_SCHEDULE, objective.SCHNELL_SCHEDULE, objective.SamplingSchedule(dynamic=False, shift=2.5)):
+        cfg = dict(FlowMatchEulerDiscreteScheduler(**s.scheduler_config()).config)
+        assert objective.SamplingSchedule.from_scheduler_config(cfg) == s
+    # FlowMatchEulerDiscreteScheduler's defaults (a model dir without these keys): no shift
+    assert objective.SamplingSchedule.from_scheduler_config({}) == objective.SCHNELL_SCHEDULE
+    for bad in ({"use_karras_sigmas": True}, {"shift_terminal": 0.1}, {"time_shift_type": "linear"},
+                {"_class_name": "EulerDiscreteScheduler"}):
+        with pytest.raises(ValueError, match="sched.json"):
+            objective.SamplingSchedule.from_scheduler_config(bad, source="sched.json")

@@ -291,6 +291,9 @@ class CheckpointConfig:
         _check_positive("checkpoint.keep_last", self.keep_last)
 
 
+SCHEDULES = ("dynamic", "model", "constant")
+
+
 @dataclass(kw_only=True)
 class SampleConfig:
     """The CFG grid drawn at the end of training (and by `dedistill sample`)."""
@@ -303,11 +306,20 @@ class SampleConfig:
     seed: int = 0
     noise_temperature: float = 1.0
     """Scales the initial noise (<1 gives smoother, lower-variance samples)."""
+    schedule: str = "dynamic"
+    """The sigma schedule this run's model is sampled with (here, by `dedistill sample`/`eval` on its checkpoints,
+    and written into its export's scheduler config): dynamic (FLUX.1-dev's resolution-dependent shift, what a
+    de-distilled model samples with) | model (the base model dir's scheduler config, e.g. schnell's: no shift) |
+    constant (`sample.shift`)."""
+    shift: float = 1.0
+    """The constant shift for `sample.schedule: constant`."""
     at_end: bool = True
 
     def __post_init__(self) -> None:
         _check_positive("sample.steps", self.steps)
         _check_positive("sample.noise_temperature", self.noise_temperature)
+        _check_choice("sample.schedule", self.schedule, SCHEDULES)
+        _check_positive("sample.shift", self.shift)
         if self.resolution % 16:
             raise ValueError(f"sample.resolution: must be a multiple of 16, got {self.resolution}")
 

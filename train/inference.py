@@ -15,7 +15,8 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 from train.adapters import apply_adapter, trainable_named_parameters
 from train.checkpoint import is_complete, latest_checkpoint, safe_load
 from train.config import JobConfig, load_run_config
-from train.model import load_transformer, load_vae, resolve_dtype
+from train.model import load_scheduler_config, load_transformer, load_vae, resolve_dtype
+from train.objective import DEV_SCHEDULE, SamplingSchedule
 from train.text import TextEncoder
 
 
@@ -30,6 +31,8 @@ class Loaded:
     """The run's config when loaded from a checkpoint (None for a plain diffusers dir)."""
     checkpoint: Path | None
     step: int | None
+    schedule: SamplingSchedule
+    """The sigma schedule to sample with (see `sampling_schedule`)."""
 
 
 def resolve_checkpoint(path: str | Path, *, key: str = "--model") -> tuple[Path | None, Path | None]:
@@ -56,6 +59,37 @@ def check_ema(cfg: JobConfig, run_dir: Path, ema: bool, *, key: str = "--ema") -
                          f"(drop {key}) or train with ema.decay > 0")
 
 
+def model_schedule(model_path: str | Path) -> SamplingSchedule:
+    """The schedule a diffusers FLUX dir's own scheduler config gives in FluxPipeline (none: FluxPipeline's default
+    FlowMatchEulerDiscreteScheduler(), i.e. no shift)."""
+    f = Path(model_path) / "scheduler" / "scheduler_config.json"
+    return SamplingSchedule.from_scheduler_config(load_scheduler_config(model_path), source=str(f))
+
+
+def sampling_schedule(model_path: str | Path, run_config: JobConfig | None = None, *, override: str | None = None,
+                      shift: float | None = None) -> SamplingSchedule:
+    """Which schedule to sample with, as diffusers would, unless told otherwise.
+
+    - `override` (a `dedistill sample --schedule` / eval `sampling.schedule`): dynamic | model | constant (`shift`).
+    - else a run's checkpoint: its `sample.schedule` (default dynamic: a de-distilled model samples like FLUX.1-dev).
+    - else a plain diffusers dir (FLUX.1-schnell, or an export): its own scheduler config, as FluxPipeline reads it.
+    """
+    from train.config import SCHEDULES
+
+    kind = override or (run_config.sample.schedule if run_config is not None else "model")
+    if kind not in SCHEDULES:
+        raise ValueError(f"--schedule: {kind!r} is not one of {', '.join(SCHEDULES)}")
+    if kind == "dynamic":
+        return DEV_SCHEDULE
+    if kind == "model":
+        return model_schedule(model_path)
+    if shift is None:
+        shift = run_config.sample.shift if run_config is not None else None
+    if shift is None:
+        raise ValueError("--shift: a constant schedule needs a shift value")
+    return SamplingSchedule(dynamic=False, shift=shift)
+
+
 def load_trainable_state(transformer: torch.nn.Module, checkpoint: Path, *, ema: bool = False) -> None:
     named = trainable_named_parameters(transformer)
     state = {n: p.detach().clone().float() for n, p in named}
@@ -72,7 +106,8 @@ def load_trainable_state(transformer: torch.nn.Module, checkpoint: Path, *, ema:
 
 
 def load_for_inference(
-    path: str | Path, *, device: torch.device | None = None, dtype: str = "auto", ema: bool = False
+    path: str | Path, *, device: torch.device | None = None, dtype: str = "auto", ema: bool = False,
+    schedule: str | None = None, shift: float | None = None,
 ) -> Loaded:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ckpt, run_dir = resolve_checkpoint(path)
@@ -82,6 +117,7 @@ def load_for_inference(
         cfg = load_run_config(run_dir)
         check_ema(cfg, run_dir, ema)
         model_path = Path(cfg.model.path)
+    sched = sampling_schedule(model_path, cfg, override=schedule, shift=shift)  # before any weights: fails fast
     torch_dtype = resolve_dtype(dtype, device)
     transformer = load_transformer(model_path, dtype=torch_dtype)
     if cfg is not None:
@@ -98,4 +134,5 @@ def load_for_inference(
         config=cfg,
         checkpoint=ckpt,
         step=step,
+        schedule=sched,
     )

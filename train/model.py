@@ -98,5 +98,16 @@ def load_vae(path: str | Path, *, dtype: torch.dtype, device: torch.device):
     return vae.to(device).eval().requires_grad_(False)
 
 
+def load_scheduler_config(path: str | Path) -> dict:
+    """The model dir's `scheduler/scheduler_config.json` (FluxPipeline's sampling schedule), or {} if it has none."""
+    f = Path(path) / "scheduler" / "scheduler_config.json"
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from None
+
+
 def vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)

@@ -27,6 +27,7 @@ the shift formula above with s = exp(mu)).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -51,7 +52,8 @@ def mu_for_seq_len(
 ) -> float:
     """FLUX's mu: linear in image_seq_len through (base_seq_len, base_shift) and (max_seq_len, max_shift)."""
     m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return float(base_shift + m * (image_seq_len - base_seq_len))
+    b = base_shift - m * base_seq_len
+    return float(image_seq_len * m + b)  # diffusers' `calculate_shift`, term for term: the same float result
 
 
 def resolution_shift(image_seq_len: int, cfg: ObjectiveConfig) -> float:
@@ -249,25 +251,84 @@ def caption_dropout_mask(n: int, p: float, *, generator: torch.Generator) -> tor
 # Inference schedule
 
 
-def sampling_sigmas(
-    steps: int,
-    image_seq_len: int,
-    *,
-    base_shift: float = 0.5,
-    max_shift: float = 1.15,
-    base_seq_len: int = 256,
-    max_seq_len: int = 4096,
-) -> torch.Tensor:
-    """(steps + 1,) float32 sigmas from 1 down to 0, the schedule diffusers' FluxPipeline uses.
+@dataclass(frozen=True, kw_only=True)
+class SamplingSchedule:
+    """The sigma schedule of the Euler sampler, as diffusers' FlowMatchEulerDiscreteScheduler builds it for FLUX.
 
-    linspace(1, 1/steps, steps), shifted with s = exp(mu) for `image_seq_len`, then a final 0. Equals
-    FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, ...).set_timesteps(sigmas=..., mu=mu).sigmas.
+    dynamic=False: a constant shift, sigma' = shift·sigma / (1 + (shift - 1)·sigma) (FLUX.1-schnell: shift 1.0, i.e.
+    no shift). dynamic=True: FLUX.1-dev's resolution-dependent shift, mu linear in the image token count through
+    (base_seq_len, base_shift) and (max_seq_len, max_shift), sigma' = exp(mu) / (exp(mu) + 1/sigma - 1).
+    """
+
+    dynamic: bool
+    shift: float = 1.0
+    """The constant shift (ignored when dynamic)."""
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.shift <= 0:
+            raise ValueError(f"shift: must be > 0, got {self.shift}")
+
+    def describe(self) -> str:
+        if self.dynamic:
+            return (f"dynamic shift (FLUX.1-dev: mu from {self.base_shift} at {self.base_seq_len} to {self.max_shift} "
+                    f"at {self.max_seq_len} image tokens)")
+        return f"constant shift {self.shift:g}" + (" (no shift, FLUX.1-schnell's)" if self.shift == 1.0 else "")
+
+    def scheduler_config(self) -> dict:
+        """The FlowMatchEulerDiscreteScheduler config keys that give this schedule in diffusers' FluxPipeline."""
+        return {"shift": self.shift, "use_dynamic_shifting": self.dynamic, "base_shift": self.base_shift,
+                "max_shift": self.max_shift, "base_image_seq_len": self.base_seq_len,
+                "max_image_seq_len": self.max_seq_len}
+
+    @classmethod
+    def from_scheduler_config(cls, config: dict, *, source: str = "scheduler config") -> "SamplingSchedule":
+        """Read a diffusers FlowMatchEulerDiscreteScheduler config; refuses options this sampler does not implement
+        (they would change the schedule silently)."""
+        name = config.get("_class_name", "FlowMatchEulerDiscreteScheduler")
+        if name != "FlowMatchEulerDiscreteScheduler":
+            raise ValueError(f"{source}: scheduler '{name}' is not FlowMatchEulerDiscreteScheduler")
+        for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
+                    "stochastic_sampling", "shift_terminal", "use_flow_sigmas"):
+            if config.get(key):
+                raise ValueError(f"{source}: '{key}' is set; dedistill's sampler implements plain/shifted sigmas only")
+        if config.get("time_shift_type", "exponential") != "exponential":
+            raise ValueError(f"{source}: time_shift_type '{config['time_shift_type']}' is not supported (exponential)")
+        # FluxPipeline reads the mu line with these defaults when a key is absent.
+        return cls(
+            dynamic=bool(config.get("use_dynamic_shifting", False)),
+            shift=float(config.get("shift", 1.0)),
+            base_shift=float(config.get("base_shift", 0.5)),
+            max_shift=float(config.get("max_shift", 1.15)),
+            base_seq_len=int(config.get("base_image_seq_len", 256)),
+            max_seq_len=int(config.get("max_image_seq_len", 4096)),
+        )
+
+
+DEV_SCHEDULE = SamplingSchedule(dynamic=True, shift=3.0)
+"""FLUX.1-dev's scheduler (shift 3.0 is in its config but unused under dynamic shifting): what a de-distilled model is
+sampled with. BFL's reference sampler applies this shift to every FLUX.1 model except schnell."""
+SCHNELL_SCHEDULE = SamplingSchedule(dynamic=False, shift=1.0)
+"""FLUX.1-schnell's scheduler: no shift, the schedule it was distilled for (1-4 steps)."""
+
+
+def sampling_sigmas(steps: int, image_seq_len: int, *, schedule: SamplingSchedule) -> torch.Tensor:
+    """(steps + 1,) float32 sigmas from 1 down to 0: what diffusers' FluxPipeline gets from `schedule`'s scheduler.
+
+    linspace(1, 1/steps, steps) in float32 (as the scheduler casts it), shifted, then a final 0. Equals
+    FlowMatchEulerDiscreteScheduler(**schedule.scheduler_config()).set_timesteps(sigmas=..., mu=mu).sigmas, with the
+    same float32 arithmetic, so a pipeline on that scheduler and this sampler step through identical sigmas.
     """
     if steps < 1:
         raise ValueError(f"sample.steps: must be >= 1, got {steps}")
-    mu = mu_for_seq_len(
-        image_seq_len, base_seq_len=base_seq_len, max_seq_len=max_seq_len, base_shift=base_shift, max_shift=max_shift
-    )
-    sigmas = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)  # float32 as the scheduler casts
-    sigmas = math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
-    return torch.cat([torch.from_numpy(np.asarray(sigmas)).float(), torch.zeros(1)])
+    sigmas = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)
+    if schedule.dynamic:
+        mu = mu_for_seq_len(image_seq_len, base_seq_len=schedule.base_seq_len, max_seq_len=schedule.max_seq_len,
+                            base_shift=schedule.base_shift, max_shift=schedule.max_shift)
+        sigmas = math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
+    else:
+        sigmas = schedule.shift * sigmas / (1 + (schedule.shift - 1) * sigmas)
+    return torch.cat([torch.from_numpy(np.asarray(sigmas, dtype=np.float32)), torch.zeros(1)])

@@ -20,7 +20,7 @@ import torch
 
 from evals.sampler import SamplerSettings, denoise, initial_noise
 from train.flux import image_ids, pack_latents, predict_velocity
-from train.objective import sampling_sigmas
+from train.objective import DEV_SCHEDULE, sampling_sigmas
 from train.text import TextEncoder
 
 
@@ -56,7 +56,8 @@ def reflow(teacher, text: TextEncoder, prompts: list[str], noise: torch.Tensor, 
     g = torch.Generator().manual_seed(seed)
     h, w = latent_hw
     ids = image_ids(h, w, device=x0.device, dtype=torch.float32)
-    grid = sampling_sigmas(student_steps, image_seq_len=x0.shape[1])[:-1]  # (student_steps,): t values it will see
+    # (student_steps,): the t values it will see (the proof samples every model on dev's schedule)
+    grid = sampling_sigmas(student_steps, image_seq_len=x0.shape[1], schedule=DEV_SCHEDULE)[:-1]
     with torch.no_grad():
         embeds = text.encode(prompts, max_tokens=max_text_tokens)
     history = []
