@@ -147,8 +147,9 @@ def register(sub) -> None:
         "merged into the transformer (LoRA, LoKr or full fine-tune), with pipeline.py (the masked real-CFG pipeline: "
         "DiffusionPipeline.from_pretrained(DIR, custom_pipeline=DIR, trust_remote_code=True)), the run's sampling "
         "schedule and a README.md model card. --format lora: a LoRA adapter for FluxPipeline.load_lora_weights "
-        "(LoRA runs only; export LoKr merged), PEFT or kohya layout. --format bfl: the merged transformer as one "
-        "file in Black Forest Labs' keys (ComfyUI / Forge).",
+        "(LoRA runs only), PEFT or kohya layout. --format lycoris: a LoKr run's adapter in the LyCORIS layout "
+        "(LyCORIS, ComfyUI). --format bfl: the merged transformer as one file in Black Forest Labs' keys "
+        "(ComfyUI / Forge).",
     )
     s.add_argument("--checkpoint", required=True, help="checkpoint dir (step_N) or run dir (its newest checkpoint)")
     s.add_argument("--out", required=True, help="output directory (new or empty)")

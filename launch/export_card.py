@@ -23,7 +23,8 @@ def pipeline_source(cfg: JobConfig) -> str:
     """The template with the run's training-time constants written in (each line must exist exactly once)."""
     src = TEMPLATE.read_text()
     for name, value in (("ATTENTION_MASK", cfg.objective.attention_mask),
-                        ("MAX_TEXT_TOKENS", cfg.objective.max_text_tokens)):
+                        ("MAX_TEXT_TOKENS", cfg.objective.max_text_tokens),
+                        ("VISIBLE_PADDING_TOKENS", cfg.objective.visible_padding_tokens)):
         src, n = re.subn(rf"^{name} = .*$", f"{name} = {value!r}", src, flags=re.M)
         assert n == 1, f"{TEMPLATE}: expected one '{name} = ...' line"
     return src
@@ -47,7 +48,8 @@ def _recipe_rows(cfg: JobConfig) -> list[tuple[str, str]]:
         adapter = (f"LoKr, factor {a.lokr_factor}, rank {a.rank}, alpha {a.alpha:g}"
                    + (", full-matrix w2" if a.lokr_full_matrix else "") + ", merged into the weights")
     sampler = {"uniform": "uniform", "logit_normal": f"logit-normal({o.logit_mean:g}, {o.logit_std:g})",
-               "beta": f"Beta({o.beta_alpha:g}, {o.beta_beta:g})"}[o.timestep_sampler]
+               "beta": f"Beta({o.beta_alpha:g}, {o.beta_beta:g})",
+               "chroma": "Chroma's density -7.7(t-0.5)^2+2"}[o.timestep_sampler]
     if o.temperature != 1.0:
         sampler += f", temperature {o.temperature:g}"
     shift = {"none": "none", "constant": f"constant {o.shift_value:g}", "resolution": "resolution-dependent"}[o.shift]
@@ -58,6 +60,8 @@ def _recipe_rows(cfg: JobConfig) -> list[tuple[str, str]]:
         ("caption dropout", f"{o.caption_dropout:g} (the empty prompt: what CFG's unconditional branch learns)"),
         ("T5 padding mask", "on (bool key mask in joint attention)" if o.attention_mask else "off"),
         ("max_text_tokens", str(o.max_text_tokens)),
+        ("visible padding tokens", str(o.visible_padding_tokens)),
+        ("noise pairing", o.noise_pairing),
         ("training steps",
          f"{cfg.train.max_steps} (batch {batch} per rank, lr {cfg.optim.lr:g}, {cfg.optim.schedule})"),
         ("EMA decay", f"{cfg.ema.decay:g}" if cfg.ema.decay else "off"),

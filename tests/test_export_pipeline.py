@@ -151,3 +151,29 @@ def test_export_carries_the_schedule_card_and_pipeline(export, tiny_model_dir):
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module.split(".")[0])
     assert imported <= {"__future__", "numpy", "torch", "diffusers", "PIL"}, imported
+
+
+def test_pipeline_encodes_visible_padding_as_training_does(tiny_model_dir, tmp_path):
+    """A Chroma-style run (objective.visible_padding_tokens=1): the exported pipeline.py's text encoding equals the
+    trainer's TextEncoder's (states and mask), so the export keeps its one visible pad."""
+    import importlib.util
+
+    import torch
+
+    from launch.export_card import pipeline_source
+    from train.config import load_config
+    from train.text import TextEncoder
+
+    cfg = load_config(tiny_runs.CONFIG, [f"model.path={tiny_model_dir}", "objective.visible_padding_tokens=1"])
+    (tmp_path / "pipeline.py").write_text(pipeline_source(cfg))
+    spec = importlib.util.spec_from_file_location("exported_pipeline", tmp_path / "pipeline.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.VISIBLE_PADDING_TOKENS == 1
+    pipe = mod.DedistillFluxPipeline.from_pretrained(str(tiny_model_dir), torch_dtype=torch.float32)
+    ours = TextEncoder(tiny_model_dir, dtype=torch.float32, device=torch.device("cpu")).encode(
+        [SHORT, LONG], max_tokens=64, visible_padding=1)
+    t5, mask, pooled = pipe.encode_masked([SHORT, LONG], max_tokens=64, masked=True, device=torch.device("cpu"))
+    assert torch.equal(mask, ours.mask)
+    assert mask[0].sum() == pipe.tokenizer_2([SHORT], return_tensors="pt").attention_mask.sum() + 1
+    assert torch.equal(t5, ours.t5) and torch.equal(pooled, ours.pooled)

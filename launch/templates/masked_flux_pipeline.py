@@ -29,6 +29,7 @@ from PIL import Image
 # How the model was trained; `dedistill export` writes the run's values here.
 ATTENTION_MASK = True
 MAX_TEXT_TOKENS = 512
+VISIBLE_PADDING_TOKENS = 0  # objective.visible_padding_tokens: the first k pads after each prompt stay visible
 
 
 class DedistillFluxPipeline(FluxPipeline):
@@ -46,7 +47,12 @@ class DedistillFluxPipeline(FluxPipeline):
         ids = t5_in.input_ids.to(device)
         if not masked:
             return self.text_encoder_2(ids)[0], mask, pooled
+        # T5 runs on the real tokens only; then the first k pads after each prompt join the mask with their own
+        # states (Chroma's visible padding), as training saw them.
         states = self.text_encoder_2(ids, attention_mask=mask.long())[0]
+        if VISIBLE_PADDING_TOKENS:
+            pos = torch.arange(mask.shape[1], device=mask.device)[None, :]
+            mask = pos < mask.sum(1, keepdim=True) + VISIBLE_PADDING_TOKENS
         return states * mask[..., None].to(states.dtype), mask, pooled
 
     def _velocity(self, x, t, t5, mask, pooled, img_ids, *, masked: bool, dtype):
