@@ -189,9 +189,14 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     """Cosine decays to lr × min_lr_ratio."""
+    implementation: str = "auto"
+    """AdamW kernel: auto (fused when the parameters are on a GPU, else single_tensor) | single_tensor (one set of
+    small ops per parameter: bitwise-reproducible across save/resume on CPU) | foreach (batched over parameters) |
+    fused (one kernel for all parameters)."""
 
     def __post_init__(self) -> None:
         _check_positive("optim.lr", self.lr)
+        _check_choice("optim.implementation", self.implementation, ("auto", "single_tensor", "foreach", "fused"))
         _check_choice("optim.schedule", self.schedule, ("cosine", "constant"))
         _check_positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
         _check_unit("optim.min_lr_ratio", self.min_lr_ratio)
