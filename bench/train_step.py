@@ -134,7 +134,7 @@ class PrecomputedText:
         mask = (torch.arange(max_tokens)[None] < n[:, None]).to(self.device)  # (B, L)
         states = self.bank[:max_tokens].expand(len(prompts), -1, -1)  # (B, L, D)
         states = states * mask[..., None].to(states.dtype) if masked else states.clone()
-        return PromptEmbeds(states, mask, self.pooled.expand(len(prompts), -1).clone())
+        return PromptEmbeds(states, mask, self.pooled.expand(len(prompts), -1).clone(), tuple(n.tolist()))
 
     def empty(self, *, max_tokens: int, masked: bool = True) -> PromptEmbeds:
         return self.encode([""], max_tokens=max_tokens, masked=masked)
