@@ -150,11 +150,18 @@ class DataConfig:
     predownload: int | None = None
     caption_key: str = "caption"
     image_key: str = "image"
+    length_grouping: bool = False
+    """Group captions of similar T5 length into a batch, inside each aspect bucket: the loader's batches are
+    regrouped `length_window` at a time, so trimming the text to a batch's longest prompt leaves little padding.
+    Deterministic and resumed exactly (the checkpoint records the window's start and how much of it was used)."""
+    length_window: int = 16
+    """Batches regrouped together by length_grouping (more: less padding, less mixing of lengths across steps)."""
 
     def __post_init__(self) -> None:
         if self.resolution % 16:
             raise ValueError(f"data.resolution: must be a multiple of 16, got {self.resolution}")
         _check_positive("data.num_workers", self.num_workers, allow_zero=True)
+        _check_positive("data.length_window", self.length_window)
 
 
 @dataclass(kw_only=True)

@@ -148,6 +148,10 @@ class TextEncoder:
         states = states * mask[..., None].to(states.dtype)
         return PromptEmbeds(states, mask, pooled, lengths)
 
+    def token_count(self, caption: str, *, max_tokens: int) -> int:
+        """T5 tokens of one caption (with </s>), as `encode` would keep them: what length grouping sorts by."""
+        return len(self.t5_tokenizer(caption, truncation=True, max_length=max_tokens).input_ids)
+
     def empty(self, *, max_tokens: int, masked: bool = True) -> PromptEmbeds:
         """The empty-prompt encoding (caption dropout and CFG's unconditional branch), cached."""
         key = (max_tokens, masked)
