@@ -142,17 +142,23 @@ class PrecomputedText:
         return self.encode([""], max_tokens=max_tokens, masked=masked)
 
 
-def make_batches(size: BenchSize, res: int, batch: int, *, n: int, median: int, seed: int) -> tuple[list[dict], dict]:
-    """n batches of {"pixels": (B, C, res/8, res/8) latents, "caption": [...]} and the caption -> length table."""
+def make_batches(size: BenchSize, res: int, batch: int, *, n: int, median: int, seed: int,
+                 length_grouping: bool = False) -> tuple[list[dict], dict]:
+    """n batches of {"pixels": (B, C, res/8, res/8) latents, "caption": [...]} and the caption -> length table.
+    length_grouping: the n batches' captions regrouped by length, as `data.length_grouping` with window n does."""
     g = torch.Generator().manual_seed(seed)
     lat = res // 8
     lengths = prompt_lengths(n * batch, median=median, max_tokens=size.text_tokens, seed=seed + 1)
     table = {f"caption-{i}": length for i, length in enumerate(lengths)}
+    captions = [[f"caption-{b * batch + j}" for j in range(batch)] for b in range(n)]
+    if length_grouping:
+        from train.data import group_by_length
+
+        samples = [{"caption": c, "pixels": torch.empty(0)} for cs in captions for c in cs]
+        grouped = group_by_length(samples, batch_size=batch, length_of=lambda s: table[s["caption"]])
+        captions = [[s["caption"] for s in b] for b in grouped]
     batches = [
-        {
-            "pixels": torch.randn(batch, size.latent_channels, lat, lat, generator=g),
-            "caption": [f"caption-{b * batch + j}" for j in range(batch)],
-        }
+        {"pixels": torch.randn(batch, size.latent_channels, lat, lat, generator=g), "caption": captions[b]}
         for b in range(n)
     ]
     return batches, table
@@ -438,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-debug", action="store_true", help="count the host syncs in the timed steps (CUDA)")
     p.add_argument("--optim-impl", choices=("auto", "single_tensor", "foreach", "fused"), default="auto",
                    help="ours: AdamW kernel (optim.implementation; auto = fused on a GPU)")
+    p.add_argument("--length-grouping", action="store_true",
+                   help="regroup the benchmark's 4 batches by caption length (data.length_grouping, window 4)")
     p.add_argument("--json", default=None, help="also write the header and rows as JSON to this path")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -505,7 +513,7 @@ def _meta_model(arch: dict):
 def _run_and_summarise(mode, res, *, size, args, info, dtype, opts, fm, peak) -> dict:
     batch = args.batch_size or size.batch.get(res, min(size.batch.values()))
     batches, table = make_batches(size, res, batch, n=4, median=args.prompt_median or size.prompt_median,
-                                  seed=args.seed)
+                                  seed=args.seed, length_grouping=args.length_grouping)
     text = PrecomputedText(table, t5_dim=size.arch["joint_attention_dim"],
                            pooled_dim=size.arch["pooled_projection_dim"], max_tokens=size.text_tokens,
                            device=info.device, dtype=dtype, seed=args.seed)
@@ -610,7 +618,7 @@ def print_report(rows, *, size_name, device, dtype, opts, peak, fm, args) -> dic
     print(f"# torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}, "
           f"python {platform.python_version()}")
     print(f"# ours: compile={opts.compile} ac={opts.ac} attention={opts.attention or 'native'} float8={opts.float8} "
-          f"offload={opts.offload} optim={opts.optim}; peak {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}; "
+          f"offload={opts.offload} optim={opts.optim} length_grouping={args.length_grouping}; peak {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}; "
           f"P_tok={fm.p_tok:.4g} L={fm.layers} h={fm.hidden}")
     print("# tokens = image + processed text tokens per sample (mean over the timed steps); peak_mem_GiB: "
           + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else "the process's peak RSS (cumulative)"))
@@ -636,7 +644,8 @@ def print_report(rows, *, size_name, device, dtype, opts, peak, fm, args) -> dic
         "torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
         "python": platform.python_version(), "peak_tflops": None if peak is None else peak / 1e12,
         "options": {"compile": opts.compile, "ac": opts.ac, "attention": opts.attention or "native",
-                    "float8": opts.float8, "offload": opts.offload, "optim": opts.optim},
+                    "float8": opts.float8, "offload": opts.offload, "optim": opts.optim,
+                    "length_grouping": args.length_grouping},
     }
 
 

@@ -20,7 +20,7 @@ def test_every_gpu_command_parses_and_has_a_rehearsal(tmp_path):
     steps = plan(tmp_path)
     names = [s.name for s in steps]
     assert len(set(names)) == len(names)
-    assert {"bench-512-eager", "bench-512-compiled", "bench-1024", "bench-512-sync-debug", "pytest-gpu",
+    assert {"bench-512-eager", "bench-512-compiled", "bench-1024", "bench-512-sync-debug", "bench-512-grouped", "pytest-gpu",
             "demo-nccl", "proof-gpu-smoke"} == set(names)
     for step in steps:
         check_parses(step)  # the bench's, the CLI's, the proof's own parsers and config loaders
@@ -54,7 +54,8 @@ def test_dry_run_writes_the_results_table(tmp_path):
     assert status["bench-512-compiled"] == status["proof-gpu-smoke"] == "not run in --dry"
     assert all(v == "ok" for k, v in status.items() if k not in ("bench-512-compiled", "proof-gpu-smoke")), status
     assert [(r["mode"], r["options"]) for r in results["rows"]] == [
-        ("lora", "eager"), ("baseline", "eager"), ("lokr", "eager"), ("full", "eager"), ("lora", "sync-debug")]
+        ("lora", "eager"), ("baseline", "eager"), ("lokr", "eager"), ("full", "eager"), ("lora", "sync-debug"),
+        ("lora", "length grouping")]
     table = (out / "gpu_results.md").read_text()
     assert "| date | GPU | mode |" in table and table.count("| eager |") == 4
     assert "gpu_session: diffusers 0.39" in r.stdout  # the import check ran first
