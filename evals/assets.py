@@ -77,12 +77,8 @@ def write_tiny_clip(path: str | Path, seed: int = 0, *, tokenizer_dir: str | Pat
     else:
         with tempfile.TemporaryDirectory() as tmp:
             _write_char_clip_tokenizer(Path(tmp))
-            tokenizer = CLIPTokenizerFast(
-                vocab_file=str(Path(tmp) / "vocab.json"),
-                merges_file=str(Path(tmp) / "merges.txt"),
-                model_max_length=max_length,
-                pad_token="<|endoftext|>",
-            )
+            # from the folder (transformers 5's tokenizer classes take the vocabulary itself, not vocab_file)
+            tokenizer = CLIPTokenizerFast.from_pretrained(tmp, model_max_length=max_length, pad_token="<|endoftext|>")
     bos, eos = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
     config = CLIPConfig(
         text_config=dict(
