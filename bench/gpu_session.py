@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere: the parsers it checks live in the repo's packages
 PY = sys.executable
 BENCH = "bench/train_step.py"
 DRY_TIMEOUT_S = 600
@@ -79,6 +80,12 @@ def plan(work: Path) -> list[Step]:
                            "backend) on CPU"),
         _bench("bench-1024", ["--modes", "lokr,full", "--resolutions", "1024", "--warmup", "2", "--steps", "3"],
                ["--modes", "lokr,full", "--resolutions", "64"], timeout_s=120, options="eager"),
+        Step(name="demo-nccl",
+             gpu=[PY, "-m", "launch", "demo", "--out", str(work / "demo"), "--n-samples", "64", *demo_common,
+                  "parallel.dist_backend=nccl", "train.max_steps=30", "checkpoint.every_steps=15"],
+             dry=[PY, "-m", "launch", "demo", "--out", str(work / "demo"), "--n-samples", "16", *demo_common,
+                  "parallel.dist_backend=gloo", "train.max_steps=2", "checkpoint.every_steps=2"],
+             timeout_s=150),
         _bench("bench-512-sync-debug", ["--modes", "lora", "--resolutions", "512", "--warmup", "1", "--steps", "2",
                                         "--sync-debug"],
                ["--modes", "lora", "--resolutions", "64", "--sync-debug"], timeout_s=75, options="sync-debug"),
@@ -88,12 +95,6 @@ def plan(work: Path) -> list[Step]:
                options="length grouping"),
         Step(name="pytest-gpu", gpu=[PY, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", *gpu_test_files()],
              dry=[PY, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", *gpu_test_files()],
-             timeout_s=150),
-        Step(name="demo-nccl",
-             gpu=[PY, "-m", "launch", "demo", "--out", str(work / "demo"), "--n-samples", "64", *demo_common,
-                  "parallel.dist_backend=nccl", "train.max_steps=30", "checkpoint.every_steps=15"],
-             dry=[PY, "-m", "launch", "demo", "--out", str(work / "demo"), "--n-samples", "16", *demo_common,
-                  "parallel.dist_backend=gloo", "train.max_steps=2", "checkpoint.every_steps=2"],
              timeout_s=150),
         Step(name="proof-gpu-smoke",
              gpu=[PY, "-m", "evals.experiments.proof", "--config", "configs/proof-gpu.yaml", "--smoke",
@@ -111,7 +112,6 @@ def check_parses(step: Step) -> None:
     fails on CPU, not in the GPU minutes."""
     argv = step.gpu[1:]
     if argv[0] == BENCH:
-        sys.path.insert(0, str(REPO))
         from bench.train_step import build_parser
 
         build_parser().parse_args(argv[1:])
