@@ -166,6 +166,10 @@ def summarise(result: dict, step: Step) -> str:
         lines = [ln for ln in out.splitlines() if " in " in ln and any(w in ln for w in ("passed", "skipped", "failed"))]
         return lines[-1].strip("= ") if lines else ""
     if step.name.startswith("demo"):
+        failed = [ln for ln in out.splitlines() if "eval of step" in ln and "failed" in ln]
+        if failed:  # the trainer logs a failed eval and goes on; the session must not call that a pass
+            result["status"] = "eval failed"
+            return failed[0][failed[0].index("[dedistill]"):][:300]
         done = [ln for ln in out.splitlines() if "finished in" in ln or "metrics.json" in ln]
         return "; ".join(ln.strip() for ln in done)[-300:]
     syncs = [ln for ln in out.splitlines() if ln.startswith("# sync-debug")]
