@@ -99,7 +99,7 @@ def plan(work: Path) -> list[Step]:
         Step(name="proof-gpu-smoke",
              gpu=[PY, "-m", "evals.experiments.proof", "--config", "configs/proof-gpu.yaml", "--smoke",
                   f"out_dir={work / 'proof'}"],
-             dry=None, timeout_s=120,
+             dry=None, timeout_s=180,
              why_not_dry="tests/test_proof_smoke.py runs the same --smoke stages on CPU"),
     ]
 

@@ -3,7 +3,9 @@ deterministic, every sample is still seen once per epoch, and a resumed loader c
 
 from __future__ import annotations
 
+import itertools
 import random
+import shutil
 
 import pytest
 import torch
@@ -60,8 +62,15 @@ def _words(caption: str) -> int:
     return len(caption.split())
 
 
+_copies = itertools.count()
+
+
 def _loader(shards, *, grouping=True, window=3, workers=0):
-    cfg = DataConfig(local=str(shards), resolution=16, shuffle=True, num_workers=workers, length_grouping=grouping,
+    # Each loader reads its own copy: streaming registers a local directory in shared memory, and a loader left for
+    # the garbage collector could release the registration of a live one on the same directory.
+    local = shards.parent / f"copy{next(_copies)}"
+    shutil.copytree(shards, local)
+    cfg = DataConfig(local=str(local), resolution=16, shuffle=True, num_workers=workers, length_grouping=grouping,
                      length_window=window)
     return build_loader(cfg, batch_size=4, caption_length=_words)
 
