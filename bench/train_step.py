@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import os
 import platform
 import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -134,23 +136,29 @@ class PrecomputedText:
         mask = (torch.arange(max_tokens)[None] < n[:, None]).to(self.device)  # (B, L)
         states = self.bank[:max_tokens].expand(len(prompts), -1, -1)  # (B, L, D)
         states = states * mask[..., None].to(states.dtype) if masked else states.clone()
-        return PromptEmbeds(states, mask, self.pooled.expand(len(prompts), -1).clone())
+        return PromptEmbeds(states, mask, self.pooled.expand(len(prompts), -1).clone(), tuple(n.tolist()))
 
     def empty(self, *, max_tokens: int, masked: bool = True) -> PromptEmbeds:
         return self.encode([""], max_tokens=max_tokens, masked=masked)
 
 
-def make_batches(size: BenchSize, res: int, batch: int, *, n: int, median: int, seed: int) -> tuple[list[dict], dict]:
-    """n batches of {"pixels": (B, C, res/8, res/8) latents, "caption": [...]} and the caption -> length table."""
+def make_batches(size: BenchSize, res: int, batch: int, *, n: int, median: int, seed: int,
+                 length_grouping: bool = False) -> tuple[list[dict], dict]:
+    """n batches of {"pixels": (B, C, res/8, res/8) latents, "caption": [...]} and the caption -> length table.
+    length_grouping: the n batches' captions regrouped by length, as `data.length_grouping` with window n does."""
     g = torch.Generator().manual_seed(seed)
     lat = res // 8
     lengths = prompt_lengths(n * batch, median=median, max_tokens=size.text_tokens, seed=seed + 1)
     table = {f"caption-{i}": length for i, length in enumerate(lengths)}
+    captions = [[f"caption-{b * batch + j}" for j in range(batch)] for b in range(n)]
+    if length_grouping:
+        from train.data import group_by_length
+
+        samples = [{"caption": c, "pixels": torch.empty(0)} for cs in captions for c in cs]
+        grouped = group_by_length(samples, batch_size=batch, length_of=lambda s: table[s["caption"]])
+        captions = [[s["caption"] for s in b] for b in grouped]
     batches = [
-        {
-            "pixels": torch.randn(batch, size.latent_channels, lat, lat, generator=g),
-            "caption": [f"caption-{b * batch + j}" for j in range(batch)],
-        }
+        {"pixels": torch.randn(batch, size.latent_channels, lat, lat, generator=g), "caption": captions[b]}
         for b in range(n)
     ]
     return batches, table
@@ -201,6 +209,7 @@ class Options:
     float8: bool = False
     offload: str = "auto"
     sync_debug: bool = False
+    optim: str = "auto"
 
 
 @dataclass
@@ -245,7 +254,7 @@ def build_ours(mode: str, arch: dict, *, info, dtype, opts: Options, frozen, obj
     model.train()
     named = trainable_named_parameters(model)
     params = [p for _, p in named]
-    optimizer = build_optimizer(params, OptimConfig(lr=1e-5))
+    optimizer = build_optimizer(params, OptimConfig(lr=1e-5, implementation=opts.optim))
     runner = Runner(step=None, model=model, full=mode == "full")
     counter = {"step": 0}
 
@@ -387,19 +396,33 @@ def measure(runner: Runner, batches: list[dict], *, warmup: int, steps: int, dev
         runner.step(batches[i % len(batches)])
     _sync(device)
     runner.text_tokens.clear()
-    if sync_debug and device.type == "cuda":
-        torch.cuda.set_sync_debug_mode("warn")  # prints a warning for every host sync inside the timed steps
-    t0 = time.perf_counter()
-    for i in range(steps):
-        runner.step(batches[(warmup + i) % len(batches)])
-    _sync(device)
-    seconds = (time.perf_counter() - t0) / steps
-    if sync_debug and device.type == "cuda":
-        torch.cuda.set_sync_debug_mode("default")
-    return {"seconds": seconds, "loss": float(runner.last_loss)}
+    debug = sync_debug and device.type == "cuda"
+    with warnings.catch_warnings(record=True) as caught:
+        if debug:
+            warnings.simplefilter("always")  # every sync, not the first per call site
+            torch.cuda.set_sync_debug_mode("warn")  # a warning for every host sync inside the timed steps
+        t0 = time.perf_counter()
+        for i in range(steps):
+            runner.step(batches[(warmup + i) % len(batches)])
+        if debug:
+            torch.cuda.set_sync_debug_mode("default")
+        _sync(device)
+        seconds = (time.perf_counter() - t0) / steps
+    out = {"seconds": seconds, "loss": float(runner.last_loss)}
+    if debug:
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        sites = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})
+        print(f"# sync-debug: {len(syncs)} host syncs in {steps} timed steps at {', '.join(sites) or 'no site'}",
+              flush=True)
+        out["syncs_per_step"] = len(syncs) / steps
+        out["sync_sites"] = sites
+    for w in caught:  # the other warnings still reach the user
+        if "synchroniz" not in str(w.message):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="shorthand for --size tiny (CPU, a few steps)")
     p.add_argument("--size", choices=sorted(SIZES), default=None)
@@ -418,8 +441,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--offload", choices=("auto", "on", "off"), default="auto",
                    help="ours: FSDP2 CPU offload (auto: on for mode full on a GPU — 12B fp32 + AdamW needs ~190 GB)")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the device's dense bf16 peak")
-    p.add_argument("--sync-debug", action="store_true", help="warn on every host sync in the timed steps (CUDA)")
+    p.add_argument("--sync-debug", action="store_true", help="count the host syncs in the timed steps (CUDA)")
+    p.add_argument("--optim-impl", choices=("auto", "single_tensor", "foreach", "fused"), default="auto",
+                   help="ours: AdamW kernel (optim.implementation; auto = fused on a GPU)")
+    p.add_argument("--length-grouping", action="store_true",
+                   help="regroup the benchmark's 4 batches by caption length (data.length_grouping, window 4)")
+    p.add_argument("--json", default=None, help="also write the header and rows as JSON to this path")
     p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
 
     size_name = "tiny" if args.tiny else (args.size or "full")
@@ -451,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     if info.device != device:
         info = type(info)(info.rank, info.world_size, info.local_rank, info.local_world_size, device)
     opts = Options(compile=args.compile, ac=args.ac, attention=args.attention, float8=args.float8,
-                   offload=args.offload, sync_debug=args.sync_debug)
+                   offload=args.offload, sync_debug=args.sync_debug, optim=args.optim_impl)
     torch.manual_seed(args.seed)
     fm = flops_model(_meta_model(size.arch))
     peak = peak_flops(device, override_tflops=args.peak_tflops)
@@ -464,7 +497,10 @@ def main(argv: list[str] | None = None) -> int:
                                                fm=fm, peak=peak))
     finally:
         destroy_distributed()
-    print_report(rows, size_name=size_name, device=device, dtype=dtype, opts=opts, peak=peak, fm=fm, args=args)
+    header = print_report(rows, size_name=size_name, device=device, dtype=dtype, opts=opts, peak=peak, fm=fm,
+                          args=args)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
     return 0
 
 
@@ -477,7 +513,7 @@ def _meta_model(arch: dict):
 def _run_and_summarise(mode, res, *, size, args, info, dtype, opts, fm, peak) -> dict:
     batch = args.batch_size or size.batch.get(res, min(size.batch.values()))
     batches, table = make_batches(size, res, batch, n=4, median=args.prompt_median or size.prompt_median,
-                                  seed=args.seed)
+                                  seed=args.seed, length_grouping=args.length_grouping)
     text = PrecomputedText(table, t5_dim=size.arch["joint_attention_dim"],
                            pooled_dim=size.arch["pooled_projection_dim"], max_tokens=size.text_tokens,
                            device=info.device, dtype=dtype, seed=args.seed)
@@ -502,14 +538,22 @@ def _run_and_summarise(mode, res, *, size, args, info, dtype, opts, fm, peak) ->
         m = measure(runner, batches, warmup=args.warmup if args.warmup is not None else size.warmup,
                     steps=args.steps or size.steps, device=info.device, sync_debug=opts.sync_debug)
         image_tokens, text_tokens = runner.image_tokens, list(runner.text_tokens)
-        full, oom = runner.full, False
+        full, oom, error = runner.full, False, None
     except torch.OutOfMemoryError:
-        oom = True  # (cleaned up below, outside the except block, once its traceback no longer holds the model)
+        oom, error = True, None  # (cleaned up below, once the traceback no longer holds the model)
+    except Exception as e:  # one broken row (a compile error, say) must not cost the GPU session the others
+        import traceback
+
+        traceback.print_exc()
+        oom, error = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
     peak_mem = _peak_mem_gib(info.device)
     del runner
     _free(info.device)
     if oom:
         return {**row, "oom": True}
+    if error:
+        print(f"note: {mode} at {res}² failed: {error}", flush=True)
+        return {**row, "error": error}
 
     # FLOPs of the timed steps, each at its own (trimmed) text length; per-sample tokens reported as the mean.
     flops = sum(fm.per_step(image_tokens=image_tokens, text_tokens=n, batch=batch, full=full) for n in text_tokens)
@@ -524,6 +568,7 @@ def _run_and_summarise(mode, res, *, size, args, info, dtype, opts, fm, peak) ->
         "TFLOP_per_s": flops_per_step / m["seconds"] / 1e12,
         "MFU_%": None if u is None else 100 * u,
         "loss": m["loss"],
+        **({"syncs_per_step": m["syncs_per_step"], "sync_sites": m["sync_sites"]} if "syncs_per_step" in m else {}),
     }
 
 
@@ -556,32 +601,37 @@ def _sig(v) -> str:
     return "n/a" if v is None else f"{v:.4g}"
 
 
-def print_report(rows, *, size_name, device, dtype, opts, peak, fm, args) -> None:
+def print_report(rows, *, size_name, device, dtype, opts, peak, fm, args) -> dict:
+    """Prints the header and the table; returns the header's facts (for --json)."""
     import diffusers
     import peft
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    base = {r["res"]: r["img_per_s"] for r in rows if r["mode"] == "baseline" and "img_per_s" in r}
+    for r in rows:
+        if "img_per_s" in r and r["res"] in base:
+            r["vs_baseline"] = r["img_per_s"] / base[r["res"]]
     print(f"# bench/train_step.py --size {size_name}  ({when})")
     dtype_name = str(dtype).removeprefix("torch.")
     print(f"# device: {device.type} ({gpu}), threads {torch.get_num_threads()}, dtype {dtype_name}")
     print(f"# torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}, "
           f"python {platform.python_version()}")
     print(f"# ours: compile={opts.compile} ac={opts.ac} attention={opts.attention or 'native'} float8={opts.float8} "
-          f"offload={opts.offload}; peak {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}; "
+          f"offload={opts.offload} optim={opts.optim} length_grouping={args.length_grouping}; peak {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}; "
           f"P_tok={fm.p_tok:.4g} L={fm.layers} h={fm.hidden}")
     print("# tokens = image + processed text tokens per sample (mean over the timed steps); peak_mem_GiB: "
           + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else "the process's peak RSS (cumulative)"))
     print()
-    base = {r["res"]: r["img_per_s"] for r in rows if r["mode"] == "baseline" and "img_per_s" in r}
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "|".join("---" for _ in COLUMNS) + "|")
     for r in rows:
-        if r.get("oom") or r.get("skipped"):
-            cells = [r["mode"], str(r["res"]), str(r["batch"]), "-", "OOM" if r.get("oom") else "skipped"]
+        if r.get("oom") or r.get("skipped") or r.get("error"):
+            status = "OOM" if r.get("oom") else "skipped" if r.get("skipped") else "error"
+            cells = [r["mode"], str(r["res"]), str(r["batch"]), "-", status]
             cells += ["-"] * (len(COLUMNS) - len(cells))
         else:
-            ratio = r["img_per_s"] / base[r["res"]] if r["res"] in base else None
+            ratio = r.get("vs_baseline")
             cells = [
                 r["mode"], str(r["res"]), str(r["batch"]), _fmt(r["tokens"], 1), _fmt(r["step_ms"], 1),
                 _fmt(r["img_per_s"], 3), _fmt(r["peak_mem_GiB"], 2), _sig(r["TFLOP_per_s"]), _sig(r["MFU_%"]),
@@ -589,6 +639,14 @@ def print_report(rows, *, size_name, device, dtype, opts, peak, fm, args) -> Non
             ]
         print("| " + " | ".join(cells) + " |")
     sys.stdout.flush()
+    return {
+        "when": when, "size": size_name, "device": device.type, "gpu": gpu, "dtype": dtype_name,
+        "torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
+        "python": platform.python_version(), "peak_tflops": None if peak is None else peak / 1e12,
+        "options": {"compile": opts.compile, "ac": opts.ac, "attention": opts.attention or "native",
+                    "float8": opts.float8, "offload": opts.offload, "optim": opts.optim,
+                    "length_grouping": args.length_grouping},
+    }
 
 
 if __name__ == "__main__":

@@ -153,10 +153,11 @@ def write_clip_tokenizer(folder: Path, corpus: list[str]) -> "CLIPTokenizer":  #
     folder.mkdir(parents=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    # FLUX's CLIP tokenizer pads with <|endoftext|>; CLIP pools at the first <|endoftext|>.
-    return CLIPTokenizer(
-        vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"),
-        unk_token=CLIP_EOS, bos_token=CLIP_BOS, eos_token=CLIP_EOS, pad_token=CLIP_EOS, model_max_length=77,
+    # FLUX's CLIP tokenizer pads with <|endoftext|>; CLIP pools at the first <|endoftext|>. Loaded from the folder,
+    # not built from the file paths: transformers 5's CLIPTokenizer takes the vocabulary itself, not vocab_file.
+    return CLIPTokenizer.from_pretrained(
+        str(folder), unk_token=CLIP_EOS, bos_token=CLIP_BOS, eos_token=CLIP_EOS, pad_token=CLIP_EOS,
+        model_max_length=77,
     )
 
 

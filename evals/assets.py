@@ -51,9 +51,10 @@ def write_random_inception(path: str | Path, seed: int = 0) -> Path:
 def _write_char_clip_tokenizer(folder: Path) -> int:
     """A character-level CLIP BPE (every byte, with and without the end-of-word mark, no merges): a valid CLIP
     vocabulary that needs no training. Returns the vocabulary size."""
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+    # Our own copy of CLIP's byte map: transformers 5 no longer has tokenization_clip.bytes_to_unicode.
+    from dataset_tools.tiny_model import _bytes_to_unicode
 
-    chars = list(bytes_to_unicode().values())
+    chars = list(_bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
@@ -76,12 +77,8 @@ def write_tiny_clip(path: str | Path, seed: int = 0, *, tokenizer_dir: str | Pat
     else:
         with tempfile.TemporaryDirectory() as tmp:
             _write_char_clip_tokenizer(Path(tmp))
-            tokenizer = CLIPTokenizerFast(
-                vocab_file=str(Path(tmp) / "vocab.json"),
-                merges_file=str(Path(tmp) / "merges.txt"),
-                model_max_length=max_length,
-                pad_token="<|endoftext|>",
-            )
+            # from the folder (transformers 5's tokenizer classes take the vocabulary itself, not vocab_file)
+            tokenizer = CLIPTokenizerFast.from_pretrained(tmp, model_max_length=max_length, pad_token="<|endoftext|>")
     bos, eos = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
     config = CLIPConfig(
         text_config=dict(

@@ -47,7 +47,7 @@ class CLIPScorer:
 
         pixels = self.processor.image_processor(images=[to_rgb(im) for im in images], return_tensors="pt")
         feats = self.model.get_image_features(pixel_values=pixels["pixel_values"].to(self.device))
-        return torch.nn.functional.normalize(feats.float(), dim=-1)
+        return torch.nn.functional.normalize(_projected(feats).float(), dim=-1)
 
     @torch.no_grad()
     def text_embeds(self, captions: list[str]) -> torch.Tensor:
@@ -58,7 +58,7 @@ class CLIPScorer:
         feats = self.model.get_text_features(
             input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device)
         )
-        return torch.nn.functional.normalize(feats.float(), dim=-1)
+        return torch.nn.functional.normalize(_projected(feats).float(), dim=-1)
 
     def cosines(self, images: list, captions: list[str], *, batch_size: int = 64) -> np.ndarray:
         """Per-pair cosine similarity between image i and caption i: (N,) float64."""
@@ -73,3 +73,9 @@ class CLIPScorer:
 
     def score(self, images: list, captions: list[str], *, batch_size: int = 64) -> float:
         return clip_score_from_cosines(self.cosines(images, captions, batch_size=batch_size))
+
+
+def _projected(feats) -> torch.Tensor:
+    """get_*_features' projected embeddings: a tensor in transformers 4, the output's pooler_output (replaced by the
+    projection) in transformers 5, the GPU machine's."""
+    return feats if isinstance(feats, torch.Tensor) else feats.pooler_output

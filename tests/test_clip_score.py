@@ -46,11 +46,13 @@ def test_scorer_equals_direct_computation_with_the_model(clip_dir):
     scorer = CLIPScorer(clip_dir)
     ims = images(3)
     model = CLIPModel.from_pretrained(str(clip_dir)).eval()
-    proc = CLIPProcessor.from_pretrained(str(clip_dir))
+    proc = CLIPProcessor.from_pretrained(str(clip_dir), use_fast=False)  # the PIL reference, as the scorer
     with torch.no_grad():
         inputs = proc(text=CAPTIONS, images=ims, return_tensors="pt", padding=True)
         img = model.get_image_features(pixel_values=inputs["pixel_values"])
         txt = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    # transformers 5 (the GPU machine's) returns the output object, its pooler_output holding the projection
+    img, txt = (f if isinstance(f, torch.Tensor) else f.pooler_output for f in (img, txt))
     cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1).double().numpy()
     got = scorer.cosines(ims, CAPTIONS, batch_size=2)  # batching must not change anything
     np.testing.assert_allclose(got, cos, rtol=1e-5, atol=1e-6)

@@ -115,3 +115,87 @@ def test_mask_reaches_every_block(monkeypatch):
 def test_joint_mask_rejects_float():
     with pytest.raises(AssertionError):
         joint_attention_mask(torch.ones(1, 3), 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# No padding left after trimming: no mask, so SDPA may choose flash (docs/performance.md)
+
+
+def _spy_masks(monkeypatch) -> list:
+    from diffusers.models.transformers import transformer_flux
+
+    seen = []
+    orig = transformer_flux.dispatch_attention_fn
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append(attn_mask)
+        return orig(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(transformer_flux, "dispatch_attention_fn", spy)
+    return seen
+
+
+def _out_and_grads(m, x, t, prompt, ids):
+    m.zero_grad(set_to_none=True)
+    out = predict_velocity(m, x, t, prompt, ids, masked=True)
+    (out.square().mean()).backward()
+    return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def test_unpadded_batch_without_mask_is_bitwise_equal(monkeypatch):
+    """Equal-length prompts (here: a padded batch trimmed to its longest prompt, which every row fills): the
+    mask-free call equals the masked one exactly, outputs and gradients."""
+    m = tiny_transformer()
+    x, t, _, padded, ids = inputs(batch=3)
+    seen = _spy_masks(monkeypatch)
+    padded = PromptEmbeds(padded.t5, padded.mask, padded.pooled, PromptEmbeds.host_lengths(padded.mask))
+    trimmed = padded.trimmed()
+    assert trimmed.unpadded and trimmed.lengths == (5, 5, 5)
+    forced = PromptEmbeds(trimmed.t5, trimmed.mask, trimmed.pooled)  # the host "does not know": the mask stays
+    with_mask, g_mask = _out_and_grads(m, x, t, forced, ids)
+    assert len(seen) == 4 and all(s is not None for s in seen)
+    seen.clear()
+    without, g_free = _out_and_grads(m, x, t, trimmed, ids)
+    assert len(seen) == 4 and all(s is None for s in seen)
+    assert with_mask.abs().mean() > 1e-3
+    assert torch.equal(without, with_mask)
+    assert g_free.keys() == g_mask.keys() and all(torch.equal(g_free[k], g_mask[k]) for k in g_mask)
+
+
+def test_mask_dropped_exactly_when_no_padding_is_left(monkeypatch):
+    m = tiny_transformer()
+    x, t, _, padded, ids = inputs(text_len=5, pad_to=16)
+    seen = _spy_masks(monkeypatch)
+    ragged_mask = padded.mask.clone()
+    ragged_mask[1, 3:] = False  # row 1 has 3 tokens: padding is left after trimming
+    ragged = PromptEmbeds(padded.t5, ragged_mask, padded.pooled, lengths=(5, 3))
+    padded = PromptEmbeds(padded.t5, padded.mask, padded.pooled, lengths=(5, 5))
+    unknown = PromptEmbeds(padded.t5[:, :5], padded.mask[:, :5], padded.pooled)  # no host lengths: keeps the mask
+    cases = [(padded, True), (padded.trimmed(), False), (ragged.trimmed(), True), (unknown, True)]
+    for prompt, expect_mask in cases:
+        seen.clear()
+        with torch.no_grad():
+            predict_velocity(m, x, t, prompt, ids, masked=True)
+        assert [s is not None for s in seen] == [expect_mask] * 4, prompt.lengths
+    seen.clear()
+    with torch.no_grad():  # masked=False never passes one
+        predict_velocity(m, x, t, padded.trimmed(), ids, masked=False)
+    assert seen == [None] * 4
+
+
+def test_trim_and_mask_decision_read_no_device_tensor():
+    """With host lengths, trimming, dropout substitution and the mask-free decision never read the mask: here it
+    lives on the meta device, where any read (.item(), .any()) raises."""
+    b, L, d = 3, 12, 8
+    meta = dict(device="meta")
+    prompts = PromptEmbeds(torch.empty(b, L, d, **meta), torch.empty(b, L, dtype=torch.bool, **meta),
+                           torch.empty(b, d, **meta), lengths=(7, 4, 2))
+    empty = PromptEmbeds(torch.empty(1, L, d, **meta), torch.empty(1, L, dtype=torch.bool, **meta),
+                         torch.empty(1, d, **meta), lengths=(1,))
+    mixed = prompts.where(torch.tensor([False, False, True]), empty).trimmed()
+    assert mixed.lengths == (7, 4, 1) and mixed.t5.shape[1] == 7 and not mixed.unpadded
+    same = prompts.select(torch.tensor([0, 0])).trimmed()
+    assert same.t5.shape[1] == 7 and same.unpadded
+    assert PromptEmbeds.cat([same, same]).unpadded
+    with pytest.raises(RuntimeError, match="meta"):  # without host lengths, trimming must read the device mask
+        PromptEmbeds(prompts.t5, prompts.mask, prompts.pooled).trimmed()

@@ -185,11 +185,18 @@ class DataConfig:
     predownload: int | None = None
     caption_key: str = "caption"
     image_key: str = "image"
+    length_grouping: bool = False
+    """Group captions of similar T5 length into a batch, inside each aspect bucket: the loader's batches are
+    regrouped `length_window` at a time, so trimming the text to a batch's longest prompt leaves little padding.
+    Deterministic and resumed exactly (the checkpoint records the window's start and how much of it was used)."""
+    length_window: int = 16
+    """Batches regrouped together by length_grouping (more: less padding, less mixing of lengths across steps)."""
 
     def __post_init__(self) -> None:
         if self.resolution % 16:
             raise ValueError(f"data.resolution: must be a multiple of 16, got {self.resolution}")
         _check_positive("data.num_workers", self.num_workers, allow_zero=True)
+        _check_positive("data.length_window", self.length_window)
 
 
 @dataclass(kw_only=True)
@@ -224,9 +231,14 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     """Cosine decays to lr × min_lr_ratio."""
+    implementation: str = "auto"
+    """AdamW kernel: auto (fused when the parameters are on a GPU, else single_tensor) | single_tensor (one set of
+    small ops per parameter: bitwise-reproducible across save/resume on CPU) | foreach (batched over parameters) |
+    fused (one kernel for all parameters)."""
 
     def __post_init__(self) -> None:
         _check_positive("optim.lr", self.lr)
+        _check_choice("optim.implementation", self.implementation, ("auto", "single_tensor", "foreach", "fused"))
         _check_choice("optim.schedule", self.schedule, ("cosine", "constant"))
         _check_positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
         _check_unit("optim.min_lr_ratio", self.min_lr_ratio)

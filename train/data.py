@@ -21,12 +21,15 @@ the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import logging
 import os
+import random
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -364,22 +367,121 @@ def _usable_buckets(buckets: list[dict], batch_size: int) -> list[dict]:
     return usable
 
 
-def build_loader(cfg: DataConfig, *, batch_size: int):
-    """StreamingDataLoader: a torch DataLoader whose state_dict() records the position in the stream."""
+def build_loader(cfg: DataConfig, *, batch_size: int, caption_length: Callable[[str], int] | None = None):
+    """StreamingDataLoader: a torch DataLoader whose state_dict() records the position in the stream; with
+    `data.length_grouping`, wrapped in `LengthGroupedBatches` (same iteration and state_dict interface).
+
+    caption_length: a caption's T5 token count, for length grouping of raw shards (the trainer passes its T5
+    tokenizer's); precomputed shards hold the T5 states, whose length is used instead."""
     from streaming import StreamingDataLoader
 
     dataset = build_dataset(cfg, batch_size=batch_size)
     collate = Collate()
     if dataset.kind == "precomputed":
         collate = Collate(_empty_prompt(cfg), dataset.layout["precompute"]["max_text_tokens"])
-    return StreamingDataLoader(
+    if cfg.length_grouping and dataset.kind != "precomputed" and caption_length is None:
+        raise ValueError("data.length_grouping: raw shards need a caption-length function (the T5 tokenizer)")
+    loader = StreamingDataLoader(
         dataset,
         batch_size=batch_size,
         num_workers=cfg.num_workers,
         drop_last=True,
         persistent_workers=False,
-        collate_fn=collate,
+        collate_fn=Samples() if cfg.length_grouping else collate,
     )
+    if not cfg.length_grouping:
+        return loader
+    if dataset.kind == "precomputed":
+        length_of = _stored_t5_length
+    else:
+        def length_of(sample: dict) -> int:
+            return caption_length(sample["caption"])
+    return LengthGroupedBatches(loader, window=cfg.length_window, collate=collate, length_of=length_of)
+
+
+def _stored_t5_length(sample: dict) -> int:
+    return sample["t5"].shape[0]
+
+
+class Samples:
+    """The loader's collate under length grouping: the batch's samples as they are, regrouped and collated by
+    `LengthGroupedBatches` (a mapping, so StreamingDataLoader counts its samples by the first value)."""
+
+    def __call__(self, samples: list[dict]) -> dict[str, list[dict]]:
+        return {"samples": samples}
+
+
+def _image_key(sample: dict) -> tuple:
+    """The aspect bucket of a sample: the shape of its pixels or latents."""
+    return tuple((sample["pixels"] if "pixels" in sample else sample["latent_mean"]).shape)
+
+
+def group_by_length(samples: list[dict], *, batch_size: int, length_of: Callable[[dict], int]) -> list[list[dict]]:
+    """Regroup a window of consecutive batches (`batch_size` samples each, in stream order) so that captions of
+    similar length share a batch, never mixing aspect buckets.
+
+    Batch slot i keeps the bucket it had; inside each bucket the samples are sorted by (length, stream position)
+    and cut into batches, which go to that bucket's slots in an order shuffled by a hash of the window's captions
+    (so a window does not always run short to long). A pure function of the window: resuming re-reads the window
+    and gets the same batches."""
+    assert len(samples) % batch_size == 0, "a window holds whole batches"
+    slots = [_image_key(samples[i]) for i in range(0, len(samples), batch_size)]
+    by_key: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_key.setdefault(_image_key(s), []).append(i)
+    digest = hashlib.blake2b("\n".join(str(s["caption"]) for s in samples).encode(), digest_size=8).digest()
+    rng = random.Random(int.from_bytes(digest, "little"))
+    chunks: dict[tuple, list[list[dict]]] = {}
+    for key, idx in by_key.items():
+        idx.sort(key=lambda i: (length_of(samples[i]), i))
+        groups = [[samples[i] for i in idx[j : j + batch_size]] for j in range(0, len(idx), batch_size)]
+        rng.shuffle(groups)
+        chunks[key] = groups
+    return [chunks[key].pop() for key in slots]
+
+
+class LengthGroupedBatches:
+    """Iterates a StreamingDataLoader (whose collate is `Samples`) `window` batches at a time, regrouped by
+    `group_by_length` and collated. state_dict() holds the stream position at the current window's start and how
+    many of its batches were already handed out; load_state_dict() rewinds the stream there and skips them, so a
+    resumed run sees exactly the batches an uninterrupted one does (any num_workers: the stream itself resumes
+    at a batch boundary, as without grouping)."""
+
+    def __init__(self, loader, *, window: int, collate: Callable[[list[dict]], dict], length_of):
+        self.loader, self.window, self.collate, self.length_of = loader, window, collate, length_of
+        self.dataset = loader.dataset
+        self._start: int | None = None  # samples (this rank) the loader had yielded when the window began
+        self._in_window = self._emitted = self._skip = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        it = iter(self.loader)
+        while True:
+            raw = list(itertools.islice(it, self.window))
+            if not raw:
+                return
+            samples = [s for b in raw for s in b["samples"]]
+            batches = group_by_length(samples, batch_size=len(raw[0]["samples"]), length_of=self.length_of)
+            self._start = self.loader.num_samples_yielded - len(samples)
+            self._in_window, self._emitted = len(batches), 0
+            for batch in batches:
+                self._emitted += 1  # before the yield: a checkpoint taken after this batch counts it
+                if self._skip:
+                    self._skip -= 1
+                    continue
+                yield self.collate(batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._start is None:  # nothing read yet (or only a loaded state): the stream's own position
+            return {"stream": self.loader.state_dict(), "skip": self._skip}
+        if self._emitted == self._in_window:  # the window is used up: the next one starts where the stream is
+            start, skip = self.loader.num_samples_yielded, 0
+        else:
+            start, skip = self._start, self._emitted
+        return {"stream": self.dataset.state_dict(start * _world_size(), False), "skip": skip}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state["stream"])
+        self._skip, self._start = int(state["skip"]), None
 
 
 def forever(loader) -> Iterator[dict[str, Any]]:

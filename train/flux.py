@@ -55,10 +55,16 @@ def predict_velocity(
     *,
     masked: bool = True,
 ) -> torch.Tensor:
-    """Velocity v(x_t, t | prompt) for packed latents x_t (B, N, C*4); t in [0, 1] (FLUX scales it by 1000)."""
+    """Velocity v(x_t, t | prompt) for packed latents x_t (B, N, C*4); t in [0, 1] (FLUX scales it by 1000).
+
+    With `masked`, the bool key mask is passed unless the host knows the batch has no padding left
+    (`prompt.unpadded`, e.g. a trimmed batch of equal-length prompts): an all-True mask changes nothing, and
+    without one SDPA may pick its flash kernel, which takes no mask. Deciding reads no device tensor.
+    """
     dtype = x_t.dtype
     txt_ids = torch.zeros(prompt.t5.shape[1], 3, device=x_t.device, dtype=img_ids.dtype)
-    kwargs = {"attention_mask": joint_attention_mask(prompt.mask, x_t.shape[1])} if masked else None
+    need_mask = masked and not prompt.unpadded
+    kwargs = {"attention_mask": joint_attention_mask(prompt.mask, x_t.shape[1])} if need_mask else None
     return transformer(
         hidden_states=x_t,
         timestep=t.to(dtype),

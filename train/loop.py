@@ -161,7 +161,9 @@ def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend,
     optimizer = backend.optimizer
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     ema = EMA(backend.ema_tensors(), cfg.ema) if cfg.ema.decay > 0 else None
-    loader = build_loader(cfg.data, batch_size=cfg.train.batch_size)
+    max_tokens = cfg.objective.max_text_tokens
+    loader = build_loader(cfg.data, batch_size=cfg.train.batch_size,
+                          caption_length=lambda caption: frozen.text.token_count(caption, max_tokens=max_tokens))
     state = TrainState()
     ckpt = CheckpointManager(run_dir, cfg.checkpoint, rank=info.rank)
 

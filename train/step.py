@@ -66,8 +66,9 @@ def _stored_prompts(stored: dict, cfg: ObjectiveConfig) -> tuple[PromptEmbeds, P
             f"objective.max_text_tokens: {cfg.max_text_tokens}, but the dataset was precomputed with "
             f"--max-text-tokens {stored.get('max_text_tokens')}"
         )
-    enc = PromptEmbeds(stored["t5"], stored["t5_mask"], stored["pooled"])  # (B, L_batch, D): padded to the longest
-    empty = PromptEmbeds(stored["empty_t5"], stored["empty_mask"], stored["empty_pooled"])
+    mask, empty_mask = stored["t5_mask"], stored["empty_mask"]  # on the host: the loader's collate built them
+    enc = PromptEmbeds(stored["t5"], mask, stored["pooled"], PromptEmbeds.host_lengths(mask))  # (B, L_batch, D)
+    empty = PromptEmbeds(stored["empty_t5"], empty_mask, stored["empty_pooled"], PromptEmbeds.host_lengths(empty_mask))
     return enc, empty
 
 

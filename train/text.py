@@ -22,21 +22,48 @@ class PromptEmbeds:
     """(B, L) bool, True for real tokens (including T5's </s>)."""
     pooled: torch.Tensor
     """(B, D_clip) CLIP pooled output."""
+    lengths: tuple[int, ...] | None = None
+    """Real tokens per row, known on the host (None: only the mask knows). Trimming and the mask-free attention
+    path read these instead of the mask, so neither waits for the GPU. Whoever builds the mask on the host (the
+    tokenizer's output in `TextEncoder`, a precomputed batch's collate) passes them; they must match the mask."""
+
+    def __post_init__(self) -> None:
+        if self.lengths is not None:
+            self.lengths = tuple(int(n) for n in self.lengths)
+            assert len(self.lengths) == self.t5.shape[0], "one length per row"
+
+    @staticmethod
+    def host_lengths(mask: torch.Tensor) -> tuple[int, ...] | None:
+        """The lengths of a (B, L) mask that is on the CPU (None for a device mask: reading it would sync)."""
+        return tuple(mask.sum(1).tolist()) if mask.device.type == "cpu" else None
 
     def __len__(self) -> int:
         return self.t5.shape[0]
 
+    @property
+    def unpadded(self) -> bool:
+        """True when the host knows that no row has padding left (every length equals L): then the attention mask
+        is all True and may be left out, letting SDPA choose its flash kernel, which takes no mask."""
+        return self.lengths is not None and all(n == self.t5.shape[1] for n in self.lengths)
+
     def select(self, index: torch.Tensor) -> "PromptEmbeds":
-        return PromptEmbeds(self.t5[index], self.mask[index], self.pooled[index])
+        lengths = None
+        if self.lengths is not None and index.device.type == "cpu":
+            lengths = tuple(self.lengths[i] for i in index.tolist())
+        return PromptEmbeds(self.t5[index], self.mask[index], self.pooled[index], lengths)
 
     def where(self, replace: torch.Tensor, other: "PromptEmbeds") -> "PromptEmbeds":
         """Rows where `replace` (B,) is True come from `other` (one row, broadcast), e.g. the empty prompt."""
         other = other.pad_to(self.t5.shape[1])
+        lengths = None
+        if self.lengths is not None and other.lengths is not None and replace.device.type == "cpu":
+            lengths = tuple(other.lengths[0] if r else n for r, n in zip(replace.tolist(), self.lengths))
         r = replace.to(self.t5.device)
         return PromptEmbeds(
             torch.where(r[:, None, None], other.t5.expand_as(self.t5), self.t5),
             torch.where(r[:, None], other.mask.expand_as(self.mask), self.mask),
             torch.where(r[:, None], other.pooled.expand_as(self.pooled), self.pooled),
+            lengths,
         )
 
     def pad_to(self, length: int) -> "PromptEmbeds":
@@ -44,29 +71,40 @@ class PromptEmbeds:
         if n == length:
             return self
         if n > length:
-            assert not self.mask[:, length:].any(), "truncating real tokens"
-            return PromptEmbeds(self.t5[:, :length], self.mask[:, :length], self.pooled)
+            if self.lengths is not None:
+                assert max(self.lengths) <= length, "truncating real tokens"
+            else:
+                assert not self.mask[:, length:].any(), "truncating real tokens"
+            return PromptEmbeds(self.t5[:, :length], self.mask[:, :length], self.pooled, self.lengths)
         pad = length - n
         return PromptEmbeds(
             torch.nn.functional.pad(self.t5, (0, 0, 0, pad)),
             torch.nn.functional.pad(self.mask, (0, pad), value=False),
             self.pooled,
+            self.lengths,
         )
 
     def trimmed(self) -> "PromptEmbeds":
         """Drop trailing columns that are padding in every row (exact only with masked attention)."""
-        longest = int(self.mask.sum(1).max().item()) if self.mask.numel() else 1
+        if self.lengths is not None:
+            longest = max(self.lengths, default=1)
+        else:  # a device sync: only when the host does not know the lengths
+            longest = int(self.mask.sum(1).max().item()) if self.mask.numel() else 1
         return self.pad_to(max(longest, 1))
 
     def to(self, device=None, dtype=None) -> "PromptEmbeds":
-        return PromptEmbeds(self.t5.to(device, dtype), self.mask.to(device), self.pooled.to(device, dtype))
+        return PromptEmbeds(
+            self.t5.to(device, dtype), self.mask.to(device), self.pooled.to(device, dtype), self.lengths
+        )
 
     @staticmethod
     def cat(items: list["PromptEmbeds"]) -> "PromptEmbeds":
         length = max(p.t5.shape[1] for p in items)
         items = [p.pad_to(length) for p in items]
+        known = all(p.lengths is not None for p in items)
         return PromptEmbeds(
-            torch.cat([p.t5 for p in items]), torch.cat([p.mask for p in items]), torch.cat([p.pooled for p in items])
+            torch.cat([p.t5 for p in items]), torch.cat([p.mask for p in items]), torch.cat([p.pooled for p in items]),
+            tuple(n for p in items for n in p.lengths) if known else None,
         )
 
 
@@ -118,14 +156,19 @@ class TextEncoder:
         t5_in = self.t5_tokenizer(
             prompts, padding="max_length", max_length=max_tokens, truncation=True, return_tensors="pt"
         )
+        lengths = tuple(t5_in.attention_mask.sum(1).tolist())  # on the host, before the mask goes to the device
         mask = t5_in.attention_mask.to(self.device).bool()  # (B, L)
         if not masked:
-            return PromptEmbeds(self.t5(t5_in.input_ids.to(self.device))[0], mask, pooled)
+            return PromptEmbeds(self.t5(t5_in.input_ids.to(self.device))[0], mask, pooled, lengths)
         states = self.t5(t5_in.input_ids.to(self.device), attention_mask=mask.long())[0]  # (B, L, D)
         mask = with_visible_padding(mask, visible_padding)
         # Zero the masked rows: they are never attended to, and zeros make that visible in dumps.
         states = states * mask[..., None].to(states.dtype)
-        return PromptEmbeds(states, mask, pooled)
+        return PromptEmbeds(states, mask, pooled, lengths)
+
+    def token_count(self, caption: str, *, max_tokens: int) -> int:
+        """T5 tokens of one caption (with </s>), as `encode` would keep them: what length grouping sorts by."""
+        return len(self.t5_tokenizer(caption, truncation=True, max_length=max_tokens).input_ids)
 
     def empty(self, *, max_tokens: int, masked: bool = True, visible_padding: int = 0) -> PromptEmbeds:
         """The empty-prompt encoding (caption dropout and CFG's unconditional branch), cached."""
