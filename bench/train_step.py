@@ -131,15 +131,18 @@ class PrecomputedText:
         self.bank = torch.randn(max_tokens, t5_dim, generator=g).to(device, dtype)  # (L, D)
         self.pooled = torch.randn(pooled_dim, generator=g).to(device, dtype)
 
-    def encode(self, prompts: list[str], *, max_tokens: int, masked: bool = True) -> PromptEmbeds:
-        n = torch.tensor([min(self.lengths.get(p, 1), max_tokens) for p in prompts])  # "" is </s> only: 1 token
+    def encode(self, prompts: list[str], *, max_tokens: int, masked: bool = True,
+               visible_padding: int = 0) -> PromptEmbeds:
+        # "" is </s> only: 1 token; visible pads (objective.visible_padding_tokens) count as kept tokens
+        n = torch.tensor([min(self.lengths.get(p, 1) + (visible_padding if masked else 0), max_tokens)
+                          for p in prompts])
         mask = (torch.arange(max_tokens)[None] < n[:, None]).to(self.device)  # (B, L)
         states = self.bank[:max_tokens].expand(len(prompts), -1, -1)  # (B, L, D)
         states = states * mask[..., None].to(states.dtype) if masked else states.clone()
         return PromptEmbeds(states, mask, self.pooled.expand(len(prompts), -1).clone(), tuple(n.tolist()))
 
-    def empty(self, *, max_tokens: int, masked: bool = True) -> PromptEmbeds:
-        return self.encode([""], max_tokens=max_tokens, masked=masked)
+    def empty(self, *, max_tokens: int, masked: bool = True, visible_padding: int = 0) -> PromptEmbeds:
+        return self.encode([""], max_tokens=max_tokens, masked=masked, visible_padding=visible_padding)
 
 
 def make_batches(size: BenchSize, res: int, batch: int, *, n: int, median: int, seed: int,

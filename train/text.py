@@ -162,6 +162,8 @@ class TextEncoder:
             return PromptEmbeds(self.t5(t5_in.input_ids.to(self.device))[0], mask, pooled, lengths)
         states = self.t5(t5_in.input_ids.to(self.device), attention_mask=mask.long())[0]  # (B, L, D)
         mask = with_visible_padding(mask, visible_padding)
+        # The host lengths count what the mask keeps, visible pads included: trimming must not cut them off.
+        lengths = tuple(min(n + visible_padding, max_tokens) for n in lengths)
         # Zero the masked rows: they are never attended to, and zeros make that visible in dumps.
         states = states * mask[..., None].to(states.dtype)
         return PromptEmbeds(states, mask, pooled, lengths)
