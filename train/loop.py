@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -22,9 +23,10 @@ from train.config import JobConfig, dump_config, to_dict
 from train.data import build_loader, forever
 from train.metrics import Logger
 from train.mfu import flops_model, peak_flops
-from train.model import check_model_dir, load_transformer, load_vae, resolve_dtype
+from train.model import check_model_dir, load_transformer, load_vae, meta_transformer, resolve_dtype
 from train.optim import EMA, build_optimizer, build_scheduler
 from train.parallel import Backend, StepConfig, build_backend
+from train.parallel.load import materialize as materialize_sharded
 from train.parallelize import DistInfo, all_reduce_mean, barrier, destroy_distributed, init_distributed
 from train.step import Frozen, forward_backward_step
 from train.text import TextEncoder
@@ -93,11 +95,23 @@ def _write_resolved_config(cfg: JobConfig, run_dir: Path, step: int) -> None:
 
 
 def build_model(cfg: JobConfig, info: DistInfo) -> tuple[Backend, torch.dtype]:
-    """Base transformer (meta -> weights), adapter, fp32 trainable params, then the parallel backend (FSDP2 or
-    DeepSpeed, `parallel.backend`), which also builds the optimizer over the parameters in its own form."""
+    """Base transformer, adapter, fp32 trainable params, then the parallel backend (FSDP2 or DeepSpeed,
+    `parallel.backend`), which also builds the optimizer over the parameters in its own form.
+
+    FSDP2 loads sharded (train/parallel/load.py): meta -> adapter -> fully_shard -> each rank reads only its rows of
+    the base weights, so no rank ever holds the whole model. DeepSpeed gets the whole model on every rank and
+    partitions it itself (docs/cluster.md says what that costs)."""
     dtype = resolve_dtype(cfg.model.dtype, info.device)
-    transformer = load_transformer(cfg.model.path, dtype=dtype)
-    apply_adapter(transformer, cfg.model.adapter)
+    materialize = None
+    if cfg.parallel.backend == "fsdp2":
+        transformer, weights = meta_transformer(cfg.model.path, dtype=dtype)
+        apply_adapter(transformer, cfg.model.adapter)  # a new adapter's weights are real (CPU), the base on meta
+        initial = {n: p.detach().float() for n, p in trainable_named_parameters(transformer) if not p.is_meta}
+        transformer.to("meta")  # the adapter's initial values live on in `initial` until the shards are filled
+        materialize = partial(materialize_sharded, index=weights, initial=initial)
+    else:
+        transformer = load_transformer(cfg.model.path, dtype=dtype)
+        apply_adapter(transformer, cfg.model.adapter)
     for _, p in trainable_named_parameters(transformer):
         p.data = p.data.float()  # fp32 master copy of what trains; frozen weights stay in `dtype`
     backend = build_backend(
@@ -112,6 +126,7 @@ def build_model(cfg: JobConfig, info: DistInfo) -> tuple[Backend, torch.dtype]:
             activation_checkpointing=cfg.train.activation_checkpointing,
         ),
         make_optimizer=lambda params: build_optimizer(params, cfg.optim),
+        materialize=materialize,
     )
     return backend, dtype
 
