@@ -79,9 +79,14 @@ class ModelConfig:
     dtype: str = "auto"
     """Weights/compute dtype: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    text_encoder_placement: str = "device"
+    """Where T5 (and CLIP) run when the data is raw captions: device (replicated on every GPU) | cpu (host memory,
+    encoded on the CPU; frees ~9.5 GB per GPU at FLUX size) | fsdp (T5 sharded over the ranks with FSDP2, as
+    torchtitan does; CLIP stays on the device). With precomputed data no encoder is loaded at all."""
 
     def __post_init__(self) -> None:
         _check_choice("model.dtype", self.dtype, ("auto", "fp32", "bf16"))
+        _check_choice("model.text_encoder_placement", self.text_encoder_placement, ("device", "cpu", "fsdp"))
 
 
 @dataclass(kw_only=True)

@@ -5,10 +5,12 @@ Run directly (a world of one) or under torchrun; the code path is the same.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -27,7 +29,9 @@ from train.model import check_model_dir, load_transformer, load_vae, meta_transf
 from train.optim import EMA, build_optimizer, build_scheduler
 from train.parallel import Backend, StepConfig, build_backend
 from train.parallel.load import materialize as materialize_sharded
-from train.parallelize import DistInfo, all_reduce_mean, barrier, destroy_distributed, init_distributed
+from train.parallelize import (
+    DistInfo, all_reduce_mean, barrier, destroy_distributed, init_distributed, shard_text_encoder,
+)
 from train.step import Frozen, forward_backward_step
 from train.text import TextEncoder
 
@@ -131,6 +135,39 @@ def build_model(cfg: JobConfig, info: DistInfo) -> tuple[Backend, torch.dtype]:
     return backend, dtype
 
 
+def load_text_encoder(cfg: JobConfig, info: DistInfo, dtype: torch.dtype) -> TextEncoder:
+    """T5 + CLIP where `model.text_encoder_placement` puts them (device, cpu, or T5 sharded with FSDP2)."""
+    placement = cfg.model.text_encoder_placement
+    text = TextEncoder(cfg.model.path, dtype=dtype, device=torch.device("cpu") if placement == "cpu" else info.device)
+    if placement == "fsdp":
+        shard_text_encoder(text.t5, info)
+    return text
+
+
+def load_frozen(cfg: JobConfig, info: DistInfo, dtype: torch.dtype, *, encoders: bool) -> Frozen:
+    """The VAE and text encoders when `encoders` (raw data), else none of them (precomputed data)."""
+    return Frozen(
+        vae=load_vae(cfg.model.path, dtype=dtype, device=info.device) if encoders else None,
+        text=load_text_encoder(cfg, info, dtype) if encoders else None,
+        dtype=dtype,
+        device=info.device,
+    )
+
+
+@contextmanager
+def frozen_for_sampling(frozen: Frozen, cfg: JobConfig, info: DistInfo):
+    """Sampling needs the VAE and the text encoders: a precomputed run loads them only for it, and frees them after."""
+    if frozen.vae is not None and frozen.text is not None:
+        yield frozen
+        return
+    parts = load_frozen(cfg, info, frozen.dtype, encoders=True)
+    try:
+        yield parts
+    finally:
+        parts.vae = parts.text = None
+        gc.collect()
+
+
 def train(cfg: JobConfig, *, on_checkpoint: Callable[[int, Path], None] | None = None) -> TrainState:
     check_model_dir(cfg.model.path)
     info = init_distributed(cfg.parallel)
@@ -159,16 +196,12 @@ def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend,
     # its first step and saves.
     stop = StopFlag().install()
     transformer = backend.model
-    frozen = Frozen(
-        vae=load_vae(cfg.model.path, dtype=dtype, device=info.device),
-        text=TextEncoder(cfg.model.path, dtype=dtype, device=info.device),
-        dtype=dtype,
-        device=info.device,
-    )
+    loader = build_loader(cfg.data, batch_size=cfg.train.batch_size)
+    # Precomputed shards carry latents and text states: the VAE, T5 and CLIP are then never loaded for training.
+    frozen = load_frozen(cfg, info, dtype, encoders=loader.dataset.kind != "precomputed")
     optimizer = backend.optimizer
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     ema = EMA(backend.ema_tensors(), cfg.ema) if cfg.ema.decay > 0 else None
-    loader = build_loader(cfg.data, batch_size=cfg.train.batch_size)
     state = TrainState()
     ckpt = CheckpointManager(run_dir, cfg.checkpoint, rank=info.rank)
 
@@ -288,7 +321,8 @@ def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend,
     if cfg.sample.at_end and state.history and not state.stopped_by_signal:
         from evals.sampler import sample_grid_for_run
 
-        sample_grid_for_run(backend.module, frozen, cfg, step=state.step, logger=logger, is_main=info.is_main)
+        with frozen_for_sampling(frozen, cfg, info) as parts:
+            sample_grid_for_run(backend.module, parts, cfg, step=state.step, logger=logger, is_main=info.is_main)
     logger.close()
     barrier()
     return state
