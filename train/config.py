@@ -255,6 +255,11 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: bool = True
     """Resume from the newest complete checkpoint in run_dir/checkpoints."""
+    async_save: bool = False
+    """Write checkpoints in the background (DCP `async_save`): the loop is blocked only while the state is staged
+    (copied to host memory, which then holds a second copy of the saved state until the write ends). The checkpoint
+    counts once its COMPLETE marker exists, written when the background write has finished; the next save and the
+    end of the run wait for it."""
 
     def __post_init__(self) -> None:
         _check_positive("checkpoint.every_steps", self.every_steps)

@@ -237,7 +237,13 @@ def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend,
 
     def save(step: int) -> Path:
         path = ckpt.save(step, payload(), per_rank={"data": loader.state_dict()})
+        if info.is_main:
+            # how long the loop stood still for this checkpoint (with async_save: only while the state was staged)
+            logger.scalars({"checkpoint/blocked_s": ckpt.last_blocked_s}, step)
+            print(f"[dedistill] checkpoint step {step}: loop blocked {ckpt.last_blocked_s:.3f} s "
+                  f"({'async' if cfg.checkpoint.async_save else 'sync'})", flush=True)
         if on_checkpoint is not None:
+            ckpt.wait()  # evals read the checkpoint: it must be complete
             on_checkpoint(step, path)
         return path
 
@@ -306,6 +312,7 @@ def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend,
             if progress:
                 progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
                 progress.update(1)
+        ckpt.poll()  # marks an async checkpoint complete as soon as its write has finished
         stopping = stop.agreed(info.device)  # one tiny collective per step, on every rank
         if state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.max_steps or stopping:
             save(state.step)
@@ -315,6 +322,7 @@ def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend,
                 print(f"[dedistill] stop signal: checkpoint saved at step {state.step}; exiting to be resumed", flush=True)
             break
 
+    ckpt.close()  # the last checkpoint is complete before the run ends (or the job exits to be requeued)
     stop.uninstall()
     if progress:
         progress.close()
