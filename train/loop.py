@@ -106,18 +106,19 @@ def build_model(cfg: JobConfig, info: DistInfo) -> tuple[Backend, torch.dtype]:
     the base weights, so no rank ever holds the whole model. DeepSpeed gets the whole model on every rank and
     partitions it itself (docs/cluster.md says what that costs)."""
     dtype = resolve_dtype(cfg.model.dtype, info.device)
-    materialize = None
-    if cfg.parallel.backend == "fsdp2":
+    sharded = cfg.parallel.backend == "fsdp2"
+    if sharded:
         transformer, weights = meta_transformer(cfg.model.path, dtype=dtype)
-        apply_adapter(transformer, cfg.model.adapter)  # a new adapter's weights are real (CPU), the base on meta
-        initial = {n: p.detach().float() for n, p in trainable_named_parameters(transformer) if not p.is_meta}
-        transformer.to("meta")  # the adapter's initial values live on in `initial` until the shards are filled
-        materialize = partial(materialize_sharded, index=weights, initial=initial)
     else:
         transformer = load_transformer(cfg.model.path, dtype=dtype)
-        apply_adapter(transformer, cfg.model.adapter)
+    apply_adapter(transformer, cfg.model.adapter)  # on meta: the new adapter's weights are still real (CPU)
     for _, p in trainable_named_parameters(transformer):
         p.data = p.data.float()  # fp32 master copy of what trains; frozen weights stay in `dtype`
+    materialize = None
+    if sharded:
+        initial = {n: p.detach() for n, p in trainable_named_parameters(transformer) if not p.is_meta}
+        transformer.to("meta")  # the adapter's initial values live on in `initial` until the shards are filled
+        materialize = partial(materialize_sharded, index=weights, initial=initial)
     backend = build_backend(
         transformer,
         cfg.parallel,
