@@ -25,6 +25,7 @@ Resumable and shardable like `data convert`: one part per source shard, done par
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -250,3 +251,56 @@ def precompute(
     return run_parts(src, out, settings=settings, shard_index=shard_index, num_shards=num_shards,
                      handle_part=handle_part, columns=columns(opts, dtype), progress_bar=progress_bar,
                      desc="precompute")
+
+
+def precompute_random(
+    model_dir: str | Path, src: str | Path, out: str | Path, *, resolution: int, max_text_tokens: int = 512,
+    seed: int = 0, dtype: str = "bf16", progress_bar: bool = False,
+) -> dict:
+    """A precomputed dataset with the layout and widths `precompute` gives for `model_dir`, but random values and
+    text lengths, for tests and benchmarks at FLUX widths without running any encoder.
+
+    One row per sample of `src` (its captions are kept): latents (C, R/8, R/8) with C from the VAE config, T5 states
+    of D = T5 d_model, CLIP pooled of the CLIP width. Lengths vary over [1, max_text_tokens]; the first sample of
+    every part has the full length, so the longest batches reach max_text_tokens.
+    """
+    model_dir = Path(model_dir).resolve()
+    cfgs = {sub: json.loads((model_dir / sub / "config.json").read_text())
+            for sub in ("vae", "text_encoder", "text_encoder_2")}
+    channels, t5_dim = cfgs["vae"]["latent_channels"], cfgs["text_encoder_2"]["d_model"]
+    pooled_dim = cfgs["text_encoder"]["hidden_size"]
+    spec = BucketSpec(resolution=resolution, square=True)
+    opts = PrecomputeOptions(latents="mean", dtype=dtype, max_text_tokens=max_text_tokens)
+    settings = {
+        "kind": "precomputed", "spec": asdict(spec), "buckets": spec.table(),
+        "precompute": {"model": str(model_dir), "latents": "mean", "dtype": dtype, "model_dtype": "random",
+                       "max_text_tokens": max_text_tokens, "caption_key": "caption", "image_key": "image",
+                       "keep_image": False, "vae_shift_factor": cfgs["vae"].get("shift_factor"),
+                       "vae_scaling_factor": cfgs["vae"].get("scaling_factor")},
+    }
+    out = Path(out)
+    gen = torch.Generator().manual_seed(seed)
+
+    def handle_part(samples, writers: BucketWriters, log: SkipLog, progress) -> None:
+        from safetensors.torch import save_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / "empty_prompt.safetensors").is_file():
+            save_file({"t5": torch.randn(1, t5_dim, generator=gen).to(_STORE[dtype][0]),
+                       "pooled": torch.randn(pooled_dim, generator=gen).to(_STORE[dtype][0])},
+                      str(out / "empty_prompt.safetensors"))
+        for i, s in enumerate(samples):
+            length = max_text_tokens if i == 0 else int(torch.randint(1, max_text_tokens + 1, (), generator=gen))
+            side = resolution // 8
+            writers.write(0, {
+                "caption": str(s.get("caption", "")), "key": str(s.get("key", "")), "width": resolution,
+                "height": resolution, "bucket": 0, "t5_len": length,
+                "latent_mean": to_store(torch.randn(channels, side, side, generator=gen), dtype),
+                "t5": to_store(torch.randn(length, t5_dim, generator=gen), dtype),
+                "pooled": to_store(torch.randn(pooled_dim, generator=gen), dtype),
+            })
+            log.converted += 1
+            progress(1)
+
+    return run_parts(src, out, settings=settings, shard_index=0, num_shards=1, handle_part=handle_part,
+                     columns=columns(opts, dtype), progress_bar=progress_bar, desc="random precompute")

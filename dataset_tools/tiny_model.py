@@ -52,7 +52,49 @@ TINY_SIZES: dict[str, dict[str, dict]] = {
         "t5": dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
                    dropout_rate=0.0),
     },
+    # FLUX.1's exact interface widths (hidden 3072 = 24 heads x 128, rope axes (16, 56, 56), T5 width 4096, CLIP
+    # pooled 768, in_channels 64 = 16 latent channels x 2x2) with one block of each kind: 0.54B parameters that catch
+    # the shape, rope and width bugs tiny dims hide. The encoders keep FLUX's output widths but are otherwise tiny
+    # (a full-width test trains on precomputed states and never runs them).
+    "full-width": {
+        "transformer": dict(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=False,
+            axes_dims_rope=(16, 56, 56),
+        ),
+        "vae": dict(
+            in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 16, 16, 16),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=1, norm_num_groups=4, sample_size=64, scaling_factor=0.3611, shift_factor=0.1159,
+            use_quant_conv=False, use_post_quant_conv=False,
+        ),
+        "clip": dict(hidden_size=768, projection_dim=768, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=37, max_position_embeddings=77),
+        "t5": dict(d_model=4096, d_kv=8, d_ff=37, num_layers=1, num_heads=2, feed_forward_proj="gated-gelu",
+                   dropout_rate=0.0),
+    },
+    # A mid-size FLUX for load/memory/checkpoint benchmarks (bench/): 0.64B transformer parameters at FLUX's
+    # head width (12 heads x 128, 4 double + 8 single blocks), FLUX.1's VAE architecture (84M), a one-layer T5 at
+    # FLUX's width (0.19B) and a two-layer CLIP-L.
+    "mid": {
+        "transformer": dict(
+            patch_size=1, in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim=128,
+            num_attention_heads=12, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=False,
+            axes_dims_rope=(16, 56, 56),
+        ),
+        "vae": dict(
+            in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+            use_quant_conv=False, use_post_quant_conv=False,
+        ),
+        "clip": dict(hidden_size=768, projection_dim=768, num_hidden_layers=2, num_attention_heads=12,
+                     intermediate_size=3072, max_position_embeddings=77),
+        "t5": dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=1, num_heads=64, feed_forward_proj="gated-gelu",
+                   dropout_rate=0.0),
+    },
 }
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 SCHEDULER_CONFIG = dict(  # FLUX.1-schnell's scheduler/scheduler_config.json
     num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5, max_shift=1.15,
@@ -201,20 +243,29 @@ def _quiet_transformers():
 # -------------------------------------------------------------------------------------------------------------- models
 
 
-def _seeded(seed: int, build):
-    """Build a module under its own seed, leaving the caller's global RNG untouched."""
+def _seeded(seed: int, build, dtype: torch.dtype = torch.float32):
+    """Build a module under its own seed, leaving the caller's global RNG untouched. Built directly in `dtype`
+    (the default dtype while it initialises), so a 0.6B bf16 model never exists in fp32."""
+    previous = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build().eval()
+        torch.set_default_dtype(dtype)
+        try:
+            return build().eval()
+        finally:
+            torch.set_default_dtype(previous)
 
 
-def build_tiny_pipeline(tok_dir: Path, *, seed: int = 0, size: str = "tiny"):
+def build_tiny_pipeline(tok_dir: Path, *, seed: int = 0, size: str = "tiny", dtype: str = "fp32"):
     """The FluxPipeline object (tokenizers are trained into `tok_dir`, which must not exist yet)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     if size not in TINY_SIZES:
-        raise ValueError(f"size: '{size}' is not one of {', '.join(TINY_SIZES)}")
+        raise ValueError(f"--size: '{size}' is not one of {', '.join(TINY_SIZES)}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"--dtype: '{dtype}' is not one of {', '.join(_DTYPES)}")
+    torch_dtype = _DTYPES[dtype]
     dims = TINY_SIZES[size]
     corpus = tokenizer_corpus()
     clip_tok = write_clip_tokenizer(tok_dir / "tokenizer", corpus)
@@ -231,24 +282,28 @@ def build_tiny_pipeline(tok_dir: Path, *, seed: int = 0, size: str = "tiny"):
     # Each component under its own seed: adding a component later does not change the others' weights.
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
-        transformer=_seeded(seed * 16 + 0, lambda: FluxTransformer2DModel(**dims["transformer"])),
-        vae=_seeded(seed * 16 + 1, lambda: AutoencoderKL(**dims["vae"])),
-        text_encoder=_seeded(seed * 16 + 2, lambda: CLIPTextModel(clip_cfg)),
-        text_encoder_2=_seeded(seed * 16 + 3, lambda: T5EncoderModel(t5_cfg)),
+        transformer=_seeded(seed * 16 + 0, lambda: FluxTransformer2DModel(**dims["transformer"]), torch_dtype),
+        vae=_seeded(seed * 16 + 1, lambda: AutoencoderKL(**dims["vae"]), torch_dtype),
+        text_encoder=_seeded(seed * 16 + 2, lambda: CLIPTextModel(clip_cfg), torch_dtype),
+        text_encoder_2=_seeded(seed * 16 + 3, lambda: T5EncoderModel(t5_cfg), torch_dtype),
         tokenizer=clip_tok,
         tokenizer_2=t5_tok,
     )
 
 
-def write_tiny_model(out_dir: str | Path, *, seed: int = 0, size: str = "tiny") -> Path:
-    """Write a random tiny FLUX pipeline that `FluxPipeline.from_pretrained(out_dir)` loads; returns `out_dir`.
+def write_tiny_model(out_dir: str | Path, *, seed: int = 0, size: str = "tiny", dtype: str = "fp32") -> Path:
+    """Write a random FLUX pipeline that `FluxPipeline.from_pretrained(out_dir)` loads; returns `out_dir`.
 
+    `size` is a TINY_SIZES entry (tiny: the demo and tests; full-width: FLUX.1's widths, 1 + 1 blocks; mid: 0.64B
+    for benchmarks); `dtype` the stored weights' dtype (bf16 halves the disk and the time to write).
     Refuses an `out_dir` that exists and is not empty. Written into a temp dir beside it, then renamed, so a reader
     never sees half a model.
     """
     out = Path(out_dir)
+    if size not in TINY_SIZES:  # before anything is written
+        raise ValueError(f"--size: '{size}' is not one of {', '.join(TINY_SIZES)}")
     with atomic_output_dir(out) as tmp:
-        pipe = build_tiny_pipeline(tmp / ".tokenizer-training", seed=seed, size=size)
+        pipe = build_tiny_pipeline(tmp / ".tokenizer-training", seed=seed, size=size, dtype=dtype)
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         shutil.rmtree(tmp / ".tokenizer-training")  # the pipeline saved its own copies
         # OUT_DIR/eval/ (random Inception weights for FID, a tiny CLIP for CLIP score) is written here, into `tmp`,

@@ -118,7 +118,7 @@ def generate(
     transformer, vae, text: TextEncoder, prompts: list[str], s: SamplerSettings, *, dtype: torch.dtype
 ) -> list[Image.Image]:
     """One image per prompt; image i uses seed s.seed + i."""
-    device = text.device
+    device = vae.device  # the transformer's device; the text encoders may sit on the CPU (text_encoder_placement)
     f = vae_scale_factor(vae)
     if s.resolution % (f * 2):
         raise ValueError(f"resolution: must be a multiple of {f * 2}, got {s.resolution}")

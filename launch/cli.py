@@ -32,7 +32,7 @@ def _preset(name_or_path: str) -> Path:
 def cmd_tiny_model(a) -> None:
     from dataset_tools.tiny_model import write_tiny_model
 
-    print(write_tiny_model(a.out_dir, seed=a.seed))
+    print(write_tiny_model(a.out_dir, seed=a.seed, size=a.size, dtype=a.dtype))
 
 
 def cmd_tiny_data(a) -> None:
@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("tiny-model", help="write a tiny random FLUX pipeline in diffusers layout")
     s.add_argument("out_dir")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", default="tiny",
+                   help="tiny (default) | full-width (FLUX.1's widths, 1 + 1 blocks, 0.54B) | mid (0.64B, benchmarks)")
+    s.add_argument("--dtype", default="fp32", help="stored weights: fp32 (default) | bf16")
     s.set_defaults(func=cmd_tiny_model)
 
     s = sub.add_parser("tiny-data", help="write a tiny procedural captioned dataset (MDS shards or a folder)")

@@ -4,13 +4,15 @@
 
 After `dcp.save` has written every shard and the metadata of step STEP — everything but the COMPLETE marker — each
 rank prints `SHARDS_WRITTEN <dir>` and sleeps, like a save stuck on slow storage, so a test can SIGKILL the job at
-the worst moment (tests/test_preemption.py).
+the worst moment (tests/test_preemption.py). With `checkpoint.async_save=true` the same happens in DCP's background
+writer thread (`async_save` calls `state_dict_saver.save`), while the loop trains on (tests/test_async_checkpoint.py).
 """
 
 import sys
 import time
 
 import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.state_dict_saver as state_dict_saver
 
 STEP = int(sys.argv.pop(1))
 _save = dcp.save
@@ -25,6 +27,7 @@ def _slow_save(state, *args, checkpoint_id=None, **kwargs):
 
 
 dcp.save = _slow_save  # train.checkpoint calls dcp.save through the module attribute
+state_dict_saver.save = _slow_save  # what DCP's async executor imports and calls in its thread
 
 if __name__ == "__main__":
     from launch.cli import main

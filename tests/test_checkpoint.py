@@ -71,3 +71,20 @@ def test_text_encoders_load_without_the_torch_dtype_deprecation(tiny_model_dir, 
     capfd.readouterr()
     TextEncoder(tiny_model_dir, dtype=torch.float32, device=torch.device("cpu"))
     assert "deprecated" not in capfd.readouterr().err
+
+
+def test_async_save_marks_complete_only_after_the_write_and_stages_a_copy(tmp_path):
+    ckpt = CheckpointManager(tmp_path, CheckpointConfig(keep_last=2, async_save=True), rank=0)
+    w = torch.full((1000,), 1.0)
+    for step in (1, 2, 3):
+        ckpt.save(step, {"w": w}, per_rank={"data": {"pos": step}})
+        path = tmp_path / "checkpoints" / f"step_{step:08d}"
+        assert ckpt.pending is not None and not (path / MARKER).exists()  # marked by wait/poll, never by save
+        w.add_(1.0)  # the loop trains on while the write runs: the checkpoint must hold the staged values
+        ckpt.wait()
+        assert (path / MARKER).is_file() and ckpt.pending is None
+    ckpt.close()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
+    state = {"w": torch.zeros(1000)}
+    assert ckpt.load(ckpt.latest(), state)["data"] == {"pos": 3}
+    assert torch.equal(state["w"], torch.full((1000,), 3.0))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -185,10 +186,36 @@ def _tuner_layers(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
 
 
+@contextmanager
+def _cpu_stand_ins(transformer: nn.Module, names: list[str]):
+    """Base weights of the targeted Linears as zero-byte CPU stand-ins while peft injects the adapter.
+
+    peft creates each adapter on the CPU, initialises it, then moves it to its base layer's device (and dtype). On a
+    transformer built on `meta` (sharded loading) that move would discard the initial values; with a stand-in of the
+    right shape and dtype on the CPU (a stride-0 view of one element, never read: LoRA/LoKr inits do not look at the
+    base weight) the adapter stays real, with exactly the values the unsharded path draws. The meta weights are put
+    back afterwards.
+    """
+    saved = []
+    for name in names:
+        lin = transformer.get_submodule(name)
+        if lin.weight.is_meta:
+            saved.append((lin, lin.weight))
+            stand_in = torch.empty((), dtype=lin.weight.dtype).expand(lin.weight.shape)
+            lin.weight = nn.Parameter(stand_in, requires_grad=False)
+    try:
+        yield
+    finally:
+        for lin, weight in saved:
+            lin.weight = weight
+
+
 def apply_adapter(transformer: nn.Module, cfg: AdapterConfig) -> nn.Module:
     """Make `transformer` trainable as `cfg` says, in place; returns it.
 
-    lora / lokr: inject the adapter into the selected Linears; only adapter parameters require grad.
+    lora / lokr: inject the adapter into the selected Linears; only adapter parameters require grad. On a
+    transformer built on `meta`, the adapter's weights are still created and initialised on the CPU (they are small;
+    the sharded loader hands them to the shards), drawing the same random numbers as on a loaded transformer.
     full: every parameter requires grad, no peft.
     """
     if cfg.kind == "full":
@@ -202,7 +229,8 @@ def apply_adapter(transformer: nn.Module, cfg: AdapterConfig) -> nn.Module:
         with warnings.catch_warnings():
             if i:  # the groups share one adapter name on disjoint layers; peft warns about a second config
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            inject_adapter_in_model(config, transformer, adapter_name=ADAPTER_NAME)
+            with _cpu_stand_ins(transformer, names):
+                inject_adapter_in_model(config, transformer, adapter_name=ADAPTER_NAME)
     transformer.requires_grad_(False)
     layers = _tuner_layers(transformer)
     assert sorted(n for n, _ in layers) == names, "peft adapted a different set of modules than requested"

@@ -5,6 +5,12 @@ step) plus one `rank_<r>.pt` per rank with what differs per rank (RNG states, da
 `COMPLETE` is written last, by rank 0, after every rank finished: a checkpoint without it never counts, so a job
 killed in the middle of a save resumes from the previous one.
 
+With `checkpoint.async_save`, `save` returns once DCP has staged the state (a host copy) and the shards are written
+by a background thread over a process group of its own; rank 0 writes `COMPLETE` when that write has finished (seen
+by `poll` after a later step, or by `wait`, which the next save and the end of the run call). Rank 0's DCP save
+finishes only after it has gathered every rank's write results, and each rank writes its `rank_<r>.pt` before its
+shards, so rank 0 alone can tell that the whole checkpoint is on disk.
+
 Loading never unpickles arbitrary objects from a checkpoint: DCP's `.metadata` is a pickle, read here with an
 unpickler that only admits DCP's own metadata classes (`SafeReader`), and DCP's non-tensor entries (optimizer param
 groups, scheduler state) are loaded with `torch.load(weights_only=True)` (`SafeLoadPlanner`). `safe_load` is the one
@@ -21,6 +27,8 @@ import re
 import shutil
 import time
 import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -150,17 +158,41 @@ def _to_builtin(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
+@dataclass
+class _Pending:
+    """An async save in flight."""
+
+    step: int
+    path: Path
+    future: Future
+    started: float
+    blocked_s: float
+
+
 class CheckpointManager:
     def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, *, rank: int):
         self.root = Path(run_dir) / "checkpoints"
         self.cfg = cfg
         self.rank = rank
+        self.pending: _Pending | None = None
+        self.last_blocked_s = 0.0
+        """How long the last `save` blocked its caller (the whole save, or only the staging when async)."""
+        self._group = None
+        if cfg.async_save and dist.is_initialized():
+            # The background write runs collectives (planning, the final gather) while training runs its own; a
+            # gloo group of its own keeps the two streams apart (as torchtitan does), and gives DCP's async save
+            # the CPU backend it requires next to NCCL.
+            self._group = dist.new_group(backend="gloo")
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.root)
 
     def save(self, step: int, state: dict[str, Any], *, per_rank: dict[str, Any]) -> Path:
-        """`state` holds DCP-able entries (tensors / DTensors / nested dicts); `per_rank` this rank's extras."""
+        """`state` holds DCP-able entries (tensors / DTensors / nested dicts); `per_rank` this rank's extras.
+
+        Synchronous: returns when the checkpoint is complete. Async (`checkpoint.async_save`): returns once the state
+        is staged; the checkpoint is complete after `wait()` (or a `poll()` that saw it finish)."""
+        self.wait()  # one save in flight at a time: the previous one completes (and is marked) first
         path = step_dir(self.root, step)
         if self.rank == 0:
             if path.exists():  # a half-written save of the same step from a killed run
@@ -168,28 +200,62 @@ class CheckpointManager:
             path.mkdir(parents=True)
         barrier()
         t0 = time.perf_counter()
-        dcp.save(state, checkpoint_id=str(path))
+        # Before the shards: once rank 0's DCP save has finished, every rank's file is then known to exist.
         torch.save(
             {"rng": rng_state(), "data": _to_builtin(per_rank.get("data")), "step": step},
             path / f"rank_{self.rank:05d}.pt",
         )
+        if self.cfg.async_save:
+            response = dcp.async_save(state, checkpoint_id=str(path), process_group=self._group)
+            future = getattr(response, "upload_completion", response)  # an AsyncSaveResponse with async staging
+            self.last_blocked_s = time.perf_counter() - t0
+            self.pending = _Pending(step, path, future, t0, self.last_blocked_s)
+            return path
+        dcp.save(state, checkpoint_id=str(path))
         barrier()
         if self.rank == 0:
-            meta = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                    "seconds": round(time.perf_counter() - t0, 3)}
-            tmp = path / (MARKER + ".tmp")
-            tmp.write_text(json.dumps(meta))
-            tmp.rename(path / MARKER)  # atomic: the marker appears whole or not at all
-            self._prune()
+            self._mark_complete(step, path, seconds=time.perf_counter() - t0)
         barrier()
+        self.last_blocked_s = time.perf_counter() - t0
         return path
+
+    def poll(self) -> None:
+        """Complete an async save that has finished (never blocks); call it once per step."""
+        if self.pending is not None and self.pending.future.done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the async save in flight (if any) has finished, then mark it complete (rank 0)."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        pending.future.result()  # re-raises a failed write here, on the training thread
+        if self.rank == 0:
+            self._mark_complete(pending.step, pending.path, seconds=time.perf_counter() - pending.started,
+                                blocked_s=pending.blocked_s)
+
+    def close(self) -> None:
+        self.wait()
+        if self._group is not None:
+            dist.destroy_process_group(self._group)
+            self._group = None
+
+    def _mark_complete(self, step: int, path: Path, *, seconds: float, blocked_s: float | None = None) -> None:
+        meta = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                "seconds": round(seconds, 3)}
+        if blocked_s is not None:
+            meta.update(async_save=True, blocked_s=round(blocked_s, 3))
+        tmp = path / (MARKER + ".tmp")
+        tmp.write_text(json.dumps(meta))
+        tmp.rename(path / MARKER)  # atomic: the marker appears whole or not at all
+        self._prune()
 
     def _prune(self) -> None:
         complete = list_checkpoints(self.root)
         keep = {p for _, p in complete[-self.cfg.keep_last :]}
         newest = complete[-1][0] if complete else -1
         for s, p in list_checkpoints(self.root, complete_only=False):
-            # Older incomplete dirs are debris of killed saves; newer ones cannot exist (we just saved the newest).
+            # Older incomplete dirs are debris of killed saves; newer ones may be an async save still being written.
             if p not in keep and s <= newest:
                 shutil.rmtree(p, ignore_errors=True)
 

@@ -101,9 +101,14 @@ class ModelConfig:
     dtype: str = "auto"
     """Weights/compute dtype: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    text_encoder_placement: str = "device"
+    """Where T5 (and CLIP) run when the data is raw captions: device (replicated on every GPU) | cpu (host memory,
+    encoded on the CPU; frees ~9.5 GB per GPU at FLUX size) | fsdp (T5 sharded over the ranks with FSDP2, as
+    torchtitan does; CLIP stays on the device). With precomputed data no encoder is loaded at all."""
 
     def __post_init__(self) -> None:
         _check_choice("model.dtype", self.dtype, ("auto", "fp32", "bf16"))
+        _check_choice("model.text_encoder_placement", self.text_encoder_placement, ("device", "cpu", "fsdp"))
 
 
 @dataclass(kw_only=True)
@@ -297,6 +302,11 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: bool = True
     """Resume from the newest complete checkpoint in run_dir/checkpoints."""
+    async_save: bool = False
+    """Write checkpoints in the background (DCP `async_save`): the loop is blocked only while the state is staged
+    (copied to host memory, which then holds a second copy of the saved state until the write ends). The checkpoint
+    counts once its COMPLETE marker exists, written when the background write has finished; the next save and the
+    end of the run wait for it."""
 
     def __post_init__(self) -> None:
         _check_positive("checkpoint.every_steps", self.every_steps)

@@ -5,11 +5,14 @@ Run directly (a world of one) or under torchrun; the code path is the same.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -23,10 +26,13 @@ from train.data import build_loader, forever
 from train.lycoris_format import load_lycoris_lokr
 from train.metrics import Logger
 from train.mfu import flops_model, peak_flops
-from train.model import check_model_dir, load_transformer, load_vae, resolve_dtype
+from train.model import check_model_dir, load_transformer, load_vae, meta_transformer, resolve_dtype
 from train.optim import EMA, build_optimizer, build_scheduler
 from train.parallel import Backend, StepConfig, build_backend
-from train.parallelize import DistInfo, all_reduce_mean, barrier, destroy_distributed, init_distributed
+from train.parallel.load import materialize as materialize_sharded
+from train.parallelize import (
+    DistInfo, all_reduce_mean, barrier, destroy_distributed, init_distributed, shard_text_encoder,
+)
 from train.step import Frozen, forward_backward_step
 from train.text import TextEncoder
 
@@ -94,11 +100,19 @@ def _write_resolved_config(cfg: JobConfig, run_dir: Path, step: int) -> None:
 
 
 def build_model(cfg: JobConfig, info: DistInfo) -> tuple[Backend, torch.dtype]:
-    """Base transformer (meta -> weights), adapter, fp32 trainable params, then the parallel backend (FSDP2 or
-    DeepSpeed, `parallel.backend`), which also builds the optimizer over the parameters in its own form."""
+    """Base transformer, adapter, fp32 trainable params, then the parallel backend (FSDP2 or DeepSpeed,
+    `parallel.backend`), which also builds the optimizer over the parameters in its own form.
+
+    FSDP2 loads sharded (train/parallel/load.py): meta -> adapter -> fully_shard -> each rank reads only its rows of
+    the base weights, so no rank ever holds the whole model. DeepSpeed gets the whole model on every rank and
+    partitions it itself (docs/cluster.md says what that costs)."""
     dtype = resolve_dtype(cfg.model.dtype, info.device)
-    transformer = load_transformer(cfg.model.path, dtype=dtype)
-    apply_adapter(transformer, cfg.model.adapter)
+    sharded = cfg.parallel.backend == "fsdp2"
+    if sharded:
+        transformer, weights = meta_transformer(cfg.model.path, dtype=dtype)
+    else:
+        transformer = load_transformer(cfg.model.path, dtype=dtype)
+    apply_adapter(transformer, cfg.model.adapter)  # on meta: the new adapter's weights are still real (CPU)
     for _, p in trainable_named_parameters(transformer):
         p.data = p.data.float()  # fp32 master copy of what trains; frozen weights stay in `dtype`
     if cfg.model.adapter.init_from:  # after the fp32 cast: the file's factors are not rounded to `dtype`
@@ -108,6 +122,11 @@ def build_model(cfg: JobConfig, info: DistInfo) -> tuple[Backend, torch.dtype]:
     if info.is_main:  # before sharding: what trains, and at which effective scale (LyCORIS users check this)
         for group in adapter_groups(transformer, cfg.model.adapter):
             print(f"[dedistill] adapter {group.line()}", flush=True)
+    materialize = None
+    if sharded:
+        initial = {n: p.detach() for n, p in trainable_named_parameters(transformer) if not p.is_meta}
+        transformer.to("meta")  # the adapter's initial values live on in `initial` until the shards are filled
+        materialize = partial(materialize_sharded, index=weights, initial=initial)
     backend = build_backend(
         transformer,
         cfg.parallel,
@@ -120,8 +139,42 @@ def build_model(cfg: JobConfig, info: DistInfo) -> tuple[Backend, torch.dtype]:
             activation_checkpointing=cfg.train.activation_checkpointing,
         ),
         make_optimizer=lambda params: build_optimizer(params, cfg.optim),
+        materialize=materialize,
     )
     return backend, dtype
+
+
+def load_text_encoder(cfg: JobConfig, info: DistInfo, dtype: torch.dtype) -> TextEncoder:
+    """T5 + CLIP where `model.text_encoder_placement` puts them (device, cpu, or T5 sharded with FSDP2)."""
+    placement = cfg.model.text_encoder_placement
+    text = TextEncoder(cfg.model.path, dtype=dtype, device=torch.device("cpu") if placement == "cpu" else info.device)
+    if placement == "fsdp":
+        shard_text_encoder(text.t5, info)
+    return text
+
+
+def load_frozen(cfg: JobConfig, info: DistInfo, dtype: torch.dtype, *, encoders: bool) -> Frozen:
+    """The VAE and text encoders when `encoders` (raw data), else none of them (precomputed data)."""
+    return Frozen(
+        vae=load_vae(cfg.model.path, dtype=dtype, device=info.device) if encoders else None,
+        text=load_text_encoder(cfg, info, dtype) if encoders else None,
+        dtype=dtype,
+        device=info.device,
+    )
+
+
+@contextmanager
+def frozen_for_sampling(frozen: Frozen, cfg: JobConfig, info: DistInfo):
+    """Sampling needs the VAE and the text encoders: a precomputed run loads them only for it, and frees them after."""
+    if frozen.vae is not None and frozen.text is not None:
+        yield frozen
+        return
+    parts = load_frozen(cfg, info, frozen.dtype, encoders=True)
+    try:
+        yield parts
+    finally:
+        parts.vae = parts.text = None
+        gc.collect()
 
 
 def train(cfg: JobConfig, *, on_checkpoint: Callable[[int, Path], None] | None = None) -> TrainState:
@@ -152,18 +205,15 @@ def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend,
     # its first step and saves.
     stop = StopFlag().install()
     transformer = backend.model
-    frozen = Frozen(
-        vae=load_vae(cfg.model.path, dtype=dtype, device=info.device),
-        text=TextEncoder(cfg.model.path, dtype=dtype, device=info.device),
-        dtype=dtype,
-        device=info.device,
-    )
+    max_tokens = cfg.objective.max_text_tokens
+    # caption_length is only called while raw data is read (length grouping), after `frozen` exists below
+    loader = build_loader(cfg.data, batch_size=cfg.train.batch_size,
+                          caption_length=lambda caption: frozen.text.token_count(caption, max_tokens=max_tokens))
+    # Precomputed shards carry latents and text states: the VAE, T5 and CLIP are then never loaded for training.
+    frozen = load_frozen(cfg, info, dtype, encoders=loader.dataset.kind != "precomputed")
     optimizer = backend.optimizer
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     ema = EMA(backend.ema_tensors(), cfg.ema) if cfg.ema.decay > 0 else None
-    max_tokens = cfg.objective.max_text_tokens
-    loader = build_loader(cfg.data, batch_size=cfg.train.batch_size,
-                          caption_length=lambda caption: frozen.text.token_count(caption, max_tokens=max_tokens))
     state = TrainState()
     ckpt = CheckpointManager(run_dir, cfg.checkpoint, rank=info.rank)
 
@@ -199,7 +249,13 @@ def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend,
 
     def save(step: int) -> Path:
         path = ckpt.save(step, payload(), per_rank={"data": loader.state_dict()})
+        if info.is_main:
+            # how long the loop stood still for this checkpoint (with async_save: only while the state was staged)
+            logger.scalars({"checkpoint/blocked_s": ckpt.last_blocked_s}, step)
+            print(f"[dedistill] checkpoint step {step}: loop blocked {ckpt.last_blocked_s:.3f} s "
+                  f"({'async' if cfg.checkpoint.async_save else 'sync'})", flush=True)
         if on_checkpoint is not None:
+            ckpt.wait()  # evals read the checkpoint: it must be complete
             on_checkpoint(step, path)
         return path
 
@@ -268,6 +324,7 @@ def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend,
             if progress:
                 progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
                 progress.update(1)
+        ckpt.poll()  # marks an async checkpoint complete as soon as its write has finished
         stopping = stop.agreed(info.device)  # one tiny collective per step, on every rank
         if state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.max_steps or stopping:
             save(state.step)
@@ -277,13 +334,15 @@ def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend,
                 print(f"[dedistill] stop signal: checkpoint saved at step {state.step}; exiting to be resumed", flush=True)
             break
 
+    ckpt.close()  # the last checkpoint is complete before the run ends (or the job exits to be requeued)
     stop.uninstall()
     if progress:
         progress.close()
     if cfg.sample.at_end and state.history and not state.stopped_by_signal:
         from evals.sampler import sample_grid_for_run
 
-        sample_grid_for_run(backend.module, frozen, cfg, step=state.step, logger=logger, is_main=info.is_main)
+        with frozen_for_sampling(frozen, cfg, info) as parts:
+            sample_grid_for_run(backend.module, parts, cfg, step=state.step, logger=logger, is_main=info.is_main)
     logger.close()
     barrier()
     return state

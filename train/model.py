@@ -59,8 +59,23 @@ def build_transformer_meta(config: dict):
         return FluxTransformer2DModel.from_config(config)
 
 
+def meta_transformer(path: str | Path, *, dtype: torch.dtype):
+    """(transformer on meta in `dtype`, index of its safetensors) for the sharded loader (train/parallel/load.py):
+    nothing is read but the config and the files' headers."""
+    from diffusers import FluxTransformer2DModel
+
+    from train.parallel.load import SafetensorsIndex
+
+    folder = check_model_dir(path) / "transformer"
+    model = build_transformer_meta(FluxTransformer2DModel.load_config(str(folder)))
+    # nn.Module.to, not ModelMixin.to (which warns about fp32-kept modules; FLUX has none): free on meta
+    torch.nn.Module.to(model, dtype)
+    return model, SafetensorsIndex(_weight_files(folder))
+
+
 def load_transformer(path: str | Path, *, dtype: torch.dtype):
-    """Transformer built on meta, then its weights assigned from the pipeline's safetensors (on CPU)."""
+    """Transformer built on meta, then its weights assigned from the pipeline's safetensors (on CPU): the whole model
+    in this process (inference, export, DeepSpeed). Training under FSDP2 loads sharded instead (`meta_transformer`)."""
     from diffusers import FluxTransformer2DModel
 
     folder = check_model_dir(path) / "transformer"

@@ -20,10 +20,11 @@ from train.text import PromptEmbeds, TextEncoder
 
 @dataclass
 class Frozen:
-    """The frozen parts every step needs: VAE and text encoders (replicated on each rank, outside FSDP)."""
+    """The frozen parts a step may need: VAE and text encoders (outside the transformer's FSDP). None when the data
+    is precomputed: the trainer then never loads them (train.loop.frozen_for_sampling loads them for sampling)."""
 
-    vae: torch.nn.Module
-    text: TextEncoder
+    vae: torch.nn.Module | None
+    text: TextEncoder | None
     dtype: torch.dtype
     device: torch.device
 

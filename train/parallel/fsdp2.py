@@ -28,11 +28,15 @@ class FSDP2Backend:
         compute_dtype: torch.dtype,
         step: StepConfig,
         make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
+        materialize: Callable[[torch.nn.Module, torch.device], None] | None = None,
     ):
         self.model = self.module = parallelize_transformer(
             transformer, cfg, info=info, compute_dtype=compute_dtype,
             activation_checkpointing=step.activation_checkpointing,
         )
+        if materialize is not None:  # built on meta: each rank allocates and reads only its own shards
+            # CPU offload keeps the sharded parameters in host memory; FSDP2 moves them per use.
+            materialize(self.model, torch.device("cpu") if cfg.cpu_offload else info.device)
         if cfg.hsdp and info.world_size > info.local_world_size:  # the 2-D mesh parallelize_transformer builds
             self.name = f"fsdp2-hsdp({info.world_size // info.local_world_size}x{info.local_world_size})"
         self.named = trainable_named_parameters(self.model)

@@ -1,0 +1,97 @@
+"""Frozen parts only where needed: a precomputed run never builds the VAE, T5 or CLIP while training; sampling and
+inline evals load them when they run and free them after; `model.text_encoder_placement` cpu/fsdp encode the same."""
+
+import gc
+import os
+import weakref
+
+import pytest
+import torch
+
+import tiny_runs
+
+LOADERS = [("diffusers", "AutoencoderKL"), ("transformers", "T5EncoderModel"), ("transformers", "CLIPTextModel")]
+
+
+@pytest.fixture(scope="module")
+def precomputed(tiny_model_dir, tiny_data_dir, tmp_path_factory):
+    from dataset_tools.buckets import BucketSpec
+    from dataset_tools.precompute import PrecomputeOptions, precompute
+
+    out = tmp_path_factory.mktemp("pre") / "square64"
+    precompute(tiny_model_dir, tiny_data_dir, out, spec=BucketSpec(resolution=64, square=True),
+               opts=PrecomputeOptions(dtype="fp32", max_text_tokens=64), progress_bar=False)
+    return out
+
+
+def _train(model, data, run_dir, *overrides):
+    from train.config import load_config
+    from train.loop import train
+
+    cfg = load_config(tiny_runs.CONFIG, [
+        f"model.path={model}", f"data.local={data}", f"run_dir={run_dir}", "train.max_steps=2",
+        "checkpoint.every_steps=2", "train.progress_bar=false", "sample.at_end=false", *overrides,
+    ])
+    env = dict(os.environ)
+    try:
+        return train(cfg)
+    finally:  # init_distributed exports RANK/WORLD_SIZE/...: later tests must not see a world of one
+        os.environ.clear()
+        os.environ.update(env)
+
+
+def _spy(monkeypatch, *, fail: bool) -> list:
+    """Wrap each frozen part's from_pretrained: raise (fail) or record a weakref to what it built."""
+    import importlib
+
+    built = []
+    for module, name in LOADERS:
+        cls = getattr(importlib.import_module(module), name)
+        original = cls.from_pretrained
+
+        def load(*args, _original=original, _name=name, **kwargs):
+            if fail:
+                raise AssertionError(f"{_name} was loaded by a precomputed run")
+            model = _original(*args, **kwargs)
+            built.append((_name, weakref.ref(model)))
+            return model
+
+        monkeypatch.setattr(cls, "from_pretrained", load)
+    return built
+
+
+def test_precomputed_run_never_builds_vae_or_text_encoders(tiny_model_dir, precomputed, tmp_path, monkeypatch):
+    _spy(monkeypatch, fail=True)
+    state = _train(tiny_model_dir, precomputed, tmp_path / "run")
+    assert state.step == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in state.history)
+
+
+@pytest.mark.slow
+def test_precomputed_run_loads_them_for_inline_eval_and_end_grid_then_frees_them(
+    tiny_model_dir, precomputed, tmp_path, monkeypatch
+):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"name: mini\nprompts: {{file: {prompts}}}\nsampling: {{steps: [2], cfg_scales: [1.0, 2.0], "
+                     f"resolution: 64}}\ngrid_images: 2\n")
+    built = _spy(monkeypatch, fail=False)
+    run = tmp_path / "run"
+    state = _train(tiny_model_dir, precomputed, run, "sample.at_end=true", "sample.steps=2", "eval.mode=inline",
+                   f"eval.suite={suite}", "eval.every_steps=2")
+    assert state.step == 2
+    assert (run / "evals" / "step_00000002" / "metrics.json").is_file()
+    assert (run / "samples" / "grid_step_00000002.png").is_file()
+    # once for the inline eval (its own unsharded copy), once for the end-of-run grid; none for training
+    assert sorted(n for n, _ in built) == sorted([n for _, n in LOADERS] * 2)
+    gc.collect()
+    assert [n for n, ref in built if ref() is not None] == [], "frozen parts were not freed after use"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("placement", ["cpu", "fsdp"])
+def test_text_encoder_placement_encodes_the_same(tiny_model_dir, placement):
+    """2 gloo ranks: T5 + CLIP placed on the CPU or with T5 sharded by FSDP2 give the unsharded encoder's states."""
+    r = tiny_runs.run(tiny_runs.torchrun_cmd(tiny_model_dir, placement,
+                                             script=str(tiny_runs.REPO / "tests" / "_text_placement_check.py")))
+    assert "TEXT_PLACEMENT_OK" in r.stdout, r.stdout[-2000:]
