@@ -198,7 +198,7 @@ def _cpu_stand_ins(transformer: nn.Module, names: list[str]):
     """
     saved = []
     for name in names:
-        lin = transformer.get_submodule(name)
+        lin = _linear(transformer.get_submodule(name))
         if lin.weight.is_meta:
             saved.append((lin, lin.weight))
             stand_in = torch.empty((), dtype=lin.weight.dtype).expand(lin.weight.shape)
@@ -229,7 +229,7 @@ def apply_adapter(transformer: nn.Module, cfg: AdapterConfig) -> nn.Module:
         with warnings.catch_warnings():
             if i:  # the groups share one adapter name on disjoint layers; peft warns about a second config
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            with _cpu_stand_ins(transformer, names):
+            with _cpu_stand_ins(transformer, sorted(config.target_modules)):  # this group's layers
                 inject_adapter_in_model(config, transformer, adapter_name=ADAPTER_NAME)
     transformer.requires_grad_(False)
     layers = _tuner_layers(transformer)
