@@ -139,6 +139,9 @@ COCO = (("eval coco", COCO_ON_TINY),)
 R256 = (("--resolution 1024", "--resolution 256"),)
 TRAIN256 = (("data.resolution=1024", "data.resolution=256"),)
 WHY_R256 = "R=1024 -> 256 on CPU (the tiny VAE took 8 min for 20 images at 1024)"
+# convert_array.sbatch asks for 8 CPUs per task (#SBATCH), more than a local node has: it would pend forever
+ARRAY_2 = (("--array=0-31", "--array=0-1 --cpus-per-task 1"),)
+WHY_ARRAY = "32 slices of a 20-image folder -> 2, and 1 CPU per task (the local nodes have 2, the script asks 8)"
 SLURM_8X8 = (("--nodes 8 --gpus-per-node 8", "--nodes 2"),)
 WHY_SLURM = "8 GPU nodes -> the local cluster's 2 CPU nodes, one process each"
 NOT_RUN_SHELL = "shell set-up on a login node (cd, clone, module load, activate); the suite runs inside that set-up"
@@ -184,10 +187,9 @@ CASES: dict[str, Run | Skip] = {
     ". .venv/bin/activate": skip(NOT_RUN_SHELL),
     "dedistill --help": run(expect=r"usage: dedistill"),
     "jid=$(sbatch --parsable --array=0-31 slurm/convert_array.sbatch --source /shared/data/raw --out /shared/mds)":
-        run(slurm=True, replace=(("--array=0-31", "--array=0-1"),), why="32 slices of a 20-image folder -> 2",
-            slow=True),
+        run(slurm=True, replace=ARRAY_2, why=WHY_ARRAY, slow=True),
     'sbatch --dependency=afterok:$jid --wrap "dedistill data merge /shared/mds"':
-        run(slurm=True, replace=(("--array=0-31", "--array=0-1"),), why="(its prelude) 32 slices -> 2",
+        run(slurm=True, replace=ARRAY_2, why="(its prelude, cluster.md:45) " + WHY_ARRAY,
             creates=("{tmp}/out/shared/mds/index.json",), slow=True),
     "dedistill export --checkpoint /shared/runs/x/checkpoints/step_00016000 --out /shared/exports/x --format diffusers":
         run(creates=("{tmp}/out/shared/exports/x/model_index.json",)),
