@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo
+DEMO_ARGS ?=
 
 .PHONY: demo test install clean-demo
 
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/dedistill demo --out $(DEMO_DIR)
+	$(BIN)/dedistill demo --out $(DEMO_DIR) $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
