@@ -115,12 +115,13 @@ PATHS = {
 FIXTURES = {
     "model": "tiny_model_dir",
     "mds": "tiny_data_dir",
-    "photos": "doc_photos",  # a stand-in until the real-photo fixture `photo_dir` lands (branch i16-fixes)
+    "photos": "photo_dir",  # real photographs in every odd mode (tests/conftest.py)
     "photo_mds": "doc_photo_mds",
     "photo_b": "doc_photo_bucketed",
     "photo_p": "doc_photo_precomputed",
     "run": "doc_run",
     "run_lora": "doc_run_lora",
+    "lycoris": "doc_lycoris_file",
 }
 
 # The 12B presets, run on the tiny pipeline on CPU: a few steps at 64 px and an end-of-run grid that costs seconds.
@@ -174,7 +175,36 @@ CASES: dict[str, Run | Skip] = {
             creates=("runs/libreflux/checkpoints/step_00000002/COMPLETE",)),
     "dedistill export --checkpoint runs/libreflux --out exports/libreflux --format diffusers":
         run(creates=("{tmp}/out/exports/libreflux/transformer",)),
+    "dedistill plan configs/libreflux.yaml --nodes 8 --gpus-per-node 8": run(expect=r"verdict: fits"),
+    "dedistill export --checkpoint runs/libreflux --out exports/libreflux-lycoris --format lycoris":
+        run(creates=("{tmp}/out/exports/libreflux-lycoris/lycoris_lokr.safetensors",)),
+    "dedistill describe libreflux": run(expect=r"effective scale 1 "),
+    "dedistill export --checkpoint runs/libreflux --out exports/libreflux-bfl --format bfl":
+        run(creates=("{tmp}/out/exports/libreflux-bfl/flux1-dedistill.safetensors",)),
+    "dedistill export --format": skip("a fragment: names the option the export lines around it use"),
     # docs/architecture.md: none.  docs/cluster.md
+    "dedistill submit configs/tiny-cpu.yaml --cluster local --nproc-per-node 2 model.path=tiny/model "
+    "data.local=tiny/data":
+        run(paths={"tiny/model": "{model}", "tiny/data": "{mds}"}, slow=True,
+            append="train.max_steps=2 checkpoint.every_steps=2", why="2 of the tiny preset's 200 steps",
+            creates=("runs/tiny-cpu/checkpoints/step_00000002/COMPLETE",)),
+    "dedistill plan configs/openflux.yaml --gpus-per-node 1": run(expect=r"does not fit: .*GPUs"),
+    "dedistill plan configs/libreflux.yaml parallel.hsdp=true --nodes 8 --gpus-per-node 8": run(expect=r"verdict"),
+    "dedistill plan configs/lora-1gpu.yaml train.batch_size=1 --gpus-per-node 1 --gpu-mem-gib 24": run(expect=r"verdict"),
+    "python bench/plan_vs_measured.py": skip("about 15 min of mid-size CPU steps; tests/test_plan.py checks each term "
+                                             "against the trainer's state and autograd's saved tensors"),
+    "sbatch slurm/train.sbatch": skip("a fragment in prose: the script the sbatch lines here submit"),
+    "dedistill export --checkpoint /shared/runs/lora --out /shared/exports/x-lora-kohya --format lora --lora-layout "
+    "kohya": run(creates=("{tmp}/out/shared/exports/x-lora-kohya/lora_kohya.safetensors",)),
+    "dedistill export --checkpoint /shared/runs/x --out /shared/exports/x-bfl --format bfl":
+        run(paths={"/shared/runs/x": "{run}"}, creates=("{tmp}/out/shared/exports/x-bfl/flux1-dedistill.safetensors",)),
+    "python bench/masked_vs_stock.py --out /tmp/masked_vs_stock":
+        skip("about 10 min (a 100-step run, then both pipelines); tests/test_export_pipeline.py makes the same "
+             "comparison on an 8-step run"),
+    "dedistill export --checkpoint /shared/runs/libreflux-8n --out /shared/exports/libreflux-lycoris --format lycoris":
+        run(paths={"/shared/runs/libreflux-8n": "{run}"},
+            creates=("{tmp}/out/shared/exports/libreflux-lycoris/lycoris_lokr.safetensors",)),
+
     "dedistill submit configs/libreflux.yaml --nodes 8 --gpus-per-node 8 model.path=... data.remote=... "
     "data.local=...":
         run(slurm=True, replace=SLURM_8X8, append=GPU_PRESET_ON_CPU, why=WHY_SLURM + "; " + WHY_GPU_PRESET,
@@ -228,9 +258,7 @@ CASES: dict[str, Run | Skip] = {
         skip("the submitit form of cluster.md:167 (run there with sbatch); cluster.md:8 runs `dedistill submit`"),
     # docs/data.md
     "dedistill data convert --source SRC --out DATA [--workers N] [--min-size 64] [--check fast|full]":
-        run(paths={"SRC": "{photos}"}, creates=("{tmp}/out/DATA/index.json",),
-            xfail="issue 16 crash: convert with the default --workers 1 and the progress bar, fixed on branch "
-                  "i16-fixes"),
+        run(paths={"SRC": "{photos}"}, creates=("{tmp}/out/DATA/index.json",)),
     "dedistill data bucket --src DATA --out DATA_B --resolution 1024 [--bucket-step 64] [--max-aspect 2.5]":
         run(replace=R256, why=WHY_R256, creates=("{tmp}/out/DATA_B/buckets.json",)),
     "dedistill train CONFIG.yaml data.local=DATA_B data.resolution=1024 data.buckets=true":
@@ -287,15 +315,34 @@ CASES: dict[str, Run | Skip] = {
     "python bench/train_step.py --size full --modes lora,baseline --resolutions 512 --compile": skip(GPU_FULL),
     "python bench/train_step.py --size full --modes lora,lokr --resolutions 1024 --ac ops --compile": skip(GPU_FULL),
     "python bench/train_step.py --size full --modes lora --resolutions 512 --sync-debug": skip(GPU_FULL),
-    "python -m pytest -m gpu tests/test_bench_train_step.py": skip("needs a CUDA device (without one it only skips)"),
+    "python -m pytest -m gpu tests/test_bench_train_step.py tests/test_optim.py":
+        skip("needs a CUDA device (without one it only skips)"),
+    "pytest -m gpu": skip("needs a CUDA device (without one it only skips)"),
+    "python bench/train_step.py --size full --modes lora --resolutions 512 --optim-impl single_tensor": skip(GPU_FULL),
+    "bash bench/gpu_wheels.sh": skip("downloads the GPU machine's Python 3.12 wheels (~9 MB) from the package index; "
+                                     "the --dry rehearsal below runs the session script without them"),
+    "python bench/gpu_session.py --list": run(expect=r"bench-512"),
+    "GPU_WHEELS=none bash bench/gpu_session.sh --dry --only bench-512-sync-debug --out /tmp/gpu_dry":
+        run(slow=True, creates=("{tmp}/out/tmp/gpu_dry/gpu_results.md",)),
+    "python bench/ot_pairing.py --tiny": run(expect=r"ot_cosine"),
+    "python bench/ot_pairing.py": skip("1-2 min of batch-64 assignments at FLUX latent sizes; --tiny above runs the "
+                                       "same code"),
+    "dedistill tiny-model /tmp/mid --size mid --dtype bf16":
+        skip("writes a 0.64B-parameter model (1.9 GB, minutes) for the two benches below; tests/test_full_width.py "
+             "writes --size full-width through the same code"),
+    "python bench/load_memory.py --model /tmp/mid --nproc 2":
+        skip("minutes on the mid model; tests/test_sharded_load.py checks the sharded load it measures"),
+    "dedistill tiny-data /tmp/tdata --n 16": run(paths={"/tmp/tdata": "{tmp}/tdata"},
+                                                 creates=("{tmp}/tdata/index.json",)),
+    "python bench/checkpoint_stall.py --model /tmp/mid --src /tmp/tdata --work /tmp/stall":
+        skip("minutes on the mid model; tests/test_async_checkpoint.py checks the async save it times"),
+    "python bench/length_grouping.py": run(expect=r"padding"),
     # docs/proof.md
     "python -m evals.experiments.proof --config configs/proof-cpu.yaml":
         skip("about 24 min on 2 cores; --smoke (proof.md:9) runs every stage of the same code"),
     "python -m evals.experiments.proof --config configs/proof-gpu.yaml": skip("sized for one GPU (never run on CPU)"),
     "python -m evals.experiments.proof --config configs/proof-cpu.yaml --smoke":
-        run(creates=("runs/**/results.json",), absent=("runs/proof-cpu",), slow=True,
-            xfail="issue 16 defect 1: the smoke run writes the full run's out_dir, runs/proof-cpu, whose stages the "
-                  "full run then skips; fixed on branch i16-fixes"),
+        run(creates=("runs/proof-cpu-smoke/results.json",), absent=("runs/proof-cpu",), slow=True),
     "python -m evals.experiments.proof --config configs/proof-cpu.yaml teacher.steps=3000 out_dir=runs/x":
         skip("the full CPU proof with overrides: ~24 min, like proof.md:7"),
     # docs/quickstart.md
@@ -312,6 +359,29 @@ CASES: dict[str, Run | Skip] = {
     "run_dir=demo/run": run(append="train.max_steps=4 checkpoint.every_steps=4", why="4 of the preset's 200 steps",
                             paths={"demo/run": "demo/run"}, slow=True,
                             creates=("demo/run/checkpoints/step_00000004/COMPLETE",)),
+    "dedistill describe configs/tiny-cpu.yaml model.path=demo/model": run(expect=r"trainable"),
+    "dedistill train configs/tiny-cpu.yaml model.path=demo/model data.local=demo/data run_dir=demo/chroma-knobs "
+    "train.max_steps=10 objective.timestep_sampler=chroma objective.noise_pairing=ot_cosine "
+    "objective.visible_padding_tokens=1": run(paths={"demo/chroma-knobs": "demo/chroma-knobs"}, slow=True,
+                                              creates=("demo/chroma-knobs/checkpoints/step_00000010/COMPLETE",)),
+    "dedistill export --format lycoris": skip("a fragment: names the format the export lines use"),
+    "dedistill sample --model <exported dir>": skip("a fragment: says an exported dir loads in `dedistill sample`"),
+    # docs/recipes.md
+    "dedistill describe lora-1gpu model.adapter.rank=32": run(expect=r"trainable"),
+    'dedistill describe libreflux \'model.adapter.lokr_factor_pattern={"transformer_blocks.1[0-8].ff*": 1, '
+    '"transformer_blocks.1[0-8].norm1*": 1}\' \'model.adapter.target_modules=[to_q, to_k, to_v, to_out.0, add_q_proj, '
+    'add_k_proj, add_v_proj, to_add_out, ff.net.0.proj, ff.net.2, ff_context.net.0.proj, ff_context.net.2, '
+    'proj_mlp, proj_out, norm1.linear, norm1_context.linear]\'': run(expect=r"factor 1"),
+    "dedistill export --checkpoint demo/run --out demo/export-lycoris --format lycoris --dtype fp32":
+        run(creates=("{tmp}/out/demo/export-lycoris/lycoris_lokr.safetensors",)),
+    "dedistill train configs/tiny-cpu.yaml model.path=demo/model data.local=demo/data run_dir=demo/run-from-lycoris "
+    "train.max_steps=2 model.adapter.init_from=demo/export-lycoris/lycoris_lokr.safetensors":
+        run(paths={"demo/export-lycoris/lycoris_lokr.safetensors": "{lycoris}"}, slow=True,
+            expect=r"init_from .*: \d+ LoKr layers",
+            creates=("demo/run-from-lycoris/checkpoints/step_00000002/COMPLETE",)),
+    "dedistill sample --cfg-skip-steps 2": skip("a fragment: the option recipes.md names for LibreFLUX's advice"),
+    # docs/scaling.md
+    "python bench/scaling.py": run(expect=r"efficiency", slow=True),
     "dedistill demo train.max_steps=400": skip("continues the 200-step demo in ./demo to 400 (minutes); `dedistill "
                                                "demo --out demo` above runs the command and its override syntax"),
 }
@@ -323,36 +393,11 @@ DOC_COMMANDS = {c.text: c for c in collect()}
 
 
 @pytest.fixture(scope="session")
-def doc_photos(tmp_path_factory):
-    """Stand-in for the real-photo fixture (`photo_dir`, branch i16-fixes): a captioned folder whose images have the
-    shapes and modes photos have — landscape and portrait, RGB, L and RGBA, PNG and JPEG — so bucketing makes
-    several buckets."""
-    from PIL import Image
-
-    from dataset_tools.tiny_data import write_tiny_data
-
-    src = write_tiny_data(tmp_path_factory.mktemp("docs") / "tiny-folder", n=20, size=96, seed=3, fmt="folder")
-    out = tmp_path_factory.mktemp("docs") / "photos"
-    out.mkdir(exist_ok=True)
-    sizes = [(96, 96), (160, 96), (96, 160), (144, 96), (96, 144)]
-    modes = ["RGB", "L", "RGBA", "RGB"]
-    for i, png in enumerate(sorted(src.glob("*.png"))):
-        im = Image.open(png).convert("RGB").resize(sizes[i % len(sizes)], Image.BICUBIC).convert(modes[i % 4])
-        name = png.stem
-        if i % 3 == 0 and im.mode != "RGBA":
-            im.save(out / f"{name}.jpg", quality=90)
-        else:
-            im.save(out / f"{name}.png")
-        (out / f"{name}.txt").write_text((src / f"{name}.txt").read_text())
-    return out
-
-
-@pytest.fixture(scope="session")
-def doc_photo_mds(doc_photos, tmp_path_factory):
+def doc_photo_mds(photo_dir, tmp_path_factory):
     from dataset_tools.convert import convert
 
     out = tmp_path_factory.mktemp("docs") / "photo-mds"
-    convert(doc_photos, out, workers=1, progress_bar=False)
+    convert(photo_dir, out, workers=1, progress_bar=False)
     return out
 
 
@@ -396,6 +441,17 @@ def doc_run(tiny_model_dir, tiny_data_dir, tmp_path_factory):
 def doc_run_lora(tiny_model_dir, tiny_data_dir, tmp_path_factory):
     """A LoRA run, for `export --format lora` (a LoKr run is refused there, as the docs say)."""
     return _train_run(tmp_path_factory, "run-lora", tiny_model_dir, tiny_data_dir, "model.adapter.kind=lora")
+
+
+@pytest.fixture(scope="session")
+def doc_lycoris_file(doc_run, tmp_path_factory):
+    """What recipes.md's export line writes: the tiny LoKr run's adapter as a LyCORIS file."""
+    out = tmp_path_factory.mktemp("docs") / "export-lycoris"
+    r = subprocess.run([sys.executable, "-m", "launch", "export", "--checkpoint", str(doc_run), "--out", str(out),
+                        "--format", "lycoris", "--dtype", "fp32"], cwd=REPO, env=_env(), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return out / "lycoris_lokr.safetensors"
 
 
 # ------------------------------------------------------------------------------------------------------ the runner
