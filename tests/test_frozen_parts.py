@@ -80,7 +80,7 @@ def test_precomputed_run_loads_them_for_inline_eval_and_end_grid_then_frees_them
     state = _train(tiny_model_dir, precomputed, run, "sample.at_end=true", "sample.steps=2", "eval.mode=inline",
                    f"eval.suite={suite}", "eval.every_steps=2")
     assert state.step == 2
-    assert (run / "evals" / "step_00000002" / "metrics.json").is_file()
+    assert (run / "evals" / "step_00000002" / "mini" / "metrics.json").is_file()  # one directory per suite
     assert (run / "samples" / "grid_step_00000002.png").is_file()
     # once for the inline eval (its own unsharded copy), once for the end-of-run grid; none for training
     assert sorted(n for n, _ in built) == sorted([n for _, n in LOADERS] * 2)
