@@ -3,7 +3,6 @@ the tiny model, and periodic evals inside a training run (inline, a failing eval
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -17,6 +16,8 @@ from evals.suite import (
     setting_name, shard_range,
 )
 from train.config import from_dict
+
+import tiny_runs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -305,19 +306,13 @@ def write_suite(path: Path, **changes) -> Path:
 
 def train_tiny(model, data, run_dir, *overrides):
     from train.config import load_config
-    from train.loop import train
 
     cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", [
         f"model.path={model}", f"data.local={data}", f"run_dir={run_dir}", "train.max_steps=2",
         "checkpoint.every_steps=1", "train.progress_bar=false", "sample.at_end=false", "eval.every_steps=2",
         *overrides,
     ])
-    env = dict(os.environ)
-    try:
-        return train(cfg)
-    finally:  # init_distributed exports RANK/WORLD_SIZE/...: later tests must not see a world of one
-        os.environ.clear()
-        os.environ.update(env)
+    return tiny_runs.train_in_process(cfg)
 
 
 @pytest.mark.slow

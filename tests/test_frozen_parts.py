@@ -2,7 +2,6 @@
 inline evals load them when they run and free them after; `model.text_encoder_placement` cpu/fsdp encode the same."""
 
 import gc
-import os
 import weakref
 
 import pytest
@@ -26,18 +25,12 @@ def precomputed(tiny_model_dir, tiny_data_dir, tmp_path_factory):
 
 def _train(model, data, run_dir, *overrides):
     from train.config import load_config
-    from train.loop import train
 
     cfg = load_config(tiny_runs.CONFIG, [
         f"model.path={model}", f"data.local={data}", f"run_dir={run_dir}", "train.max_steps=2",
         "checkpoint.every_steps=2", "train.progress_bar=false", "sample.at_end=false", *overrides,
     ])
-    env = dict(os.environ)
-    try:
-        return train(cfg)
-    finally:  # init_distributed exports RANK/WORLD_SIZE/...: later tests must not see a world of one
-        os.environ.clear()
-        os.environ.update(env)
+    return tiny_runs.train_in_process(cfg)
 
 
 def _spy(monkeypatch, *, fail: bool) -> list:

@@ -91,18 +91,9 @@ def test_mixed_lengths_and_trimming_are_exact():
 
 def test_mask_reaches_every_block(monkeypatch):
     """Every double- and single-stream block's attention receives the bool mask over [text; image]."""
-    from diffusers.models.transformers import transformer_flux
-
     m = tiny_transformer()
     x, t, _, padded, ids = inputs()
-    seen = []
-    orig = transformer_flux.dispatch_attention_fn
-
-    def spy(q, k, v, attn_mask=None, **kw):
-        seen.append(attn_mask)
-        return orig(q, k, v, attn_mask=attn_mask, **kw)
-
-    monkeypatch.setattr(transformer_flux, "dispatch_attention_fn", spy)
+    seen = _spy_masks(monkeypatch)
     with torch.no_grad():
         predict_velocity(m, x, t, padded, ids, masked=True)
     assert len(seen) == 4  # 2 double + 2 single blocks

@@ -51,6 +51,19 @@ def train(model, data, run_dir, *, nproc: int = 2, **extra) -> subprocess.Comple
     return run(torchrun_cmd(CONFIG, *overrides(model, data, run_dir, **extra), nproc=nproc))
 
 
+def train_in_process(cfg):
+    """`train.loop.train(cfg)` in this process, restoring the environment after: init_distributed exports
+    RANK/WORLD_SIZE/..., and later tests must not see a world of one."""
+    from train.loop import train as train_loop
+
+    saved = dict(os.environ)
+    try:
+        return train_loop(cfg)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def ckpt(run_dir, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
 
