@@ -144,15 +144,7 @@ class TextEncoder:
         visible_padding=k (`objective.visible_padding_tokens`, masked only): the first k pads after each prompt
         join its mask with their T5 states, as Chroma's `modify_mask_to_attend_padding` does. T5 itself still runs
         with the real-token mask, so a visible pad's state depends on the prompt alone, not on max_tokens."""
-        clip_ids = self.clip_tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=min(self.clip_tokenizer.model_max_length, self.clip.config.max_position_embeddings),
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        pooled = self.clip(clip_ids, output_hidden_states=False).pooler_output
-
+        pooled = self.pooled(prompts)
         t5_in = self.t5_tokenizer(
             prompts, padding="max_length", max_length=max_tokens, truncation=True, return_tensors="pt"
         )
@@ -167,6 +159,18 @@ class TextEncoder:
         # Zero the masked rows: they are never attended to, and zeros make that visible in dumps.
         states = states * mask[..., None].to(states.dtype)
         return PromptEmbeds(states, mask, pooled, lengths)
+
+    @torch.no_grad()
+    def pooled(self, prompts: list[str]) -> torch.Tensor:
+        """(B, D_clip) CLIP's pooled output alone (no T5 pass): what FLUX's pooled-text embedder reads."""
+        clip_ids = self.clip_tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=min(self.clip_tokenizer.model_max_length, self.clip.config.max_position_embeddings),
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.clip(clip_ids, output_hidden_states=False).pooler_output
 
     def token_count(self, caption: str, *, max_tokens: int) -> int:
         """T5 tokens of one caption (with </s>), as `encode` would keep them: what length grouping sorts by."""
