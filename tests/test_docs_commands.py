@@ -368,6 +368,12 @@ CASES: dict[str, Run | Skip] = {
                             paths={"demo/run": "demo/run"}, slow=True,
                             creates=("demo/run/checkpoints/step_00000004/COMPLETE",)),
     "dedistill describe configs/tiny-cpu.yaml model.path=demo/model": run(expect=r"trainable"),
+    "dedistill prune --model demo/model --captions demo/data --out demo/chroma --steps 300 --lr 2e-3 "
+    "--eval-resolution 64": run(creates=("{tmp}/out/demo/chroma/prune_report.json",
+                                         "{tmp}/out/demo/chroma/transformer/config.json"),
+                                expect=r"velocity vs FLUX on 8 held-out prompts"),
+    "dedistill prune --model /models/FLUX.1-schnell --captions /data/mds --out /models/chroma-pruned":
+        skip("FLUX.1 size: a GPU job (12B + 8.9B transformers); the tiny command above runs the same code"),
     "dedistill train configs/tiny-cpu.yaml model.path=demo/model data.local=demo/data run_dir=demo/chroma-knobs "
     "train.max_steps=10 objective.timestep_sampler=chroma objective.noise_pairing=ot_cosine "
     "objective.visible_padding_tokens=1": run(paths={"demo/chroma-knobs": "demo/chroma-knobs"}, slow=True,
