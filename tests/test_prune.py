@@ -25,6 +25,14 @@ def test_parameter_counts_at_flux1_size_on_meta():
     assert round(c["chroma"] / 1e9, 1) == 8.9
     assert round(c["dropped"] / 1e9, 1) == 3.3
     assert c["chroma"] == c["flux"] - c["dropped"] + c["approximator"]
+    # the weight map covers FLUX.1's real keys and shapes (on meta: names and shapes only)
+    from train.model import build_transformer_meta
+    from train.prune import build_chroma_meta, transfer_state
+
+    state, dropped = transfer_state(build_transformer_meta(config).state_dict(),
+                                    build_chroma_meta(chroma_config(config)))
+    # weight + bias of 2 Linears per double block, 1 per single block, norm_out; 4 Linears in the two embedders
+    assert len(dropped) == 2 * (2 * 19 + 38 + 1) + 2 * 4
     chroma = chroma_config(config)
     assert chroma["approximator_hidden_dim"] == 5120 and modulation_count(chroma) == 344  # Chroma's own numbers
     # diffusers' default ChromaTransformer2DModel arguments are Chroma1's: the derived config must equal them
@@ -188,3 +196,14 @@ def test_prune_refuses_before_work(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="need more than --eval-prompts"):
         run_prune(tiny_model_dir, tmp_path / "new", captions, eval_prompts=2)
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_asked_for_without_cuda_is_refused(tiny_model_dir, tmp_path):
+    from launch.prune import run_prune
+
+    captions = tmp_path / "caps.txt"
+    captions.write_text("a red circle\na blue square\n")
+    with pytest.raises(ValueError, match="--device"):
+        run_prune(tiny_model_dir, tmp_path / "out", captions, eval_prompts=1, device="cuda")
+    assert not (tmp_path / "out").exists()
