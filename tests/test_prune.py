@@ -207,3 +207,25 @@ def test_cuda_asked_for_without_cuda_is_refused(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="--device"):
         run_prune(tiny_model_dir, tmp_path / "out", captions, eval_prompts=1, device="cuda")
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_defaults_are_the_library_defaults():
+    """What a user who types no optional flag gets is what the library (and so these tests) run."""
+    import argparse
+    import dataclasses
+    import inspect
+
+    from launch.cli import _load_extensions, build_parser
+    from launch.prune import run_prune
+    from train.prune import FitSettings
+
+    _load_extensions()
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["prune"]
+    cli = {a.dest: a.default for a in sub._actions if a.option_strings and a.dest != "help"}
+    lib = {f.name: f.default for f in dataclasses.fields(FitSettings)}
+    lib.update({k: p.default for k, p in inspect.signature(run_prune).parameters.items()
+                if p.default is not p.empty and k not in ("fit", "log")})
+    shared = set(cli) & set(lib)
+    assert shared >= {"steps", "batch_size", "lr", "seed", "eval_prompts", "eval_timesteps", "eval_resolution",
+                      "approximator_hidden", "device", "dtype", "max_text_tokens"}
+    assert {k: cli[k] for k in shared} == {k: lib[k] for k in shared}
