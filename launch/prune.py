@@ -1,4 +1,4 @@
-"""`dedistill prune --model FLUX_DIR --captions CAPTIONS --out DIR`: FLUX -> a Chroma pipeline dir.
+"""`dedistill prune --model FLUX_DIR --out DIR [--captions CAPTIONS]`: FLUX -> a Chroma pipeline dir.
 
 DIR is what `ChromaPipeline.from_pretrained(DIR)` loads: the pruned transformer (`ChromaTransformer2DModel`), FLUX's
 T5 encoder and tokenizer (as `text_encoder`/`tokenizer`), VAE and scheduler; CLIP is left behind, as Chroma has no
@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 REPORT = "prune_report.json"
+# used when --captions is not given, so the documented `prune --model FLUX_DIR --out DIR` works as typed
+DEFAULT_CAPTIONS = Path(__file__).parent / "assets" / "prune_captions.txt"
 
 
 def read_captions(path: str | Path) -> list[str]:
@@ -225,9 +227,10 @@ def register(sub) -> None:
     s = sub.add_parser("prune", help="FLUX -> Chroma: drop the modulation Linears, fit the approximator")
     s.add_argument("--model", required=True, help="diffusers FLUX dir (FLUX.1-schnell style)")
     s.add_argument("--out", required=True, help="new dir: a ChromaPipeline pipeline + prune_report.json")
-    s.add_argument("--captions", required=True,
+    s.add_argument("--captions", default=str(DEFAULT_CAPTIONS),
                    help="caption set whose CLIP pooled embeddings the modulation is averaged over: a text file (one "
-                   "per line) or an MDS dir with a `caption` column")
+                   "per line) or an MDS dir with a `caption` column (default: 120 varied captions shipped with "
+                   "dedistill; pass your training captions for a target closer to your data)")
     s.add_argument("--steps", type=int, default=2000, help="approximator fitting steps")
     s.add_argument("--batch-size", type=int, default=16, help="timesteps per fitting step")
     s.add_argument("--lr", type=float, default=1e-3)

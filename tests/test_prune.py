@@ -229,3 +229,21 @@ def test_cli_defaults_are_the_library_defaults():
     assert shared >= {"steps", "batch_size", "lr", "seed", "eval_prompts", "eval_timesteps", "eval_resolution",
                       "approximator_hidden", "device", "dtype", "max_text_tokens"}
     assert {k: cli[k] for k in shared} == {k: lib[k] for k in shared}
+
+
+def test_captions_default_to_the_shipped_set():
+    """`dedistill prune --model FLUX_DIR --out DIR` (DESIGN.md's contract) works as typed: with no --captions the fit
+    averages over the caption set shipped in the package, enough of them to hold out --eval-prompts."""
+    import argparse
+
+    from launch.cli import _load_extensions, build_parser
+    from launch.prune import DEFAULT_CAPTIONS, read_captions, split_captions
+
+    _load_extensions()
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["prune"]
+    a = sub.parse_args(["--model", "m", "--out", "o"])
+    assert a.captions == str(DEFAULT_CAPTIONS)
+    caps = read_captions(a.captions)
+    assert len(caps) == 120 and not any(c.startswith("#") for c in caps)
+    fit, held = split_captions(caps, a.eval_prompts, a.seed)
+    assert len(held) == a.eval_prompts and len(fit) == 120 - a.eval_prompts
