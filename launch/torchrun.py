@@ -114,6 +114,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dedistill: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     extra = [f"--max-restarts={restarts}"] if restarts is not None else []
+    # By default the workers' process groups live in the rendezvous' own TCPStore, which outlives a restart with the
+    # old group's keys in it: a restarted rank can read a dead peer's address and fail to connect (pytorch#135712,
+    # seen here with gloo). Opting out gives every round a fresh store, hosted by its rank 0.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     torchrun_main(["--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", *extra, *args])
 
 

@@ -57,14 +57,17 @@ def test_lost_worker_restarts_in_place_and_resumes_bitwise(tiny_model_dir, tiny_
     run_dir = tmp_path / "run"
     over = tiny_runs.overrides(tiny_model_dir, tiny_data_dir, run_dir)
     t0 = time.monotonic()
-    r = tiny_runs.run(_launch("--max-restarts=2", fault="kill:1:5", overrides=over), timeout=300)
+    r = tiny_runs.run(_launch("--max-restarts=2", fault="kill:1:5", overrides=over), timeout=300, check=False)
     out = r.stdout + r.stderr
+    (tmp_path / "torchrun.log").write_text(out)
+    assert r.returncode == 0, f"the restarted run failed; log: {tmp_path / 'torchrun.log'}"
     print(f"lost worker: {time.monotonic() - t0:.1f} s")
     assert "FAULT kill rank 1 in the forward of step 5" in out, out[-3000:]
     assert re.search(r"failed \(exitcode: -9\) local_rank: 1", out)  # torchrun's agent saw the SIGKILL ...
     assert "torchrun restart 1 of 2" in out  # ... and started the group again, in place
     assert re.search(r"resumed from \S*step_00000004", out), out[-3000:]  # the newest of steps 2 and 4
-    tiny_runs.assert_same_state(tiny_runs.ckpt(reference_run, tiny_runs.STEPS), tiny_runs.ckpt(run_dir, tiny_runs.STEPS))
+    reference, resumed = (tiny_runs.ckpt(r, tiny_runs.STEPS) for r in (reference_run, run_dir))
+    tiny_runs.assert_same_state(reference, resumed)
 
 
 # ------------------------------------------------------------------------------------------------------- hung rank
@@ -92,7 +95,7 @@ def test_hung_rank_ends_the_job_within_the_timeout_naming_the_collective(tiny_mo
     # rank 0 fails at the timeout; torchrun then stops the stuck rank (SIGTERM, SIGKILL 30 s later: a rank stuck in
     # a call cannot act on SIGTERM) and exits non-zero
     print(f"hung rank: failed after {waited:.1f} s, job ended {ended - stalled:.1f} s after the stall")
-    assert ended - stalled <= timeout_s + 30 + 20, ended - stalled
+    assert ended - stalled <= timeout_s + 30 + 40, ended - stalled
 
 
 # --------------------------------------------------------------------------------------------- flaky object store
