@@ -30,7 +30,7 @@ def _launch(*torchrun_args, fault: str, overrides: list[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- lost worker
 
 
-def test_max_restarts_comes_from_the_config():
+def test_max_restarts_comes_from_the_config(monkeypatch):
     from launch.torchrun import config_max_restarts, slurm_torchrun_args
 
     cfg = str(tiny_runs.CONFIG)
@@ -40,15 +40,11 @@ def test_max_restarts_comes_from_the_config():
     assert config_max_restarts(["script.py", cfg]) is None  # not our job: torchrun's own default
     with pytest.raises(ValueError, match="parallel.max_restarts"):
         config_max_restarts(["-m", "train", cfg, "parallel.max_restarts=-1"])
+    # the SLURM arguments (no scontrol here: the head node's address is given) leave restarts to the config
+    monkeypatch.setattr("launch.torchrun.first_node", lambda nodelist: "n1")
+    monkeypatch.setattr("launch.torchrun.node_addr", lambda node: "10.0.0.1")
     env = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "RDZV_PORT": "1234"}
-    import launch.torchrun as tr
-
-    old = tr.node_addr, tr.first_node
-    tr.node_addr, tr.first_node = (lambda n: "10.0.0.1"), (lambda nl: "n1")
-    try:  # the SLURM arguments leave restarts to the config
-        assert not any("restarts" in a for a in slurm_torchrun_args(2, env))
-    finally:
-        tr.node_addr, tr.first_node = old
+    assert not any("restarts" in a for a in slurm_torchrun_args(2, env))
     assert "--max-restarts" not in (tiny_runs.REPO / "slurm" / "train.sbatch").read_text().split("# ---")[-1]
 
 

@@ -18,6 +18,7 @@ import logging
 import threading
 import urllib.parse
 
+from streaming.base.constant import DEFAULT_TIMEOUT
 from streaming.base.storage import download as _download
 from streaming.base.storage.download import S3Downloader
 
@@ -71,12 +72,9 @@ class CountingS3Downloader(S3Downloader):
         self._gets, self._remote = 0, remote
         super()._download_file_impl(remote, local, timeout)
 
-    def download(self, remote, local, timeout=None) -> None:
+    def download(self, remote, local, timeout: float = DEFAULT_TIMEOUT) -> None:
         try:
-            if timeout is None:
-                super().download(remote, local)
-            else:
-                super().download(remote, local, timeout)
+            super().download(remote, local, timeout)
         except Exception as e:
             # streaming's retry() calls this again (data.download_retry) or gives up and raises to the loader; an
             # absent object is an answer (train.data asks for optional files), not a failed attempt
