@@ -10,6 +10,12 @@ checkpoint, exit 0). The agent has to outlive that save: by default SIGUSR1 kill
 SIGKILLs its workers after 30 s, possibly in the middle of a checkpoint. Ignoring both leaves the deadline to SLURM
 (KillWait, or the partition's GraceTime on preemption). The workers install their own handlers at start.
 
+Restarts: unless the command line gives `--max-restarts`, the agent restarts the worker group up to the config's
+`parallel.max_restarts` times (read from the `-m train CONFIG [a.b=value ...]` it launches), so the sbatch script and
+`dedistill submit` take it from the config with everything else. After a worker dies (SIGKILL, OOM, a GPU off the
+bus) the agent stops the others and starts the group again on the same nodes, within the allocation; every start
+resumes from the newest complete checkpoint. A rank that hangs is ended by `parallel.timeout_s` (train/parallelize.py).
+
 `slurm_torchrun_args()` builds the rendezvous arguments for one torchrun per node from the SLURM environment (used by
 `dedistill submit`; slurm/train.sbatch spells out the same steps in bash). The rendezvous host is the first node's
 `NodeAddr` from `scontrol show node`: node names need not resolve, NodeAddr is what slurmd itself connects to.
@@ -59,12 +65,39 @@ def slurm_torchrun_args(nproc_per_node: int, env: Mapping[str, str] | None = Non
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={head}:{rdzv_port(job_id, env)}",
         f"--rdzv-id={job_id}",
-        "--max-restarts=0",
     ]
 
 
 def standalone_torchrun_args(nproc_per_node: int) -> list[str]:
     return ["--standalone", f"--nproc-per-node={nproc_per_node}"]
+
+
+def _split(args: list[str]) -> tuple[list[str], list[str]]:
+    """(torchrun options, target): the target starts at `-m`/`--module` (then the module name and its arguments)."""
+    for i, a in enumerate(args):
+        if a in ("-m", "--module"):
+            return args[:i], args[i + 1:]
+    return args, []
+
+
+def config_max_restarts(args: list[str]) -> int | None:
+    """`parallel.max_restarts` of the job a torchrun command line starts (`-m train CONFIG [a.b=value ...]` or
+    `-m launch train ...`); None when the line gives `--max-restarts` itself or starts something else."""
+    options, target = _split(args)
+    if any(a.startswith(("--max-restarts", "--max_restarts")) for a in options):
+        return None
+    if target[:1] == ["train"]:
+        job = target[1:]
+    elif target[:2] == ["launch", "train"]:
+        job = target[2:]
+    else:
+        return None
+    if not job:
+        return None
+    from launch.cli import _preset
+    from train.config import load_config
+
+    return load_config(_preset(job[0]), job[1:]).parallel.max_restarts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,7 +108,17 @@ def main(argv: list[str] | None = None) -> None:
     from torch.distributed.run import main as torchrun_main
 
     args = sys.argv[1:] if argv is None else list(argv)
-    torchrun_main(["--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", *args])
+    try:
+        restarts = config_max_restarts(args)
+    except ValueError as e:  # the same one-line error `dedistill train` would give, before any worker starts
+        print(f"dedistill: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    extra = [f"--max-restarts={restarts}"] if restarts is not None else []
+    # By default the workers' process groups live in the rendezvous' own TCPStore, which outlives a restart with the
+    # old group's keys in it: a restarted rank can read a dead peer's address and fail to connect (pytorch#135712,
+    # seen here with gloo). Opting out gives every round a fresh store, hosted by its rank 0.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    torchrun_main(["--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", *extra, *args])
 
 
 if __name__ == "__main__":

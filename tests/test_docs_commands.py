@@ -200,6 +200,9 @@ CASES: dict[str, Run | Skip] = {
     "dedistill plan configs/lora-1gpu.yaml train.batch_size=1 --gpus-per-node 1 --gpu-mem-gib 24": run(expect=r"verdict"),
     "python bench/plan_vs_measured.py": skip("about 15 min of mid-size CPU steps; tests/test_plan.py checks each term "
                                              "against the trainer's state and autograd's saved tensors"),
+    "sbatch --nodes 2 --gpus-per-node 8 slurm/train.sbatch configs/full-fsdp-multinode.yaml parallel.max_restarts=2 "
+    "parallel.timeout_s=600": skip("needs a SLURM cluster with GPUs; tests/test_reliability_dist.py runs the same "
+                                   "launch.torchrun restart and timeout paths on 2 gloo ranks"),
     "sbatch slurm/train.sbatch": skip("a fragment in prose: the script the sbatch lines here submit"),
     "dedistill export --checkpoint /shared/runs/lora --out /shared/exports/x-lora-kohya --format lora --lora-layout "
     "kohya": run(creates=("{tmp}/out/shared/exports/x-lora-kohya/lora_kohya.safetensors",)),

@@ -65,7 +65,8 @@ def run_train(env: dict, run: Path, overrides: list[str]) -> dict:
     r = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"train failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    retries = [x for x in r.stderr.splitlines() if x.startswith("data.remote: retry #")]  # train/remote.py
+    return {**json.loads(line[len("RESULT "):]), "retry_lines": retries}
 
 
 def test_stream_and_train_from_s3(s3_endpoint, tiny_model_dir, tiny_data_dir, tmp_path):

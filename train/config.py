@@ -196,12 +196,19 @@ class DataConfig:
     Deterministic and resumed exactly (the checkpoint records the window's start and how much of it was used)."""
     length_window: int = 16
     """Batches regrouped together by length_grouping (more: less padding, less mixing of lengths across steps)."""
+    download_retry: int = 2
+    """With `remote`: how many more times streaming downloads a shard (or index) after a failed attempt, on top of
+    botocore's and s3transfer's own retries; each retry is logged with a running count (train/remote.py)."""
+    download_timeout: float = 60.0
+    """With `remote`: seconds one download attempt of one shard may take (streaming's `download_timeout`)."""
 
     def __post_init__(self) -> None:
         if self.resolution % 16:
             raise ValueError(f"data.resolution: must be a multiple of 16, got {self.resolution}")
         _check_positive("data.num_workers", self.num_workers, allow_zero=True)
         _check_positive("data.length_window", self.length_window)
+        _check_positive("data.download_retry", self.download_retry, allow_zero=True)
+        _check_positive("data.download_timeout", self.download_timeout)
 
 
 @dataclass(kw_only=True)
@@ -284,6 +291,14 @@ class ParallelConfig:
     compile_blocks: bool = False
     """FSDP2: `torch.compile` each transformer block (after activation checkpointing, before `fully_shard`, as
     torchtitan). Parameter names do not change, so checkpoints are interchangeable with uncompiled runs."""
+    timeout_s: float = 1800.0
+    """How long a collective may wait for the other ranks before this rank fails (`init_process_group`'s timeout):
+    a rank that hangs ends the job after this long, with an error naming the operation, instead of holding the
+    allocation. Keep it above the slowest checkpoint save and eval (ranks wait for rank 0 at their barriers)."""
+    max_restarts: int = 0
+    """torchrun `--max-restarts` when `python -m launch.torchrun` (slurm/train.sbatch, `dedistill submit`) starts
+    this config: after a worker dies (SIGKILL, OOM, a GPU off the bus) torchrun restarts the whole group on the same
+    nodes up to this many times, and each start resumes from the newest complete checkpoint."""
 
     def __post_init__(self) -> None:
         _check_choice("parallel.backend", self.backend, ("fsdp2", "deepspeed"))
@@ -294,6 +309,8 @@ class ParallelConfig:
         _check_choice("parallel.dist_backend", self.dist_backend, ("auto", "nccl", "gloo"))
         _check_choice("parallel.reduce_dtype", self.reduce_dtype, ("fp32", "bf16"))
         _check_choice("parallel.zero_stage", self.zero_stage, (2, 3))
+        _check_positive("parallel.timeout_s", self.timeout_s)
+        _check_positive("parallel.max_restarts", self.max_restarts, allow_zero=True)
 
 
 @dataclass(kw_only=True)

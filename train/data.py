@@ -87,16 +87,29 @@ def _fetch(cfg: DataConfig, name: str) -> Path | None:
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=cfg.local)
     os.close(fd)
     os.unlink(tmp)
-    try:
-        CloudDownloader.direct_download(_join(cfg.remote, name), tmp)
-    except Exception as e:  # absent (a raw layout has no buckets.json) or unreachable: the index fetch will tell
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        log.debug("no %s at %s: %s", name, cfg.remote, e)
-        return None
+    for attempt in range(1 + cfg.download_retry):
+        try:
+            CloudDownloader.direct_download(_join(cfg.remote, name), tmp, timeout=cfg.download_timeout)
+            break
+        except Exception as e:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            # Absent (a raw layout has no buckets.json) is an answer; a reset connection is not: a flaky store must
+            # not turn a bucketed dataset into a "raw" one. Unreachable after the retries: the index fetch will tell.
+            if _absent(e) or attempt == cfg.download_retry:
+                log.debug("no %s at %s: %s", name, cfg.remote, e)
+                return None
     dest = Path(cfg.local) / name
     os.replace(tmp, dest)
     return dest
+
+
+def _absent(error: Exception) -> bool:
+    """The store answered that the object does not exist (or may not be read), as opposed to a failed request."""
+    if isinstance(error, FileNotFoundError):
+        return True
+    response = getattr(error, "response", None)  # botocore ClientError
+    return isinstance(response, dict) and response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "403")
 
 
 def read_layout(cfg: DataConfig) -> dict | None:
@@ -317,6 +330,10 @@ def build_dataset(cfg: DataConfig, *, batch_size: int):
     from streaming import Stream
 
     _check_source(cfg)
+    if cfg.remote is not None and cfg.remote.startswith("s3://"):
+        from train.remote import install
+
+        install()  # every retry under streaming's S3 reads is counted and logged
     layout = read_layout(cfg)
     _check_layout(cfg, layout)
     kwargs: dict[str, Any] = dict(
@@ -326,6 +343,8 @@ def build_dataset(cfg: DataConfig, *, batch_size: int):
         shuffle_seed=cfg.shuffle_seed,
         shuffle_block_size=cfg.shuffle_block_size,
         predownload=cfg.predownload,
+        download_retry=cfg.download_retry,
+        download_timeout=cfg.download_timeout,
     )
     if layout is None:
         locals_ = [cfg.local]

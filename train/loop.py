@@ -31,7 +31,7 @@ from train.optim import EMA, build_optimizer, build_scheduler
 from train.parallel import Backend, StepConfig, build_backend
 from train.parallel.load import materialize as materialize_sharded
 from train.parallelize import (
-    DistInfo, all_reduce_mean, barrier, destroy_distributed, init_distributed, shard_text_encoder,
+    DistInfo, all_reduce_mean, barrier, destroy_distributed, init_distributed, named_collective, shard_text_encoder,
 )
 from train.step import Frozen, forward_backward_step
 from train.text import TextEncoder
@@ -69,7 +69,8 @@ class StopFlag:
         """True on every rank as soon as any rank got a signal (ranks may receive it at different steps)."""
         flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=device)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            with named_collective("stop-flag all_reduce (StopFlag.agreed, once per step)"):
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
 
@@ -289,7 +290,7 @@ def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend,
                 image_tokens=out["image_tokens"], text_tokens=out["text_tokens"], batch=cfg.train.batch_size,
                 full=cfg.model.adapter.kind == "full",
             )
-        loss = all_reduce_mean(torch.stack(losses).mean())
+        loss = all_reduce_mean(torch.stack(losses).mean(), op="loss all_reduce")
         lr = scheduler.get_last_lr()[0]
         # clip, optimizer step unless the loss or the global grad norm is not finite (all ranks agree), zero grads
         result = backend.step(loss_finite=bool(torch.isfinite(loss)))

@@ -9,7 +9,9 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +39,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_timeout_s = 1800.0  # the process group's, for messages (set by init_distributed)
+
+
 def init_distributed(cfg: ParallelConfig) -> DistInfo:
     """Join the torchrun process group (or make a world of one when started directly)."""
     if "RANK" not in os.environ:  # started as a plain process: a world of one, same code path
@@ -54,13 +59,43 @@ def init_distributed(cfg: ParallelConfig) -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(device)
     backend = "nccl" if use_cuda else "gloo"
+    global _timeout_s
+    _timeout_s = cfg.timeout_s
     if not dist.is_initialized():
+        # The timeout bounds every collective: gloo fails the waiting call; NCCL's watchdog aborts the process
+        # (TORCH_NCCL_ASYNC_ERROR_HANDLING, slurm/train.sbatch) with the op in its message.
         dist.init_process_group(
             backend=backend,
-            timeout=datetime.timedelta(minutes=30),
+            timeout=datetime.timedelta(seconds=cfg.timeout_s),
             device_id=device if use_cuda else None,
         )
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if restart and rank == 0:  # torchrun restarted the group after a worker died (parallel.max_restarts)
+        print(f"[dedistill] torchrun restart {restart} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}: a "
+              f"worker was lost; resuming from the newest complete checkpoint", flush=True)
     return DistInfo(rank, world, local_rank, local_world, device)
+
+
+class CollectiveError(RuntimeError):
+    """A collective of ours failed or timed out; the message names it (gloo's names only its socket operation)."""
+
+
+@contextmanager
+def named_collective(op: str):
+    """Re-raise a failure inside the block as a CollectiveError naming `op`, how long it waited and the timeout.
+
+    A rank that stalls (or dies) leaves the others waiting in their next collective until `parallel.timeout_s`."""
+    t0 = time.monotonic()
+    try:
+        yield
+    except RuntimeError as e:  # DistBackendError and gloo's timeout/connection errors are RuntimeErrors
+        if isinstance(e, CollectiveError) or not dist.is_initialized():
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CollectiveError(
+            f"{op} failed on rank {dist.get_rank()} after {time.monotonic() - t0:.1f} s "
+            f"(parallel.timeout_s={_timeout_s:g}): another rank stalled or died; {first}"
+        ) from e
 
 
 def destroy_distributed() -> None:
@@ -68,15 +103,17 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
+def barrier(op: str = "barrier") -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+        with named_collective(op):
+            dist.barrier()
 
 
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+def all_reduce_mean(value: torch.Tensor, op: str = "all_reduce (mean)") -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.AVG if value.device.type == "cuda" else dist.ReduceOp.SUM)
+        with named_collective(op):
+            dist.all_reduce(value, op=dist.ReduceOp.AVG if value.device.type == "cuda" else dist.ReduceOp.SUM)
         if value.device.type != "cuda":  # gloo has no AVG
             value /= dist.get_world_size()
     return value
