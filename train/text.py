@@ -159,17 +159,19 @@ class TextEncoder:
             max_length=min(self.clip_tokenizer.model_max_length, self.clip.config.max_position_embeddings),
             truncation=True,
             return_tensors="pt",
-        ).input_ids.to(self.device)
+        ).input_ids
+        clip_ids = _h2d(clip_ids, self.device)
         pooled = self.clip(clip_ids, output_hidden_states=False).pooler_output
 
         t5_in = self.t5_tokenizer(
             prompts, padding="max_length", max_length=max_tokens, truncation=True, return_tensors="pt"
         )
         lengths = tuple(t5_in.attention_mask.sum(1).tolist())  # on the host, before the mask goes to the device
-        mask = t5_in.attention_mask.to(self.device).bool()  # (B, L)
+        mask = _h2d(t5_in.attention_mask, self.device).bool()  # (B, L)
+        ids = _h2d(t5_in.input_ids, self.device)
         if not masked:
-            return PromptEmbeds(self.t5(t5_in.input_ids.to(self.device))[0], mask, pooled, lengths)
-        states = self.t5(t5_in.input_ids.to(self.device), attention_mask=mask.long())[0]  # (B, L, D)
+            return PromptEmbeds(self.t5(ids)[0], mask, pooled, lengths)
+        states = self.t5(ids, attention_mask=mask.long())[0]  # (B, L, D)
         mask = with_visible_padding(mask, visible_padding)
         # The host lengths count what the mask keeps, visible pads included: trimming must not cut them off.
         lengths = tuple(min(n + visible_padding, max_tokens) for n in lengths)
