@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from train.adapters import adapter_groups, apply_adapter, trainable_named_parameters
-from train.checkpoint import CheckpointManager, list_checkpoints
+from train.checkpoint import MARKER, CheckpointManager, list_checkpoints
 from train.config import JobConfig, dump_config, to_dict
 from train.data import build_loader, forever
 from train.guard import DivergenceGuard, Streak
@@ -328,6 +328,7 @@ def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend,
         if info.is_main:
             for s, p in list_checkpoints(ckpt.root, complete_only=False):
                 if s > step:
+                    (p / MARKER).unlink(missing_ok=True)  # first: a half-deleted directory must never count
                     shutil.rmtree(p, ignore_errors=True)
         barrier()
         state.rewinds += 1
@@ -373,6 +374,7 @@ def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend,
         window["steps"] += 1
         if progress:
             progress.update(1)
+        ckpt.poll()  # marks an async checkpoint complete as soon as its write has finished (host-only)
         if not is_read_step(state.step):
             continue
 
@@ -400,7 +402,6 @@ def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend,
                 )
             if progress:
                 progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-        ckpt.poll()  # marks an async checkpoint complete as soon as its write has finished
         stopping = stop.agreed(info.device)  # one tiny collective per read step, on every rank
         if state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.max_steps or stopping:
             save(state.step)
