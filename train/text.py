@@ -159,8 +159,7 @@ class TextEncoder:
             max_length=min(self.clip_tokenizer.model_max_length, self.clip.config.max_position_embeddings),
             truncation=True,
             return_tensors="pt",
-        ).input_ids
-        clip_ids = _h2d(clip_ids, self.device)
+        ).input_ids.to(self.device)
         pooled = self.clip(clip_ids, output_hidden_states=False).pooler_output
 
         t5_in = self.t5_tokenizer(
