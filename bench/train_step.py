@@ -136,7 +136,7 @@ class PrecomputedText:
         # "" is </s> only: 1 token; visible pads (objective.visible_padding_tokens) count as kept tokens
         n = torch.tensor([min(self.lengths.get(p, 1) + (visible_padding if masked else 0), max_tokens)
                           for p in prompts])
-        mask = (torch.arange(max_tokens)[None] < n[:, None]).to(self.device)  # (B, L)
+        mask = (torch.arange(max_tokens)[None] < n[:, None]).to(self.device, non_blocking=True)  # (B, L)
         states = self.bank[:max_tokens].expand(len(prompts), -1, -1)  # (B, L, D)
         states = states * mask[..., None].to(states.dtype) if masked else states.clone()
         return PromptEmbeds(states, mask, self.pooled.expand(len(prompts), -1).clone(), tuple(n.tolist()))
@@ -230,7 +230,7 @@ class Runner:
 def build_ours(mode: str, arch: dict, *, info, dtype, opts: Options, frozen, obj: ObjectiveConfig, seed: int) -> Runner:
     from train.adapters import apply_adapter, trainable_named_parameters
     from train.loop import step_generator
-    from train.optim import build_optimizer
+    from train.optim import build_optimizer, step_if
     from train.parallelize import parallelize_transformer
     from train.step import forward_backward_step
 
@@ -262,11 +262,14 @@ def build_ours(mode: str, arch: dict, *, info, dtype, opts: Options, frozen, obj
     counter = {"step": 0}
 
     def step(batch: dict) -> None:
+        # the training loop's step (train/loop.py, FSDP2Backend.step): device generator, skip decided on the device
         out = forward_backward_step(
-            model, batch, frozen, obj, generator=step_generator(seed, info.rank, counter["step"], 0)
+            model, batch, frozen, obj,
+            generator=step_generator(seed, info.rank, counter["step"], 0, device=info.device),
         )
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        step_if(optimizer, torch.isfinite(norm) & torch.isfinite(out["loss"]))
         optimizer.zero_grad(set_to_none=True)
         counter["step"] += 1
         runner.image_tokens = out["image_tokens"]

@@ -222,6 +222,11 @@ class TrainConfig:
     """Max global grad norm (0 disables clipping)."""
     activation_checkpointing: bool = False
     log_every: int = 10
+    sync_every: int = 10
+    """Steps between the loop's host reads of the device, besides logging and checkpoint steps: the stop-flag
+    all-reduce (SIGUSR1/SIGTERM; every rank agrees at the same step), the loss/grad-norm history and the divergence
+    guard's count. Between reads the step issues no host sync (docs/performance.md), so a signal or a divergence
+    is acted on up to sync_every - 1 steps late; keep sync_every × step time well inside SLURM's grace for SIGTERM."""
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
@@ -230,6 +235,29 @@ class TrainConfig:
         _check_positive("train.grad_accum", self.grad_accum)
         _check_positive("train.grad_clip", self.grad_clip, allow_zero=True)
         _check_positive("train.log_every", self.log_every)
+        _check_positive("train.sync_every", self.sync_every)
+
+
+@dataclass(kw_only=True)
+class GuardConfig:
+    """The divergence guard: what happens when the loss or the gradient stays non-finite (train/guard.py).
+
+    A single non-finite step is always skipped (parameters and optimizer state untouched); the guard acts when
+    `max_nonfinite_steps` of them come in a row."""
+
+    max_nonfinite_steps: int = 20
+    """K: consecutive non-finite (skipped) steps that count as divergence; 0 turns the guard off (skip forever)."""
+    on_divergence: str = "rewind"
+    """rewind: reload the newest checkpoint saved before the first of those steps and go on with the data loader
+    where it is, i.e. past every batch drawn since that checkpoint; stop: end the run with a one-line error."""
+    max_rewinds: int = 3
+    """Rewinds one process may make; the next divergence stops the run (a run that diverges again and again needs a
+    person, not more skipped data)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("guard.max_nonfinite_steps", self.max_nonfinite_steps, allow_zero=True)
+        _check_choice("guard.on_divergence", self.on_divergence, ("rewind", "stop"))
+        _check_positive("guard.max_rewinds", self.max_rewinds, allow_zero=True)
 
 
 @dataclass(kw_only=True)
@@ -393,6 +421,7 @@ class JobConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

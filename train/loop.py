@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import shutil
 import signal
 import sys
 import time
@@ -20,9 +21,10 @@ import torch
 import yaml
 
 from train.adapters import adapter_groups, apply_adapter, trainable_named_parameters
-from train.checkpoint import CheckpointManager
+from train.checkpoint import MARKER, CheckpointManager, list_checkpoints
 from train.config import JobConfig, dump_config, to_dict
 from train.data import build_loader, forever
+from train.guard import DivergenceGuard, Streak
 from train.lycoris_format import load_lycoris_lokr
 from train.metrics import Logger
 from train.mfu import flops_model, peak_flops
@@ -37,10 +39,12 @@ from train.step import Frozen, forward_backward_step
 from train.text import TextEncoder
 
 
-def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
-    """A generator that depends only on (seed, rank, step, micro): resumption needs no RNG bookkeeping here."""
+def step_generator(seed: int, rank: int, step: int, micro: int, *, device: torch.device | str = "cpu"
+                   ) -> torch.Generator:
+    """A generator on `device` that depends only on (seed, rank, step, micro): resumption needs no RNG bookkeeping
+    here. On the training device the step draws its noise where it is used (train/step.py); seeding is host-only."""
     digest = hashlib.blake2b(f"{seed}/{rank}/{step}/{micro}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
 
 
 class StopFlag:
@@ -81,7 +85,11 @@ class TrainState:
     """True when the run stopped early on SIGUSR1/SIGTERM after saving a checkpoint."""
     skipped_steps: int = 0
     """Optimizer steps skipped because the loss or the gradient was not finite."""
+    rewinds: int = 0
+    """Divergence-guard rewinds in this process (train/guard.py; not saved in checkpoints)."""
     history: list[dict] = field(default_factory=list)
+    """One record per step ({"step", "loss", "lr", "grad_norm"}), filled when the loop reads the device (up to
+    `train.sync_every` steps late); after a rewind, the steps it abandoned are gone."""
 
     def state_dict(self) -> dict:
         return {"step": torch.tensor(self.step), "skipped_steps": torch.tensor(self.skipped_steps)}
@@ -224,17 +232,21 @@ def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend,
             out["ema"] = backend.ema_to_checkpoint(ema.state_dict())
         return out
 
-    latest = ckpt.latest() if cfg.checkpoint.resume else None
-    if latest is not None:
+    def restore(path: Path, *, data: bool = True) -> None:
+        """Everything a checkpoint holds; `data=False` (a guard rewind) leaves the loader where it is."""
         loaded = payload()
-        extras = ckpt.load(latest, loaded)
+        extras = ckpt.load(path, loaded)
         backend.load_checkpoint_state(loaded)
         scheduler.load_state_dict(loaded["scheduler"])
         state.load_state_dict(loaded["train"])
         if ema:
             backend.ema_from_checkpoint(loaded["ema"], ema.shadow)
-        if extras.get("data") is not None:
+        if data and extras.get("data") is not None:
             loader.load_state_dict(extras["data"])
+
+    latest = ckpt.latest() if cfg.checkpoint.resume else None
+    if latest is not None:
+        restore(latest)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_resolved_config(cfg, run_dir, state.step)
@@ -271,10 +283,69 @@ def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend,
     # MFU (train/mfu.py): this rank's model FLOPs per second over the device's dense bf16 peak (GPUs it knows).
     flops = flops_model(getattr(transformer, "module", transformer))  # DeepSpeed engines wrap it as .module
     peak = peak_flops(info.device)
+    guard = DivergenceGuard(cfg.guard)
+    # Each step's loss, grad norm and applied flag stay on the device until the next read (`is_read_step`): one
+    # device-to-host copy for the window instead of a sync per step.
+    pending: list[dict] = []
+    window = {"t0": time.perf_counter(), "steps": 0, "flops": 0.0}
+
+    def is_read_step(step: int) -> bool:
+        """The steps at which the host reads the device; a function of the step only, so every rank agrees."""
+        t = cfg.train
+        return (step % t.sync_every == 0 or step % t.log_every == 0 or step % cfg.checkpoint.every_steps == 0
+                or step == t.max_steps)
+
+    def read_window() -> Streak | None:
+        """Move the pending records into the history (one device read); the streak that reached K, if any."""
+        if not pending:
+            return None
+        values = torch.stack([
+            torch.stack([r["loss"].float(), r["grad_norm"].to(r["loss"].device, torch.float32),
+                         r["applied"].to(r["loss"].device, torch.float32)])
+            for r in pending
+        ]).tolist()  # (n, 3): the window's only host sync
+        records, pending[:] = list(pending), []
+        for r, (loss_value, norm, applied) in zip(records, values):
+            state.history.append({"step": r["step"], "loss": loss_value, "lr": r["lr"], "grad_norm": norm})
+            if not applied:
+                state.skipped_steps += 1
+                if info.is_main:
+                    print(f"[dedistill] step {r['step'] - 1}: non-finite loss/grad ({loss_value}), step skipped",
+                          flush=True)
+            streak = guard.observe(r["step"], bool(applied))
+            if streak is not None:
+                return streak
+        return None
+
+    def rewind(streak: Streak) -> None:
+        """guard.on_divergence=rewind (train/guard.py): the checkpoint before the streak, the loader where it is."""
+        ckpt.wait()
+        detected = state.step
+        target = guard.rewind_target(list_checkpoints(ckpt.root), streak)
+        guard.decide(streak, target, detected_at=detected)  # raises DivergenceError unless a rewind is possible
+        step, path = target
+        restore(path, data=False)
+        barrier()  # every rank has read it before the abandoned steps' checkpoints go
+        if info.is_main:
+            for s, p in list_checkpoints(ckpt.root, complete_only=False):
+                if s > step:
+                    (p / MARKER).unlink(missing_ok=True)  # first: a half-deleted directory must never count
+                    shutil.rmtree(p, ignore_errors=True)
+        barrier()
+        state.rewinds += 1
+        state.history = [h for h in state.history if h["step"] <= step]
+        guard.reset()
+        if info.is_main:
+            print(f"[dedistill] guard: {streak.describe()}, detected at step {detected}; rewound to {path}; skipping "
+                  f"the data of steps {step + 1}-{detected} ({(detected - step) * cfg.train.grad_accum} batches per "
+                  f"rank)", flush=True)
+            logger.scalars({"train/rewinds": state.rewinds}, step)
+        if progress:
+            progress.reset(total=cfg.train.max_steps)
+            progress.update(step)
+
     while state.step < cfg.train.max_steps:
-        t0 = time.perf_counter()
         losses = []
-        step_flops = 0.0
         for micro in range(cfg.train.grad_accum):
             batch = next(batches)
             out = forward_backward_step(
@@ -282,53 +353,60 @@ def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend,
                 batch,
                 frozen,
                 cfg.objective,
-                generator=step_generator(cfg.seed, info.rank, state.step, micro),
+                generator=step_generator(cfg.seed, info.rank, state.step, micro, device=info.device),
                 loss_scale=1.0 / cfg.train.grad_accum,
             )
             losses.append(out["loss"])
-            step_flops += flops.per_step(
+            window["flops"] += flops.per_step(
                 image_tokens=out["image_tokens"], text_tokens=out["text_tokens"], batch=cfg.train.batch_size,
                 full=cfg.model.adapter.kind == "full",
             )
         loss = all_reduce_mean(torch.stack(losses).mean(), op="loss all_reduce")
         lr = scheduler.get_last_lr()[0]
-        # clip, optimizer step unless the loss or the global grad norm is not finite (all ranks agree), zero grads
-        result = backend.step(loss_finite=bool(torch.isfinite(loss)))
-        grad_norm, finite = result.grad_norm, result.applied
-        if not finite:
-            state.skipped_steps += 1
-            if info.is_main:
-                print(f"[dedistill] step {state.step}: non-finite loss/grad ({loss.item()}), step skipped", flush=True)
+        # clip, optimizer step unless the loss or the global grad norm is not finite (all ranks agree; decided on the
+        # device), zero grads
+        result = backend.step(loss_finite=torch.isfinite(loss))
         scheduler.step()
         state.step += 1
-        if ema and finite:
-            ema.update(state.step)
-        dt = time.perf_counter() - t0
+        if ema:
+            ema.update(state.step, result.applied)  # a skipped step leaves the EMA as it is
+        pending.append({"step": state.step, "loss": loss.detach(), "lr": lr, "grad_norm": result.grad_norm,
+                        "applied": result.applied})
+        window["steps"] += 1
+        if progress:
+            progress.update(1)
+        ckpt.poll()  # marks an async checkpoint complete as soon as its write has finished (host-only)
+        if not is_read_step(state.step):
+            continue
 
-        record = {"step": state.step, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm)}
-        state.history.append(record)
+        streak = read_window()
+        if streak is not None:
+            rewind(streak)  # or raises DivergenceError
+            window.update(t0=time.perf_counter(), steps=0, flops=0.0)
+            continue
+        dt = (time.perf_counter() - window["t0"]) / window["steps"]  # per step, over the steps since the last read
+        record = state.history[-1]
         if info.is_main:
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
                 logger.scalars(
                     {
                         "train/loss": record["loss"],
-                        "train/lr": lr,
+                        "train/lr": record["lr"],
                         "train/grad_norm": record["grad_norm"],
                         "train/step_time_s": dt,
                         "train/samples_per_s": global_batch / dt,
-                        "train/tflops_per_device": step_flops / dt / 1e12,
-                        **({"train/mfu": step_flops / dt / peak} if peak else {}),
+                        "train/tflops_per_device": window["flops"] / window["steps"] / dt / 1e12,
+                        **({"train/mfu": window["flops"] / window["steps"] / dt / peak} if peak else {}),
                         "train/skipped_steps": state.skipped_steps,
                     },
                     state.step,
                 )
             if progress:
-                progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-                progress.update(1)
-        ckpt.poll()  # marks an async checkpoint complete as soon as its write has finished
-        stopping = stop.agreed(info.device)  # one tiny collective per step, on every rank
+                progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        stopping = stop.agreed(info.device)  # one tiny collective per read step, on every rank
         if state.step % cfg.checkpoint.every_steps == 0 or state.step == cfg.train.max_steps or stopping:
             save(state.step)
+        window.update(t0=time.perf_counter(), steps=0, flops=0.0)
         if stopping and state.step < cfg.train.max_steps:
             state.stopped_by_signal = True
             if info.is_main:

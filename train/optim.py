@@ -29,6 +29,21 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch
     )
 
 
+def step_if(optimizer: torch.optim.Optimizer, applied: torch.Tensor) -> None:
+    """`optimizer.step()` where the 0-dim bool `applied` is True; where False, parameters and optimizer state (moments
+    and step count) stay bitwise as they were.
+
+    Fused AdamW decides on the device: `found_inf` is the flag torch.amp.GradScaler hands it, and its kernel then
+    returns before touching anything (and takes its step count back), so a skipped step costs no host sync. The
+    foreach and single-tensor kernels have no such flag: the host reads `applied` (a sync on a GPU, free on CPU).
+    """
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~applied).to(torch.float32)
+        optimizer.step()
+    elif bool(applied):
+        optimizer.step()
+
+
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     """Multiplier of optim.lr at optimizer step `step` (0-based): linear warmup, then constant or cosine."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -44,6 +59,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_step
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, max_steps))
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (elementwise maths on it is the same maths), a plain tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class EMA:
     """Exponential moving average of the trainable parameters, sharded exactly like them (DTensors under FSDP2)."""
 
@@ -53,12 +73,16 @@ class EMA:
         self.shadow = {n: p.detach().clone().float() for n, p in named_params}
 
     @torch.no_grad()
-    def update(self, step: int) -> None:
+    def update(self, step: int, applied: torch.Tensor | None = None) -> None:
+        """shadow ← shadow + (1 − decay)·(p − shadow) every `ema.every` steps; a no-op where the 0-dim bool `applied`
+        (the optimizer step's, on the device) is False, decided on the device: the weight becomes 0."""
         if step % self.cfg.every:
             return
-        d = self.cfg.decay
+        w = 1 - self.cfg.decay
+        if applied is not None:
+            w = applied.to(torch.float32) * w  # a 0-dim weight: lerp_ gives bitwise what the float weight gives
         for n, p in self.params.items():
-            self.shadow[n].lerp_(p.detach().float(), 1 - d)
+            _local(self.shadow[n]).lerp_(_local(p.detach()).float(), w)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)

@@ -2,7 +2,14 @@
 
 Kept as one function (torchtitan's `forward_backward_step`) so every objective detail is here and not threaded
 through the loop as flags. Randomness comes only from the generator passed in, which the loop derives from
-(seed, rank, step, micro-step): a resumed run draws exactly the same noise as an uninterrupted one.
+(seed, rank, step, micro-step) on the training device: a resumed run draws exactly the same noise as an
+uninterrupted one.
+
+No host syncs: the large draws (the latent posterior sample, the flow-matching noise) are made on the device by that
+generator; the 2·B per-sample scalars that decide shapes or host-side work (caption dropout: which captions are
+encoded and how long the batch's prompts are; the timestep's uniform, which the Beta sampler maps through scipy) come
+from `host_generator`, a CPU generator with the same seed, and reach the device by a non-blocking copy. On CPU the
+two are one generator, so the draws (and the losses) are exactly those of the single-generator step before it.
 """
 
 from __future__ import annotations
@@ -29,11 +36,24 @@ class Frozen:
     device: torch.device
 
 
+def host_generator(generator: torch.Generator) -> torch.Generator:
+    """The generator for the per-sample scalars the host needs: `generator` itself on CPU (one stream, the historic
+    draw order), else a CPU generator seeded like it (a CUDA generator's draws would have to be read back: a sync)."""
+    if generator.device.type == "cpu":
+        return generator
+    return torch.Generator().manual_seed(generator.initial_seed())
+
+
+def _randn(shape, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Standard normal float32 drawn where `generator` lives (the device, in training), then placed on `device`."""
+    return torch.randn(shape, generator=generator, dtype=torch.float32, device=generator.device).to(device)
+
+
 @torch.no_grad()
 def encode_images(vae, pixels: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> (B, C, H/8, W/8) normalised latents (FLUX's shift and scale)."""
-    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean.device)
+    dist = vae.encode(pixels.to(vae.device, vae.dtype, non_blocking=True)).latent_dist
+    noise = _randn(dist.mean.shape, generator, dist.mean.device)
     latents = dist.mean + dist.std * noise.to(dist.mean.dtype)
     return (latents - vae.config.shift_factor) * vae.config.scaling_factor
 
@@ -43,11 +63,12 @@ def batch_latents(frozen: Frozen, batch: dict, *, generator: torch.Generator) ->
     precompute`) holds the posterior's normalised mean/std and the sample is drawn here, as encode_images does."""
     if "latent_mean" not in batch:
         return encode_images(frozen.vae, batch["pixels"], generator=generator)
-    mean = batch["latent_mean"].to(frozen.device, torch.float32)  # (B, C, h, w), already shifted and scaled
+    # (B, C, h, w), already shifted and scaled; non_blocking: a host-to-device copy need not wait for the device
+    mean = batch["latent_mean"].to(frozen.device, torch.float32, non_blocking=True)
     # Drawn even when no std is stored (--latents mean), so the generator advances exactly as on the raw path.
-    noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
+    noise = _randn(mean.shape, generator, mean.device)
     std = batch.get("latent_std")
-    return mean if std is None else mean + std.to(mean.device, torch.float32) * noise
+    return mean if std is None else mean + std.to(mean.device, torch.float32, non_blocking=True) * noise
 
 
 def _stored_prompts(stored: dict, cfg: ObjectiveConfig) -> tuple[PromptEmbeds, PromptEmbeds]:
@@ -82,7 +103,8 @@ def prepare_prompts(
     stored: dict | None = None,
 ) -> tuple[PromptEmbeds, torch.Tensor]:
     """Encode captions (or take the `stored` precomputed ones); caption dropout swaps in the empty prompt (with its
-    own mask); trim to the longest prompt (its visible padding tokens included)."""
+    own mask); trim to the longest prompt (its visible padding tokens included). `generator` is a host generator:
+    the dropout mask stays on the host, so the prompts' lengths (and the trim) are known without reading the device."""
     drop = objective.caption_dropout_mask(len(captions), cfg.caption_dropout, generator=generator)
     if stored is not None:
         enc, empty = _stored_prompts(stored, cfg)
@@ -117,17 +139,20 @@ def forward_backward_step(
     "text_tokens": int} — the token counts per sample the transformer processed (text after trimming), for MFU.
 
     Backward always runs (when `backward`), even on a non-finite loss: under FSDP every rank must join the
-    gradient reduce-scatter; the loop then sees a non-finite grad norm on all ranks and skips the step together.
+    gradient reduce-scatter; the backend then sees a non-finite grad norm on all ranks and skips the update together
+    (on the device: nothing here or there reads the loss on the host).
     """
     device, dtype = frozen.device, frozen.dtype
+    host = host_generator(generator)  # `generator` itself on CPU: the draw order below is the historic one
     latents = batch_latents(frozen, batch, generator=generator)  # (B, C, h, w)
     b, _, h, w = latents.shape
     x0 = pack_latents(latents.float())  # (B, h/2*w/2, C*4)
     stored = batch if "t5" in batch else None  # precomputed text encodings (dedistill data precompute)
-    prompts, dropped = prepare_prompts(frozen, list(batch["caption"]), cfg, generator=generator, stored=stored)
+    prompts, dropped = prepare_prompts(frozen, list(batch["caption"]), cfg, generator=host, stored=stored)
 
-    t = objective.sample_timesteps(cfg, b, generator=generator, image_seq_len=x0.shape[1]).to(device)
-    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
+    t = objective.sample_timesteps(cfg, b, generator=host, image_seq_len=x0.shape[1])  # (B,) on the host
+    t = t.to(device, non_blocking=True)
+    noise = _randn(x0.shape, generator, device)
     noise = objective.pair_noise(x0, noise, cfg.noise_pairing)  # minibatch OT; "none" = unchanged
     x_t = objective.interpolate(x0, noise, t)
     target = objective.velocity_target(x0, noise)

@@ -14,6 +14,12 @@ import torch
 from train.model import check_model_dir
 
 
+def _h2d(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`x` on `device`; a copy to an accelerator does not wait for it (nothing on the host reads the copy), a copy
+    back to the host does (it would be read before it arrived)."""
+    return x.to(device, non_blocking=torch.device(device).type != "cpu")
+
+
 @dataclass
 class PromptEmbeds:
     t5: torch.Tensor
@@ -50,6 +56,7 @@ class PromptEmbeds:
         lengths = None
         if self.lengths is not None and index.device.type == "cpu":
             lengths = tuple(self.lengths[i] for i in index.tolist())
+        index = _h2d(index, self.t5.device)
         return PromptEmbeds(self.t5[index], self.mask[index], self.pooled[index], lengths)
 
     def where(self, replace: torch.Tensor, other: "PromptEmbeds") -> "PromptEmbeds":
@@ -58,7 +65,7 @@ class PromptEmbeds:
         lengths = None
         if self.lengths is not None and other.lengths is not None and replace.device.type == "cpu":
             lengths = tuple(other.lengths[0] if r else n for r, n in zip(replace.tolist(), self.lengths))
-        r = replace.to(self.t5.device)
+        r = _h2d(replace, self.t5.device)
         return PromptEmbeds(
             torch.where(r[:, None, None], other.t5.expand_as(self.t5), self.t5),
             torch.where(r[:, None], other.mask.expand_as(self.mask), self.mask),
@@ -93,8 +100,10 @@ class PromptEmbeds:
         return self.pad_to(max(longest, 1))
 
     def to(self, device=None, dtype=None) -> "PromptEmbeds":
+        nb = device is not None and torch.device(device).type != "cpu"  # see _h2d
         return PromptEmbeds(
-            self.t5.to(device, dtype), self.mask.to(device), self.pooled.to(device, dtype), self.lengths
+            self.t5.to(device, dtype, non_blocking=nb), self.mask.to(device, non_blocking=nb),
+            self.pooled.to(device, dtype, non_blocking=nb), self.lengths,
         )
 
     @staticmethod
@@ -149,10 +158,11 @@ class TextEncoder:
             prompts, padding="max_length", max_length=max_tokens, truncation=True, return_tensors="pt"
         )
         lengths = tuple(t5_in.attention_mask.sum(1).tolist())  # on the host, before the mask goes to the device
-        mask = t5_in.attention_mask.to(self.device).bool()  # (B, L)
+        mask = _h2d(t5_in.attention_mask, self.device).bool()  # (B, L)
+        ids = _h2d(t5_in.input_ids, self.device)
         if not masked:
-            return PromptEmbeds(self.t5(t5_in.input_ids.to(self.device))[0], mask, pooled, lengths)
-        states = self.t5(t5_in.input_ids.to(self.device), attention_mask=mask.long())[0]  # (B, L, D)
+            return PromptEmbeds(self.t5(ids)[0], mask, pooled, lengths)
+        states = self.t5(ids, attention_mask=mask.long())[0]  # (B, L, D)
         mask = with_visible_padding(mask, visible_padding)
         # The host lengths count what the mask keeps, visible pads included: trimming must not cut them off.
         lengths = tuple(min(n + visible_padding, max_tokens) for n in lengths)

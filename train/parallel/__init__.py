@@ -6,7 +6,8 @@ The loop never touches FSDP or DeepSpeed. It gets a `Backend` and uses only:
                                     `loss.backward()` inside the step works for both
     backend.module                  the plain transformer underneath (sampling, counting)
     backend.optimizer               the torch optimizer our LR scheduler drives
-    backend.step(loss_finite=...)   clip + optimizer step (skipped on a non-finite grad norm) + zero grads
+    backend.step(loss_finite=...)   clip + optimizer step (skipped on a non-finite grad norm, decided on the device
+                                    where the optimizer can: no host sync) + zero grads
     backend.checkpoint_state()      {"model": ..., "optim": ...} in the one DCP layout both backends share
     backend.load_checkpoint_state() the inverse
     backend.ema_tensors()           what an EMA tracks, and ema_to/from_checkpoint to put it in the same layout
@@ -31,10 +32,11 @@ from train.parallelize import DistInfo
 
 @dataclass(frozen=True)
 class StepResult:
-    grad_norm: float
-    """Global grad norm before clipping (inf/nan when the step was skipped for it)."""
-    applied: bool
-    """False when the optimizer step was skipped (non-finite loss or gradient); every rank agrees."""
+    grad_norm: torch.Tensor
+    """0-dim: the global grad norm before clipping (inf/nan when the step was skipped for it)."""
+    applied: torch.Tensor
+    """0-dim bool: False when the optimizer step was skipped (non-finite loss or gradient); every rank agrees. Both
+    stay on the device: the loop reads them in batches, at its logging and check steps (`train.sync_every`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,7 +55,7 @@ class Backend(Protocol):
     module: torch.nn.Module
     optimizer: torch.optim.Optimizer
 
-    def step(self, *, loss_finite: bool) -> StepResult: ...
+    def step(self, *, loss_finite: torch.Tensor | bool) -> StepResult: ...
 
     def checkpoint_state(self) -> dict: ...
 

@@ -115,13 +115,16 @@ class DeepSpeedBackend:
 
     # ------------------------------------------------------------------------------------------------------ step
 
-    def step(self, *, loss_finite: bool) -> StepResult:
-        # DeepSpeed clips (gradient_clipping) and skips the update itself when the global grad norm is not finite;
-        # a non-finite loss always comes with non-finite gradients, so `loss_finite` needs no separate path.
+    def step(self, *, loss_finite: torch.Tensor | bool) -> StepResult:
+        # DeepSpeed clips (gradient_clipping) and skips the update itself when the global grad norm is not finite
+        # (reading its overflow flag on the host: this backend's step syncs, whatever the loop does); a non-finite
+        # loss always comes with non-finite gradients, so `loss_finite` needs no separate path.
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
-        return StepResult(grad_norm=norm, applied=bool(self.engine.was_step_applied()) and loss_finite)
+        applied = bool(self.engine.was_step_applied()) and bool(loss_finite)
+        device = next(iter(self.params.values())).device  # where the EMA's lerp_ takes the flag as its weight
+        return StepResult(grad_norm=torch.tensor(norm, device=device), applied=torch.tensor(applied, device=device))
 
     # ------------------------------------------------------------------------------------------- checkpoint state
 

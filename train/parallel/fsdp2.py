@@ -12,6 +12,7 @@ import torch
 
 from train.adapters import count_parameters, trainable_named_parameters
 from train.config import ParallelConfig
+from train.optim import step_if
 from train.parallel import StepConfig, StepResult
 from train.parallelize import DistInfo, parallelize_transformer
 
@@ -43,15 +44,18 @@ class FSDP2Backend:
         self.optimizer = make_optimizer([p for _, p in self.named])
         self.max_norm = step.grad_clip if step.grad_clip > 0 else math.inf
 
-    def step(self, *, loss_finite: bool) -> StepResult:
+    def step(self, *, loss_finite: torch.Tensor | bool) -> StepResult:
         grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.named], self.max_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         # The global grad norm is identical on every rank, so every rank skips together (no extra collective).
-        applied = bool(torch.isfinite(grad_norm)) and loss_finite
-        if applied:
-            self.optimizer.step()
+        applied = torch.isfinite(grad_norm)  # 0-dim bool, on the device
+        if isinstance(loss_finite, torch.Tensor):
+            applied = applied & loss_finite
+        elif not loss_finite:
+            applied = torch.zeros_like(applied)
+        step_if(self.optimizer, applied)  # fused AdamW: skipped on the device, no sync
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(grad_norm=float(grad_norm), applied=applied)
+        return StepResult(grad_norm=grad_norm.detach(), applied=applied)
 
     def checkpoint_state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import (
