@@ -173,13 +173,13 @@ class TextEncoder:
     @torch.no_grad()
     def pooled(self, prompts: list[str]) -> torch.Tensor:
         """(B, D_clip) CLIP's pooled output alone (no T5 pass): what FLUX's pooled-text embedder reads."""
-        clip_ids = self.clip_tokenizer(
+        clip_ids = _h2d(self.clip_tokenizer(
             prompts,
             padding="max_length",
             max_length=min(self.clip_tokenizer.model_max_length, self.clip.config.max_position_embeddings),
             truncation=True,
             return_tensors="pt",
-        ).input_ids.to(self.device)
+        ).input_ids, self.device)
         return self.clip(clip_ids, output_hidden_states=False).pooler_output
 
     def token_count(self, caption: str, *, max_tokens: int) -> int:
