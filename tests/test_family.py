@@ -28,10 +28,8 @@ PROMPTS = ["a red circle", "a large green triangle at the bottom right next to a
 
 
 @pytest.fixture(scope="module")
-def chroma_dir(tmp_path_factory):
-    from dataset_tools.tiny_model import write_tiny_model
-
-    return write_tiny_model(tmp_path_factory.mktemp("chroma") / "model", seed=0, family="chroma")
+def chroma_dir(tiny_chroma_dir):
+    return tiny_chroma_dir
 
 
 def _restore_env(fn):
@@ -282,6 +280,7 @@ def images(export, tmp_path_factory):
     return got
 
 
+@pytest.mark.slow
 def test_chroma_export_is_a_chroma_pipeline_dir(export, lora_run):
     from diffusers import ChromaPipeline
 
@@ -300,6 +299,7 @@ def test_chroma_export_is_a_chroma_pipeline_dir(export, lora_run):
         export_checkpoint(lora_run, export.parent / "bfl", fmt="bfl")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("i", [0, 1], ids=["short", "long"])
 def test_chroma_pipeline_py_equals_dedistill_sample(images, i):
     ours = images[f"ours_{i}"]
@@ -309,6 +309,7 @@ def test_chroma_pipeline_py_equals_dedistill_sample(images, i):
     assert np.array_equal(images[f"custom_{i}_{2 * SETTINGS['tokens']}"], ours)  # independent of max tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("i", [0, 1], ids=["short", "long"])
 def test_stock_chroma_pipeline_distance_is_measured(images, i):
     """Stock ChromaPipeline on the same export, noise and schedule (CFG on every step): its float mask lets every pad
@@ -318,3 +319,24 @@ def test_stock_chroma_pipeline_distance_is_measured(images, i):
     print(f"\nstock ChromaPipeline vs masked ({'short' if i == 0 else 'long'} prompt): mean |diff| {diff.mean():.2f}, "
           f"max {diff.max():.0f} of 255")
     assert diff.max() > 0
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_chroma_lora_export_loads_in_chroma_pipeline(chroma_dir, lora_run, export, tmp_path):
+    """`--format lora` of a Chroma run: diffusers' ChromaPipeline.load_lora_weights applies it at the trained scale;
+    fused, its transformer equals the merged `--format diffusers` export's."""
+    from diffusers import ChromaPipeline
+
+    from launch.export import export_checkpoint
+
+    out = export_checkpoint(lora_run, tmp_path / "lora", fmt="lora", dtype="fp32")
+    pipe = ChromaPipeline.from_pretrained(str(chroma_dir))
+    pipe.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    fused, merged = pipe.transformer.state_dict(), ChromaPipeline.from_pretrained(str(export)).transformer.state_dict()
+    assert fused.keys() == merged.keys()
+    assert max((fused[k] - merged[k]).abs().max().item() for k in merged) < 1e-5
+    base = ChromaPipeline.from_pretrained(str(chroma_dir)).transformer.state_dict()
+    assert any(not torch.equal(base[k], merged[k]) for k in merged)  # the LoRA did change the weights

@@ -50,7 +50,7 @@ def resolve_checkpoint(path: str | Path, *, key: str = "--model") -> tuple[Path 
         if not is_complete(path):
             raise ValueError(f"{key}: checkpoint '{path}' is incomplete (no COMPLETE marker)")
         return path, path.parent.parent
-    raise ValueError(f"{key}: '{path}' is neither a diffusers FLUX dir, a run dir, nor a checkpoint dir")
+    raise ValueError(f"{key}: '{path}' is neither a diffusers FLUX/Chroma dir, a run dir, nor a checkpoint dir")
 
 
 def check_ema(cfg: JobConfig, run_dir: Path, ema: bool, *, key: str = "--ema") -> None:
