@@ -129,6 +129,39 @@ def test_float_mask_leaks_padding_and_bool_does_not():
     assert float_gap > 1e-2 and bool_gap == 0.0
 
 
+@torch.no_grad()
+def test_no_fully_masked_query_row_reaches_sdpa_and_outputs_do_not_change(chroma_dir, monkeypatch):
+    """Chroma's query-AND-key mask leaves masked text queries nothing to attend to (NaN in some CUDA kernels); the
+    family's processor lets those rows attend everywhere, and no output that is read changes, bit for bit."""
+    from diffusers import ChromaTransformer2DModel
+    from diffusers.models.transformers import transformer_flux
+
+    from train.flux import image_ids, predict_velocity
+    from train.model import load_transformer
+    from train.text import TextEncoder
+
+    ours = load_transformer(chroma_dir, dtype=torch.float32)
+    stock = ChromaTransformer2DModel.from_pretrained(str(chroma_dir / "transformer"))  # diffusers' own processors
+    enc = TextEncoder(chroma_dir, dtype=torch.float32, device=torch.device("cpu")).encode(
+        PROMPTS, max_tokens=64, visible_padding=1)
+    x = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(4))
+    t, ids = torch.tensor([0.4, 0.6]), image_ids(8, 8, device="cpu", dtype=torch.float32)
+    seen = []
+    orig = transformer_flux.dispatch_attention_fn
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append(attn_mask)
+        return orig(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(transformer_flux, "dispatch_attention_fn", spy)
+    a = predict_velocity(ours, x, t, enc, ids)
+    assert len(seen) == 4 and all(m.dtype == torch.bool and m.any(-1).all() for m in seen)
+    seen.clear()
+    b = predict_velocity(stock, x, t, enc, ids)
+    assert any(not m.any(-1).all() for m in seen)  # stock: the pad query rows are empty
+    assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("k", [0, 1])
 @torch.no_grad()
 def test_masked_chroma_velocity_equals_truncated_prompt(chroma_dir, k):

@@ -13,7 +13,8 @@ What differs, and why it is a field:
   `joint_attention_kwargs` (key-only: every query row keeps the image keys). Chroma takes no pooled vector and no
   guidance; its blocks turn the `attention_mask` argument (B, S) into `mask[:, None, None, :] * mask[:, None, :, None]`
   (query AND key), which stays bool when the mask is bool. Masked text queries then attend to nothing: SDPA returns
-  zeros for such rows and their outputs are never read (the text rows are dropped after the last block).
+  zeros for such rows on the CPU, but some CUDA kernels NaN, so `prepare` installs a processor that keeps those
+  rows finite; their outputs are never read (the text rows are dropped after the last block).
 - `block_lists`: the transformer's block ModuleLists, double-stream first: what FSDP2 shards one by one, what
   activation checkpointing and `torch.compile` wrap, and where adapters go (`model.adapter.blocks` /
   `single_blocks` index them). The same attribute names in both families; the classes differ (`block_classes`).
@@ -45,6 +46,33 @@ def _call_chroma(transformer, *, x, t, t5, pooled, key_mask, img_ids, txt_ids) -
                        attention_mask=key_mask, return_dict=False)[0]
 
 
+def _no_empty_query_rows(model: torch.nn.Module) -> None:
+    """Give every Chroma attention a processor that lets a fully masked query row attend everywhere.
+
+    Chroma's blocks turn the (B, S) mask into `mask[:, None, None, :] * mask[:, None, :, None]`, so a masked text
+    query attends to nothing. Some SDPA kernels return NaN for such a row (CUDA memory-efficient attention,
+    pytorch/pytorch#110213), and a NaN value leaks through a masked key in the next block (0 · NaN). Letting that
+    row attend to every key keeps it finite; its output is never read (it is a masked key for every other query,
+    and text rows are dropped after the last block), so every other output is unchanged, bit for bit
+    (tests/test_family.py). FLUX needs nothing: its key-only mask leaves every row the image keys."""
+    from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
+
+    class NoEmptyRowsProcessor(FluxAttnProcessor):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                     image_rotary_emb=None):
+            if attention_mask is not None and attention_mask.dtype == torch.bool:
+                attention_mask = attention_mask | ~attention_mask.any(dim=-1, keepdim=True)  # (B, 1, S, S)
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+    for module in model.modules():
+        if isinstance(module, FluxAttention):
+            module.set_processor(NoEmptyRowsProcessor())
+
+
+def _nothing(model: torch.nn.Module) -> None:
+    pass
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     name: str
@@ -60,6 +88,8 @@ class ModelFamily:
     export_formats: tuple[str, ...]
     stock_mask: str
     """What the family's stock diffusers pipeline does with the T5 padding mask (the export's model card says it)."""
+    prepare: Callable[[torch.nn.Module], None]
+    """Run on every transformer this family builds (`train.model.build_transformer_meta`): attention processors."""
     block_lists: tuple[str, str] = ("transformer_blocks", "single_transformer_blocks")
     adapter_examples: str = "to_q, to_out.0, ff.net.0.proj, proj_mlp, proj_out"
     """Valid `model.adapter.target_modules` suffixes, for the error message when one matches nothing."""
@@ -97,6 +127,7 @@ FAMILIES: dict[str, ModelFamily] = {
         pipeline_template="masked_flux_pipeline.py",
         export_formats=("diffusers", "lora", "lycoris", "bfl"),
         stock_mask="passes no mask (the image then also changes with `max_sequence_length`)",
+        prepare=_nothing,
         adapter_examples="to_q, to_out.0, ff.net.0.proj, proj_mlp, proj_out, norm1.linear",
     ),
     "chroma": ModelFamily(
@@ -111,6 +142,7 @@ FAMILIES: dict[str, ModelFamily] = {
         export_formats=("diffusers", "lora", "lycoris"),
         stock_mask="builds the mask as float 0/1, which SDPA adds to the scores: it masks nothing, and every pad "
                    "reaches the image",
+        prepare=_no_empty_query_rows,
     ),
 }
 _BY_CLASS = {f.transformer_class: f for f in FAMILIES.values()}

@@ -58,9 +58,11 @@ def load_safetensors_dir(folder: Path, dtype: torch.dtype) -> dict[str, torch.Te
 def build_transformer_meta(config: dict):
     """The transformer of `config`'s family (its `_class_name`; FLUX when absent) with every parameter on the meta
     device (no memory, no init)."""
-    cls = family_of_class(config.get("_class_name", "FluxTransformer2DModel")).transformer_cls()
+    family = family_of_class(config.get("_class_name", "FluxTransformer2DModel"))
     with torch.device("meta"):
-        return cls.from_config(config)
+        model = family.transformer_cls().from_config(config)
+    family.prepare(model)  # attention processors (Chroma: no fully masked query row reaches SDPA)
+    return model
 
 
 def _transformer_config(path: str | Path) -> tuple[Path, dict]:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from diffusers import ChromaPipeline
 from diffusers.pipelines.chroma.pipeline_chroma import calculate_shift
+from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 from diffusers.pipelines.chroma.pipeline_output import ChromaPipelineOutput
 from PIL import Image
 
@@ -34,7 +35,24 @@ MAX_TEXT_TOKENS = 512
 VISIBLE_PADDING_TOKENS = 0  # objective.visible_padding_tokens: the first k pads after each prompt stay visible
 
 
+class NoEmptyRowsProcessor(FluxAttnProcessor):
+    """Chroma's blocks make the mask query AND key, so a masked text query attends to nothing, which some CUDA SDPA
+    kernels turn into NaN (and NaN leaks through masked keys). Such a row attends everywhere instead: its output is
+    never read, so every other output is unchanged. dedistill's trainer uses the same processor."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            attention_mask = attention_mask | ~attention_mask.any(dim=-1, keepdim=True)  # (B, 1, S, S)
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+
 class DedistillChromaPipeline(ChromaPipeline):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for module in self.transformer.modules():
+            if isinstance(module, FluxAttention):
+                module.set_processor(NoEmptyRowsProcessor())
+
     @torch.no_grad()
     def encode_masked(self, prompts: list[str], *, max_tokens: int, masked: bool, device):
         """(T5 states (B, L, D), bool mask (B, L)); T5 runs with its mask and padding rows past the visible ones are
