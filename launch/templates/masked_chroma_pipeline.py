@@ -47,10 +47,10 @@ class NoEmptyRowsProcessor(FluxAttnProcessor):
 
 
 class DedistillChromaPipeline(ChromaPipeline):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def _no_empty_rows(self):
+        """Install NoEmptyRowsProcessor (at call time: diffusers reads __init__'s signature to load a pipeline)."""
         for module in self.transformer.modules():
-            if isinstance(module, FluxAttention):
+            if isinstance(module, FluxAttention) and not isinstance(module.processor, NoEmptyRowsProcessor):
                 module.set_processor(NoEmptyRowsProcessor())
 
     @torch.no_grad()
@@ -106,6 +106,7 @@ class DedistillChromaPipeline(ChromaPipeline):
         """true_cfg_scale 1 is no guidance (one forward per step); cfg_skip_steps: no CFG for the first N steps;
         cfg_rescale in [0, 1] rescales the guided velocity's std toward the conditional one; mask_text_padding: how
         the model was trained (leave the default). output_type: pil | np (uint8) | latent (packed)."""
+        self._no_empty_rows()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         b = len(prompts)
         negatives = [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt)
