@@ -153,7 +153,7 @@ class TextEncoder:
         visible_padding=k (`objective.visible_padding_tokens`, masked only): the first k pads after each prompt
         join its mask with their T5 states, as Chroma's `modify_mask_to_attend_padding` does. T5 itself still runs
         with the real-token mask, so a visible pad's state depends on the prompt alone, not on max_tokens."""
-        pooled = self._pooled(prompts)
+        pooled = self.pooled(prompts)
 
         t5_in = self.t5_tokenizer(
             prompts, padding="max_length", max_length=max_tokens, truncation=True, return_tensors="pt"
@@ -170,8 +170,10 @@ class TextEncoder:
         states = states * mask[..., None].to(states.dtype)
         return PromptEmbeds(states, mask, pooled, lengths)
 
-    def _pooled(self, prompts: list[str]) -> torch.Tensor:
-        """(B, D_clip) CLIP pooled output, or (B, 0) without CLIP (Chroma: nothing to condition on)."""
+    @torch.no_grad()
+    def pooled(self, prompts: list[str]) -> torch.Tensor:
+        """(B, D_clip) CLIP's pooled output alone (no T5 pass): what FLUX's pooled-text embedder reads; (B, 0) without
+        CLIP (Chroma: nothing to condition on)."""
         if self.clip is None:
             return torch.zeros(len(prompts), 0, device=self.device, dtype=self.t5.dtype)
         clip_ids = self.clip_tokenizer(
