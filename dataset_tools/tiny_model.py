@@ -1,4 +1,5 @@
-"""A tiny random FLUX pipeline in diffusers layout, built locally (no hub): what the demo and the tests train.
+"""A tiny random FLUX (or Chroma) pipeline in diffusers layout, built locally (no hub): what the demo and the tests
+train.
 
 Same component classes and file layout as FLUX.1-schnell, so every code path (loading, packing, masking, sampling,
 export) is the real one; only the widths are tiny. The tokenizers are trained here on the caption vocabulary of
@@ -256,28 +257,42 @@ def _seeded(seed: int, build, dtype: torch.dtype = torch.float32):
             torch.set_default_dtype(previous)
 
 
-def build_tiny_pipeline(tok_dir: Path, *, seed: int = 0, size: str = "tiny", dtype: str = "fp32"):
-    """The FluxPipeline object (tokenizers are trained into `tok_dir`, which must not exist yet)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+# Chroma's approximator (the MLP that emits every modulation vector) per size: (input channels = 4 x the timestep
+# embedding width, hidden, layers). Chroma's own is (64, 5120, 5); the tiny one keeps its shape at toy widths.
+CHROMA_APPROXIMATOR: dict[str, tuple[int, int, int]] = {"tiny": (16, 32, 2), "full-width": (64, 5120, 5),
+                                                         "mid": (64, 1024, 2)}
 
-    if size not in TINY_SIZES:
-        raise ValueError(f"--size: '{size}' is not one of {', '.join(TINY_SIZES)}")
-    if dtype not in _DTYPES:
-        raise ValueError(f"--dtype: '{dtype}' is not one of {', '.join(_DTYPES)}")
-    torch_dtype = _DTYPES[dtype]
-    dims = TINY_SIZES[size]
-    corpus = tokenizer_corpus()
-    clip_tok = write_clip_tokenizer(tok_dir / "tokenizer", corpus)
-    t5_tok = write_t5_tokenizer(tok_dir / "tokenizer_2", corpus)
 
-    clip_cfg = CLIPTextConfig(
-        vocab_size=len(clip_tok), bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
-        pad_token_id=clip_tok.pad_token_id, **dims["clip"],
-    )
+def chroma_transformer_dims(size: str) -> dict:
+    """The size's FLUX transformer dims as a ChromaTransformer2DModel's: no pooled projection or guidance embedding
+    (pruned), the approximator instead."""
+    dims = {k: v for k, v in TINY_SIZES[size]["transformer"].items()
+            if k not in ("pooled_projection_dim", "guidance_embeds")}
+    channels, hidden, layers = CHROMA_APPROXIMATOR[size]
+    return {**dims, "approximator_num_channels": channels, "approximator_hidden_dim": hidden,
+            "approximator_layers": layers}
+
+
+def _t5(dims: dict, t5_tok, seed: int, torch_dtype):
+    from transformers import T5Config, T5EncoderModel
+
     t5_cfg = T5Config(
         vocab_size=-(-len(t5_tok) // 8) * 8,  # >= len(tokenizer), padded like T5's 32128
         pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **dims["t5"],
+    )
+    return _seeded(seed * 16 + 3, lambda: T5EncoderModel(t5_cfg), torch_dtype)
+
+
+def _flux_pipeline(tok_dir: Path, corpus: list[str], size: str, seed: int, torch_dtype):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    dims = TINY_SIZES[size]
+    clip_tok = write_clip_tokenizer(tok_dir / "tokenizer", corpus)
+    t5_tok = write_t5_tokenizer(tok_dir / "tokenizer_2", corpus)
+    clip_cfg = CLIPTextConfig(
+        vocab_size=len(clip_tok), bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
+        pad_token_id=clip_tok.pad_token_id, **dims["clip"],
     )
     # Each component under its own seed: adding a component later does not change the others' weights.
     return FluxPipeline(
@@ -285,14 +300,52 @@ def build_tiny_pipeline(tok_dir: Path, *, seed: int = 0, size: str = "tiny", dty
         transformer=_seeded(seed * 16 + 0, lambda: FluxTransformer2DModel(**dims["transformer"]), torch_dtype),
         vae=_seeded(seed * 16 + 1, lambda: AutoencoderKL(**dims["vae"]), torch_dtype),
         text_encoder=_seeded(seed * 16 + 2, lambda: CLIPTextModel(clip_cfg), torch_dtype),
-        text_encoder_2=_seeded(seed * 16 + 3, lambda: T5EncoderModel(t5_cfg), torch_dtype),
+        text_encoder_2=_t5(dims, t5_tok, seed, torch_dtype),
         tokenizer=clip_tok,
         tokenizer_2=t5_tok,
     )
 
 
-def write_tiny_model(out_dir: str | Path, *, seed: int = 0, size: str = "tiny", dtype: str = "fp32") -> Path:
-    """Write a random FLUX pipeline that `FluxPipeline.from_pretrained(out_dir)` loads; returns `out_dir`.
+def _chroma_pipeline(tok_dir: Path, corpus: list[str], size: str, seed: int, torch_dtype):
+    """ChromaPipeline's layout: T5 and its tokenizer in text_encoder/ and tokenizer/, no CLIP. The VAE and T5 are the
+    FLUX tiny model's of the same seed (same seeds, same dims), only the transformer differs."""
+    from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    dims = TINY_SIZES[size]
+    t5_tok = write_t5_tokenizer(tok_dir / "tokenizer", corpus)
+    return ChromaPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        transformer=_seeded(seed * 16 + 0, lambda: ChromaTransformer2DModel(**chroma_transformer_dims(size)),
+                            torch_dtype),
+        vae=_seeded(seed * 16 + 1, lambda: AutoencoderKL(**dims["vae"]), torch_dtype),
+        text_encoder=_t5(dims, t5_tok, seed, torch_dtype),
+        tokenizer=t5_tok,
+    )
+
+
+_PIPELINES = {"flux": _flux_pipeline, "chroma": _chroma_pipeline}  # keys: train/family.py's FAMILIES
+
+
+def _check(size: str, dtype: str, family: str) -> None:
+    if size not in TINY_SIZES:
+        raise ValueError(f"--size: '{size}' is not one of {', '.join(TINY_SIZES)}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"--dtype: '{dtype}' is not one of {', '.join(_DTYPES)}")
+    if family not in _PIPELINES:
+        raise ValueError(f"--family: '{family}' is not one of {', '.join(_PIPELINES)}")
+
+
+def build_tiny_pipeline(tok_dir: Path, *, seed: int = 0, size: str = "tiny", dtype: str = "fp32",
+                        family: str = "flux"):
+    """The FluxPipeline (or ChromaPipeline) object (tokenizers are trained into `tok_dir`, which must not exist)."""
+    _check(size, dtype, family)
+    return _PIPELINES[family](tok_dir, tokenizer_corpus(), size, seed, _DTYPES[dtype])
+
+
+def write_tiny_model(out_dir: str | Path, *, seed: int = 0, size: str = "tiny", dtype: str = "fp32",
+                     family: str = "flux") -> Path:
+    """Write a random FLUX pipeline that `FluxPipeline.from_pretrained(out_dir)` loads (family chroma: a Chroma
+    pipeline for `ChromaPipeline.from_pretrained`); returns `out_dir`.
 
     `size` is a TINY_SIZES entry (tiny: the demo and tests; full-width: FLUX.1's widths, 1 + 1 blocks; mid: 0.64B
     for benchmarks); `dtype` the stored weights' dtype (bf16 halves the disk and the time to write).
@@ -300,10 +353,9 @@ def write_tiny_model(out_dir: str | Path, *, seed: int = 0, size: str = "tiny", 
     never sees half a model.
     """
     out = Path(out_dir)
-    if size not in TINY_SIZES:  # before anything is written
-        raise ValueError(f"--size: '{size}' is not one of {', '.join(TINY_SIZES)}")
+    _check(size, dtype, family)  # before anything is written
     with atomic_output_dir(out) as tmp:
-        pipe = build_tiny_pipeline(tmp / ".tokenizer-training", seed=seed, size=size, dtype=dtype)
+        pipe = build_tiny_pipeline(tmp / ".tokenizer-training", seed=seed, size=size, dtype=dtype, family=family)
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         shutil.rmtree(tmp / ".tokenizer-training")  # the pipeline saved its own copies
         # OUT_DIR/eval/ (random Inception weights for FID, a tiny CLIP for CLIP score) is written here, into `tmp`,

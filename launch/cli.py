@@ -32,7 +32,7 @@ def _preset(name_or_path: str) -> Path:
 def cmd_tiny_model(a) -> None:
     from dataset_tools.tiny_model import write_tiny_model
 
-    print(write_tiny_model(a.out_dir, seed=a.seed, size=a.size, dtype=a.dtype))
+    print(write_tiny_model(a.out_dir, seed=a.seed, size=a.size, dtype=a.dtype, family=a.family))
 
 
 def cmd_tiny_data(a) -> None:
@@ -66,8 +66,10 @@ def cmd_sample(a) -> None:
     from evals.sampler import SamplerSettings, generate
     from train.inference import load_for_inference
 
+    from train.inference import text_settings
+
     loaded = load_for_inference(a.model, dtype=a.dtype, ema=a.ema, schedule=a.schedule, shift=a.shift)
-    masked = True if loaded.config is None else loaded.config.objective.attention_mask
+    masked, visible = text_settings(a.model, loaded.config)  # a run's, or an export's, or (True, 0)
     if a.no_mask:
         masked = False
     s = SamplerSettings(
@@ -78,7 +80,7 @@ def cmd_sample(a) -> None:
         seed=a.seed,
         max_text_tokens=a.max_text_tokens,
         masked=masked,
-        visible_padding_tokens=0 if loaded.config is None else loaded.config.objective.visible_padding_tokens,
+        visible_padding_tokens=visible,
         noise_temperature=a.noise_temperature,
         cfg_skip_steps=a.cfg_skip_steps,
         cfg_rescale=a.cfg_rescale,
@@ -167,12 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dedistill", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("tiny-model", help="write a tiny random FLUX pipeline in diffusers layout")
+    s = sub.add_parser("tiny-model", help="write a tiny random FLUX (or Chroma) pipeline in diffusers layout")
     s.add_argument("out_dir")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size", default="tiny",
                    help="tiny (default) | full-width (FLUX.1's widths, 1 + 1 blocks, 0.54B) | mid (0.64B, benchmarks)")
     s.add_argument("--dtype", default="fp32", help="stored weights: fp32 (default) | bf16")
+    s.add_argument("--family", default="flux",
+                   help="flux (default: FluxPipeline) | chroma (ChromaPipeline: ChromaTransformer2DModel, T5, no CLIP)")
     s.set_defaults(func=cmd_tiny_model)
 
     s = sub.add_parser("tiny-data", help="write a tiny procedural captioned dataset (MDS shards or a folder)")

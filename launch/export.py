@@ -3,7 +3,8 @@
 - `--format diffusers` (any adapter kind): the base transformer with the adapter merged into its weights (LoRA and
   LoKr alike; a full fine-tune is just its weights), saved with `save_pretrained`, and every other pipeline component
   (VAE, both text encoders and tokenizers, scheduler, model_index.json) copied from the run's base model dir.
-  `FluxPipeline.from_pretrained(DIR)` loads it, and so does `dedistill sample --model DIR`. Beside it (launch/
+  `FluxPipeline.from_pretrained(DIR)` (`ChromaPipeline` for a Chroma run) loads it, and so does
+  `dedistill sample --model DIR`. Beside it (launch/
   export_card.py): `pipeline.py`, the masked real-CFG pipeline that `DiffusionPipeline.from_pretrained(DIR,
   custom_pipeline=DIR, trust_remote_code=True)` loads; the run's sampling schedule in `scheduler/`; a README.md card.
 - `--format lora` (LoRA adapters only): `pytorch_lora_weights.safetensors` in the PEFT key layout diffusers expects
@@ -15,7 +16,9 @@
   `create_lycoris_from_weights` and ComfyUI load (launch/export_lycoris.py).
 - `--format bfl` (any adapter kind): the merged transformer as one safetensors file in Black Forest Labs' original key
   layout (`flux1-dedistill.safetensors`), the single file ComfyUI / Forge load; diffusers reads it with
-  `FluxTransformer2DModel.from_single_file` (launch/export_single_file.py).
+  `FluxTransformer2DModel.from_single_file` (launch/export_single_file.py). FLUX runs only.
+
+Which formats a model family has, and which `pipeline.py` it ships, is its row in train/family.py.
 
 One process, CPU, no process group: DCP reassembles the sharded checkpoint (FSDP2 or DeepSpeed, same layout). The merge
 runs in fp32 and the result is cast to `--dtype` (bf16, what FLUX ships, by default).
@@ -57,6 +60,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, fmt: str = "di
                       ema: bool = False, lora_layout: str = "peft") -> Path:
     from launch.export_card import write_diffusers_extras
     from train.adapters import merge_adapter
+    from train.family import family_of_model
     from train.inference import resolve_checkpoint, sampling_schedule
     from train.model import cast_model
 
@@ -74,6 +78,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, fmt: str = "di
     out = Path(out)
     _check_out(out)
     transformer, cfg = _load_trained_transformer(ckpt, run_dir, ema=ema)
+    family = family_of_model(transformer)
+    if fmt not in family.export_formats:
+        raise ValueError(f"--format: {fmt} is not available for a {family.name} model "
+                         f"(its formats: {', '.join(family.export_formats)})")
     schedule = sampling_schedule(cfg.model.path, cfg)  # what the run says its model samples with
     kind = cfg.model.adapter.kind
     if fmt == "lora" and kind != "lora":
@@ -109,6 +117,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, fmt: str = "di
     (out / "dedistill_export.json").write_text(json.dumps({
         "checkpoint": str(ckpt), "step": step, "adapter": kind, "format": fmt, "dtype": dtype, "ema": ema,
         "base_model": cfg.model.path, "schedule": {"describe": schedule.describe(), **schedule.scheduler_config()},
+        # how the text was masked in training: `dedistill sample --model OUT` reads it (train.inference.text_settings)
+        "objective": {"attention_mask": cfg.objective.attention_mask,
+                      "visible_padding_tokens": cfg.objective.visible_padding_tokens},
         **({"lora_layout": lora_layout} if fmt == "lora" else {}),
     }, indent=2))
     return out
@@ -126,10 +137,10 @@ def _copy_components(base: Path, out: Path) -> None:
 
 
 def _save_lora(transformer: torch.nn.Module, out: Path, dtype: torch.dtype) -> None:
-    from diffusers import FluxPipeline
     from peft.utils import get_peft_model_state_dict
 
     from train.adapters import ADAPTER_NAME
+    from train.family import family_of_model
 
     config = transformer.peft_config[ADAPTER_NAME]
     state = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)  # "<module>.lora_A.weight", ...
@@ -137,7 +148,9 @@ def _save_lora(transformer: torch.nn.Module, out: Path, dtype: torch.dtype) -> N
     meta = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules),
             "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern),
             "use_dora": False, "lora_bias": False}
-    FluxPipeline.save_lora_weights(str(out), transformer_lora_layers=state, transformer_lora_adapter_metadata=meta)
+    # The family's pipeline (FluxPipeline, ChromaPipeline: both FluxLoraLoaderMixin) writes and later loads it.
+    family_of_model(transformer).pipeline_cls().save_lora_weights(
+        str(out), transformer_lora_layers=state, transformer_lora_adapter_metadata=meta)
 
 
 def register(sub) -> None:

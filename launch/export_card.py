@@ -16,17 +16,26 @@ from pathlib import Path
 from train.config import JobConfig
 from train.objective import SamplingSchedule
 
-TEMPLATE = Path(__file__).resolve().parent / "templates" / "masked_flux_pipeline.py"
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+TEMPLATE = TEMPLATES / "masked_flux_pipeline.py"
+
+
+def template_for(cfg: JobConfig) -> Path:
+    """The run's family's pipeline template (train/family.py): masked_flux_pipeline.py or masked_chroma_pipeline.py."""
+    from train.family import family_of_dir
+
+    return TEMPLATES / family_of_dir(cfg.model.path).pipeline_template
 
 
 def pipeline_source(cfg: JobConfig) -> str:
     """The template with the run's training-time constants written in (each line must exist exactly once)."""
-    src = TEMPLATE.read_text()
+    template = template_for(cfg)
+    src = template.read_text()
     for name, value in (("ATTENTION_MASK", cfg.objective.attention_mask),
                         ("MAX_TEXT_TOKENS", cfg.objective.max_text_tokens),
                         ("VISIBLE_PADDING_TOKENS", cfg.objective.visible_padding_tokens)):
         src, n = re.subn(rf"^{name} = .*$", f"{name} = {value!r}", src, flags=re.M)
-        assert n == 1, f"{TEMPLATE}: expected one '{name} = ...' line"
+        assert n == 1, f"{template}: expected one '{name} = ...' line"
     return src
 
 
@@ -72,11 +81,15 @@ def model_card(cfg: JobConfig, *, checkpoint: Path, step: int, ema: bool, dtype:
                schedule: SamplingSchedule) -> str:
     s = cfg.sample
     cfg_scale = next((c for c in s.cfg_scales if c > 1.0), 3.5)  # the run's first real-CFG scale in its sample grid
+    from train.family import family_of_dir
+
+    family = family_of_dir(cfg.model.path)
+    stock = family.pipeline_class
     mask_note = (
-        "It was trained with the T5 padding mask. Stock `FluxPipeline` passes no mask, so it samples a different image "
-        "than the model was trained for (and one that changes with `max_sequence_length`); use the pipeline below."
+        f"It was trained with the T5 padding mask. Stock `{stock}` {family.stock_mask}, so it samples a different "
+        "image than the model was trained for; use the pipeline below."
         if cfg.objective.attention_mask else
-        "It was trained without the T5 padding mask, so stock `FluxPipeline` conditions it as in training."
+        f"It was trained without the T5 padding mask; stock `{stock}` {family.stock_mask}."
     )
     rows = "\n".join(f"| {k} | {v} |" for k, v in _recipe_rows(cfg))
     prompt = s.prompts[0] if s.prompts else "a photo of a cat"
@@ -84,11 +97,11 @@ def model_card(cfg: JobConfig, *, checkpoint: Path, step: int, ema: bool, dtype:
     return f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
-tags: [flux, de-distilled, dedistill]
+tags: [{family.name}, de-distilled, dedistill]
 ---
-# De-distilled FLUX: `{Path(cfg.run_dir).name}` at step {step}
+# De-distilled {family.name.capitalize()}: `{Path(cfg.run_dir).name}` at step {step}
 
-A FLUX transformer de-distilled with dedistill from `{cfg.model.path}`, exported as a full
+A {family.transformer_class} de-distilled with dedistill from `{cfg.model.path}`, exported as a full
 diffusers pipeline (`dedistill export --format diffusers`). It samples with **real classifier-free guidance**
 (a negative prompt and a guidance scale > 1, two forwards per step), not with a distilled guidance vector.
 {mask_note}

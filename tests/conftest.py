@@ -12,6 +12,14 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_chroma_dir(tmp_path_factory):
+    """A random tiny Chroma pipeline (`dedistill tiny-model --family chroma`, seed 0): ChromaPipeline's layout."""
+    from dataset_tools.tiny_model import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny_chroma") / "model", seed=0, family="chroma")
+
+
+@pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory):
     """128 procedural 64 px samples as MDS shards (`dedistill tiny-data`, seed 0)."""
     from dataset_tools.tiny_data import write_tiny_data

@@ -86,6 +86,7 @@ PATHS = {
     "FLUX_DIR": "{model}",
     "FLUX": "{model}",
     "demo/model": "{model}",
+    "demo/chroma-model": "{chroma_model}",
     "/models/fid/pt_inception-2015-12-05.safetensors": "{model}/eval/inception.safetensors",
     # data
     "/data/mds": "{mds}",
@@ -114,6 +115,7 @@ PATHS = {
 
 FIXTURES = {
     "model": "tiny_model_dir",
+    "chroma_model": "tiny_chroma_dir",
     "mds": "tiny_data_dir",
     "photos": "photo_dir",  # real photographs in every odd mode (tests/conftest.py)
     "photo_mds": "doc_photo_mds",
@@ -365,6 +367,18 @@ CASES: dict[str, Run | Skip] = {
                                      why="4 of the demo's 200 steps (`make demo` above runs the same with 4)",
                                      creates=("{tmp}/out/demo/run/samples",), slow=True),
     "dedistill tiny-model demo/model": run(paths={"demo/model": "demo/model"}, creates=("demo/model/model_index.json",)),
+    # docs/recipes.md (chroma.yaml)
+    "dedistill prune --model /path/to/FLUX.1-schnell --out /path/to/chroma-pruned":
+        skip("needs the real 12B FLUX.1-schnell; `dedistill prune` is run on the tiny FLUX by its own tests"),
+    "dedistill export --format diffusers": skip("a fragment: names the format a Chroma run exports to"),
+    "dedistill sample --model EXPORT": skip("a fragment: the sampler tests/test_family.py compares pipeline.py with"),
+    "dedistill tiny-model demo/chroma-model --family chroma":
+        run(paths={"demo/chroma-model": "demo/chroma-model"}, creates=("demo/chroma-model/transformer/config.json",)),
+    "dedistill train configs/chroma.yaml model.path=demo/chroma-model data.local=demo/data run_dir=demo/chroma-run "
+    "data.resolution=64 data.buckets=false train.batch_size=2 train.max_steps=2 model.dtype=fp32 data.num_workers=0 "
+    "sample.resolution=64 sample.steps=2 eval.every_steps=0":
+        run(paths={"demo/chroma-run": "demo/chroma-run"}, slow=True,
+            creates=("demo/chroma-run/checkpoints/step_00000002/COMPLETE", "demo/chroma-run/samples/*.png")),
     "dedistill tiny-data demo/data": run(paths={"demo/data": "demo/data"}, creates=("demo/data/index.json",)),
     "torchrun --standalone --nproc_per_node 2 -m train configs/tiny-cpu.yaml model.path=... data.local=... "
     "run_dir=demo/run": run(append="train.max_steps=4 checkpoint.every_steps=4", why="4 of the preset's 200 steps",

@@ -183,3 +183,72 @@ def test_precomputed_text_refuses_visible_padding(loaded):
     with pytest.raises(ValueError, match="objective.visible_padding_tokens"):
         prepare_prompts(frozen, PROMPTS, ObjectiveConfig(visible_padding_tokens=1, max_text_tokens=64),
                         generator=torch.Generator().manual_seed(0), stored={"max_text_tokens": 64})
+
+
+# --- configs/chroma.yaml -----------------------------------------------------------------------------------------
+
+# Chroma's own values (lodestone-rock/flow: src/trainer/train_chroma.py, TextImageDataset's defaults, the README's
+# example config; the lodestones/Chroma card) for the settings the preset takes over unchanged.
+CHROMA_SOURCE = {
+    "objective.timestep_sampler": "chroma",  # create_distribution: -7.7 (t - 0.5)^2 + 2
+    "objective.shift": "none",  # time_shift commented out
+    "objective.temperature": 1.0,
+    "objective.noise_pairing": "ot_cosine",  # cosine_optimal_transport
+    "objective.visible_padding_tokens": 1,  # modify_mask_to_attend_padding
+    "objective.attention_mask": True,
+    "objective.caption_dropout": 0.01,  # uncond_percentage default
+    "objective.max_text_tokens": 512,  # t5_max_length
+    "data.resolution": 512,  # Chroma1-Base; README base_resolution [512]
+    "train.batch_size": 8,  # README batch_size
+    "train.grad_clip": 0.0,  # no clipping
+    "optim.lr": 1e-5,  # README lr
+    "optim.weight_decay": 1e-4,  # README weight_decay
+    "optim.betas": [0.9, 0.999],
+    "optim.eps": 1e-8,
+    "optim.schedule": "constant",  # LinearLR warmup, then nothing
+    "optim.warmup_steps": 1,  # README warmup_steps
+    "ema.decay": 0.0,  # no EMA
+    "model.adapter.kind": "full",
+    "sample.steps": 20,  # README inference steps
+    "sample.cfg_scales": [1.0, 4.0],  # README inference cfg 1 and extra config cfg 4
+}
+
+
+def _chroma_doc_rows() -> dict[str, str]:
+    """{config key: 'ours' cell} of docs/recipes.md's chroma.yaml table, for rows naming one config key."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
+    section = text.split("## `chroma.yaml`", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        m = re.fullmatch(r"`([a-z_]+(?:\.[a-z_]+)+)`", cells[0]) if len(cells) == 4 else None
+        if m:
+            rows[m.group(1)] = cells[1]
+    return rows
+
+
+def _value(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def test_chroma_preset_is_the_documented_recipe():
+    """configs/chroma.yaml validates; every one-key row of docs/recipes.md's chroma table states the preset's
+    effective value, and the settings taken from Chroma unchanged equal its sources."""
+    import yaml
+
+    cfg = load_config("configs/chroma.yaml")
+    rows = _chroma_doc_rows()
+    assert len(rows) >= 20 and set(CHROMA_SOURCE) - {"objective.temperature"} <= set(rows), set(CHROMA_SOURCE) - set(rows)
+    for key, cell in rows.items():
+        shown = cell.split("`")[1] if cell.startswith("`") else cell.split(" (")[0]
+        value = _value(cfg, key)
+        got = float(shown) if isinstance(value, float) else yaml.safe_load(shown)  # YAML 1.1 reads 1e-05 as text
+        assert got == value, f"docs/recipes.md says {key} = {shown!r}, the preset {value!r}"
+    for key, value in CHROMA_SOURCE.items():
+        assert _value(cfg, key) == value, key
+    assert cfg.model.path == "/path/to/chroma-pruned"  # made by `dedistill prune` (the docs say how)

@@ -1,7 +1,7 @@
-"""Which parameters train: a peft LoRA / LoKr adapter injected into the FLUX transformer, or all of it.
+"""Which parameters train: a peft LoRA / LoKr adapter injected into the transformer (FLUX or Chroma), or all of it.
 
 Adapters are injected with `peft.inject_adapter_in_model`, which swaps the targeted `nn.Linear`s for peft layers in
-place and keeps the diffusers class: per-block FSDP wrapping and `FluxPipeline` work unchanged. Targets are an
+place and keeps the diffusers class: per-block FSDP wrapping and the family's pipeline work unchanged. Targets are an
 explicit list of full module names (`transformer_blocks.3.attn.to_q`), built here from `AdapterConfig`, so what
 gets adapted never depends on peft's suffix-matching rules.
 
@@ -37,7 +37,7 @@ from torch import nn
 from train.config import AdapterConfig
 
 ADAPTER_NAME = "default"
-_BLOCK_LISTS = (("transformer_blocks", "blocks"), ("single_transformer_blocks", "single_blocks"))
+_CONFIG_FIELDS = ("blocks", "single_blocks")  # index the family's two block lists, double-stream first
 
 
 def _selected_indices(n: int, wanted: list[int] | None, key: str) -> list[int]:
@@ -56,11 +56,12 @@ def target_module_names(transformer: nn.Module, cfg: AdapterConfig) -> list[str]
     `attn.to_q`, not `attn.add_q_proj`). Raises ValueError naming the config key for an out-of-range block index or a
     suffix that matches no Linear in the selected blocks.
     """
+    from train.family import family_of_model
+
+    family = family_of_model(transformer)
     selected: list[tuple[str, nn.Module]] = []
-    for attr, field in _BLOCK_LISTS:
-        blocks = getattr(transformer, attr, None)
-        if blocks is None:
-            raise ValueError(f"model.adapter.{field}: the model has no '{attr}' (not a FLUX transformer?)")
+    for attr, field in zip(family.block_lists, _CONFIG_FIELDS):
+        blocks = getattr(transformer, attr)
         for i in _selected_indices(len(blocks), getattr(cfg, field), f"model.adapter.{field}"):
             selected.append((f"{attr}.{i}", blocks[i]))
     if not selected:
@@ -84,7 +85,7 @@ def target_module_names(transformer: nn.Module, cfg: AdapterConfig) -> list[str]
         why = f"matches a {non_linear[s]}, not an nn.Linear" if s in non_linear else "matches no module"
         raise ValueError(
             f"model.adapter.target_modules: '{s}' {why} in the selected blocks "
-            f"(examples of valid suffixes: to_q, to_out.0, ff.net.0.proj, proj_mlp, proj_out, norm1.linear)"
+            f"(valid suffixes in a {family.name} transformer: {family.adapter_examples})"
         )
     return sorted(set(names))
 

@@ -1,4 +1,5 @@
-"""The one place that calls the FLUX transformer: latent packing, position ids and the joint-attention mask.
+"""The one place that calls the transformer (FLUX or Chroma): latent packing, position ids and the joint-attention
+mask. How each family is called is its row in train/family.py.
 
 Training (train/step.py) and sampling (evals/sampler.py) both go through `predict_velocity`, so the mask used at
 inference is, by construction, the mask used in training.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from train.family import family_of_model
 from train.text import PromptEmbeds
 
 
@@ -55,7 +57,7 @@ def predict_velocity(
     *,
     masked: bool = True,
 ) -> torch.Tensor:
-    """Velocity v(x_t, t | prompt) for packed latents x_t (B, N, C*4); t in [0, 1] (FLUX scales it by 1000).
+    """Velocity v(x_t, t | prompt) for packed latents x_t (B, N, C*4); t in [0, 1] (the transformer scales it by 1000).
 
     With `masked`, the bool key mask is passed unless the host knows the batch has no padding left
     (`prompt.unpadded`, e.g. a trimmed batch of equal-length prompts): an all-True mask changes nothing, and
@@ -64,14 +66,8 @@ def predict_velocity(
     dtype = x_t.dtype
     txt_ids = torch.zeros(prompt.t5.shape[1], 3, device=x_t.device, dtype=img_ids.dtype)
     need_mask = masked and not prompt.unpadded
-    kwargs = {"attention_mask": joint_attention_mask(prompt.mask, x_t.shape[1])} if need_mask else None
-    return transformer(
-        hidden_states=x_t,
-        timestep=t.to(dtype),
-        pooled_projections=prompt.pooled.to(dtype),
-        encoder_hidden_states=prompt.t5.to(dtype),
-        txt_ids=txt_ids,
-        img_ids=img_ids,
-        joint_attention_kwargs=kwargs,
-        return_dict=False,
-    )[0]
+    key_mask = joint_attention_mask(prompt.mask, x_t.shape[1]) if need_mask else None
+    return family_of_model(transformer).call(
+        transformer, x=x_t, t=t.to(dtype), t5=prompt.t5.to(dtype), pooled=prompt.pooled.to(dtype),
+        key_mask=key_mask, img_ids=img_ids, txt_ids=txt_ids,
+    )

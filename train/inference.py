@@ -1,4 +1,4 @@
-"""Load a model for sampling/eval/export from any of: a diffusers FLUX dir, a run dir, or one checkpoint dir.
+"""Load a model for sampling/eval/export from any of: a diffusers FLUX or Chroma dir, a run dir, or one checkpoint dir.
 
 A checkpoint holds only the trainable state; the base weights come from the run's `model.path`, the adapter from its
 `model.adapter` config. One process, no FSDP: DCP reassembles the sharded tensors into plain ones.
@@ -6,6 +6,7 @@ A checkpoint holds only the trainable state; the base weights come from the run'
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def resolve_checkpoint(path: str | Path, *, key: str = "--model") -> tuple[Path 
         if not is_complete(path):
             raise ValueError(f"{key}: checkpoint '{path}' is incomplete (no COMPLETE marker)")
         return path, path.parent.parent
-    raise ValueError(f"{key}: '{path}' is neither a diffusers FLUX dir, a run dir, nor a checkpoint dir")
+    raise ValueError(f"{key}: '{path}' is neither a diffusers FLUX/Chroma dir, a run dir, nor a checkpoint dir")
 
 
 def check_ema(cfg: JobConfig, run_dir: Path, ema: bool, *, key: str = "--ema") -> None:
@@ -88,6 +89,21 @@ def sampling_schedule(model_path: str | Path, run_config: JobConfig | None = Non
     if shift is None:
         raise ValueError("--shift: a constant schedule needs a shift value")
     return SamplingSchedule(dynamic=False, shift=shift)
+
+
+def text_settings(path: str | Path, run_config: JobConfig | None) -> tuple[bool, int]:
+    """(attention mask on, visible padding tokens) the model was trained with: a run's objective, else an export's
+    `dedistill_export.json` (`dedistill export` records them), else a plain diffusers dir's (masked, k = 0)."""
+    if run_config is not None:
+        return run_config.objective.attention_mask, run_config.objective.visible_padding_tokens
+    f = Path(path) / "dedistill_export.json"
+    if f.is_file():
+        try:
+            o = json.loads(f.read_text()).get("objective", {})
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f}: not valid JSON ({e})") from None
+        return bool(o.get("attention_mask", True)), int(o.get("visible_padding_tokens", 0))
+    return True, 0
 
 
 def load_trainable_state(transformer: torch.nn.Module, checkpoint: Path, *, ema: bool = False) -> None:

@@ -1,5 +1,5 @@
-"""Load FLUX components from a local diffusers-format directory: the same code for a tiny test pipeline and the 12B
-FLUX.1-schnell. The transformer is built on the meta device and its weights assigned from safetensors, so no random
+"""Load FLUX or Chroma components from a local diffusers-format directory: the same code for a tiny test pipeline and
+the 12B FLUX.1-schnell. Which transformer class and which subdirs is the dir's family (train/family.py). The transformer is built on the meta device and its weights assigned from safetensors, so no random
 initialisation of 12B parameters ever runs. Encoders and the VAE are frozen.
 """
 
@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from train.family import family_of_class, family_of_dir
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -24,10 +26,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def check_model_dir(path: str | Path, *, key: str = "model.path") -> Path:
     path = Path(path)
     if not str(path) or not path.is_dir():
-        raise ValueError(f"{key}: '{path}' is not a directory (expected a local diffusers-format FLUX pipeline)")
-    for sub in ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        raise ValueError(f"{key}: '{path}' is not a directory (expected a local diffusers-format FLUX or Chroma "
+                         f"pipeline)")
+    family = family_of_dir(path, key=key)
+    for sub in family.components:
         if not (path / sub).is_dir():
-            raise ValueError(f"{key}: '{path}' has no {sub}/ (expected a diffusers-format FLUX pipeline)")
+            raise ValueError(f"{key}: '{path}' has no {sub}/ (expected a diffusers-format {family.pipeline_class} dir)")
     return path
 
 
@@ -52,23 +56,28 @@ def load_safetensors_dir(folder: Path, dtype: torch.dtype) -> dict[str, torch.Te
 
 
 def build_transformer_meta(config: dict):
-    """The FLUX transformer with every parameter on the meta device (no memory, no init)."""
-    from diffusers import FluxTransformer2DModel
-
+    """The transformer of `config`'s family (its `_class_name`; FLUX when absent) with every parameter on the meta
+    device (no memory, no init)."""
+    family = family_of_class(config.get("_class_name", "FluxTransformer2DModel"))
     with torch.device("meta"):
-        return FluxTransformer2DModel.from_config(config)
+        model = family.transformer_cls().from_config(config)
+    family.prepare(model)  # attention processors (Chroma: no fully masked query row reaches SDPA)
+    return model
+
+
+def _transformer_config(path: str | Path) -> tuple[Path, dict]:
+    folder = check_model_dir(path) / "transformer"
+    return folder, family_of_dir(path).transformer_cls().load_config(str(folder))
 
 
 def meta_transformer(path: str | Path, *, dtype: torch.dtype):
     """(transformer on meta in `dtype`, index of its safetensors) for the sharded loader (train/parallel/load.py):
     nothing is read but the config and the files' headers."""
-    from diffusers import FluxTransformer2DModel
-
     from train.parallel.load import SafetensorsIndex
 
-    folder = check_model_dir(path) / "transformer"
-    model = build_transformer_meta(FluxTransformer2DModel.load_config(str(folder)))
-    # nn.Module.to, not ModelMixin.to (which warns about fp32-kept modules; FLUX has none): free on meta
+    folder, config = _transformer_config(path)
+    model = build_transformer_meta(config)
+    # nn.Module.to, not ModelMixin.to (which warns about fp32-kept modules; FLUX and Chroma have none): free on meta
     torch.nn.Module.to(model, dtype)
     return model, SafetensorsIndex(_weight_files(folder))
 
@@ -76,10 +85,7 @@ def meta_transformer(path: str | Path, *, dtype: torch.dtype):
 def load_transformer(path: str | Path, *, dtype: torch.dtype):
     """Transformer built on meta, then its weights assigned from the pipeline's safetensors (on CPU): the whole model
     in this process (inference, export, DeepSpeed). Training under FSDP2 loads sharded instead (`meta_transformer`)."""
-    from diffusers import FluxTransformer2DModel
-
-    folder = check_model_dir(path) / "transformer"
-    config = FluxTransformer2DModel.load_config(str(folder))
+    folder, config = _transformer_config(path)
     model = build_transformer_meta(config)
     state = load_safetensors_dir(folder, dtype)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -88,9 +94,32 @@ def load_transformer(path: str | Path, *, dtype: torch.dtype):
             f"{folder}: weights do not match the transformer config "
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
-    # Buffers that are not in the state dict (none today in FLUX) would still be on meta.
+    set_computed_buffers(model)  # Chroma's mod_proj; FLUX has no buffers
     assert not any(t.is_meta for t in model.state_dict().values()), "transformer left on meta"
     return model
+
+
+def computed_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers that no weight file holds, computed on the CPU: none in FLUX; in Chroma `time_text_embed.mod_proj`,
+    the modulation-index embedding its __init__ computes. From a second build whose parameters are on meta but whose
+    buffers are real (accelerate's `init_empty_weights`, as diffusers' own loader builds)."""
+    if not any(True for _ in model.buffers()):
+        return {}
+    from accelerate import init_empty_weights
+
+    from train.family import family_of_model
+
+    with init_empty_weights(include_buffers=False):
+        fresh = family_of_model(model).transformer_cls().from_config(dict(model.config))
+    return dict(fresh.named_buffers())
+
+
+def set_computed_buffers(model: torch.nn.Module, *, device: torch.device | str = "cpu") -> None:
+    """Assign `computed_buffers` in place (after a meta build, or after `to_empty`), keeping each buffer's dtype."""
+    for name, value in computed_buffers(model).items():
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        module._buffers[leaf] = value.to(device, module._buffers[leaf].dtype)
 
 
 def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -120,7 +120,10 @@ def all_reduce_mean(value: torch.Tensor, op: str = "all_reduce (mean)") -> torch
 
 
 def _blocks(model) -> list[torch.nn.Module]:
-    return [*model.transformer_blocks, *model.single_transformer_blocks]
+    """The units FSDP2 shards, AC checkpoints and compile compiles: the family's blocks (train/family.py)."""
+    from train.family import family_of_model
+
+    return family_of_model(model).blocks(model)
 
 
 def _sac_policy():
@@ -150,7 +153,7 @@ def apply_activation_checkpointing(model: torch.nn.Module, policy: str) -> list[
 
     The block's own `forward` is wrapped (an instance attribute), not the module: parameter names stay exactly the
     diffusers names, so checkpoints, exports and state dicts do not depend on the policy. Blocks are counted over the
-    double-stream then the single-stream list (57 for FLUX.1).
+    double-stream then the single-stream list (57 for FLUX.1 and Chroma).
     """
     from functools import partial
 
@@ -217,8 +220,8 @@ def parallelize_transformer(
     kwargs = dict(mesh=mesh, mp_policy=mp)
     if cfg.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    # diffusers' single-stream blocks return slices of one tensor; FSDP2 warns about views, but FLUX never updates
-    # them in place (checked in diffusers 0.39), so the warning is noise in every log.
+    # diffusers' single-stream blocks return slices of one tensor; FSDP2 warns about views, but neither FLUX nor
+    # Chroma updates them in place (checked in diffusers 0.39), so the warning is noise in every log.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     for block in _blocks(model):
         fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, **kwargs)

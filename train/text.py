@@ -1,4 +1,5 @@
-"""Prompt encoding: T5 hidden states with a bool padding mask, and CLIP's pooled vector.
+"""Prompt encoding: T5 hidden states with a bool padding mask, and CLIP's pooled vector (FLUX; a Chroma pipeline has
+no CLIP, and its pooled vector is (B, 0): the family table says where each encoder lives).
 
 T5 runs *with* its attention mask, so a prompt's states do not depend on how much padding follows it; this is what
 makes masked joint attention exact (and trimming a batch to its longest prompt free).
@@ -27,7 +28,7 @@ class PromptEmbeds:
     mask: torch.Tensor
     """(B, L) bool, True for real tokens (including T5's </s>)."""
     pooled: torch.Tensor
-    """(B, D_clip) CLIP pooled output."""
+    """(B, D_clip) CLIP pooled output; (B, 0) for a family without CLIP (Chroma)."""
     lengths: tuple[int, ...] | None = None
     """Real tokens per row, known on the host (None: only the mask knows). Trimming and the mask-free attention
     path read these instead of the mask, so neither waits for the GPU. Whoever builds the mask on the host (the
@@ -128,20 +129,28 @@ def with_visible_padding(mask: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class TextEncoder:
-    """Frozen CLIP-L + T5 pair from a diffusers FLUX directory."""
+    """Frozen T5 (and CLIP-L where the family has it) from a diffusers FLUX or Chroma directory."""
 
     def __init__(self, path: str | Path, *, dtype: torch.dtype, device: torch.device):
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+        from train.family import family_of_dir
+
         path = check_model_dir(path)
+        family = family_of_dir(path)
         self.device = device
-        self.clip_tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"))
-        self.t5_tokenizer = T5TokenizerFast.from_pretrained(str(path / "tokenizer_2"))
+        t5_dir, t5_tok = family.t5
+        self.t5_tokenizer = T5TokenizerFast.from_pretrained(str(path / t5_tok))
         # transformers 4.57 takes `dtype` (its `torch_dtype` logs "`torch_dtype` is deprecated!" on every load)
-        self.clip = CLIPTextModel.from_pretrained(str(path / "text_encoder"), dtype=dtype)
-        self.t5 = T5EncoderModel.from_pretrained(str(path / "text_encoder_2"), dtype=dtype)
+        self.t5 = T5EncoderModel.from_pretrained(str(path / t5_dir), dtype=dtype)
+        self.clip = self.clip_tokenizer = None
+        if family.clip is not None:
+            clip_dir, clip_tok = family.clip
+            self.clip_tokenizer = CLIPTokenizer.from_pretrained(str(path / clip_tok))
+            self.clip = CLIPTextModel.from_pretrained(str(path / clip_dir), dtype=dtype)
         for m in (self.clip, self.t5):
-            m.to(device).eval().requires_grad_(False)
+            if m is not None:
+                m.to(device).eval().requires_grad_(False)
         self._empty: dict[tuple[int, bool, int], PromptEmbeds] = {}
 
     @torch.no_grad()
@@ -172,7 +181,10 @@ class TextEncoder:
 
     @torch.no_grad()
     def pooled(self, prompts: list[str]) -> torch.Tensor:
-        """(B, D_clip) CLIP's pooled output alone (no T5 pass): what FLUX's pooled-text embedder reads."""
+        """(B, D_clip) CLIP's pooled output alone (no T5 pass): what FLUX's pooled-text embedder reads; (B, 0) without
+        CLIP (Chroma: nothing to condition on)."""
+        if self.clip is None:
+            return torch.zeros(len(prompts), 0, device=self.device, dtype=self.t5.dtype)
         clip_ids = _h2d(self.clip_tokenizer(
             prompts,
             padding="max_length",

@@ -126,8 +126,10 @@ def fill_sharded(model: torch.nn.Module, index: SafetensorsIndex, initial: dict[
 def materialize(model: torch.nn.Module, device: torch.device, index: SafetensorsIndex,
                 initial: dict[str, torch.Tensor]) -> None:
     """`to_empty` a meta-built (and possibly `fully_shard`ed) model on `device`, then `fill_sharded` it."""
-    # Buffers are neither in the weights nor in `initial`: to_empty would leave them uninitialised (FLUX has none).
-    buffers = [n for n, _ in model.named_buffers()]
-    assert not buffers, f"meta-built transformer has buffers {buffers[:3]}: they need an init before sharded loading"
+    # Buffers are neither in the weights nor in `initial` (FLUX has none; Chroma's mod_proj is computed in its
+    # __init__): to_empty leaves them uninitialised, so they are computed again.
+    from train.model import set_computed_buffers
+
     model.to_empty(device=device)
+    set_computed_buffers(model, device=device)
     fill_sharded(model, index, initial)

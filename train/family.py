@@ -1,0 +1,177 @@
+"""The model-family table: everything that differs between FLUX and Chroma, looked up, never branched on.
+
+A family is named by the transformer class in the model dir's `transformer/config.json` (`_class_name`), so a run
+never states it: `family_of_dir(model.path)`. Everything else (loading, the velocity call and its mask, adapter
+targets, FSDP2/DeepSpeed block wrapping, checkpoints, sampling, export) asks the `ModelFamily` row.
+
+What differs, and why it is a field:
+- `transformer_class` / `pipeline_class`: the diffusers classes (`FluxTransformer2DModel` + `FluxPipeline`;
+  `ChromaTransformer2DModel` + `ChromaPipeline`).
+- `t5` / `clip`: where the text encoders live in the pipeline dir. FLUX: CLIP-L in text_encoder/, T5 in
+  text_encoder_2/. Chroma has no CLIP (its pooled input was pruned with the modulation Linears): T5 in text_encoder/.
+- `call`: how the transformer is called. FLUX takes CLIP's pooled vector and the bool key mask through
+  `joint_attention_kwargs` (key-only: every query row keeps the image keys). Chroma takes no pooled vector and no
+  guidance; its blocks turn the `attention_mask` argument (B, S) into `mask[:, None, None, :] * mask[:, None, :, None]`
+  (query AND key), which stays bool when the mask is bool. Masked text queries then attend to nothing: SDPA returns
+  zeros for such rows on the CPU, but some CUDA kernels NaN, so `prepare` installs a processor that keeps those
+  rows finite; their outputs are never read (the text rows are dropped after the last block).
+- `block_lists`: the transformer's block ModuleLists, double-stream first: what FSDP2 shards one by one, what
+  activation checkpointing and `torch.compile` wrap, and where adapters go (`model.adapter.blocks` /
+  `single_blocks` index them). The same attribute names in both families; the classes differ (`block_classes`).
+- `pipeline_template`: the self-contained masked pipeline that `--format diffusers` exports as `pipeline.py`.
+- `export_formats`: what `dedistill export` can write for it (BFL single-file keys exist for FLUX only).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+VelocityCall = Callable[..., torch.Tensor]
+
+
+def _call_flux(transformer, *, x, t, t5, pooled, key_mask, img_ids, txt_ids) -> torch.Tensor:
+    kwargs = {"attention_mask": key_mask} if key_mask is not None else None
+    return transformer(hidden_states=x, timestep=t, pooled_projections=pooled, encoder_hidden_states=t5,
+                       txt_ids=txt_ids, img_ids=img_ids, joint_attention_kwargs=kwargs, return_dict=False)[0]
+
+
+def _call_chroma(transformer, *, x, t, t5, pooled, key_mask, img_ids, txt_ids) -> torch.Tensor:
+    # No pooled vector, no guidance: Chroma's approximator sees only the timestep (guidance is fed as 0 inside).
+    return transformer(hidden_states=x, timestep=t, encoder_hidden_states=t5, txt_ids=txt_ids, img_ids=img_ids,
+                       attention_mask=key_mask, return_dict=False)[0]
+
+
+def _no_empty_query_rows(model: torch.nn.Module) -> None:
+    """Give every Chroma attention a processor that lets a fully masked query row attend everywhere.
+
+    Chroma's blocks turn the (B, S) mask into `mask[:, None, None, :] * mask[:, None, :, None]`, so a masked text
+    query attends to nothing. Some SDPA kernels return NaN for such a row (CUDA memory-efficient attention,
+    pytorch/pytorch#110213), and a NaN value leaks through a masked key in the next block (0 · NaN). Letting that
+    row attend to every key keeps it finite; its output is never read (it is a masked key for every other query,
+    and text rows are dropped after the last block), so every other output is unchanged, bit for bit
+    (tests/test_family.py). FLUX needs nothing: its key-only mask leaves every row the image keys."""
+    from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
+
+    class NoEmptyRowsProcessor(FluxAttnProcessor):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                     image_rotary_emb=None):
+            if attention_mask is not None and attention_mask.dtype == torch.bool:
+                attention_mask = attention_mask | ~attention_mask.any(dim=-1, keepdim=True)  # (B, 1, S, S)
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+    for module in model.modules():
+        if isinstance(module, FluxAttention):
+            module.set_processor(NoEmptyRowsProcessor())
+
+
+def _nothing(model: torch.nn.Module) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    transformer_class: str
+    pipeline_class: str
+    t5: tuple[str, str]
+    """(encoder subdir, tokenizer subdir) of T5 in the pipeline dir."""
+    clip: tuple[str, str] | None
+    """(encoder subdir, tokenizer subdir) of CLIP-L, or None: the transformer takes no pooled vector."""
+    call: VelocityCall
+    block_classes: tuple[str, str]
+    pipeline_template: str
+    export_formats: tuple[str, ...]
+    stock_mask: str
+    """What the family's stock diffusers pipeline does with the T5 padding mask (the export's model card says it)."""
+    prepare: Callable[[torch.nn.Module], None]
+    """Run on every transformer this family builds (`train.model.build_transformer_meta`): attention processors."""
+    block_lists: tuple[str, str] = ("transformer_blocks", "single_transformer_blocks")
+    adapter_examples: str = "to_q, to_out.0, ff.net.0.proj, proj_mlp, proj_out"
+    """Valid `model.adapter.target_modules` suffixes, for the error message when one matches nothing."""
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """Subdirs a diffusers-format pipeline dir of this family must have."""
+        parts = ["transformer", "vae", *self.t5]
+        return tuple(parts + list(self.clip or ()))
+
+    def transformer_cls(self):
+        import diffusers
+
+        return getattr(diffusers, self.transformer_class)
+
+    def pipeline_cls(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class)
+
+    def blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """Every transformer block, double-stream then single-stream (57 for FLUX.1 and Chroma)."""
+        return [b for attr in self.block_lists for b in getattr(model, attr)]
+
+
+FAMILIES: dict[str, ModelFamily] = {
+    "flux": ModelFamily(
+        name="flux",
+        transformer_class="FluxTransformer2DModel",
+        pipeline_class="FluxPipeline",
+        t5=("text_encoder_2", "tokenizer_2"),
+        clip=("text_encoder", "tokenizer"),
+        call=_call_flux,
+        block_classes=("FluxTransformerBlock", "FluxSingleTransformerBlock"),
+        pipeline_template="masked_flux_pipeline.py",
+        export_formats=("diffusers", "lora", "lycoris", "bfl"),
+        stock_mask="passes no mask (the image then also changes with `max_sequence_length`)",
+        prepare=_nothing,
+        adapter_examples="to_q, to_out.0, ff.net.0.proj, proj_mlp, proj_out, norm1.linear",
+    ),
+    "chroma": ModelFamily(
+        name="chroma",
+        transformer_class="ChromaTransformer2DModel",
+        pipeline_class="ChromaPipeline",
+        t5=("text_encoder", "tokenizer"),
+        clip=None,
+        call=_call_chroma,
+        block_classes=("ChromaTransformerBlock", "ChromaSingleTransformerBlock"),
+        pipeline_template="masked_chroma_pipeline.py",
+        export_formats=("diffusers", "lora", "lycoris"),
+        stock_mask="builds the mask as float 0/1, which SDPA adds to the scores: it masks nothing, and every pad "
+                   "reaches the image",
+        prepare=_no_empty_query_rows,
+    ),
+}
+_BY_CLASS = {f.transformer_class: f for f in FAMILIES.values()}
+
+
+def family_of_class(class_name: str, *, where: str = "transformer") -> ModelFamily:
+    if class_name not in _BY_CLASS:
+        raise ValueError(f"{where}: transformer class {class_name!r} is not one of "
+                         f"{', '.join(_BY_CLASS)} (model families: {', '.join(FAMILIES)})")
+    return _BY_CLASS[class_name]
+
+
+def family_of_dir(path: str | Path, *, key: str = "model.path") -> ModelFamily:
+    """The family of a diffusers-format pipeline dir, from `transformer/config.json`'s `_class_name`."""
+    f = Path(path) / "transformer" / "config.json"
+    if not f.is_file():
+        raise ValueError(f"{key}: '{path}' has no transformer/config.json (expected a diffusers-format pipeline)")
+    try:
+        name = json.loads(f.read_text()).get("_class_name", "")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{key}: {f} is not valid JSON ({e})") from None
+    return family_of_class(name, where=f"{key}: {f}")
+
+
+def family_of_model(model: torch.nn.Module) -> ModelFamily:
+    """The family of a transformer instance: plain, peft-injected, FSDP2-wrapped (a generated subclass) or inside a
+    DeepSpeed engine (`.module`)."""
+    model = getattr(model, "module", model)
+    for cls in type(model).__mro__:
+        if cls.__name__ in _BY_CLASS:
+            return _BY_CLASS[cls.__name__]
+    raise ValueError(f"transformer: {type(model).__name__} is not a known family ({', '.join(_BY_CLASS)})")
