@@ -390,7 +390,7 @@ def evaluate(
     from evals.fid import Stats, fid_from_stats, reference_stats
     from evals.inception import load_inception
     from evals.sampler import SamplerSettings, generate, make_grid
-    from train.inference import load_for_inference
+    from train.inference import load_for_inference, text_settings
 
     t_start = time.perf_counter()
     suite = resolve_paths(suite, target)  # every rank checks: a bad path fails everywhere, before any collective
@@ -398,7 +398,8 @@ def evaluate(
     prompts = build_prompts(suite.prompts, suite.num_samples)
     sc = suite.sampling
     run_cfg = target.run_config
-    masked = {"true": True, "false": False}.get(sc.mask, run_cfg.objective.attention_mask if run_cfg else True)
+    trained_mask, visible_pads = text_settings(target.path, run_cfg)  # a run's objective, or an export's record
+    masked = {"true": True, "false": False}.get(sc.mask, trained_mask)
     max_tokens = sc.max_text_tokens or (run_cfg.objective.max_text_tokens if run_cfg else 512)
 
     scorers = Scorers(dims=suite.fid.dims, fid_batch=suite.fid.batch_size, clip_batch=suite.clip.batch_size)
@@ -426,7 +427,7 @@ def evaluate(
         s = SamplerSettings(
             steps=steps, cfg_scale=cfg, negative_prompt=sc.negative_prompt, resolution=sc.resolution, seed=sc.seed,
             max_text_tokens=max_tokens, masked=masked, noise_temperature=sc.noise_temperature,
-            visible_padding_tokens=run_cfg.objective.visible_padding_tokens if run_cfg else 0,
+            visible_padding_tokens=visible_pads,
             cfg_skip_steps=sc.cfg_skip_steps, cfg_rescale=sc.cfg_rescale, batch_size=sc.batch_size,
             schedule=loaded.schedule,
         )
