@@ -181,6 +181,17 @@ def test_prune_cli_loads_in_chroma_pipeline(tiny_model_dir, tiny_data_dir, tmp_p
                  generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
 
+    # the pruned dir is what configs/chroma.yaml starts from: the trainer reads it as the chroma family and trains
+    import tiny_runs
+    from train.config import load_config
+    from train.family import family_of_dir
+
+    assert family_of_dir(out).name == "chroma"
+    cfg = load_config(tiny_runs.CONFIG, [f"model.path={out}", f"data.local={tiny_data_dir}", f"run_dir={tmp_path / 'run'}",
+                                         "train.max_steps=2", "train.progress_bar=false", "sample.at_end=false"])
+    state = tiny_runs.train_in_process(cfg)
+    assert state.step == 2 and all(math.isfinite(r["loss"]) for r in state.history)
+
 
 def test_prune_refuses_before_work(tiny_model_dir, tmp_path):
     from launch.prune import run_prune
