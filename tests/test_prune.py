@@ -143,6 +143,7 @@ def test_fit_is_seeded_and_learns():
     assert runs[0][0] == runs[1][0]  # bitwise the same losses for the same seed
 
 
+@pytest.mark.slow
 def test_prune_cli_loads_in_chroma_pipeline(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
     """The command end to end on the tiny pipeline: the report (finite, the bound below), the pipeline dir that
     diffusers' own ChromaPipeline loads and runs, and the pruned weights inside it."""
