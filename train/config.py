@@ -146,6 +146,10 @@ class ObjectiveConfig:
     """T5 context length (schnell was trained with 256; LibreFLUX raised it to 512)."""
     attention_mask: bool = True
     """Mask T5 padding out of joint attention with a bool key mask."""
+    attention: str = "sdpa"
+    """How joint attention applies the padding mask in training (train/flux.py): sdpa (PyTorch SDPA, a bool key
+    mask) | flex (FlexAttention with a BlockMask: all-padding blocks skipped; compile the blocks for speed). Equal
+    outputs within float rounding; sampling uses sdpa."""
     trim_text: bool = True
     """Trim each batch's text to its longest prompt. Applies only with attention_mask (where it is exact);
     without the mask the padding changes the output, so it is kept."""
@@ -164,6 +168,7 @@ class ObjectiveConfig:
         )
         _check_choice("objective.shift", self.shift, ("none", "constant", "resolution"))
         _check_choice("objective.loss_weighting", self.loss_weighting, ("none", "cosmap"))
+        _check_choice("objective.attention", self.attention, ("sdpa", "flex"))
         _check_positive("objective.logit_std", self.logit_std)
         _check_positive("objective.beta_alpha", self.beta_alpha)
         _check_positive("objective.beta_beta", self.beta_beta)
