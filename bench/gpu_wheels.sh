@@ -8,7 +8,8 @@
 #   mosaicml-streaming      the demo and the toy proof read MDS shards (--no-deps: only what it imports at runtime)
 #   zstd, python-snappy+cramjam, brotli   streaming's compression module imports all three at import time
 #   catalogue               streaming's registry imports it
-# Not carried: deepspeed, submitit, torchao, boto3/azure/gcs/oci/paramiko (streaming imports its cloud clients
+#   torchao 0.18.0          model.base_quant (the bench-512-int8/float8 rows); needs torch >= 2.11, pure-Python use
+# Not carried: deepspeed, submitit, boto3/azure/gcs/oci/paramiko (streaming imports its cloud clients
 # only for a remote; the GPU session reads local shards).
 #
 #   bash bench/gpu_wheels.sh [DEST]     # default DEST: .whl (ignored by git); prints the set's total size
@@ -27,6 +28,7 @@ WHEELS=(
   cramjam==2.14.0
   brotli==1.2.1
   catalogue==2.0.10
+  torchao==0.18.0
 )
 
 mkdir -p "$DEST"

@@ -210,6 +210,7 @@ class Options:
     ac: str = "none"
     attention: str | None = None
     float8: bool = False
+    base_quant: str = "none"
     offload: str = "auto"
     sync_debug: bool = False
     optim: str = "auto"
@@ -247,12 +248,18 @@ def build_ours(mode: str, arch: dict, *, info, dtype, opts: Options, frozen, obj
         model.set_attention_backend(opts.attention)
     if opts.float8:
         _convert_float8(model)
+    replicated: list[str] = []
+    if opts.base_quant != "none" and mode != "full":  # model.base_quant, as train.loop.build_model applies it
+        from train.quant import quantize_base
+
+        replicated = quantize_base(model, opts.base_quant)
     offload = opts.offload == "on" or (opts.offload == "auto" and mode == "full" and info.device.type == "cuda")
     pcfg = ParallelConfig(
         cpu_offload=offload, compile_blocks=opts.compile, ac_policy=opts.ac if opts.ac != "none" else "full"
     )
     model = parallelize_transformer(
-        model, pcfg, info=info, compute_dtype=dtype, activation_checkpointing=opts.ac != "none"
+        model, pcfg, info=info, compute_dtype=dtype, activation_checkpointing=opts.ac != "none",
+        replicated=frozenset(replicated),
     )
     model.train()
     named = trainable_named_parameters(model)
@@ -444,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ac", default="none", help="ours: activation checkpointing: none | full | ops | every_N")
     p.add_argument("--attention", default=None, help="ours: a diffusers attention backend (e.g. _native_cudnn)")
     p.add_argument("--float8", action="store_true", help="ours: torchao float8 training linears (GPU only)")
+    p.add_argument("--base-quant", choices=("none", "int8", "float8"), default="none",
+                   help="ours, lora/lokr: the frozen block Linears weight-only quantized (model.base_quant)")
     p.add_argument("--offload", choices=("auto", "on", "off"), default="auto",
                    help="ours: FSDP2 CPU offload (auto: on for mode full on a GPU — 12B fp32 + AdamW needs ~190 GB)")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the device's dense bf16 peak")
@@ -490,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     if info.device != device:
         info = type(info)(info.rank, info.world_size, info.local_rank, info.local_world_size, device)
     opts = Options(compile=args.compile, ac=args.ac, attention=args.attention, float8=args.float8,
+                   base_quant=args.base_quant,
                    offload=args.offload, sync_debug=args.sync_debug, optim=args.optim_impl)
     torch.manual_seed(args.seed)
     fm = flops_model(_meta_model(size.arch))
@@ -624,7 +634,7 @@ def print_report(rows, *, size_name, device, dtype, opts, peak, fm, args) -> dic
     print(f"# torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}, "
           f"python {platform.python_version()}")
     print(f"# ours: compile={opts.compile} ac={opts.ac} attention={opts.attention or 'native'} float8={opts.float8} "
-          f"offload={opts.offload} optim={opts.optim} length_grouping={args.length_grouping}; peak {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}; "
+          f"base_quant={opts.base_quant} offload={opts.offload} optim={opts.optim} length_grouping={args.length_grouping}; peak {'n/a' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'}; "
           f"P_tok={fm.p_tok:.4g} L={fm.layers} h={fm.hidden}")
     print("# tokens = image + processed text tokens per sample (mean over the timed steps); peak_mem_GiB: "
           + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else "the process's peak RSS (cumulative)"))
@@ -650,7 +660,7 @@ def print_report(rows, *, size_name, device, dtype, opts, peak, fm, args) -> dic
         "torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
         "python": platform.python_version(), "peak_tflops": None if peak is None else peak / 1e12,
         "options": {"compile": opts.compile, "ac": opts.ac, "attention": opts.attention or "native",
-                    "float8": opts.float8, "offload": opts.offload, "optim": opts.optim,
+                    "float8": opts.float8, "base_quant": opts.base_quant, "offload": opts.offload, "optim": opts.optim,
                     "length_grouping": args.length_grouping},
     }
 

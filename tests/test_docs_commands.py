@@ -200,6 +200,10 @@ CASES: dict[str, Run | Skip] = {
     "dedistill plan configs/openflux.yaml --gpus-per-node 1": run(expect=r"does not fit: .*GPUs"),
     "dedistill plan configs/libreflux.yaml parallel.hsdp=true --nodes 8 --gpus-per-node 8": run(expect=r"verdict"),
     "dedistill plan configs/lora-1gpu.yaml train.batch_size=1 --gpus-per-node 1 --gpu-mem-gib 24": run(expect=r"verdict"),
+    "dedistill plan lora-24gb --gpus-per-node 1 --gpu-mem-gib 24": run(expect=r"int8 \(replicated\)[\s\S]*verdict: fits"),
+    "python bench/base_quant.py": skip("builds two FLUX-width blocks (0.5B parameters) and runs bf16 CPU matmuls for "
+                                       "minutes; tests/test_quant.py runs the same quantize/forward/backward path on "
+                                       "the tiny model"),
     "python bench/plan_vs_measured.py": skip("about 15 min of mid-size CPU steps; tests/test_plan.py checks each term "
                                              "against the trainer's state and autograd's saved tensors"),
     "sbatch --nodes 2 --gpus-per-node 8 slurm/train.sbatch configs/full-fsdp-multinode.yaml parallel.max_restarts=2 "

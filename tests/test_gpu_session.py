@@ -21,7 +21,7 @@ def test_every_gpu_command_parses_and_has_a_rehearsal(tmp_path):
     names = [s.name for s in steps]
     assert len(set(names)) == len(names)
     assert {"bench-512-eager", "bench-512-compiled", "bench-1024", "bench-512-sync-debug", "bench-512-grouped", "pytest-gpu",
-            "demo-nccl", "proof-gpu-smoke"} == set(names)
+            "demo-nccl", "proof-gpu-smoke", "bench-512-int8", "bench-512-float8"} == set(names)
     for step in steps:
         check_parses(step)  # the bench's, the CLI's, the proof's own parsers and config loaders
         assert step.dry is not None or step.why_not_dry, step.name
@@ -51,11 +51,12 @@ def test_dry_run_writes_the_results_table(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["gpu_results.json", "gpu_results.md", "gpu_session.log"]
     results = json.loads((out / "gpu_results.json").read_text())
     status = {s["name"]: s["status"] for s in results["steps"]}
-    assert status["bench-512-compiled"] == status["proof-gpu-smoke"] == "not run in --dry"
-    assert all(v == "ok" for k, v in status.items() if k not in ("bench-512-compiled", "proof-gpu-smoke")), status
+    not_dry = ("bench-512-compiled", "proof-gpu-smoke", "bench-512-float8")
+    assert {status[k] for k in not_dry} == {"not run in --dry"}
+    assert all(v == "ok" for k, v in status.items() if k not in not_dry), status
     assert [(r["mode"], r["options"]) for r in results["rows"]] == [
         ("lora", "eager"), ("baseline", "eager"), ("lokr", "eager"), ("full", "eager"), ("lora", "sync-debug"),
-        ("lora", "length grouping")]
+        ("lora", "length grouping"), ("lora", "base int8")]
     table = (out / "gpu_results.md").read_text()
     assert "| date | GPU | mode |" in table and table.count("| eager |") == 4
     assert "gpu_session: diffusers 0.39" in r.stdout  # the import check ran first

@@ -105,10 +105,18 @@ class ModelConfig:
     """Where T5 (and CLIP) run when the data is raw captions: device (replicated on every GPU) | cpu (host memory,
     encoded on the CPU; frees ~9.5 GB per GPU at FLUX size) | fsdp (T5 sharded over the ranks with FSDP2, as
     torchtitan does; CLIP stays on the device). With precomputed data no encoder is loaded at all."""
+    base_quant: str = "none"
+    """The frozen base Linears of the transformer blocks under a LoRA/LoKr adapter (train/quant.py): none (the
+    model dtype) | int8 | float8 (torchao weight-only, per-row scales: about half the bf16 bytes; needs the `quant`
+    extra). FSDP2 keeps them whole on every rank (frozen: no gradient to reduce, nothing to all-gather)."""
 
     def __post_init__(self) -> None:
         _check_choice("model.dtype", self.dtype, ("auto", "fp32", "bf16"))
         _check_choice("model.text_encoder_placement", self.text_encoder_placement, ("device", "cpu", "fsdp"))
+        _check_choice("model.base_quant", self.base_quant, ("none", "int8", "float8"))
+        if self.base_quant != "none" and self.adapter.kind == "full":
+            raise ValueError(f"model.base_quant: {self.base_quant} quantizes the frozen base under an adapter; "
+                             f"model.adapter.kind=full trains every weight (set model.base_quant=none)")
 
 
 @dataclass(kw_only=True)
@@ -138,6 +146,10 @@ class ObjectiveConfig:
     """T5 context length (schnell was trained with 256; LibreFLUX raised it to 512)."""
     attention_mask: bool = True
     """Mask T5 padding out of joint attention with a bool key mask."""
+    attention: str = "sdpa"
+    """How joint attention applies the padding mask in training (train/flux.py): sdpa (PyTorch SDPA, a bool key
+    mask) | flex (FlexAttention with a BlockMask: all-padding blocks skipped; compile the blocks for speed). Equal
+    outputs within float rounding; sampling uses sdpa."""
     trim_text: bool = True
     """Trim each batch's text to its longest prompt. Applies only with attention_mask (where it is exact);
     without the mask the padding changes the output, so it is kept."""
@@ -156,6 +168,7 @@ class ObjectiveConfig:
         )
         _check_choice("objective.shift", self.shift, ("none", "constant", "resolution"))
         _check_choice("objective.loss_weighting", self.loss_weighting, ("none", "cosmap"))
+        _check_choice("objective.attention", self.attention, ("sdpa", "flex"))
         _check_positive("objective.logit_std", self.logit_std)
         _check_positive("objective.beta_alpha", self.beta_alpha)
         _check_positive("objective.beta_beta", self.beta_beta)
@@ -428,6 +441,12 @@ class JobConfig:
     def __post_init__(self) -> None:
         if not self.run_dir:
             raise ValueError("run_dir: must not be empty")
+        if self.model.base_quant != "none" and self.parallel.backend != "fsdp2":
+            raise ValueError(f"model.base_quant: {self.model.base_quant} needs parallel.backend=fsdp2 (DeepSpeed "
+                             f"would partition and cast the quantized weights as if they were plain tensors)")
+        if self.model.base_quant != "none" and self.parallel.cpu_offload:
+            raise ValueError(f"model.base_quant: {self.model.base_quant} cannot be combined with parallel.cpu_offload "
+                             f"(FSDP2 offloads what it shards; the quantized base it keeps whole stays on the GPU)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -93,6 +93,9 @@ class ModelFamily:
     block_lists: tuple[str, str] = ("transformer_blocks", "single_transformer_blocks")
     adapter_examples: str = "to_q, to_out.0, ff.net.0.proj, proj_mlp, proj_out"
     """Valid `model.adapter.target_modules` suffixes, for the error message when one matches nothing."""
+    attentions: tuple[str, ...] = ("sdpa",)
+    """`objective.attention` values this family's call supports. flex needs a BlockMask built from the key mask;
+    Chroma's forward turns its (B, S) mask into a (B, 1, S, S) query-and-key mask itself, so it takes no BlockMask."""
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -129,6 +132,7 @@ FAMILIES: dict[str, ModelFamily] = {
         stock_mask="passes no mask (the image then also changes with `max_sequence_length`)",
         prepare=_nothing,
         adapter_examples="to_q, to_out.0, ff.net.0.proj, proj_mlp, proj_out, norm1.linear",
+        attentions=("sdpa", "flex"),
     ),
     "chroma": ModelFamily(
         name="chroma",

@@ -48,6 +48,36 @@ def joint_attention_mask(text_mask: torch.Tensor, n_image: int) -> torch.Tensor:
     return torch.cat([text_mask, image], dim=1)
 
 
+ATTENTION = ("sdpa", "flex")
+"""How joint attention applies the key mask (`objective.attention`): sdpa = diffusers' native backend, PyTorch SDPA
+with a (B, 1, 1, S) bool mask; flex = FlexAttention with a BlockMask built from the same key mask (blocks that hold
+only padding are skipped; fast only compiled, e.g. under `parallel.compile_blocks`)."""
+
+
+def flex_block_mask(key_mask: torch.Tensor):
+    """(B, S) bool key mask -> a FlexAttention BlockMask over (S queries × S keys): key j is visible to every query
+    of row b exactly when key_mask[b, j]. diffusers' own flex path reads a 2-D mask as a *query* mask (it views it as
+    (B, 1, S, 1)), so the BlockMask is built here and passed through as is."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    b, s = key_mask.shape
+
+    def visible(batch, head, q_idx, kv_idx):
+        return key_mask[batch, kv_idx]
+
+    return create_block_mask(visible, b, None, s, s, device=key_mask.device)
+
+
+def _use_backend(transformer, attention: str) -> None:
+    """Set the attention backend of every processor (diffusers `set_attention_backend`) once per change. Per
+    processor, not diffusers' `attention_backend` context: a checkpointed block recomputes its forward during the
+    backward, outside any context the forward ran in."""
+    backend = {"sdpa": "native", "flex": "flex"}[attention]
+    if getattr(transformer, "_dedistill_attention", "native") != backend:
+        transformer.set_attention_backend(backend)
+        transformer._dedistill_attention = backend
+
+
 def predict_velocity(
     transformer,
     x_t: torch.Tensor,
@@ -56,18 +86,29 @@ def predict_velocity(
     img_ids: torch.Tensor,
     *,
     masked: bool = True,
+    attention: str = "sdpa",
 ) -> torch.Tensor:
     """Velocity v(x_t, t | prompt) for packed latents x_t (B, N, C*4); t in [0, 1] (the transformer scales it by 1000).
 
     With `masked`, the bool key mask is passed unless the host knows the batch has no padding left
     (`prompt.unpadded`, e.g. a trimmed batch of equal-length prompts): an all-True mask changes nothing, and
     without one SDPA may pick its flash kernel, which takes no mask. Deciding reads no device tensor.
+    `attention` (ATTENTION) picks how the mask is applied; both give the same output within float rounding.
     """
     dtype = x_t.dtype
     txt_ids = torch.zeros(prompt.t5.shape[1], 3, device=x_t.device, dtype=img_ids.dtype)
     need_mask = masked and not prompt.unpadded
+    family = family_of_model(transformer)
+    if attention not in family.attentions:
+        raise ValueError(f"objective.attention: {attention} is not available for the {family.name} family "
+                         f"(choose from {', '.join(family.attentions)})")
+    if attention == "flex" and x_t.device.type == "cpu" and torch.is_grad_enabled():
+        raise ValueError("objective.attention: flex has no backward on CPU (PyTorch's FlexAttention); use sdpa")
+    _use_backend(transformer, attention)
     key_mask = joint_attention_mask(prompt.mask, x_t.shape[1]) if need_mask else None
-    return family_of_model(transformer).call(
+    if key_mask is not None and attention == "flex":
+        key_mask = flex_block_mask(key_mask)
+    return family.call(
         transformer, x=x_t, t=t.to(dtype), t5=prompt.t5.to(dtype), pooled=prompt.pooled.to(dtype),
         key_mask=key_mask, img_ids=img_ids, txt_ids=txt_ids,
     )

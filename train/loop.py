@@ -35,6 +35,7 @@ from train.parallel.load import materialize as materialize_sharded
 from train.parallelize import (
     DistInfo, all_reduce_mean, barrier, destroy_distributed, init_distributed, named_collective, shard_text_encoder,
 )
+from train.quant import quant_target_names, quantize_linear, torchao_config
 from train.step import Frozen, forward_backward_step
 from train.text import TextEncoder
 
@@ -132,10 +133,14 @@ def build_model(cfg: JobConfig, info: DistInfo) -> tuple[Backend, torch.dtype]:
         for group in adapter_groups(transformer, cfg.model.adapter):
             print(f"[dedistill] adapter {group.line()}", flush=True)
     materialize = None
+    quantized = quant_target_names(transformer) if cfg.model.base_quant != "none" else []
+    if quantized:
+        torchao_config(cfg.model.base_quant)  # a missing torchao fails here, before any weight is read
     if sharded:
         initial = {n: p.detach() for n, p in trainable_named_parameters(transformer) if not p.is_meta}
         transformer.to("meta")  # the adapter's initial values live on in `initial` until the shards are filled
-        materialize = partial(materialize_sharded, index=weights, initial=initial)
+        materialize = partial(materialize_sharded, index=weights, initial=initial, deferred=quantized,
+                              finish=partial(quantize_linear, kind=cfg.model.base_quant))
     backend = build_backend(
         transformer,
         cfg.parallel,
@@ -149,6 +154,7 @@ def build_model(cfg: JobConfig, info: DistInfo) -> tuple[Backend, torch.dtype]:
         ),
         make_optimizer=lambda params: build_optimizer(params, cfg.optim),
         materialize=materialize,
+        replicated=frozenset(quantized),
     )
     return backend, dtype
 

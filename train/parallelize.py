@@ -192,9 +192,11 @@ def parallelize_transformer(
     info: DistInfo,
     compute_dtype: torch.dtype,
     activation_checkpointing: bool,
+    replicated: frozenset[str] = frozenset(),
 ) -> torch.nn.Module:
     """torchtitan's order: activation checkpointing, then per-block `torch.compile`, then FSDP2 `fully_shard` on every
-    block, then on the root."""
+    block, then on the root. The parameters of the `replicated` modules (the quantized frozen base, train/quant.py)
+    are FSDP2's `ignored_params`: whole on every rank, never gathered or reduced."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -218,6 +220,8 @@ def parallelize_transformer(
         reduce_dtype=torch.float32 if cfg.reduce_dtype == "fp32" else torch.bfloat16,
     )
     kwargs = dict(mesh=mesh, mp_policy=mp)
+    if replicated:
+        kwargs["ignored_params"] = {p for name in replicated for p in model.get_submodule(name).parameters()}
     if cfg.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     # diffusers' single-stream blocks return slices of one tensor; FSDP2 warns about views, but neither FLUX nor

@@ -102,6 +102,9 @@ class Unit:
     name: str
     frozen: tuple[tuple[int, ...], ...]
     trainable: tuple[tuple[int, ...], ...]
+    quantized: tuple[tuple[int, ...], ...] = ()
+    """`model.base_quant`: the frozen Linears' weights (int8/float8, a scale per row) and biases (compute dtype),
+    kept whole on every rank by FSDP2 (train/quant.py); not in `frozen`, never gathered."""
 
     @staticmethod
     def _numel(shapes) -> int:
@@ -114,6 +117,15 @@ class Unit:
     @property
     def n_trainable(self) -> int:
         return self._numel(self.trainable)
+
+    @property
+    def n_quantized(self) -> int:
+        return self._numel(self.quantized)
+
+    def quantized_bytes(self, b: int) -> int:
+        """Bytes of the replicated quantized Linears: 1 per weight element + a 4-byte scale per row (float8's scale
+        is fp32; int8's is in the compute dtype, so this bounds it), biases (1-D) in the compute dtype (`b`)."""
+        return sum(math.prod(s) + 4 * s[0] if len(s) == 2 else math.prod(s) * b for s in self.quantized)
 
     def shard_numel(self, shapes, group: int) -> int:
         """Elements per rank after FSDP2's dim-0 sharding (dim 0 padded up to a multiple of the group)."""
@@ -137,7 +149,7 @@ class Inventory:
 
     @property
     def n_total(self) -> int:
-        return sum(u.n_trainable + u.n_frozen for u in self.units)
+        return sum(u.n_trainable + u.n_frozen + u.n_quantized for u in self.units)
 
     @property
     def hidden(self) -> int:
@@ -164,10 +176,13 @@ def inventory(config: dict, cfg: JobConfig) -> Inventory:
     from train.adapters import adapted_module_names, apply_adapter
     from train.mfu import flops_model
     from train.model import build_transformer_meta
+    from train.quant import quant_target_names
 
     model = build_transformer_meta(config)
     with torch.device("meta"):  # adapter weights on meta as well: a 3B-parameter LoKr must not be allocated
         apply_adapter(model, cfg.model.adapter)
+    quant = {id(p) for n in (quant_target_names(model) if cfg.model.base_quant != "none" else [])
+             for p in model.get_submodule(n).parameters()}
     blocks = [(f"transformer_blocks.{i}", b) for i, b in enumerate(model.transformer_blocks)]
     blocks += [(f"single_transformer_blocks.{i}", b) for i, b in enumerate(model.single_transformer_blocks)]
     in_blocks: set[int] = set()
@@ -175,8 +190,9 @@ def inventory(config: dict, cfg: JobConfig) -> Inventory:
     for name, block in blocks:
         params = list(block.parameters())
         in_blocks |= {id(p) for p in params}
-        units.append(Unit(name, tuple(tuple(p.shape) for p in params if not p.requires_grad),
-                          tuple(tuple(p.shape) for p in params if p.requires_grad)))
+        units.append(Unit(name, tuple(tuple(p.shape) for p in params if not p.requires_grad and id(p) not in quant),
+                          tuple(tuple(p.shape) for p in params if p.requires_grad),
+                          tuple(tuple(p.shape) for p in params if id(p) in quant)))
     rest = [p for p in model.parameters() if id(p) not in in_blocks]
     units.append(Unit("root", tuple(tuple(p.shape) for p in rest if not p.requires_grad),
                       tuple(tuple(p.shape) for p in rest if p.requires_grad)))
@@ -432,6 +448,9 @@ def gpu_memory(inv: Inventory, cfg: JobConfig, cl: Cluster, tok: Tokens, *, with
         frozen = sum(u.shard_numel(u.frozen, S) for u in inv.units) * b
         train_shard = sum(u.shard_numel(u.trainable, S) for u in inv.units)
         rows["frozen base weights (sharded)"] = frozen
+        if cfg.model.base_quant != "none":
+            rows[f"frozen base Linears {cfg.model.base_quant} (replicated)"] = sum(
+                u.quantized_bytes(b) for u in inv.units)
         rows["trainable params fp32 (sharded)"] = 4 * train_shard
         rows["gradients fp32 (sharded)"] = 4 * train_shard
         rows["AdamW moments fp32 (sharded)"] = 8 * train_shard
@@ -475,6 +494,9 @@ def gpu_memory(inv: Inventory, cfg: JobConfig, cl: Cluster, tok: Tokens, *, with
                      f"rank's host memory: {12 * n_train * cl.gpus_per_node / GiB:.0f} GiB per node")
     rows["activations (kept for backward)"] = acts["kept"]
     rows["backward working set (recomputed block)"] = acts["recompute"]
+    if cfg.model.base_quant != "none":  # train/quant.py's backward dequantizes one Linear's weight at a time
+        rows["dequantized weight (one Linear, transient)"] = max(
+            (math.prod(s) for u in inv.units for s in u.quantized if len(s) == 2), default=0) * b
     # zero_grad(set_to_none) frees the gradients after every step, and the backward frees activations as it fills
     # gradients: the two peak at opposite ends of the backward, never together.
     grads = next(v for k, v in rows.items() if k.startswith("gradients"))
@@ -500,7 +522,8 @@ def host_ram_at_load(inv: Inventory, cfg: JobConfig, cl: Cluster, *, with_encode
         S = shard_group(cfg, cl)
         # the shards themselves land on the GPU (in host RAM only for CPU runs); one unit's rows are in flight; a
         # new adapter's initial values are held (fp32, whole) until its shards are filled
-        shards = sum(u.shard_numel(u.frozen, S) * b + u.shard_numel(u.trainable, S) * 4 for u in inv.units)
+        shards = sum(u.shard_numel(u.frozen, S) * b + u.shard_numel(u.trainable, S) * 4 + u.quantized_bytes(b)
+                     for u in inv.units)
         per_rank = shards * (cl.device != "cuda") + max(u.n_frozen + u.n_trainable for u in inv.units) * 4
         per_rank += inv.n_trainable * 4 * (inv.kind != "full")
     else:

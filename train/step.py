@@ -161,7 +161,8 @@ def forward_backward_step(
     autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 else nullcontext()
     with autocast:
         pred = predict_velocity(
-            transformer, x_t.to(dtype), t, prompts.to(device, dtype), ids, masked=cfg.attention_mask
+            transformer, x_t.to(dtype), t, prompts.to(device, dtype), ids, masked=cfg.attention_mask,
+            attention=cfg.attention,
         )
     loss, _ = objective.flow_matching_loss(pred.float(), target, t, weighting=cfg.loss_weighting)
     if backward:

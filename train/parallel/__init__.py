@@ -81,6 +81,7 @@ def build_backend(
     step: StepConfig,
     make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
     materialize: Callable[[torch.nn.Module, torch.device], None] | None = None,
+    replicated: frozenset[str] = frozenset(),
 ) -> Backend:
     """Wrap a transformer (adapter applied, fp32 trainable parameters) in the configured backend.
 
@@ -88,13 +89,14 @@ def build_backend(
     parameters for DeepSpeed, which then partitions the optimizer state itself). `materialize(module, device)`,
     FSDP2 only, is for a transformer built on `meta`: it is called once the parameters are sharded (still on meta),
     allocates and fills each rank's shards (train/parallel/load.py), and runs before the optimizer is built.
+    `replicated` (FSDP2 only): modules whose parameters stay whole on every rank (the quantized frozen base).
     """
     if cfg.backend == "fsdp2":
         from train.parallel.fsdp2 import FSDP2Backend
 
         return FSDP2Backend(transformer, cfg, info=info, compute_dtype=compute_dtype, step=step,
-                            make_optimizer=make_optimizer, materialize=materialize)
-    if materialize is not None:
+                            make_optimizer=make_optimizer, materialize=materialize, replicated=replicated)
+    if materialize is not None or replicated:
         raise ValueError(f"parallel.backend: {cfg.backend!r} does not load sharded (only fsdp2 does)")
     if cfg.backend == "deepspeed":
         from train.parallel.deepspeed import DeepSpeedBackend

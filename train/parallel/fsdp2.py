@@ -30,10 +30,11 @@ class FSDP2Backend:
         step: StepConfig,
         make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
         materialize: Callable[[torch.nn.Module, torch.device], None] | None = None,
+        replicated: frozenset[str] = frozenset(),
     ):
         self.model = self.module = parallelize_transformer(
             transformer, cfg, info=info, compute_dtype=compute_dtype,
-            activation_checkpointing=step.activation_checkpointing,
+            activation_checkpointing=step.activation_checkpointing, replicated=replicated,
         )
         if materialize is not None:  # built on meta: each rank allocates and reads only its own shards
             # CPU offload keeps the sharded parameters in host memory; FSDP2 moves them per use.

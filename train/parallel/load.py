@@ -23,6 +23,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
@@ -97,9 +98,11 @@ def _local_slice(p: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
-def fill_sharded(model: torch.nn.Module, index: SafetensorsIndex, initial: dict[str, torch.Tensor]) -> None:
+def fill_sharded(model: torch.nn.Module, index: SafetensorsIndex, initial: dict[str, torch.Tensor], *,
+                 defer: frozenset[str] = frozenset()) -> None:
     """Fill every parameter's local shard of a `to_empty`'d (sharded or plain) model: from the file, or from
-    `initial` (whole tensors, keyed by parameter name). Raises ValueError when they do not cover the model exactly."""
+    `initial` (whole tensors, keyed by parameter name). Raises ValueError when they do not cover the model exactly.
+    Parameters named in `defer` are part of that check but are not filled (the caller fills them later)."""
     named = dict(model.named_parameters())
     wanted = {file_key(n) for n in named if n not in initial}
     missing, unexpected = sorted(wanted - index.entries.keys()), sorted(index.entries.keys() - wanted)
@@ -108,6 +111,8 @@ def fill_sharded(model: torch.nn.Module, index: SafetensorsIndex, initial: dict[
         raise ValueError(f"{where}: weights do not match the transformer config "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     for name, p in named.items():
+        if name in defer:
+            continue
         local, row = _local_slice(p)
         if local.numel() == 0:
             continue
@@ -124,12 +129,33 @@ def fill_sharded(model: torch.nn.Module, index: SafetensorsIndex, initial: dict[
 
 
 def materialize(model: torch.nn.Module, device: torch.device, index: SafetensorsIndex,
-                initial: dict[str, torch.Tensor]) -> None:
-    """`to_empty` a meta-built (and possibly `fully_shard`ed) model on `device`, then `fill_sharded` it."""
+                initial: dict[str, torch.Tensor], *, deferred: Sequence[str] = (),
+                finish: Callable[[torch.nn.Module], None] | None = None) -> None:
+    """`to_empty` a meta-built (and possibly `fully_shard`ed) model on `device`, then `fill_sharded` it.
+
+    `deferred` modules (the frozen Linears `model.base_quant` quantizes, which FSDP2 leaves whole) are allocated,
+    read and handed to `finish` one at a time after the rest, so their full-precision weights never all exist at
+    once: the extra peak is one Linear, not the base model.
+    """
     # Buffers are neither in the weights nor in `initial` (FLUX has none; Chroma's mod_proj is computed in its
     # __init__): to_empty leaves them uninitialised, so they are computed again.
     from train.model import set_computed_buffers
 
-    model.to_empty(device=device)
+    late = [(name, model.get_submodule(name)) for name in deferred]
+    held = {id(p) for _, m in late for p in m.parameters(recurse=False)}
+    # Module.to_empty is exactly this _apply, minus the exception for the deferred parameters (left on meta)
+    model._apply(lambda t: t if id(t) in held else torch.empty_like(t, device=device))
     set_computed_buffers(model, device=device)
-    fill_sharded(model, index, initial)
+    fill_sharded(model, index, initial, defer=frozenset(
+        f"{name}.{pn}" for name, m in late for pn, _ in m.named_parameters(recurse=False)))
+    for name, module in late:
+        module.to_empty(device=device, recurse=False)
+        with torch.no_grad():
+            for pn, p in module.named_parameters(recurse=False):
+                key = file_key(f"{name}.{pn}")
+                if index.entries[key].shape != tuple(p.shape):
+                    raise ValueError(f"{index.entries[key].file}: '{key}' has shape {index.entries[key].shape}, the "
+                                     f"transformer config says {tuple(p.shape)}")
+                p.copy_(index.read_rows(key, 0, p.shape[0]))
+        if finish is not None:
+            finish(module)
