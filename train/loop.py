@@ -223,7 +223,8 @@ def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend,
             out["ema"] = backend.ema_to_checkpoint(ema.state_dict())
         return out
 
-    latest = ckpt.latest() if cfg.checkpoint.resume else None
+    # The newest checkpoint that verifies (sizes, sha256, DCP structure); newer corrupt ones are moved aside, logged.
+    latest = ckpt.resume_from(log=partial(print, flush=True)) if cfg.checkpoint.resume else None
     if latest is not None:
         loaded = payload()
         extras = ckpt.load(latest, loaded)
