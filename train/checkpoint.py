@@ -190,7 +190,11 @@ def _cause(exc: BaseException) -> str:
         return f"rank {rank}: {_cause(inner)}"
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror}" + (f" ('{exc.filename}')" if exc.filename else "")
-    return (str(exc).splitlines() or [type(exc).__name__])[-1].strip()
+    text = (str(exc).splitlines() or [type(exc).__name__])[-1].strip()
+    if "unexpected pos" in text or "file write failed" in text:
+        # torch's stream writer (DCP writes tensors through it) on a short write; the errno is lost on the way
+        return f"a short write ({text.split('] ')[-1].strip(' .')}): the disk or quota is full, or an I/O error"
+    return text
 
 
 class CheckpointManager:
@@ -262,9 +266,12 @@ class CheckpointManager:
         self._raise_if(self._agree(error), step, path)
         try:
             # Before the shards: once rank 0's DCP save has finished, every rank's file is then known to exist.
-            torch.save({"rng": rng_state(), "data": _to_builtin(per_rank.get("data")), "step": step},
-                       path / rank_file(self.rank))
-        except Exception as e:  # torch.save reports a full disk as "PytorchStreamWriter failed writing file"
+            # Serialized in memory, then written: torch.save's own file writer reports a full disk as "unexpected
+            # pos 64 vs 0", a plain write as "No space left on device".
+            buf = io.BytesIO()
+            torch.save({"rng": rng_state(), "data": _to_builtin(per_rank.get("data")), "step": step}, buf)
+            (path / rank_file(self.rank)).write_bytes(buf.getvalue())
+        except OSError as e:
             error = f"writing {rank_file(self.rank)}: {_cause(e)}"
         self._raise_if(self._agree(error), step, path)
         if self.cfg.async_save:
@@ -326,12 +333,14 @@ class CheckpointManager:
     def _raise_if(self, error: str | None, step: int, path: Path) -> None:
         if error is None:
             return
-        if self.rank == 0:
-            shutil.rmtree(path, ignore_errors=True)  # a partial dir never counts; removing it gives the space back
         try:
-            free = f"{shutil.disk_usage(self.root).free:,} bytes free there now"
+            left = shutil.disk_usage(self.root).free  # before the partial dir is removed: the space at the failure
+            free = "No space left on device" if left < (1 << 16) else f"{left:,} bytes were free there"
         except OSError:
             free = "free space unknown"
+        self._agree(None)  # (a barrier on our group) every rank has looked before rank 0 removes the partial dir
+        if self.rank == 0:
+            shutil.rmtree(path, ignore_errors=True)  # a partial dir never counts; removing it gives the space back
         previous = [p for s, p in list_checkpoints(self.root) if s < step]
         keep = f"the previous checkpoint '{previous[-1]}' is intact" if previous else "there is no earlier checkpoint"
         raise CheckpointSaveError(
