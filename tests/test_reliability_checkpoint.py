@@ -90,7 +90,8 @@ def garbage(f: Path) -> None:
 
 # fault -> (how it is caused on the newest checkpoint, the file the verdict must name, the reason it must give)
 FAULTS = {
-    "truncated_distcp": (lambda c: truncate_half(c / "__0_0.distcp"), "__0_0.distcp", r"truncated: [\d,]+ of [\d,]+ bytes"),
+    "truncated_distcp": (lambda c: truncate_half(c / "__0_0.distcp"), "__0_0.distcp",
+                         r"truncated: [\d,]+ of [\d,]+ bytes"),
     "flipped_byte": (lambda c: flip_byte(c / "__0_0.distcp"), "__0_0.distcp", r"sha256 differs"),
     "missing_shard": (lambda c: (c / "__0_0.distcp").unlink(), "__0_0.distcp", r"missing"),
     "garbage_metadata": (lambda c: garbage(c / ".metadata"), ".metadata", r"sha256 differs"),
@@ -161,6 +162,22 @@ def test_training_resumes_past_a_corrupt_checkpoint_and_ends_bitwise(run_copy, o
     assert f"checkpoint {STEP6} is corrupt: {name}" in out and "resumed from" in out and "step_00000004" in out
     tiny_runs.assert_same_state(tiny_runs.ckpt(one_rank_run, 6), tiny_runs.ckpt(run_copy, 6))
     assert check(tiny_runs.ckpt(run_copy, 6)) is None
+
+
+def test_deepspeed_checkpoints_carry_the_same_manifest(tiny_model_dir, tiny_data_dir, tmp_path, capsys, monkeypatch):
+    """DeepSpeed saves through the same checkpoint manager in the same DCP layout: the same manifest, the same
+    verdicts (one process, ZeRO-2, 2 steps)."""
+    pytest.importorskip("deepspeed")
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    rc, out, err = cli(*train_args(tiny_model_dir, tiny_data_dir, run_dir, steps=2,
+                                   **{"parallel.backend": "deepspeed"}), capsys=capsys)
+    assert rc == 0 and "backend=deepspeed" in out, err[-3000:]
+    rc, out, _ = cli("checkpoint", "verify", str(run_dir), capsys=capsys)
+    assert rc == 0 and out == "step_00000002  ok (size and sha256 of every file)\n"
+    flip_byte(tiny_runs.ckpt(run_dir, 2) / "__0_0.distcp")
+    rc, out, _ = cli("checkpoint", "verify", str(run_dir), capsys=capsys)
+    assert rc == 1 and out.startswith("step_00000002  BAD __0_0.distcp: sha256 differs")
 
 
 def test_checkpoints_without_a_manifest_are_checked_structurally_and_say_so(run_copy, capsys):
