@@ -226,11 +226,11 @@ def test_verify_reports_incomplete_dirs_and_refuses_what_is_not_a_run(run_copy, 
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 4 MiB tmpfs mounted here (we are root in CI and on the dev box); skipped, with the reason, where mount is
+    """A 16 MiB tmpfs (room for the three checkpoints of a tiny 2-rank run) mounted here (we are root in CI and on the dev box); skipped, with the reason, where mount is
     not allowed (no CAP_SYS_ADMIN, not root)."""
     where = tmp_path / "disk"
     where.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], capture_output=True, text=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(where)], capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({(r.stderr or r.stdout).strip() or r.returncode}): the disk-full "
                     f"tests need root with CAP_SYS_ADMIN")

@@ -338,13 +338,14 @@ class CheckpointManager:
             free = "No space left on device" if left < (1 << 16) else f"{left:,} bytes were free there"
         except OSError:
             free = "free space unknown"
+        free = "" if free in error else f" ({free})"
         self._agree(None)  # (a barrier on our group) every rank has looked before rank 0 removes the partial dir
         if self.rank == 0:
             shutil.rmtree(path, ignore_errors=True)  # a partial dir never counts; removing it gives the space back
         previous = [p for s, p in list_checkpoints(self.root) if s < step]
         keep = f"the previous checkpoint '{previous[-1]}' is intact" if previous else "there is no earlier checkpoint"
         raise CheckpointSaveError(
-            f"checkpoint save failed: '{path}': {error} ({free}); {keep}; the run stops here: free space (or raise "
+            f"checkpoint save failed: '{path}': {error}{free}; {keep}; the run stops here: free space (or raise "
             f"the quota) and start it again to resume from the newest good checkpoint"
         )
 
