@@ -316,12 +316,16 @@ class CheckpointManager:
         gathered = self._gather_to_main(hashes)
         if self.rank == 0 and error is None:
             try:
-                files = verify.manifest(path, gathered)
-                self._mark_complete(step, path, files, seconds=time.perf_counter() - t0, blocked_s=blocked_s)
-                problem = verify.check(path, checksums=False)  # the files just hashed: sizes and structure
+                meta = {"step": step, "world_size": self._world(), "seconds": round(time.perf_counter() - t0, 3)}
+                if blocked_s is not None:
+                    meta.update(async_save=True, blocked_s=round(blocked_s, 3))
+                meta[verify.MANIFEST_KEY] = verify.manifest(path, gathered)
+                # the files were just hashed; what is left to check before the marker is DCP's structure
+                problem = verify.check_structure(path, meta)
                 if problem:
-                    (path / MARKER).unlink()
                     error = f"the new checkpoint does not verify: {problem}"
+                else:
+                    self._mark_complete(path, meta)
             except OSError as e:
                 error = f"writing {MARKER}: {_cause(e)}"
             except Exception as e:  # never leave the other ranks waiting in the agreement below
@@ -369,12 +373,7 @@ class CheckpointManager:
                 dist.destroy_process_group(self._group)
                 self._group = None
 
-    def _mark_complete(self, step: int, path: Path, files: dict, *, seconds: float,
-                       blocked_s: float | None = None) -> None:
-        meta = {"step": step, "world_size": self._world(), "seconds": round(seconds, 3)}
-        if blocked_s is not None:
-            meta.update(async_save=True, blocked_s=round(blocked_s, 3))
-        meta[verify.MANIFEST_KEY] = files
+    def _mark_complete(self, path: Path, meta: dict) -> None:
         tmp = path / (MARKER + ".tmp")
         tmp.write_text(json.dumps(meta))
         tmp.rename(path / MARKER)  # atomic: the marker appears whole or not at all

@@ -96,7 +96,7 @@ def _check_file(path: Path, name: str, want: dict, *, checksums: bool) -> Proble
     return None
 
 
-def _check_structure(path: Path, marker: dict, *, load_rank_files: bool) -> Problem | None:
+def check_structure(path: Path, marker: dict, *, load_rank_files: bool = False) -> Problem | None:
     from train.checkpoint import read_metadata  # (train.checkpoint imports this module)
 
     if not (path / METADATA).is_file():
@@ -143,7 +143,7 @@ def check(path: Path, *, part: tuple[int, int] = (0, 1), checksums: bool = True)
             if problem:
                 return problem
     if part[0] == 0:
-        return _check_structure(path, marker, load_rank_files=files is None)
+        return check_structure(path, marker, load_rank_files=files is None)
     return None
 
 
