@@ -275,11 +275,8 @@ class CheckpointManager:
             error = f"writing {rank_file(self.rank)}: {_cause(e)}"
         self._raise_if(self._agree(error), step, path)
         if self.cfg.async_save:
-            try:
-                response = dcp.async_save(state, checkpoint_id=str(path), process_group=self._group)
-            except (Exception, CheckpointException) as e:
-                error = f"staging: {_cause(e)}"
-            self._raise_if(self._agree(error), step, path)
+            # No agreement on our group from here on in this thread: DCP's writer thread is using it now.
+            response = dcp.async_save(state, checkpoint_id=str(path), process_group=self._group)
             written = getattr(response, "upload_completion", response)  # an AsyncSaveResponse with async staging
             self.last_blocked_s = blocked = time.perf_counter() - t0
             done: Future = Future()
