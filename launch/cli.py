@@ -241,7 +241,7 @@ def _load_extensions() -> None:
 
     _EXTENSIONS.clear()  # main() may run more than once in a process (tests): register each subcommand once
     for module in ("dataset_tools.cli", "launch.submit_cli", "evals.cli", "launch.export_cli", "launch.describe",
-                   "launch.plan_cli", "launch.prune"):
+                   "launch.plan_cli", "launch.prune", "launch.checkpoint_cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:

@@ -1,5 +1,7 @@
 """CheckpointManager without a process group (a single process): completion marker, pruning, incomplete dirs."""
 
+import json
+
 import torch
 
 from train.checkpoint import MARKER, CheckpointManager, latest_checkpoint
@@ -79,10 +81,11 @@ def test_async_save_marks_complete_only_after_the_write_and_stages_a_copy(tmp_pa
     for step in (1, 2, 3):
         ckpt.save(step, {"w": w}, per_rank={"data": {"pos": step}})
         path = tmp_path / "checkpoints" / f"step_{step:08d}"
-        assert ckpt.pending is not None and not (path / MARKER).exists()  # marked by wait/poll, never by save
+        assert ckpt.pending is not None  # complete (marked by the writer thread) once wait/poll says so
         w.add_(1.0)  # the loop trains on while the write runs: the checkpoint must hold the staged values
         ckpt.wait()
         assert (path / MARKER).is_file() and ckpt.pending is None
+        assert "__0_0.distcp" in json.loads((path / MARKER).read_text())["files"]  # the manifest, written last
     ckpt.close()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
     state = {"w": torch.zeros(1000)}

@@ -415,6 +415,8 @@ CASES: dict[str, Run | Skip] = {
             expect=r"init_from .*: \d+ LoKr layers",
             creates=("demo/run-from-lycoris/checkpoints/step_00000002/COMPLETE",)),
     "dedistill sample --cfg-skip-steps 2": skip("a fragment: the option recipes.md names for LibreFLUX's advice"),
+    # docs/reliability.md
+    "dedistill checkpoint verify runs/libreflux": run(expect=r"step_00000002  ok \(size and sha256 of every file\)"),
     # docs/scaling.md
     "python bench/scaling.py": run(expect=r"efficiency", slow=True),
     "dedistill demo train.max_steps=400": skip("continues the 200-step demo in ./demo to 400 (minutes); `dedistill "

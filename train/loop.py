@@ -250,7 +250,8 @@ def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend,
         if data and extras.get("data") is not None:
             loader.load_state_dict(extras["data"])
 
-    latest = ckpt.latest() if cfg.checkpoint.resume else None
+    # The newest checkpoint that verifies (sizes, sha256, DCP structure); newer corrupt ones are moved aside, logged.
+    latest = ckpt.resume_from(log=partial(print, flush=True)) if cfg.checkpoint.resume else None
     if latest is not None:
         restore(latest)
     if info.is_main:
