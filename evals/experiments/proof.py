@@ -343,7 +343,7 @@ def stage_vae(cfg: ProofConfig, out: Path, judge, test_x: torch.Tensor) -> tuple
         lat = vae.encode(test_x).latent_dist.mean
         rec = vae.decode(lat).sample.clamp(-1, 1)
     mse = float(torch.nn.functional.mse_loss(rec, test_x))  # on [-1, 1]
-    _, preds = judge_images(judge, rec)  # scored against stage_judge's test labels by the caller
+    preds = judge_images(judge, rec)[1] if judge is not None else None  # scored against the test labels by the caller
     stats = {"mse": mse, "psnr_db": float(10 * np.log10(4.0 / mse))}
     return pipe_dir, stats, preds
 
@@ -432,6 +432,38 @@ def load_model(path: Path):
 
     # fp32 everywhere (the toy is small; also on GPU, so CPU and GPU numbers differ only by kernels)
     return load_for_inference(path, device=torch.device("cuda" if torch.cuda.is_available() else "cpu"), dtype="fp32")
+
+
+def stage_teacher(cfg: ProofConfig, out: Path, pipe_dir: Path, world: dict) -> Path:
+    """The real trainer, adapter `full`, on the world's shards -> `teacher_pipeline/` (a diffusers dir)."""
+    teacher_run = out / "teacher"
+    if not (out / "teacher_pipeline").exists():
+        run_trainer(_job(cfg, run_dir=teacher_run, model_path=pipe_dir, data=world["data"], budget=cfg.teacher,
+                         adapter="full"), cfg.teacher.nproc)
+        export_pipeline(pipe_dir, load_model(teacher_run).transformer, out / "teacher_pipeline")
+    return out / "teacher_pipeline"
+
+
+def stage_distill(cfg: ProofConfig, out: Path, pipe_dir: Path, world: dict) -> Path:
+    """Reflow on the teacher's CFG couplings (evals/experiments/distill.py) -> `student_pipeline/`."""
+    student_dir = out / "student_pipeline"
+    if not student_dir.exists():
+        from evals.experiments.distill import reflow, teacher_pairs
+
+        d = cfg.distill
+        teacher = load_model(out / "teacher_pipeline")
+        h = w = cfg.resolution // (2 ** (len(cfg.vae.block_out_channels) - 1))
+        prompts = (world["train_captions"] * (d.n_pairs // len(world["train_captions"]) + 1))[: d.n_pairs]
+        t0 = time.time()
+        noise, x0 = teacher_pairs(teacher.transformer, teacher.text, prompts, latent_hw=(h, w),
+                                  channels=cfg.vae.latent_channels, cfg_scale=d.teacher_cfg, steps=d.teacher_steps,
+                                  seed=cfg.seed + 50_000, max_text_tokens=cfg.max_text_tokens)
+        log(f"[proof] {len(prompts)} teacher CFG pairs in {time.time() - t0:.0f}s")
+        student, hist = reflow(teacher.transformer, teacher.text, prompts, noise, x0, latent_hw=(h, w),
+                               student_steps=d.student_steps, train_steps=d.train_steps, batch_size=d.batch_size,
+                               lr=d.lr, seed=cfg.seed, max_text_tokens=cfg.max_text_tokens, log=log)
+        export_pipeline(pipe_dir, student, student_dir)
+    return student_dir
 
 
 # ------------------------------------------------------------------------------------------------------------ eval
@@ -582,30 +614,9 @@ def run(cfg: ProofConfig, *, until: str = "eval") -> dict:
     if until == "vae":
         return {**sanity, "timings_s": timings}
 
-    teacher_run = out / "teacher"
-    if not (out / "teacher_pipeline").exists():
-        run_trainer(_job(cfg, run_dir=teacher_run, model_path=pipe_dir, data=world["data"], budget=cfg.teacher,
-                         adapter="full"), cfg.teacher.nproc)
-        export_pipeline(pipe_dir, load_model(teacher_run).transformer, out / "teacher_pipeline")
+    stage_teacher(cfg, out, pipe_dir, world)
     lap("teacher")
-
-    student_dir = out / "student_pipeline"
-    if not student_dir.exists():
-        from evals.experiments.distill import reflow, teacher_pairs
-
-        d = cfg.distill
-        teacher = load_model(out / "teacher_pipeline")
-        h = w = cfg.resolution // (2 ** (len(cfg.vae.block_out_channels) - 1))
-        prompts = (world["train_captions"] * (d.n_pairs // len(world["train_captions"]) + 1))[: d.n_pairs]
-        t0 = time.time()
-        noise, x0 = teacher_pairs(teacher.transformer, teacher.text, prompts, latent_hw=(h, w),
-                                  channels=cfg.vae.latent_channels, cfg_scale=d.teacher_cfg, steps=d.teacher_steps,
-                                  seed=cfg.seed + 50_000, max_text_tokens=cfg.max_text_tokens)
-        log(f"[proof] {len(prompts)} teacher CFG pairs in {time.time() - t0:.0f}s")
-        student, hist = reflow(teacher.transformer, teacher.text, prompts, noise, x0, latent_hw=(h, w),
-                               student_steps=d.student_steps, train_steps=d.train_steps, batch_size=d.batch_size,
-                               lr=d.lr, seed=cfg.seed, max_text_tokens=cfg.max_text_tokens, log=log)
-        export_pipeline(pipe_dir, student, student_dir)
+    student_dir = stage_distill(cfg, out, pipe_dir, world)
     lap("distill")
     if until == "distill":
         return {**sanity, "timings_s": timings, "student": str(student_dir)}
