@@ -363,8 +363,8 @@ CASES: dict[str, Run | Skip] = {
     "dedistill demo --out demo": skip("what `make demo` runs; the `make demo` case (README.md) runs it, reduced: one "
                                       "demo run per suite"),
     "python -m evals.experiments.toy_schnell --smoke out_dir=runs/ts --out runs/ts-asset":
-        run(creates=("runs/ts-asset/judge.safetensors", "runs/ts-asset/pipeline/transformer/config.json",
-                     "runs/ts-asset/toy_schnell.json"), expect=r"\[toy-schnell\] .*ts-asset: [\d.]+ MB", slow=True),
+        run(creates=("{tmp}/out/runs/ts-asset/judge.safetensors", "{tmp}/out/runs/ts-asset/pipeline/vae/config.json",
+                     "{tmp}/out/runs/ts-asset/toy_schnell.json"), expect=r"\[toy-schnell\] .*ts-asset: [\d.]+ MB", slow=True),
     "python -m evals.experiments.toy_schnell": skip("rebuilds the shipped toy schnell (~1 h on the loaded 2-core box); "
                                                     "`--smoke` (proof.md) runs every stage of it"),
     "torchrun --standalone --nproc_per_node 2 -m train configs/demo.yaml model.path=demo/model data.local=demo/data "
