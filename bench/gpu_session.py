@@ -83,7 +83,8 @@ def plan(work: Path) -> list[Step]:
         Step(name="demo-nccl",
              gpu=[PY, "-m", "launch", "demo", "--out", str(work / "demo"), "--n-samples", "64", *demo_common,
                   "parallel.dist_backend=nccl", "train.max_steps=30", "checkpoint.every_steps=15"],
-             dry=[PY, "-m", "launch", "demo", "--out", str(work / "demo"), "--n-samples", "16", *demo_common,
+             dry=[PY, "-m", "launch", "demo", "--out", str(work / "demo"), "--n-samples", "16", "--n-prompts", "4",
+                  *demo_common,
                   "parallel.dist_backend=gloo", "train.max_steps=2", "checkpoint.every_steps=2"],
              timeout_s=150),
         _bench("bench-512-sync-debug", ["--modes", "lora", "--resolutions", "512", "--warmup", "1", "--steps", "2",
@@ -129,7 +130,7 @@ def check_parses(step: Step) -> None:
 
         _load_extensions()
         a = build_parser().parse_args(argv[2:])
-        load_config(CONFIGS / "tiny-cpu.yaml", list(a.overrides))
+        load_config(CONFIGS / ("demo.yaml" if a.command == "demo" else "tiny-cpu.yaml"), list(a.overrides))
     elif argv[:2] == ["-m", "evals.experiments.proof"]:
         from evals.experiments.proof import load_proof_config
 

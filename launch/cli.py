@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -94,50 +92,12 @@ def cmd_sample(a) -> None:
 
 
 def cmd_demo(a) -> None:
-    """Tiny model + tiny data + a 2-process torchrun training job + the CFG grid, all under `--out`."""
-    import time
+    """De-distill the shipped toy schnell (2-process torchrun), then student vs de-distilled across cfg (before/after
+    table, results JSON, grid, CFG curves), all under `--out`: evals/experiments/demo.py."""
+    from evals.experiments.demo import run_demo
 
-    from dataset_tools.tiny_data import write_tiny_data
-    from dataset_tools.tiny_model import write_tiny_model
-
-    out = Path(a.out).resolve()
-    model, data, run = out / "model", out / "data", out / "run"
-    t0 = time.perf_counter()
-    if not (model / "model_index.json").is_file():
-        write_tiny_model(model, seed=0)
-    if not (data / "index.json").is_file():
-        write_tiny_data(data, n=a.n_samples, size=64, seed=0)
-    from train.config import load_config
-
-    # The tiny eval suite runs inline (rank 0) at the last step: metrics.json, grids, plots. Overridable.
-    last = load_config(CONFIGS / "tiny-cpu.yaml", list(a.overrides)).train.max_steps
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
-        "-m", "train", str(CONFIGS / "tiny-cpu.yaml"),
-        f"model.path={model}", f"data.local={data}", f"run_dir={run}",
-        "eval.suite=tiny", "eval.mode=inline", f"eval.every_steps={last}", *a.overrides,
-    ]
-    print("[demo] " + shlex.join(cmd), flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    rc = subprocess.call(cmd, env=env)
-    if rc != 0:
-        raise SystemExit(rc)
-    grids = sorted((run / "samples").glob("grid_step_*.png"))
-    evals = sorted((run / "evals").glob("step_*/*/metrics.json"))
-    print(
-        "\n[demo] finished in {:.0f} s\n"
-        "  tiny FLUX pipeline : {}\n"
-        "  tiny MDS dataset   : {}\n"
-        "  run dir            : {}\n"
-        "  checkpoints        : {}\n"
-        "  TensorBoard        : tensorboard --logdir {}\n"
-        "  CFG grid           : {}\n"
-        "  eval (FID, CLIP)   : {}\n"
-        "  eval plots         : {}".format(
-            time.perf_counter() - t0, model, data, run, run / "checkpoints", run / "tb", grids[-1] if grids else "-",
-            evals[-1] if evals else "-", run / "plots" if evals else "-",
-        )
-    )
+    run_demo(Path(a.out).resolve(), nproc=a.nproc, n_samples=a.n_samples, n_prompts=a.n_prompts,
+             overrides=list(a.overrides))
 
 
 # -------------------------------------------------------------------------------------------------------------- parser
@@ -214,10 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_sample)
 
-    s = sub.add_parser("demo", help="tiny model + data, 2-process CPU training, CFG grid (what `make demo` runs)")
+    s = sub.add_parser("demo", help="de-distill the shipped toy schnell, then before/after across cfg (`make demo`)")
     s.add_argument("--out", default="demo")
     s.add_argument("--nproc", type=int, default=2)
-    s.add_argument("--n-samples", type=int, default=256)
+    s.add_argument("--n-samples", type=int, default=2000, help="toy-world training samples")
+    s.add_argument("--n-prompts", type=int, default=128, help="held-out eval prompts per cell")
     s.add_argument("overrides", nargs="*", help="a.b=value overrides for the training config")
     s.set_defaults(func=cmd_demo)
 

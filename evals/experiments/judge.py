@@ -63,6 +63,7 @@ class Judge(nn.Module):
 
     def __init__(self, *, width: int = 32, feat_dim: int = 64):
         super().__init__()
+        self.width, self.feat_dim = width, feat_dim
         w = width
         self.conv = nn.Sequential(
             nn.Conv2d(6, w, 3, padding=1), nn.ReLU(),
@@ -100,6 +101,27 @@ def train_judge(images: torch.Tensor, labels: dict[str, torch.Tensor], *, steps:
         sched.step()
         if (step + 1) % max(1, steps // 5) == 0:
             print(f"[proof] judge step {step + 1}/{steps} loss {loss.item():.3f}", flush=True)
+    return judge.eval().requires_grad_(False)
+
+
+def save_judge(judge: Judge, path) -> None:
+    """safetensors, with the architecture (width, feat_dim) in its metadata so `load_judge` needs nothing else."""
+    from safetensors.torch import save_file
+
+    meta = {"width": str(judge.width), "feat_dim": str(judge.feat_dim)}
+    save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(path), metadata=meta)
+
+
+def load_judge(path) -> Judge:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "width" not in meta or "feat_dim" not in meta:
+        raise ValueError(f"{path}: not a judge file (no width/feat_dim in its safetensors metadata)")
+    judge = Judge(width=int(meta["width"]), feat_dim=int(meta["feat_dim"]))
+    judge.load_state_dict(load_file(str(path)))
     return judge.eval().requires_grad_(False)
 
 

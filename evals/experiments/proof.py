@@ -69,6 +69,13 @@ class TrainBudget:
     batch_size: int = 32
     lr: float = 3e-4
     caption_dropout: float = 0.15
+    nproc: int = 1
+    """Trainer processes: 1 runs in-process; N > 1 runs torchrun with N gloo/nccl ranks, batch_size / N each (on a
+    shared CPU box, 2 single-thread processes get twice the time slices of one)."""
+
+    def __post_init__(self) -> None:
+        if self.nproc < 1 or self.batch_size % self.nproc:
+            raise ValueError(f"nproc: must be >= 1 and divide batch_size ({self.batch_size}), got {self.nproc}")
 
 
 @dataclass(kw_only=True)
@@ -202,14 +209,17 @@ def stage_settings(cfg: ProofConfig) -> dict[str, dict]:
     """What each stage's output depends on: its own settings and those of the stages it reads."""
     from dataclasses import asdict
 
+    def budget(b: TrainBudget) -> dict:  # nproc 1 is left out: records made before the key existed stay valid
+        return {k: v for k, v in asdict(b).items() if k != "nproc" or v != 1}
+
     world = {"n_train": cfg.n_train, "resolution": cfg.resolution, "seed": cfg.seed}
     judge = {"judge": asdict(cfg.judge), "resolution": cfg.resolution, "seed": cfg.seed}
     vae = {"vae": asdict(cfg.vae), "model": asdict(cfg.model), **world}
-    teacher = {"teacher": asdict(cfg.teacher), "max_text_tokens": cfg.max_text_tokens, "pipeline": vae, "world": world}
+    teacher = {"teacher": budget(cfg.teacher), "max_text_tokens": cfg.max_text_tokens, "pipeline": vae, "world": world}
     distill = {"distill": asdict(cfg.distill), "teacher": teacher}
     out = {"world": world, "judge": judge, "vae": vae, "teacher": teacher, "distill": distill}
     for a in cfg.dedistill_adapters:
-        out[f"dedistill-{a}"] = {"dedistill": asdict(cfg.dedistill), "adapter": a, "student": distill}
+        out[f"dedistill-{a}"] = {"dedistill": budget(cfg.dedistill), "adapter": a, "student": distill}
     return out
 
 
@@ -222,32 +232,36 @@ def log(msg: str) -> None:
 
 def stage_world(cfg: ProofConfig, out: Path) -> dict:
     """Training shards + held-out eval set (single-object samples, full captions unseen in training)."""
-    from dataset_tools.tiny_data import iter_samples, write_tiny_data
-    from evals.experiments.judge import full_caption, single_object_samples
+    from dataset_tools.tiny_data import write_tiny_data
 
     data = out / "data"
     if not data.exists():
         write_tiny_data(data, n=cfg.n_train, size=cfg.resolution, seed=cfg.seed)
+    return {"data": data, **held_out_world(cfg)}
+
+
+def held_out_world(cfg: ProofConfig) -> dict:
+    """The training captions and the held-out eval set (the demo evaluates on the same prompts as the proof)."""
+    from dataset_tools.tiny_data import iter_samples
+    from evals.experiments.judge import full_caption, single_object_samples
+
     train_captions = {c for _, _, c, _ in iter_samples(cfg.n_train, size=8, seed=cfg.seed)}
     pool = single_object_samples(4 * cfg.eval.n_prompts, size=cfg.resolution, seed=cfg.seed + 10_000)
     held = [(img, a) for img, a in pool if full_caption(a) not in train_captions][: cfg.eval.n_prompts]
-    return {"data": data, "train_captions": sorted(train_captions), "eval": held,
-            "eval_prompts": [full_caption(a) for _, a in held]}
+    return {"train_captions": sorted(train_captions), "eval": held, "eval_prompts": [full_caption(a) for _, a in held]}
 
 
 def stage_judge(cfg: ProofConfig, out: Path, world: dict):
     from evals.experiments.judge import (ATTRS, accuracy, judge_images, labels_of, single_object_samples, to_tensor,
-                                         train_judge, Judge)
+                                         train_judge, load_judge, save_judge)
 
-    path = out / "judge.pt"
+    path = out / "judge.safetensors"
     j = cfg.judge
     test = single_object_samples(j.n_test, size=cfg.resolution, seed=cfg.seed + 20_000)
     test_x = to_tensor([im for im, _ in test])
     test_y = {k: torch.tensor([labels_of(a)[k] for _, a in test]) for k in ATTRS}
     if path.exists():
-        judge = Judge(width=j.width, feat_dim=j.feat_dim)
-        judge.load_state_dict(torch.load(path, weights_only=True))
-        judge.eval().requires_grad_(False)
+        judge = load_judge(path)
     else:
         t0 = time.time()
         # The judge trains on a seed disjoint from the generators' training shards and from its test set.
@@ -256,7 +270,7 @@ def stage_judge(cfg: ProofConfig, out: Path, world: dict):
         y = {k: torch.tensor([labels_of(a)[k] for _, a in train]) for k in ATTRS}
         judge = train_judge(x, y, steps=j.steps, batch_size=j.batch_size, lr=j.lr, seed=cfg.seed, width=j.width,
                             feat_dim=j.feat_dim)
-        torch.save(judge.state_dict(), path)
+        save_judge(judge, path)
         log(f"[proof] judge trained in {time.time() - t0:.0f}s")
     _, preds = judge_images(judge, test_x)
     acc = accuracy(preds, test_y)
@@ -329,7 +343,7 @@ def stage_vae(cfg: ProofConfig, out: Path, judge, test_x: torch.Tensor) -> tuple
         lat = vae.encode(test_x).latent_dist.mean
         rec = vae.decode(lat).sample.clamp(-1, 1)
     mse = float(torch.nn.functional.mse_loss(rec, test_x))  # on [-1, 1]
-    _, preds = judge_images(judge, rec)  # scored against stage_judge's test labels by the caller
+    preds = judge_images(judge, rec)[1] if judge is not None else None  # scored against the test labels by the caller
     stats = {"mse": mse, "psnr_db": float(10 * np.log10(4.0 / mse))}
     return pipe_dir, stats, preds
 
@@ -344,7 +358,7 @@ def _job(cfg: ProofConfig, *, run_dir: Path, model_path: Path, data: Path, budge
         "objective": {"timestep_sampler": "logit_normal", "shift": "none", "caption_dropout": budget.caption_dropout,
                       "max_text_tokens": cfg.max_text_tokens, "attention_mask": True, "trim_text": True},
         "data": {"local": str(data), "resolution": cfg.resolution, "shuffle": True, "num_workers": 0},
-        "train": {"max_steps": budget.steps, "batch_size": budget.batch_size, "grad_clip": 1.0,
+        "train": {"max_steps": budget.steps, "batch_size": budget.batch_size // budget.nproc, "grad_clip": 1.0,
                   "log_every": max(1, budget.steps // 10), "progress_bar": False},
         "optim": {"lr": budget.lr, "schedule": "cosine", "warmup_steps": min(50, budget.steps // 10),
                   "min_lr_ratio": 0.1},
@@ -354,11 +368,29 @@ def _job(cfg: ProofConfig, *, run_dir: Path, model_path: Path, data: Path, budge
     })
 
 
-def run_trainer(job) -> None:
-    """The real trainer, in-process at world size 1 (env:// rendezvous on a free local port)."""
+def run_trainer(job, nproc: int = 1) -> None:
+    """The real trainer: in-process at world size 1 (env:// rendezvous on a free local port), or under torchrun."""
     import socket
 
     from train.loop import train
+
+    if nproc > 1:
+        import subprocess
+        import sys
+
+        from train.config import dump_config
+
+        Path(job.run_dir).mkdir(parents=True, exist_ok=True)
+        job_yaml = Path(job.run_dir) / "proof_job.yaml"
+        dump_config(job, job_yaml)
+        t0 = time.time()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+               "train", str(job_yaml)]
+        rc = subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if rc:
+            raise RuntimeError(f"{job.run_dir}: torchrun exited with {rc}")
+        log(f"[proof] {job.run_dir}: {job.train.max_steps} steps on {nproc} processes in {time.time() - t0:.0f}s")
+        return
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -402,11 +434,43 @@ def load_model(path: Path):
     return load_for_inference(path, device=torch.device("cuda" if torch.cuda.is_available() else "cpu"), dtype="fp32")
 
 
+def stage_teacher(cfg: ProofConfig, out: Path, pipe_dir: Path, world: dict) -> Path:
+    """The real trainer, adapter `full`, on the world's shards -> `teacher_pipeline/` (a diffusers dir)."""
+    teacher_run = out / "teacher"
+    if not (out / "teacher_pipeline").exists():
+        run_trainer(_job(cfg, run_dir=teacher_run, model_path=pipe_dir, data=world["data"], budget=cfg.teacher,
+                         adapter="full"), cfg.teacher.nproc)
+        export_pipeline(pipe_dir, load_model(teacher_run).transformer, out / "teacher_pipeline")
+    return out / "teacher_pipeline"
+
+
+def stage_distill(cfg: ProofConfig, out: Path, pipe_dir: Path, world: dict) -> Path:
+    """Reflow on the teacher's CFG couplings (evals/experiments/distill.py) -> `student_pipeline/`."""
+    student_dir = out / "student_pipeline"
+    if not student_dir.exists():
+        from evals.experiments.distill import reflow, teacher_pairs
+
+        d = cfg.distill
+        teacher = load_model(out / "teacher_pipeline")
+        h = w = cfg.resolution // (2 ** (len(cfg.vae.block_out_channels) - 1))
+        prompts = (world["train_captions"] * (d.n_pairs // len(world["train_captions"]) + 1))[: d.n_pairs]
+        t0 = time.time()
+        noise, x0 = teacher_pairs(teacher.transformer, teacher.text, prompts, latent_hw=(h, w),
+                                  channels=cfg.vae.latent_channels, cfg_scale=d.teacher_cfg, steps=d.teacher_steps,
+                                  seed=cfg.seed + 50_000, max_text_tokens=cfg.max_text_tokens)
+        log(f"[proof] {len(prompts)} teacher CFG pairs in {time.time() - t0:.0f}s")
+        student, hist = reflow(teacher.transformer, teacher.text, prompts, noise, x0, latent_hw=(h, w),
+                               student_steps=d.student_steps, train_steps=d.train_steps, batch_size=d.batch_size,
+                               lr=d.lr, seed=cfg.seed, max_text_tokens=cfg.max_text_tokens, log=log)
+        export_pipeline(pipe_dir, student, student_dir)
+    return student_dir
+
+
 # ------------------------------------------------------------------------------------------------------------ eval
 
 
 def evaluate(cfg: ProofConfig, models: dict[str, Path], judge, world: dict, out: Path,
-             real_x: torch.Tensor) -> list[dict]:
+             real_x: torch.Tensor, *, cells: dict | None = None, write_grid: bool = True) -> list[dict]:
     """Rows of {model, steps, cfg, repeat, fid, acc_*}. The first row is real images: adherence of the eval set's own
     renders, FID of an independent real set (`real_x`, the judge's test images) against them (the floor)."""
     from evals.experiments.judge import ATTRS, accuracy, judge_images, labels_of, to_tensor
@@ -442,7 +506,11 @@ def evaluate(cfg: ProofConfig, models: dict[str, Path], judge, world: dict, out:
                         f"adherence {acc['mean']:.3f} ({time.time() - t0:.1f}s)")
                     if r == 0:
                         row_imgs += images[: e.grid_prompts]
+                        if cells is not None:  # (model, steps, cfg) -> the grid prompts' images, for other layouts
+                            cells[name, steps, scale] = images[: e.grid_prompts]
             grid_rows.append((f"{name} {steps} steps", row_imgs))
+    if not write_grid:
+        return rows
     # Sample grid: one row per (model, steps); columns = cfg scales x grid prompts (same noise seeds throughout).
     make_grid([imgs for _, imgs in grid_rows]).resize(
         (len(grid_rows[0][1]) * (cfg.resolution + 2) * 2, len(grid_rows) * (cfg.resolution + 2) * 2), 0
@@ -502,13 +570,19 @@ def plot(rows: list[dict], cfg: ProofConfig, path: Path) -> None:
 # ------------------------------------------------------------------------------------------------------------ main
 
 
-def run(cfg: ProofConfig) -> dict:
+STAGES = ("vae", "distill", "eval")  # where --until may stop: the sanity checks, the toy schnell, everything
+
+
+def run(cfg: ProofConfig, *, until: str = "eval") -> dict:
+    """All stages, or those up to and including `until` (`distill` is what `dedistill toy-schnell` ships)."""
+    if until not in STAGES:
+        raise ValueError(f"--until: '{until}' is not one of {', '.join(STAGES)}")
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     record, settings = StageRecord(out), stage_settings(cfg)
     # Checked for every stage before any runs: a mismatch fails in a second, not after an hour of retraining.
-    outputs = {"world": [out / "data"], "judge": [out / "judge.pt"], "vae": [out / "pipeline"],
+    outputs = {"world": [out / "data"], "judge": [out / "judge.safetensors"], "vae": [out / "pipeline"],
                "teacher": [out / "teacher", out / "teacher_pipeline"], "distill": [out / "student_pipeline"],
                **{f"dedistill-{a}": [out / f"dedistill-{a}"] for a in cfg.dedistill_adapters}}
     for stage, paths in outputs.items():
@@ -529,41 +603,30 @@ def run(cfg: ProofConfig) -> dict:
     judge, judge_acc, test_x, test_y = stage_judge(cfg, out, world)
     lap("judge")
     pipe_dir, vae_stats, rec_preds = stage_vae(cfg, out, judge, test_x)
+    from evals.experiments.judge import accuracy
+
+    rec_acc = accuracy(rec_preds, test_y)
     log(f"[proof] vae held-out reconstruction: {vae_stats}")
+    log(f"[proof] judge on vae reconstructions: {json.dumps({k: round(v, 3) for k, v in rec_acc.items()})}")
     lap("vae")
+    sanity = {"judge_heldout_accuracy": judge_acc, "vae": vae_stats, "judge_accuracy_on_vae_reconstructions": rec_acc}
+    (out / "sanity.json").write_text(json.dumps(sanity, indent=2))
+    if until == "vae":
+        return {**sanity, "timings_s": timings}
 
-    teacher_run = out / "teacher"
-    if not (out / "teacher_pipeline").exists():
-        run_trainer(_job(cfg, run_dir=teacher_run, model_path=pipe_dir, data=world["data"], budget=cfg.teacher,
-                         adapter="full"))
-        export_pipeline(pipe_dir, load_model(teacher_run).transformer, out / "teacher_pipeline")
+    stage_teacher(cfg, out, pipe_dir, world)
     lap("teacher")
-
-    student_dir = out / "student_pipeline"
-    if not student_dir.exists():
-        from evals.experiments.distill import reflow, teacher_pairs
-
-        d = cfg.distill
-        teacher = load_model(out / "teacher_pipeline")
-        h = w = cfg.resolution // (2 ** (len(cfg.vae.block_out_channels) - 1))
-        prompts = (world["train_captions"] * (d.n_pairs // len(world["train_captions"]) + 1))[: d.n_pairs]
-        t0 = time.time()
-        noise, x0 = teacher_pairs(teacher.transformer, teacher.text, prompts, latent_hw=(h, w),
-                                  channels=cfg.vae.latent_channels, cfg_scale=d.teacher_cfg, steps=d.teacher_steps,
-                                  seed=cfg.seed + 50_000, max_text_tokens=cfg.max_text_tokens)
-        log(f"[proof] {len(prompts)} teacher CFG pairs in {time.time() - t0:.0f}s")
-        student, hist = reflow(teacher.transformer, teacher.text, prompts, noise, x0, latent_hw=(h, w),
-                               student_steps=d.student_steps, train_steps=d.train_steps, batch_size=d.batch_size,
-                               lr=d.lr, seed=cfg.seed, max_text_tokens=cfg.max_text_tokens, log=log)
-        export_pipeline(pipe_dir, student, student_dir)
+    student_dir = stage_distill(cfg, out, pipe_dir, world)
     lap("distill")
+    if until == "distill":
+        return {**sanity, "timings_s": timings, "student": str(student_dir)}
 
     models = {"teacher": out / "teacher_pipeline", "student": student_dir}
     for adapter in cfg.dedistill_adapters:
         run_dir = out / f"dedistill-{adapter}"
         if not (run_dir / "checkpoints").is_dir() or not any((run_dir / "checkpoints").glob("step_*")):
             run_trainer(_job(cfg, run_dir=run_dir, model_path=student_dir, data=world["data"], budget=cfg.dedistill,
-                             adapter=adapter))
+                             adapter=adapter), cfg.dedistill.nproc)
         models[f"dedistilled-{adapter}"] = run_dir
         lap(f"dedistill-{adapter}")
 
@@ -571,10 +634,7 @@ def run(cfg: ProofConfig) -> dict:
     lap("eval")
     table = summarise(rows, cfg)
     plot(rows, cfg, out / "cfg_curve.png")
-    from evals.experiments.judge import accuracy
-
-    results = {"config": to_dict(cfg), "judge_heldout_accuracy": judge_acc, "vae": vae_stats,
-               "judge_accuracy_on_vae_reconstructions": accuracy(rec_preds, test_y), "rows": rows,
+    results = {"config": to_dict(cfg), **sanity, "rows": rows,
                "timings_s": timings, "torch_threads": torch.get_num_threads(),
                "device": "cuda" if torch.cuda.is_available() else "cpu"}
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -589,9 +649,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", default=None, help="a configs/proof*.yaml preset")
     p.add_argument("--smoke", action="store_true",
                    help="seconds-long run of every stage (for the test suite), written to <out_dir>-smoke")
+    p.add_argument("--until", default="eval", choices=STAGES,
+                   help="stop after this stage (vae: the sanity checks only; distill: the toy schnell)")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. out_dir=runs/x teacher.steps=100")
     a = p.parse_args(argv)
-    run(load_proof_config(a.config, smoke=a.smoke, overrides=a.overrides))
+    run(load_proof_config(a.config, smoke=a.smoke, overrides=a.overrides), until=a.until)
 
 
 if __name__ == "__main__":
