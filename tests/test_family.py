@@ -134,7 +134,7 @@ def test_no_fully_masked_query_row_reaches_sdpa_and_outputs_do_not_change(chroma
     """Chroma's query-AND-key mask leaves masked text queries nothing to attend to (NaN in some CUDA kernels); the
     family's processor lets those rows attend everywhere, and no output that is read changes, bit for bit."""
     from diffusers import ChromaTransformer2DModel
-    from diffusers.models.transformers import transformer_flux
+    from tiny_nets import spy_attention_masks
 
     from train.flux import image_ids, predict_velocity
     from train.model import load_transformer
@@ -146,14 +146,7 @@ def test_no_fully_masked_query_row_reaches_sdpa_and_outputs_do_not_change(chroma
         PROMPTS, max_tokens=64, visible_padding=1)
     x = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(4))
     t, ids = torch.tensor([0.4, 0.6]), image_ids(8, 8, device="cpu", dtype=torch.float32)
-    seen = []
-    orig = transformer_flux.dispatch_attention_fn
-
-    def spy(q, k, v, attn_mask=None, **kw):
-        seen.append(attn_mask)
-        return orig(q, k, v, attn_mask=attn_mask, **kw)
-
-    monkeypatch.setattr(transformer_flux, "dispatch_attention_fn", spy)
+    seen = spy_attention_masks(monkeypatch)
     a = predict_velocity(ours, x, t, enc, ids)
     assert len(seen) == 4 and all(m.dtype == torch.bool and m.any(-1).all() for m in seen)
     seen.clear()

@@ -5,7 +5,7 @@ import torch
 
 from train.flux import image_ids, joint_attention_mask, pack_latents, predict_velocity, unpack_latents
 from train.text import PromptEmbeds
-from tiny_nets import tiny_transformer
+from tiny_nets import spy_attention_masks, tiny_transformer
 
 
 def inputs(text_len=5, pad_to=12, batch=2, seed=1):
@@ -93,7 +93,7 @@ def test_mask_reaches_every_block(monkeypatch):
     """Every double- and single-stream block's attention receives the bool mask over [text; image]."""
     m = tiny_transformer()
     x, t, _, padded, ids = inputs()
-    seen = _spy_masks(monkeypatch)
+    seen = spy_attention_masks(monkeypatch)
     with torch.no_grad():
         predict_velocity(m, x, t, padded, ids, masked=True)
     assert len(seen) == 4  # 2 double + 2 single blocks
@@ -112,20 +112,6 @@ def test_joint_mask_rejects_float():
 # No padding left after trimming: no mask, so SDPA may choose flash (docs/performance.md)
 
 
-def _spy_masks(monkeypatch) -> list:
-    from diffusers.models.transformers import transformer_flux
-
-    seen = []
-    orig = transformer_flux.dispatch_attention_fn
-
-    def spy(q, k, v, attn_mask=None, **kw):
-        seen.append(attn_mask)
-        return orig(q, k, v, attn_mask=attn_mask, **kw)
-
-    monkeypatch.setattr(transformer_flux, "dispatch_attention_fn", spy)
-    return seen
-
-
 def _out_and_grads(m, x, t, prompt, ids):
     m.zero_grad(set_to_none=True)
     out = predict_velocity(m, x, t, prompt, ids, masked=True)
@@ -138,7 +124,7 @@ def test_unpadded_batch_without_mask_is_bitwise_equal(monkeypatch):
     mask-free call equals the masked one exactly, outputs and gradients."""
     m = tiny_transformer()
     x, t, _, padded, ids = inputs(batch=3)
-    seen = _spy_masks(monkeypatch)
+    seen = spy_attention_masks(monkeypatch)
     padded = PromptEmbeds(padded.t5, padded.mask, padded.pooled, PromptEmbeds.host_lengths(padded.mask))
     trimmed = padded.trimmed()
     assert trimmed.unpadded and trimmed.lengths == (5, 5, 5)
@@ -156,7 +142,7 @@ def test_unpadded_batch_without_mask_is_bitwise_equal(monkeypatch):
 def test_mask_dropped_exactly_when_no_padding_is_left(monkeypatch):
     m = tiny_transformer()
     x, t, _, padded, ids = inputs(text_len=5, pad_to=16)
-    seen = _spy_masks(monkeypatch)
+    seen = spy_attention_masks(monkeypatch)
     ragged_mask = padded.mask.clone()
     ragged_mask[1, 3:] = False  # row 1 has 3 tokens: padding is left after trimming
     ragged = PromptEmbeds(padded.t5, ragged_mask, padded.pooled, lengths=(5, 3))
