@@ -2,11 +2,13 @@ from pathlib import Path
 
 import pytest
 
+import tiny_runs
+
 from train.config import JobConfig, apply_overrides, from_dict, load_config
 
-# Training-job presets; the proof experiment's presets (proof-*.yaml) have their own schema and are parsed in
-# tests/test_proof_smoke.py, eval suites (configs/evals/) in tests/test_eval_suite.py.
-PRESETS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml") if not p.name.startswith("proof"))
+# Training-job presets; the proof experiment's presets (proof-*.yaml, toy-schnell.yaml) have their own schema and
+# are parsed in tests/test_proof_smoke.py, eval suites (configs/evals/) in tests/test_eval_suite.py.
+PRESETS = tiny_runs.config_files("job")
 REQUIRED = [
     "run_dir", "seed", "model.path", "model.adapter.kind", "objective.timestep_sampler", "objective.caption_dropout",
     "objective.max_text_tokens", "objective.attention_mask", "data.remote", "data.local", "train.max_steps",

@@ -8,13 +8,15 @@ import re
 from pathlib import Path
 
 import pytest
+
+import tiny_runs
 import torch
 
 from launch.describe import SHIPPED, describe, transformer_config
 from train.config import AdapterConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-PRESETS = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("proof"))
+PRESETS = tiny_runs.config_files("job")
 FLUX1_PARAMETERS = 11_891_178_560  # FLUX.1's published 11.9 B (12 B), counted by diffusers' own module tree
 
 

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+import tiny_runs
+
 from evals.experiments.proof import load_proof_config, run
 
 
-@pytest.mark.parametrize("preset", ["configs/proof-cpu.yaml", "configs/proof-gpu.yaml"])
+@pytest.mark.parametrize("preset", tiny_runs.config_files("proof"), ids=lambda p: p.name)
 def test_proof_presets_parse(preset):
     cfg = load_proof_config(preset)
     assert cfg.eval.steps == [4, 28] and cfg.eval.cfg_scales == [1.0, 2.0, 3.5, 5.0]

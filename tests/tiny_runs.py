@@ -17,6 +17,15 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny-cpu.yaml"
+
+
+def config_files(kind: str) -> list[Path]:
+    """configs/*.yaml of one schema, told apart by their root key: "job" presets (train.config, `run_dir:`) or
+    "proof" experiments (evals.experiments.proof, `out_dir:`: proof-cpu/gpu, toy-schnell)."""
+    import yaml
+
+    key = {"job": "run_dir", "proof": "out_dir"}[kind]
+    return sorted(p for p in (REPO / "configs").glob("*.yaml") if key in (yaml.safe_load(p.read_text()) or {}))
 STEPS = 6
 EVERY = 2
 
