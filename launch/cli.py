@@ -213,6 +213,9 @@ def _load_extensions() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from train.quiet import install as quiet_torchao_noise
+
+    quiet_torchao_noise()  # before any subcommand imports diffusers (train/quiet.py says which two lines, and why)
     _load_extensions()
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1,6 +1,20 @@
 """Shared fixtures. The tiny pipeline and dataset are written once per session (both deterministic for a seed)."""
 
+import os
+
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _environ_restored():
+    """Each test leaves os.environ as it found it. In-process training (train.parallelize.init_distributed) exports
+    RANK/WORLD_SIZE/MASTER_PORT for a world of one while its TCPStore keeps listening on that port; a later test's
+    subprocess that inherited them would try to bind the same port (EADDRINUSE) or think it is rank 0 of a group."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")
