@@ -11,7 +11,6 @@ On a trained tiny LoKr run (one process, 8 steps):
 
 import ast
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -72,24 +71,8 @@ def export(tiny_model_dir, tiny_data_dir, tmp_path_factory):
 def images(export, tmp_path_factory):
     """{name: uint8 image}: ours_<i> (dedistill sample), custom_<i>_<tokens> (pipeline.py), stock_<i> (FluxPipeline)."""
     _, out = export
-    d = tmp_path_factory.mktemp("images")
-    s = SETTINGS
-    args = {"settings": s, "prompts": [SHORT, LONG], "neg": NEG, "dir": str(d)}
-    env = tiny_runs.env(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(d / "hf_modules"), PYTHONPATH="")
-    r = subprocess.run([sys.executable, "-c", _PIPELINE_SCRIPT, str(out), json.dumps(args)], cwd=d, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    got = {p.stem: np.load(p) for p in d.glob("*.npy")}
-    for i, prompt in enumerate([SHORT, LONG]):
-        png = d / f"ours_{i}.png"
-        tiny_runs.run([sys.executable, "-m", "launch", "sample", "--model", str(out), "--prompt", prompt,
-                       "--negative-prompt", NEG, "--cfg", str(s["cfg"]), "--cfg-skip-steps", str(s["skip"]),
-                       "--steps", str(s["steps"]), "--resolution", str(s["res"]), "--seed", str(s["seed"]),
-                       "--max-text-tokens", str(s["tokens"]), "--dtype", "fp32", "--out", str(png)])
-        from PIL import Image
-
-        got[f"ours_{i}"] = np.asarray(Image.open(png).convert("RGB"))
-    return got
+    return tiny_runs.pipeline_and_sample_images(out, _PIPELINE_SCRIPT, SETTINGS, [SHORT, LONG], NEG,
+                                                tmp_path_factory.mktemp("images"))
 
 
 def test_long_prompt_is_long_and_short_is_short(tiny_model_dir):

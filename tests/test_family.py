@@ -14,7 +14,6 @@ On a tiny Chroma pipeline (`dedistill tiny-model --family chroma`):
 import json
 import os
 import signal
-import subprocess
 import sys
 
 import numpy as np
@@ -286,24 +285,8 @@ def export(lora_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def images(export, tmp_path_factory):
     """ours_<i> (dedistill sample on the export), custom_<i>_<tokens> (its pipeline.py), stock_<i> (ChromaPipeline)."""
-    from PIL import Image
-
-    d = tmp_path_factory.mktemp("chroma_images")
-    s = SETTINGS
-    args = {"settings": s, "prompts": PROMPTS, "neg": NEG, "dir": str(d)}
-    env = tiny_runs.env(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(d / "hf_modules"), PYTHONPATH="")
-    r = subprocess.run([sys.executable, "-c", _PIPELINE_SCRIPT, str(export), json.dumps(args)], cwd=d, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    got = {p.stem: np.load(p) for p in d.glob("*.npy")}
-    for i, prompt in enumerate(PROMPTS):
-        png = d / f"ours_{i}.png"
-        tiny_runs.run([sys.executable, "-m", "launch", "sample", "--model", str(export), "--prompt", prompt,
-                       "--negative-prompt", NEG, "--cfg", str(s["cfg"]), "--cfg-skip-steps", str(s["skip"]),
-                       "--steps", str(s["steps"]), "--resolution", str(s["res"]), "--seed", str(s["seed"]),
-                       "--max-text-tokens", str(s["tokens"]), "--dtype", "fp32", "--out", str(png)])
-        got[f"ours_{i}"] = np.asarray(Image.open(png).convert("RGB"))
-    return got
+    return tiny_runs.pipeline_and_sample_images(export, _PIPELINE_SCRIPT, SETTINGS, PROMPTS, NEG,
+                                                tmp_path_factory.mktemp("chroma_images"))
 
 
 @pytest.mark.slow

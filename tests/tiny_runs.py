@@ -136,3 +136,29 @@ def signal_tree(proc: subprocess.Popen, sig: int, *, include_root: bool = True) 
 def kill_tree(proc: subprocess.Popen) -> None:
     signal_tree(proc, signal.SIGKILL)
     proc.wait(timeout=30)
+
+
+def pipeline_and_sample_images(export: Path, script: str, settings: dict, prompts: list[str], neg: str,
+                               out: Path) -> dict:
+    """{name: uint8 image} for an export: what `script` (run in a fresh process, no repo on the path: it saves
+    custom_*/stock_* .npy files into `out`) writes, and ours_<i> from `dedistill sample` on the same settings."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    s = settings
+    args = {"settings": s, "prompts": prompts, "neg": neg, "dir": str(out)}
+    e = env(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(out / "hf_modules"), PYTHONPATH="")
+    r = subprocess.run([sys.executable, "-c", script, str(export), json.dumps(args)], cwd=out, env=e,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    got = {p.stem: np.load(p) for p in out.glob("*.npy")}
+    for i, prompt in enumerate(prompts):
+        png = out / f"ours_{i}.png"
+        run([sys.executable, "-m", "launch", "sample", "--model", str(export), "--prompt", prompt,
+             "--negative-prompt", neg, "--cfg", str(s["cfg"]), "--cfg-skip-steps", str(s["skip"]),
+             "--steps", str(s["steps"]), "--resolution", str(s["res"]), "--seed", str(s["seed"]),
+             "--max-text-tokens", str(s["tokens"]), "--dtype", "fp32", "--out", str(png)])
+        got[f"ours_{i}"] = np.asarray(Image.open(png).convert("RGB"))
+    return got
