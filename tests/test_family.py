@@ -31,16 +31,6 @@ def chroma_dir(tiny_chroma_dir):
     return tiny_chroma_dir
 
 
-def _restore_env(fn):
-    """init_distributed exports RANK/WORLD_SIZE/...: later tests must not see a world of one."""
-    saved = dict(os.environ)
-    try:
-        return fn()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
 # --- the table ---------------------------------------------------------------------------------------------------
 
 
@@ -193,10 +183,8 @@ def _cfg(model, data, run, kind, **over):
 @pytest.fixture(scope="module")
 def lora_run(chroma_dir, tiny_data_dir, tmp_path_factory):
     """A straight 4-step Chroma LoRA run (lr high enough that the export differs visibly from the base)."""
-    import train.loop as loop
-
     run = tmp_path_factory.mktemp("chroma_lora") / "run"
-    _restore_env(lambda: loop.train(_cfg(chroma_dir, tiny_data_dir, run, "lora", **{"optim.lr": 0.02})))
+    tiny_runs.train_in_process(_cfg(chroma_dir, tiny_data_dir, run, "lora", **{"optim.lr": 0.02}))
     return run
 
 
@@ -204,9 +192,7 @@ def lora_run(chroma_dir, tiny_data_dir, tmp_path_factory):
 def test_chroma_run_stopped_and_resumed_is_bitwise(chroma_dir, tiny_data_dir, tmp_path, kind):
     """FSDP2 (world size 1, the torchrun code path): a Chroma run stopped by SIGTERM after step 2 and resumed ends
     with the uninterrupted run's losses, weights, optimizer moments and EMA, bitwise."""
-    import train.loop as loop
-
-    straight = _restore_env(lambda: loop.train(_cfg(chroma_dir, tiny_data_dir, tmp_path / "straight", kind)))
+    straight = tiny_runs.train_in_process(_cfg(chroma_dir, tiny_data_dir, tmp_path / "straight", kind))
     assert all(np.isfinite(h["loss"]) for h in straight.history)
 
     def stop_after_two(step, path):
@@ -214,9 +200,9 @@ def test_chroma_run_stopped_and_resumed_is_bitwise(chroma_dir, tiny_data_dir, tm
             os.kill(os.getpid(), signal.SIGTERM)  # the loop's StopFlag: finish the step, save, return
 
     cfg = _cfg(chroma_dir, tiny_data_dir, tmp_path / "resumed", kind)
-    first = _restore_env(lambda: loop.train(cfg, on_checkpoint=stop_after_two))
+    first = tiny_runs.train_in_process(cfg, on_checkpoint=stop_after_two)
     assert first.stopped_by_signal and first.step < 4
-    second = _restore_env(lambda: loop.train(cfg))
+    second = tiny_runs.train_in_process(cfg)
     assert second.step == 4
     losses = [h["loss"] for h in first.history] + [h["loss"] for h in second.history]
     assert losses == [h["loss"] for h in straight.history]

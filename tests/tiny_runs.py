@@ -60,14 +60,14 @@ def train(model, data, run_dir, *, nproc: int = 2, **extra) -> subprocess.Comple
     return run(torchrun_cmd(CONFIG, *overrides(model, data, run_dir, **extra), nproc=nproc))
 
 
-def train_in_process(cfg):
-    """`train.loop.train(cfg)` in this process, restoring the environment after: init_distributed exports
+def train_in_process(cfg, **kw):
+    """`train.loop.train(cfg, **kw)` in this process, restoring the environment after: init_distributed exports
     RANK/WORLD_SIZE/..., and later tests must not see a world of one."""
     from train.loop import train as train_loop
 
     saved = dict(os.environ)
     try:
-        return train_loop(cfg)
+        return train_loop(cfg, **kw)
     finally:
         os.environ.clear()
         os.environ.update(saved)
