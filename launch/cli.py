@@ -224,8 +224,15 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         if os.environ.get("DEDISTILL_DEBUG"):
             raise
-        print(f"dedistill: error: {e}", file=sys.stderr)
+        print_error(e)
         raise SystemExit(2) from None
+
+
+def print_error(e: object) -> None:
+    """One `dedistill: error:` line, written in one piece: every rank of a job may print its own, and with
+    print()'s separate writes for text and newline two ranks' lines ran together on the shared stderr pipe."""
+    sys.stderr.write(f"dedistill: error: {e}\n")  # text and newline in one write (stderr writes through)
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":

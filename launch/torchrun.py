@@ -111,7 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         restarts = config_max_restarts(args)
     except ValueError as e:  # the same one-line error `dedistill train` would give, before any worker starts
-        print(f"dedistill: error: {e}", file=sys.stderr)
+        from launch.cli import print_error
+
+        print_error(e)
         raise SystemExit(2) from None
     extra = [f"--max-restarts={restarts}"] if restarts is not None else []
     # By default the workers' process groups live in the rendezvous' own TCPStore, which outlives a restart with the
