@@ -11,7 +11,8 @@ import pytest
 
 import tiny_runs
 
-from evals.experiments.proof import load_proof_config, run
+from evals.experiments.proof import dedistill_runs, load_proof_config, run
+from train.config import load_run_config
 
 
 @pytest.mark.parametrize("preset", tiny_runs.config_files("proof"), ids=lambda p: p.name)
@@ -27,19 +28,30 @@ def test_proof_smoke_produces_the_table(tmp_path):
     assert cfg.out_dir == str(tmp_path / "proof-smoke")  # never where the full run with this config looks
     out = Path(cfg.out_dir)
     results = run(cfg)
-    models = ["teacher", "student", *(f"dedistilled-{a}" for a in cfg.dedistill_adapters)]
+    runs = dedistill_runs(cfg)
+    seeds = len(cfg.dedistill_seeds)
+    assert cfg.dedistill_recipes and seeds == 2 and any(r.pruned for r in runs)  # the preset's, kept by --smoke
+    models = {"teacher": 1, "student": 1, "student-pruned": 1, **{r.model: seeds for r in runs}}
     rows = [r for r in results["rows"] if r["steps"]]
-    # one row per model x steps x cfg x repeat, each with a finite FID and adherence in [0, 1]
-    assert {(r["model"], r["steps"], r["cfg"]) for r in rows} == {
-        (m, s, c) for m in models for s in cfg.eval.steps for c in cfg.eval.cfg_scales
+    # one row per model x seed x steps x cfg x repeat, each with a finite FID and adherence in [0, 1]
+    assert {(r["model"], r["seed"], r["steps"], r["cfg"]) for r in rows} == {
+        (m, i, s, c) for m, n in models.items() for i in range(n) for s in cfg.eval.steps for c in cfg.eval.cfg_scales
     }
-    assert len(rows) == len(models) * len(cfg.eval.steps) * len(cfg.eval.cfg_scales) * cfg.eval.repeats
+    assert len(rows) == sum(models.values()) * len(cfg.eval.steps) * len(cfg.eval.cfg_scales) * cfg.eval.repeats
+    # each run trained what its recipe says, from the pruned (Chroma) student where it says so
+    for r in runs:
+        job = load_run_config(out / r.run_dir)
+        assert job.seed == r.seed and job.model.adapter.kind == r.adapter
+        assert all(getattr(job.objective, k) == v for k, v in r.objective.items())
+        family = json.loads((Path(job.model.path) / "transformer" / "config.json").read_text())["_class_name"]
+        assert family == ("ChromaTransformer2DModel" if r.pruned else "FluxTransformer2DModel")
+    assert json.loads((out / "student_pruned" / "prune_report.json").read_text())["parameters"]["chroma"] > 0
     for r in rows:
         assert math.isfinite(r["fid"]) and r["fid"] >= 0
         assert 0.0 <= r["acc_mean"] <= 1.0
     assert 0.0 <= results["judge_heldout_accuracy"]["mean"] <= 1.0 and math.isfinite(results["vae"]["mse"])
     table = (out / "table.md").read_text().splitlines()
-    assert len(table) == 2 + len(models) * len(cfg.eval.steps)
+    assert len(table) == 2 + len(models) * len(cfg.eval.steps)  # seeds pooled into one row
     assert table[0].count("FID") == len(cfg.eval.cfg_scales) and table[0].count("adh.") == len(cfg.eval.cfg_scales)
     for name in ("cfg_curve.png", "samples_grid.png", "results.json"):
         assert (out / name).stat().st_size > 0
@@ -76,3 +88,13 @@ def test_stage_outputs_without_a_settings_record_are_not_reused(tmp_path):
     StageRecord(tmp_path).claim("world", {"n_train": 8}, [tmp_path / "data"])  # same settings: reused
     with pytest.raises(ValueError, match=r"data: made by an earlier run with other settings \(n_train differ\)"):
         StageRecord(tmp_path).claim("world", {"n_train": 64}, [tmp_path / "data"])
+
+
+def test_proof_cpu_starts_from_the_toy_schnell_build():
+    """configs/proof-cpu.yaml says a run can start from `python -m evals.experiments.toy_schnell`'s stages: every
+    stage up to the student must have the same recorded settings (stages.json would refuse them otherwise)."""
+    from evals.experiments.proof import stage_settings
+
+    proof, toy = (stage_settings(load_proof_config(f"configs/{n}.yaml")) for n in ("proof-cpu", "toy-schnell"))
+    assert {k: proof[k] for k in ("world", "judge", "vae", "teacher", "distill")} == \
+        {k: toy[k] for k in ("world", "judge", "vae", "teacher", "distill")}

@@ -12,7 +12,10 @@ directory). `--smoke` writes to `<out_dir>-smoke`, never where a full run looks:
               pipeline (tokenizers, text encoders) + this VAE + a transformer of `model` dims, in diffusers layout.
   4. teacher  `train.loop.train`, adapter `full`, flow matching, caption dropout, masked T5 — the real trainer.
   5. student  reflow on teacher CFG couplings (evals/experiments/distill.py), few-step, no CFG.
-  6. dedistill `train.loop.train` from the student's pipeline dir: our recipe, one run per adapter kind.
+  6. dedistill `train.loop.train` from the student's pipeline dir: our recipe, one run per adapter kind, and one
+              full run per entry of `dedistill_recipes` (RECIPES: Chroma's OT pairing, its timestep density, and
+              the student pruned to Chroma's architecture by `dedistill prune`, de-distilled with Chroma's
+              objective), each for every seed in `dedistill_seeds`.
   7. eval     toy FID + prompt adherence per model x steps x cfg x repeat; table, CFG curve PNG, sample grids.
 """
 
@@ -90,6 +93,25 @@ class DistillConfig:
 
 
 @dataclass(kw_only=True)
+class PruneSettings:
+    """`dedistill prune`'s approximator fit (train/prune.py FitSettings) for the `pruned-chroma` recipe."""
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-3
+
+
+# Extra de-distillation recipes (issue 12), each a full fine-tune with the proof's budget. name -> (objective keys
+# changed from the proof's LibreFLUX-style recipe, whether the student is first pruned to Chroma's architecture).
+RECIPES: dict[str, tuple[dict, bool]] = {
+    "ot": ({"noise_pairing": "ot_cosine"}, False),  # Chroma's minibatch OT alone
+    "chroma-t": ({"timestep_sampler": "chroma"}, False),  # Chroma's timestep density alone
+    # Chroma's objective (configs/chroma.yaml) on the pruned student; caption dropout stays the proof's 0.15, not
+    # Chroma's 0.01, so that this row differs from the others in the model and the three Chroma choices only.
+    "pruned-chroma": ({"noise_pairing": "ot_cosine", "timestep_sampler": "chroma", "visible_padding_tokens": 1}, True),
+}
+
+
+@dataclass(kw_only=True)
 class EvalSettings:
     n_prompts: int = 256
     steps: list[int] = field(default_factory=lambda: [4, 28])
@@ -114,6 +136,12 @@ class ProofConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     dedistill: TrainBudget = field(default_factory=lambda: TrainBudget(steps=300))
     dedistill_adapters: list[str] = field(default_factory=lambda: ["full", "lokr"])
+    dedistill_recipes: list[str] = field(default_factory=list)
+    """Names in RECIPES: full runs with Chroma's choices, rows next to `dedistilled-full` (the proof's recipe)."""
+    dedistill_seeds: list[int] = field(default_factory=lambda: [0])
+    """Training seeds of every de-distillation run (data order, caption dropout, timesteps, noise). The world, judge,
+    VAE, teacher and student are `seed`'s: the student is the fixed input de-distillation starts from."""
+    prune: PruneSettings = field(default_factory=PruneSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     def __post_init__(self) -> None:
@@ -122,6 +150,11 @@ class ProofConfig:
         for a in self.dedistill_adapters:
             if a not in ("full", "lokr", "lora"):
                 raise ValueError(f"dedistill_adapters: '{a}' is not one of full, lokr, lora")
+        for r in self.dedistill_recipes:
+            if r not in RECIPES:
+                raise ValueError(f"dedistill_recipes: '{r}' is not one of {', '.join(RECIPES)}")
+        if not self.dedistill_seeds or len(set(self.dedistill_seeds)) != len(self.dedistill_seeds):
+            raise ValueError(f"dedistill_seeds: must be distinct and at least one, got {self.dedistill_seeds}")
 
 
 SMOKE = {  # seconds-long: every stage runs, numbers are meaningless
@@ -129,9 +162,10 @@ SMOKE = {  # seconds-long: every stage runs, numbers are meaningless
     "vae": {"steps": 3, "batch_size": 8, "block_out_channels": [8, 8, 8]},
     "model": {"num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2, "attention_head_dim": 16,
               "axes_dims_rope": [4, 6, 6]},
-    "teacher": {"steps": 2, "batch_size": 4}, "dedistill": {"steps": 2, "batch_size": 4},
+    # in-process trainers (nproc 1): the demo's tests run the torchrun path
+    "teacher": {"steps": 2, "batch_size": 4, "nproc": 1}, "dedistill": {"steps": 2, "batch_size": 4, "nproc": 1},
     "distill": {"n_pairs": 8, "teacher_steps": 2, "train_steps": 2, "batch_size": 4},
-    "eval": {"n_prompts": 6, "repeats": 1, "grid_prompts": 2},
+    "eval": {"n_prompts": 6, "repeats": 1, "grid_prompts": 2}, "prune": {"steps": 2},
 }
 
 
@@ -217,10 +251,37 @@ def stage_settings(cfg: ProofConfig) -> dict[str, dict]:
     vae = {"vae": asdict(cfg.vae), "model": asdict(cfg.model), **world}
     teacher = {"teacher": budget(cfg.teacher), "max_text_tokens": cfg.max_text_tokens, "pipeline": vae, "world": world}
     distill = {"distill": asdict(cfg.distill), "teacher": teacher}
-    out = {"world": world, "judge": judge, "vae": vae, "teacher": teacher, "distill": distill}
-    for a in cfg.dedistill_adapters:
-        out[f"dedistill-{a}"] = {"dedistill": budget(cfg.dedistill), "adapter": a, "student": distill}
+    prune = {"prune": asdict(cfg.prune), "student": distill}
+    out = {"world": world, "judge": judge, "vae": vae, "teacher": teacher, "distill": distill, "prune": prune}
+    for r in dedistill_runs(cfg):
+        settings = {"dedistill": budget(cfg.dedistill), "adapter": r.adapter, "student": distill}
+        if r.objective:  # keys absent for the plain adapter runs: records made before recipes existed stay valid
+            settings["objective"] = r.objective
+        if r.pruned:
+            settings["student"] = prune
+        if r.seed != cfg.seed:
+            settings["seed"] = r.seed
+        out[r.run_dir] = settings
     return out
+
+
+@dataclass(frozen=True)
+class DedistillRun:
+    model: str  # its rows' name in the table: dedistilled-<adapter or recipe>
+    run_dir: str  # under out_dir; seeds other than the config's get a -seed<N> suffix
+    adapter: str
+    objective: dict
+    pruned: bool
+    seed: int
+
+
+def dedistill_runs(cfg: ProofConfig) -> list[DedistillRun]:
+    """Every de-distillation run: each adapter with the proof's recipe, then each recipe (full), for every seed."""
+    kinds = [(a, a, {}, False) for a in cfg.dedistill_adapters]
+    kinds += [(r, "full", *RECIPES[r]) for r in cfg.dedistill_recipes]
+    return [DedistillRun(model=f"dedistilled-{name}", adapter=adapter, objective=objective, pruned=pruned, seed=seed,
+                         run_dir=f"dedistill-{name}" + ("" if seed == cfg.seed else f"-seed{seed}"))
+            for name, adapter, objective, pruned in kinds for seed in cfg.dedistill_seeds]
 
 
 def log(msg: str) -> None:
@@ -348,15 +409,17 @@ def stage_vae(cfg: ProofConfig, out: Path, judge, test_x: torch.Tensor) -> tuple
     return pipe_dir, stats, preds
 
 
-def _job(cfg: ProofConfig, *, run_dir: Path, model_path: Path, data: Path, budget: TrainBudget, adapter: str):
+def _job(cfg: ProofConfig, *, run_dir: Path, model_path: Path, data: Path, budget: TrainBudget, adapter: str,
+         seed: int | None = None, objective: dict | None = None):
     from train.config import JobConfig
 
     return from_dict(JobConfig, {
-        "run_dir": str(run_dir), "seed": cfg.seed,
+        "run_dir": str(run_dir), "seed": cfg.seed if seed is None else seed,
         "model": {"path": str(model_path), "dtype": "fp32",
                   "adapter": {"kind": adapter, "rank": 8, "alpha": 8.0, "lokr_factor": 4}},
         "objective": {"timestep_sampler": "logit_normal", "shift": "none", "caption_dropout": budget.caption_dropout,
-                      "max_text_tokens": cfg.max_text_tokens, "attention_mask": True, "trim_text": True},
+                      "max_text_tokens": cfg.max_text_tokens, "attention_mask": True, "trim_text": True,
+                      **(objective or {})},
         "data": {"local": str(data), "resolution": cfg.resolution, "shuffle": True, "num_workers": 0},
         "train": {"max_steps": budget.steps, "batch_size": budget.batch_size // budget.nproc, "grad_clip": 1.0,
                   "log_every": max(1, budget.steps // 10), "progress_bar": False},
@@ -466,16 +529,36 @@ def stage_distill(cfg: ProofConfig, out: Path, pipe_dir: Path, world: dict) -> P
     return student_dir
 
 
+def stage_prune(cfg: ProofConfig, out: Path, student_dir: Path, world: dict) -> Path:
+    """`dedistill prune` of the student (FLUX -> Chroma, the approximator fit on the world's captions) ->
+    `student_pruned/`, a ChromaPipeline dir with its prune_report.json."""
+    pruned = out / "student_pruned"
+    if not pruned.exists():
+        from launch.prune import run_prune
+        from train.prune import FitSettings
+
+        p = cfg.prune
+        report = run_prune(student_dir, pruned, world["data"], eval_resolution=cfg.resolution, dtype="fp32",
+                           fit=FitSettings(steps=p.steps, batch_size=p.batch_size, lr=p.lr, seed=cfg.seed),
+                           device="cuda" if torch.cuda.is_available() else "cpu",
+                           max_text_tokens=cfg.max_text_tokens, log=log)
+        log(f"[proof] pruned student: {json.dumps({k: report[k] for k in ('parameters', 'approximator', 'velocity')})}")
+    return pruned
+
+
 # ------------------------------------------------------------------------------------------------------------ eval
 
 
-def evaluate(cfg: ProofConfig, models: dict[str, Path], judge, world: dict, out: Path,
+def evaluate(cfg: ProofConfig, models: dict[str, Path | list[Path]], judge, world: dict, out: Path,
              real_x: torch.Tensor, *, cells: dict | None = None, write_grid: bool = True) -> list[dict]:
-    """Rows of {model, steps, cfg, repeat, fid, acc_*}. The first row is real images: adherence of the eval set's own
-    renders, FID of an independent real set (`real_x`, the judge's test images) against them (the floor)."""
+    """Rows of {model, seed, steps, cfg, repeat, fid, acc_*}; a model given as a list of paths (one per training
+    seed) gets rows from each, numbered by `seed` in list order. The first row is real images: adherence of the eval
+    set's own renders, FID of an independent real set (`real_x`, the judge's test images) against them (the floor).
+    Each model samples with the mask and visible padding tokens it was trained with (train.inference.text_settings).
+    The grid shows each model's first path."""
     from evals.experiments.judge import ATTRS, accuracy, judge_images, labels_of, to_tensor
     from evals.fid import frechet_distance
-    from evals.sampler import SamplerSettings, generate, make_grid
+    from evals.sampler import make_grid
 
     e = cfg.eval
     prompts = world["eval_prompts"]
@@ -487,28 +570,10 @@ def evaluate(cfg: ProofConfig, models: dict[str, Path], judge, world: dict, out:
     rows = [{"model": "real (held-out)", "steps": 0, "cfg": 0.0, "repeat": 0, "fid": real_fid,
              **{f"acc_{k}": v for k, v in accuracy(ref_preds, labels).items()}}]
     grid_rows = []
-    for name, path in models.items():
-        m = load_model(path)
-        for steps in e.steps:
-            row_imgs = []
-            for scale in e.cfg_scales:
-                for r in range(e.repeats):
-                    t0 = time.time()
-                    s = SamplerSettings(steps=steps, cfg_scale=scale, resolution=cfg.resolution,
-                                        seed=100_000 * (r + 1), max_text_tokens=cfg.max_text_tokens, batch_size=256)
-                    images = generate(m.transformer, m.vae, m.text, prompts, s, dtype=m.dtype)
-                    feats, preds = judge_images(judge, to_tensor(images))
-                    fid = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), ref_mu, ref_sigma)
-                    acc = accuracy(preds, labels)
-                    rows.append({"model": name, "steps": steps, "cfg": scale, "repeat": r, "fid": fid,
-                                 **{f"acc_{k}": v for k, v in acc.items()}})
-                    log(f"[proof] {name:>16} steps {steps:2d} cfg {scale:3.1f} rep {r}: fid {fid:8.3f} "
-                        f"adherence {acc['mean']:.3f} ({time.time() - t0:.1f}s)")
-                    if r == 0:
-                        row_imgs += images[: e.grid_prompts]
-                        if cells is not None:  # (model, steps, cfg) -> the grid prompts' images, for other layouts
-                            cells[name, steps, scale] = images[: e.grid_prompts]
-            grid_rows.append((f"{name} {steps} steps", row_imgs))
+    for name, paths in models.items():
+        for seed, path in enumerate(paths if isinstance(paths, list) else [paths]):
+            rows += _evaluate_model(cfg, name, seed, path, judge, prompts, labels, (ref_mu, ref_sigma),
+                                    grid_rows if seed == 0 else None, cells if seed == 0 else None)
     if not write_grid:
         return rows
     # Sample grid: one row per (model, steps); columns = cfg scales x grid prompts (same noise seeds throughout).
@@ -521,8 +586,44 @@ def evaluate(cfg: ProofConfig, models: dict[str, Path], judge, world: dict, out:
     return rows
 
 
+def _evaluate_model(cfg: ProofConfig, name: str, seed: int, path: Path, judge, prompts: list[str], labels: dict,
+                    ref: tuple, grid_rows: list | None, cells: dict | None) -> list[dict]:
+    from evals.experiments.judge import accuracy, judge_images, to_tensor
+    from evals.fid import frechet_distance
+    from evals.sampler import SamplerSettings, generate
+    from train.inference import text_settings
+
+    e, rows = cfg.eval, []
+    m = load_model(path)
+    masked, visible = text_settings(path, m.config)
+    for steps in e.steps:
+        row_imgs = []
+        for scale in e.cfg_scales:
+            for r in range(e.repeats):
+                t0 = time.time()
+                s = SamplerSettings(steps=steps, cfg_scale=scale, resolution=cfg.resolution, seed=100_000 * (r + 1),
+                                    max_text_tokens=cfg.max_text_tokens, batch_size=256, masked=masked,
+                                    visible_padding_tokens=visible)
+                images = generate(m.transformer, m.vae, m.text, prompts, s, dtype=m.dtype)
+                feats, preds = judge_images(judge, to_tensor(images))
+                fid = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), *ref)
+                acc = accuracy(preds, labels)
+                rows.append({"model": name, "seed": seed, "steps": steps, "cfg": scale, "repeat": r, "fid": fid,
+                             **{f"acc_{k}": v for k, v in acc.items()}})
+                log(f"[proof] {name:>16} seed {seed} steps {steps:2d} cfg {scale:3.1f} rep {r}: fid {fid:8.3f} "
+                    f"adherence {acc['mean']:.3f} ({time.time() - t0:.1f}s)")
+                if r == 0:
+                    row_imgs += images[: e.grid_prompts]
+                    if cells is not None:  # (model, steps, cfg) -> the grid prompts' images, for other layouts
+                        cells[name, steps, scale] = images[: e.grid_prompts]
+        if grid_rows is not None:
+            grid_rows.append((f"{name} {steps} steps", row_imgs))
+    return rows
+
+
 def summarise(rows: list[dict], cfg: ProofConfig) -> str:
-    """Markdown table: mean ± spread (half the range over repeats) of toy FID and adherence per model/steps/cfg."""
+    """Markdown table: mean ± spread (half the range over training seeds x noise repeats) of toy FID and adherence
+    per model/steps/cfg."""
     models = list(dict.fromkeys(r["model"] for r in rows if r["steps"]))
     lines = ["| model | steps | " + " | ".join(f"cfg {c:g} FID" for c in cfg.eval.cfg_scales) + " | "
              + " | ".join(f"cfg {c:g} adh." for c in cfg.eval.cfg_scales) + " |",
@@ -584,7 +685,7 @@ def run(cfg: ProofConfig, *, until: str = "eval") -> dict:
     # Checked for every stage before any runs: a mismatch fails in a second, not after an hour of retraining.
     outputs = {"world": [out / "data"], "judge": [out / "judge.safetensors"], "vae": [out / "pipeline"],
                "teacher": [out / "teacher", out / "teacher_pipeline"], "distill": [out / "student_pipeline"],
-               **{f"dedistill-{a}": [out / f"dedistill-{a}"] for a in cfg.dedistill_adapters}}
+               "prune": [out / "student_pruned"], **{r.run_dir: [out / r.run_dir] for r in dedistill_runs(cfg)}}
     for stage, paths in outputs.items():
         record.claim(stage, settings[stage], paths)
 
@@ -621,14 +722,19 @@ def run(cfg: ProofConfig, *, until: str = "eval") -> dict:
     if until == "distill":
         return {**sanity, "timings_s": timings, "student": str(student_dir)}
 
-    models = {"teacher": out / "teacher_pipeline", "student": student_dir}
-    for adapter in cfg.dedistill_adapters:
-        run_dir = out / f"dedistill-{adapter}"
+    models = {"teacher": [out / "teacher_pipeline"], "student": [student_dir]}
+    runs = dedistill_runs(cfg)
+    if any(r.pruned for r in runs):
+        models["student-pruned"] = [stage_prune(cfg, out, student_dir, world)]
+        lap("prune")
+    for r in runs:
+        run_dir = out / r.run_dir
         if not (run_dir / "checkpoints").is_dir() or not any((run_dir / "checkpoints").glob("step_*")):
-            run_trainer(_job(cfg, run_dir=run_dir, model_path=student_dir, data=world["data"], budget=cfg.dedistill,
-                             adapter=adapter), cfg.dedistill.nproc)
-        models[f"dedistilled-{adapter}"] = run_dir
-        lap(f"dedistill-{adapter}")
+            run_trainer(_job(cfg, run_dir=run_dir, model_path=out / "student_pruned" if r.pruned else student_dir,
+                             data=world["data"], budget=cfg.dedistill, adapter=r.adapter, seed=r.seed,
+                             objective=r.objective), cfg.dedistill.nproc)
+        models.setdefault(r.model, []).append(run_dir)  # one entry per seed: its rows pool seeds and repeats
+        lap(r.run_dir)
 
     rows = evaluate(cfg, models, judge, world, out, test_x)
     lap("eval")
