@@ -98,3 +98,18 @@ def test_proof_cpu_starts_from_the_toy_schnell_build():
     proof, toy = (stage_settings(load_proof_config(f"configs/{n}.yaml")) for n in ("proof-cpu", "toy-schnell"))
     assert {k: proof[k] for k in ("world", "judge", "vae", "teacher", "distill")} == \
         {k: toy[k] for k in ("world", "judge", "vae", "teacher", "distill")}
+
+
+def test_vae_loss_weights_object_pixels():
+    """vae.fg_weight: an error on the object costs 1 + fg_weight times one on the background; 0 is plain MSE."""
+    import torch
+
+    from evals.experiments.proof import reconstruction_loss
+
+    x = torch.full((1, 3, 8, 8), -0.5)
+    x[..., 2:4, 2:4] = 0.8  # a 2x2 object on a plain background
+    on_object, on_background = x.clone(), x.clone()
+    on_object[0, 0, 2, 2] += 0.3
+    on_background[0, 0, 6, 6] += 0.3
+    assert reconstruction_loss(on_object, x, 0.0) == reconstruction_loss(on_background, x, 0.0)
+    assert torch.isclose(reconstruction_loss(on_object, x, 20.0), 21 * reconstruction_loss(on_background, x, 20.0))

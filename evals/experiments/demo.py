@@ -113,7 +113,9 @@ def run_demo(out: Path, *, nproc: int = 2, n_samples: int = 2000, n_prompts: int
     timings["setup"] = round(time.perf_counter() - t0, 1)
 
     t = time.perf_counter()
-    cmd = train_command(model=model, data=data, run=run, nproc=nproc, overrides=list(overrides))
+    # The resolution is the world's (the asset's config), so the student is never trained on resized images.
+    res = [f"data.resolution={cfg.resolution}", f"sample.resolution={cfg.resolution}"]
+    cmd = train_command(model=model, data=data, run=run, nproc=nproc, overrides=[*res, *overrides])
     log("[demo] de-distilling the toy schnell: " + shlex.join(cmd))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     rc = subprocess.call(cmd, env=env)
