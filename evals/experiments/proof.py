@@ -49,7 +49,8 @@ class JudgeConfig:
 @dataclass(kw_only=True)
 class VAEConfig:
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
-    """3 blocks = 4x downsampling: a 32 px image -> 8x8x4 latents -> 16 image tokens."""
+    """n blocks = 2^(n-1)x downsampling: 3 blocks take a 32 px image to 8x8 latents (16 image tokens); the presets'
+    4 blocks take 64 px to the same 8x8."""
     latent_channels: int = 4
     steps: int = 1500
     batch_size: int = 32
