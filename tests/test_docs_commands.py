@@ -358,12 +358,12 @@ CASES: dict[str, Run | Skip] = {
     "python bench/length_grouping.py": run(expect=r"text pad %"),
     # docs/proof.md
     "python -m evals.experiments.proof --config configs/proof-cpu.yaml":
-        skip("about 24 min on 2 cores; --smoke (proof.md:9) runs every stage of the same code"),
+        skip("about 90 min on 2 cores; --smoke (proof.md:9) runs every stage of the same code"),
     "python -m evals.experiments.proof --config configs/proof-gpu.yaml": skip("sized for one GPU (never run on CPU)"),
     "python -m evals.experiments.proof --config configs/proof-cpu.yaml --smoke":
         run(creates=("runs/proof-cpu-smoke/results.json",), absent=("runs/proof-cpu",), slow=True),
     "python -m evals.experiments.proof --config configs/proof-cpu.yaml teacher.steps=3000 out_dir=runs/x":
-        skip("the full CPU proof with overrides: ~24 min, like proof.md:7"),
+        skip("the full CPU proof with overrides: ~90 min, like proof.md:7"),
     # docs/quickstart.md
     "dedistill train configs/tiny-cpu.yaml model.path=demo/model data.local=demo/data train.max_steps=10 "
     "optim.lr=3e-4": run(creates=("runs/tiny-cpu/checkpoints/step_00000010/COMPLETE",), slow=True),
@@ -374,8 +374,11 @@ CASES: dict[str, Run | Skip] = {
     "python -m evals.experiments.toy_schnell --smoke out_dir=runs/ts --out runs/ts-asset":
         run(creates=("{tmp}/out/runs/ts-asset/judge.safetensors", "{tmp}/out/runs/ts-asset/pipeline/vae/config.json",
                      "{tmp}/out/runs/ts-asset/toy_schnell.json"), expect=r"\[toy-schnell\] .*ts-asset: [\d.]+ MB", slow=True),
-    "python -m evals.experiments.toy_schnell": skip("rebuilds the shipped toy schnell (~1 h on the loaded 2-core box); "
+    "python -m evals.experiments.toy_schnell": skip("rebuilds the shipped toy schnell (~50 min on 2 idle cores); "
                                                     "`--smoke` (proof.md) runs every stage of it"),
+    "python -m evals.experiments.proof --config configs/toy-schnell.yaml --until vae threads=2":
+        skip("the shipped build's judge and VAE stages at full size (~30 min on 2 cores); the toy-schnell --smoke "
+             "case runs the same stages in seconds"),
     # docs/recipes.md (chroma.yaml)
     "dedistill prune --model /path/to/FLUX.1-schnell --out /path/to/chroma-pruned":
         skip("needs the real 12B FLUX.1-schnell; `dedistill prune` is run on the tiny FLUX by its own tests"),
