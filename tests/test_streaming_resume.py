@@ -5,6 +5,7 @@ stale-shared-memory case: a killed process must not block the next loader on the
 import json
 import os
 import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -170,3 +171,26 @@ def test_a_killed_loader_does_not_block_the_next_one(tmp_path, tiny_data_dir):
     assert lines[1] == "loader: 2", (out, err[-2000:])
     assert "released stale streaming shared memory" in err
     assert other[0]["caption"]  # the other dataset's shared memory was left alone
+
+
+def test_rank_0_fetches_every_stream_index_before_the_dataset_is_built(tmp_path, tiny_data_dir, monkeypatch):
+    """Nodes that share data.local raced on streaming's index.json.tmp rename (the 2-node SLURM docs case failed with
+    FileNotFoundError): global rank 0 now puts each stream's index in place first, replacing a stale one; other
+    ranks fetch nothing and find it there."""
+    from train.config import DataConfig
+    from train.data import fetch_indexes
+
+    remote, local = tmp_path / "remote", tmp_path / "cache"
+    shutil.copytree(tiny_data_dir, remote / "b001")
+    shutil.copytree(tiny_data_dir, remote / "b002")
+    cfg = DataConfig(remote=str(remote), local=str(local), resolution=64)
+    monkeypatch.setenv("RANK", "1")
+    fetch_indexes(cfg, ["b001", "b002"])
+    assert not local.exists()
+    (local / "b002").mkdir(parents=True)
+    (local / "b002" / "index.json").write_text("{}")  # a stale cache
+    monkeypatch.setenv("RANK", "0")
+    fetch_indexes(cfg, ["b001", "b002"])
+    for sub in ("b001", "b002"):
+        assert (local / sub / "index.json").read_bytes() == (remote / sub / "index.json").read_bytes()
+    assert sorted(p.name for p in local.rglob("*")) == ["b001", "b002", "index.json", "index.json"]  # no temp files

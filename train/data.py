@@ -75,21 +75,24 @@ def _join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts]) if "://" in root else os.path.join(root, *parts)
 
 
-def _fetch(cfg: DataConfig, name: str) -> Path | None:
-    """A small file at the dataset root: the local copy, or downloaded from data.remote (None when absent)."""
+def _fetch(cfg: DataConfig, name: str, sub: str = "") -> Path | None:
+    """A small file at the dataset root (or in its subdir `sub`): the local copy, or downloaded from data.remote
+    (None when absent)."""
+    local = Path(cfg.local, sub)
     if cfg.remote is None:
-        path = Path(cfg.local) / name
+        path = local / name
         return path if path.is_file() else None
     from streaming.base.storage.download import CloudDownloader
 
-    Path(cfg.local).mkdir(parents=True, exist_ok=True)
+    local.mkdir(parents=True, exist_ok=True)
     # A fresh name per call: the downloader skips existing files, and an old cache must not shadow the remote.
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=cfg.local)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=local)
     os.close(fd)
     os.unlink(tmp)
     for attempt in range(1 + cfg.download_retry):
         try:
-            CloudDownloader.direct_download(_join(cfg.remote, name), tmp, timeout=cfg.download_timeout)
+            CloudDownloader.direct_download(_join(cfg.remote, *filter(None, [sub]), name), tmp,
+                                            timeout=cfg.download_timeout)
             break
         except Exception as e:
             if os.path.exists(tmp):
@@ -99,7 +102,7 @@ def _fetch(cfg: DataConfig, name: str) -> Path | None:
             if _absent(e) or attempt == cfg.download_retry:
                 log.debug("no %s at %s: %s", name, cfg.remote, e)
                 return None
-    dest = Path(cfg.local) / name
+    dest = local / name
     os.replace(tmp, dest)
     return dest
 
@@ -314,6 +317,23 @@ def _local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
+def _global_rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def fetch_indexes(cfg: DataConfig, subdirs: list[str]) -> None:
+    """Global rank 0 puts every stream's index.json into data.local before any rank builds the dataset (the barrier
+    in `_prepare_shared_memory` follows). Streaming downloads a missing index on each node's local rank 0 and renames
+    index.json.tmp into place, so nodes that share data.local (a shared file system, or several nodes of one machine)
+    race on that rename, and the loser fails with FileNotFoundError (seen on the local 2-node SLURM cluster). An index
+    that is there is read, not downloaded; ours is replaced atomically, under a fresh temporary name."""
+    if cfg.remote is not None and _global_rank() == 0:
+        for sub in subdirs:
+            _fetch(cfg, "index.json", sub)
+
+
 def _prepare_shared_memory(locals_: list[str]) -> None:
     """Local rank 0 releases stale registrations of our cache dirs; everyone waits for it (when distributed)."""
     if _local_rank() == 0:
@@ -347,7 +367,7 @@ def build_dataset(cfg: DataConfig, *, batch_size: int):
         download_timeout=cfg.download_timeout,
     )
     if layout is None:
-        locals_ = [cfg.local]
+        locals_, subdirs = [cfg.local], [""]
         kwargs.update(remote=cfg.remote, local=cfg.local)
     else:
         buckets = [b for b in layout["buckets"] if b["samples"]]
@@ -358,9 +378,10 @@ def build_dataset(cfg: DataConfig, *, batch_size: int):
             Stream(remote=None if cfg.remote is None else _join(cfg.remote, b["dir"]), local=_join(cfg.local, b["dir"]))
             for b in buckets
         ]
-        locals_ = [s.local for s in streams]
+        locals_, subdirs = [s.local for s in streams], [b["dir"] for b in buckets]
         kwargs["streams"] = streams
     if cfg.remote is not None:
+        fetch_indexes(cfg, subdirs)
         _prepare_shared_memory(locals_)
     return _train_samples_class()(cfg=cfg, layout=layout, **kwargs)
 
