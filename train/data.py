@@ -89,10 +89,10 @@ def _fetch(cfg: DataConfig, name: str, sub: str = "") -> Path | None:
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=local)
     os.close(fd)
     os.unlink(tmp)
+    remote = _join(cfg.remote, sub) if sub else cfg.remote
     for attempt in range(1 + cfg.download_retry):
         try:
-            CloudDownloader.direct_download(_join(cfg.remote, *filter(None, [sub]), name), tmp,
-                                            timeout=cfg.download_timeout)
+            CloudDownloader.direct_download(_join(remote, name), tmp, timeout=cfg.download_timeout)
             break
         except Exception as e:
             if os.path.exists(tmp):
@@ -100,7 +100,7 @@ def _fetch(cfg: DataConfig, name: str, sub: str = "") -> Path | None:
             # Absent (a raw layout has no buckets.json) is an answer; a reset connection is not: a flaky store must
             # not turn a bucketed dataset into a "raw" one. Unreachable after the retries: the index fetch will tell.
             if _absent(e) or attempt == cfg.download_retry:
-                log.debug("no %s at %s: %s", name, cfg.remote, e)
+                log.debug("no %s at %s: %s", name, remote, e)
                 return None
     dest = local / name
     os.replace(tmp, dest)
