@@ -5,7 +5,9 @@ deterministic and bounded, so a test knows what it caused:
 - every `every`-th connection is reset (RST: SO_LINGER 0, then close), cycling through `kinds`:
   - "request": after the request arrived, before any byte of the response (the client sees a reset connection), and
   - "body": after the response headers and `body_bytes` bytes of the body (a download broken off mid-stream);
-  at most `max_resets` in all; a reset that could not happen as planned (a response too short) is not counted;
+  at most `max_resets` in all; a fault that cannot happen as planned (a "body" fault on a response too short to
+  cut, such as a HEAD's) is owed to the next connection, so the count of resets does not depend on which request
+  of several concurrent ones a connection happens to carry;
 - every response is held back `latency_s` before its first byte;
 - at most `max_connections` connections are accepted (later ones are closed at once), and every socket read or
   write gives up after `io_timeout_s`: requests are bounded in count and time.
@@ -34,6 +36,7 @@ class FlakyProxy:
         self.connections = 0
         self.resets = {"request": 0, "body": 0}
         self.refused = 0
+        self._owed: list[str] = []  # faults planned for a connection that could not take them
         self._lock = threading.Lock()
         self._server = socket.create_server(("127.0.0.1", 0))
         self._server.settimeout(0.2)
@@ -78,8 +81,10 @@ class FlakyProxy:
                 if n > self.max_connections:
                     self.refused += 1
                     fault = "refuse"
-                elif n % self.every == 0 and self.total_resets < self.max_resets:
-                    fault = self.kinds[(n // self.every - 1) % len(self.kinds)]
+                elif self.total_resets < self.max_resets:
+                    if n % self.every == 0:
+                        self._owed.append(self.kinds[(n // self.every - 1) % len(self.kinds)])
+                    fault = self._owed.pop(0) if self._owed else None
             if fault == "refuse":
                 client.close()
                 continue
@@ -101,6 +106,10 @@ class FlakyProxy:
                 return False
             self.resets[kind] += 1
             return True
+
+    def _owe(self, kind: str) -> None:
+        with self._lock:
+            self._owed.insert(0, kind)
 
     def _relay(self, client: socket.socket, fault: str | None) -> None:
         client.settimeout(self.io_timeout_s)
@@ -137,8 +146,9 @@ class FlakyProxy:
                         return
                     continue  # held until the cut point is known
                 client.sendall(chunk)
-            if buffered:  # a "body" fault on a response too short to cut: relayed whole, not counted
+            if buffered:  # a "body" fault on a response too short to cut: relayed whole, owed to the next one
                 client.sendall(buffered)
+                self._owe("body")
             client.shutdown(socket.SHUT_WR)
             client.close()
         except OSError:
