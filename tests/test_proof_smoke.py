@@ -113,3 +113,9 @@ def test_vae_loss_weights_object_pixels():
     on_background[0, 0, 6, 6] += 0.3
     assert reconstruction_loss(on_object, x, 0.0) == reconstruction_loss(on_background, x, 0.0)
     assert torch.isclose(reconstruction_loss(on_object, x, 20.0), 21 * reconstruction_loss(on_background, x, 20.0))
+    # vae.fg_dilate: the background next to the object (its outline) is weighted too, farther pixels are not
+    beside = x.clone()
+    beside[0, 0, 4, 4] += 0.3  # one pixel diagonal to the object's corner (3, 3)
+    assert reconstruction_loss(beside, x, 20.0) == reconstruction_loss(on_background, x, 20.0)
+    assert torch.isclose(reconstruction_loss(beside, x, 20.0, 1), 21 * reconstruction_loss(on_background, x, 20.0, 1))
+    assert torch.isclose(reconstruction_loss(on_object, x, 20.0, 1), reconstruction_loss(beside, x, 20.0, 1))

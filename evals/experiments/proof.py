@@ -60,6 +60,10 @@ class VAEConfig:
     """Extra weight of object pixels in the reconstruction loss (0: plain MSE). The objects cover a few percent of a
     toy image, so plain MSE is met by the background and blurs them into blobs of the wrong colour and shape
     (docs/proof.md, sanity checks); the weight spends the small VAE's capacity where the judge looks."""
+    fg_dilate: int = 0
+    """Widen the weighted region by this many pixels around each object. A shape is its outline: weighting only the
+    object's own pixels leaves its colour free to bleed into the background around it at weight 1, which blurs a
+    star and a diamond into the same blob."""
 
 
 @dataclass(kw_only=True)
@@ -256,8 +260,9 @@ def stage_settings(cfg: ProofConfig) -> dict[str, dict]:
 
     world = {"n_train": cfg.n_train, "resolution": cfg.resolution, "seed": cfg.seed}
     judge = {"judge": asdict(cfg.judge), "resolution": cfg.resolution, "seed": cfg.seed}
-    # fg_weight 0 is left out: records made before the key existed stay valid
-    vae = {"vae": {k: v for k, v in asdict(cfg.vae).items() if k != "fg_weight" or v}, "model": asdict(cfg.model),
+    # fg_weight and fg_dilate 0 are left out: records made before the keys existed stay valid
+    vae = {"vae": {k: v for k, v in asdict(cfg.vae).items() if k not in ("fg_weight", "fg_dilate") or v},
+           "model": asdict(cfg.model),
            **world}
     teacher = {"teacher": budget(cfg.teacher), "max_text_tokens": cfg.max_text_tokens, "pipeline": vae, "world": world}
     distill = {"distill": asdict(cfg.distill), "teacher": teacher}
@@ -349,13 +354,16 @@ def stage_judge(cfg: ProofConfig, out: Path, world: dict):
     return judge, acc, test_x, test_y
 
 
-def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, fg_weight: float) -> torch.Tensor:
-    """MSE with object pixels weighted 1 + fg_weight. An object pixel differs from the image's per-channel median
-    (its background, as the judge sees it) by more than 0.1 in some channel, on [-1, 1]."""
+def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, fg_weight: float, fg_dilate: int = 0) -> torch.Tensor:
+    """MSE with object pixels, and those within `fg_dilate` pixels of one, weighted 1 + fg_weight. An object pixel
+    differs from the image's per-channel median (its background, as the judge sees it) by more than 0.1 in some
+    channel, on [-1, 1]."""
     if not fg_weight:
         return torch.nn.functional.mse_loss(rec, x)
     bg = x.flatten(2).median(dim=2).values[..., None, None]
     fg = ((x - bg).abs().amax(dim=1, keepdim=True) > 0.1).to(x.dtype)
+    if fg_dilate:
+        fg = torch.nn.functional.max_pool2d(fg, 2 * fg_dilate + 1, stride=1, padding=fg_dilate)
     return ((1 + fg_weight * fg) * (rec - x).pow(2)).mean()
 
 
@@ -388,7 +396,7 @@ def stage_vae(cfg: ProofConfig, out: Path, judge, test_x: torch.Tensor) -> tuple
             xb = x[torch.randint(len(x), (v.batch_size,), generator=g)]
             post = vae.encode(xb).latent_dist
             rec = vae.decode(post.sample(generator=g)).sample
-            loss = reconstruction_loss(rec, xb, v.fg_weight) + v.kl_weight * post.kl().mean()
+            loss = reconstruction_loss(rec, xb, v.fg_weight, v.fg_dilate) + v.kl_weight * post.kl().mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
