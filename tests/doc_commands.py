@@ -36,6 +36,8 @@ KNOWN = re.compile(r"^(dedistill|make|torchrun|sbatch|srun|tensorboard|pytest)(\
 NAME_ONLY = re.compile(r"^(dedistill(\s+[a-z][a-z-]*){0,2}|make|torchrun|sbatch|srun|tensorboard|pytest)$")
 FENCE = re.compile(r"^\s*```\s*([A-Za-z0-9_+-]*)\s*$")
 OPENERS = {"for": "done", "while": "done", "until": "done", "if": "fi", "case": "esac"}
+# tokens after which the next word is a command (or a keyword) again
+_COMMAND_BEFORE = {";", "&&", "||", "|", "&", "(", ")", "do", "then", "else", "elif", "if", "while", "until", "!", "{"}
 
 
 @dataclass
@@ -69,13 +71,15 @@ def normalize(text: str) -> str:
 
 
 def _compound_depth(text: str) -> int:
-    depth = 0
+    # Keywords count only in command position: `--until vae` is an argument, not an `until` loop.
+    depth, command_position = 0, True
     unquoted = re.sub(r"'[^']*'|\"(\\.|[^\"\\])*\"", " ", text)
-    for word in re.findall(r"[A-Za-z_]+", unquoted):
-        if word in OPENERS:
+    for tok in re.findall(r"&&|\|\||[;&|()]|[^\s;&|()]+", unquoted):
+        if command_position and tok in OPENERS:
             depth += 1
-        elif word in OPENERS.values():
+        elif command_position and tok in OPENERS.values():
             depth -= 1
+        command_position = tok in _COMMAND_BEFORE
     return depth
 
 
