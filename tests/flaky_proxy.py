@@ -116,7 +116,9 @@ class FlakyProxy:
         upstream = None
         try:
             request = client.recv(65536)
-            if not request:
+            if not request:  # the client gave up before asking: a planned fault is owed, like a body too short
+                if fault:
+                    self._owe(fault)
                 client.close()
                 return
             if fault == "request" and self._count("request"):
