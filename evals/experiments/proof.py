@@ -262,8 +262,7 @@ def stage_settings(cfg: ProofConfig) -> dict[str, dict]:
     judge = {"judge": asdict(cfg.judge), "resolution": cfg.resolution, "seed": cfg.seed}
     # fg_weight and fg_dilate 0 are left out: records made before the keys existed stay valid
     vae = {"vae": {k: v for k, v in asdict(cfg.vae).items() if k not in ("fg_weight", "fg_dilate") or v},
-           "model": asdict(cfg.model),
-           **world}
+           "model": asdict(cfg.model), **world}
     teacher = {"teacher": budget(cfg.teacher), "max_text_tokens": cfg.max_text_tokens, "pipeline": vae, "world": world}
     distill = {"distill": asdict(cfg.distill), "teacher": teacher}
     prune = {"prune": asdict(cfg.prune), "student": distill}
