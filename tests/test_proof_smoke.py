@@ -21,6 +21,17 @@ def test_proof_presets_parse(preset):
     assert cfg.eval.steps == [4, 28] and cfg.eval.cfg_scales == [1.0, 2.0, 3.5, 5.0]
     with pytest.raises(ValueError, match="dedistill_adapters"):
         load_proof_config("configs/proof-cpu.yaml", overrides=["dedistill_adapters=[dora]"])
+    with pytest.raises(ValueError, match=r"^vae.fg_dilate: must be >= 0, got -1$"):
+        load_proof_config("configs/proof-cpu.yaml", overrides=["vae.fg_dilate=-1"])
+
+
+def test_proof_command_reports_a_bad_setting_in_one_line(capsys):
+    from evals.experiments.proof import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--config", "configs/proof-cpu.yaml", "--until", "vae", "vae.fg_dilate=-1"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "proof: error: vae.fg_dilate: must be >= 0, got -1\n"
 
 
 def test_proof_smoke_produces_the_table(tmp_path):

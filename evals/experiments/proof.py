@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,11 @@ class VAEConfig:
     """Widen the weighted region by this many pixels around each object. A shape is its outline: weighting only the
     object's own pixels leaves its colour free to bleed into the background around it at weight 1, which blurs a
     star and a diamond into the same blob."""
+
+    def __post_init__(self) -> None:
+        if self.fg_weight < 0 or self.fg_dilate < 0:
+            key = "fg_weight" if self.fg_weight < 0 else "fg_dilate"
+            raise ValueError(f"vae.{key}: must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass(kw_only=True)
@@ -786,7 +792,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="stop after this stage (vae: the sanity checks only; distill: the toy schnell)")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. out_dir=runs/x teacher.steps=100")
     a = p.parse_args(argv)
-    run(load_proof_config(a.config, smoke=a.smoke, overrides=a.overrides), until=a.until)
+    try:  # a bad key, value or out_dir is one line, as from `dedistill` and `toy_schnell`, not a traceback
+        run(load_proof_config(a.config, smoke=a.smoke, overrides=a.overrides), until=a.until)
+    except ValueError as e:
+        print(f"proof: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
