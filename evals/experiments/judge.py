@@ -82,8 +82,21 @@ class Judge(nn.Module):
         return f, {k: head(f) for k, head in self.heads.items()}
 
 
+def smooth_fields(shape: tuple[int, ...], amplitude: float, generator: torch.Generator) -> torch.Tensor:
+    """Random smooth colour fields of `shape` (B, C, H, W): noise on 4², 8², 16² and 32² grids, upsampled bilinearly
+    and summed, each image's field scaled to a peak of U(0, amplitude). A VAE's or a generator's errors on a flat
+    background look like this: broad tints, swirls and faint contours, not independent pixels."""
+    b, c, h, w = shape
+    field = sum(nn.functional.interpolate(torch.randn((b, c, n, n), generator=generator), size=(h, w), mode="bilinear",
+                                          align_corners=False) for n in (4, 8, 16, 32) if n <= min(h, w))
+    peak = field.flatten(1).abs().amax(1).clamp_min(1e-6)[:, None, None, None]
+    return field / peak * amplitude * torch.rand((b, 1, 1, 1), generator=generator)
+
+
 def train_judge(images: torch.Tensor, labels: dict[str, torch.Tensor], *, steps: int, batch_size: int, lr: float,
-                seed: int, width: int, feat_dim: int) -> Judge:
+                seed: int, width: int, feat_dim: int, smooth_noise: float = 0.0) -> Judge:
+    """`smooth_noise` > 0 adds `smooth_fields` of that peak amplitude to every training image (on [-1, 1]), so the
+    judge reads the object, not a tint or a faint outline in the background, as a person looking at the image does."""
     torch.manual_seed(seed)
     judge = Judge(width=width, feat_dim=feat_dim)
     opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
@@ -93,6 +106,8 @@ def train_judge(images: torch.Tensor, labels: dict[str, torch.Tensor], *, steps:
         idx = torch.randint(len(images), (batch_size,), generator=g)
         x = images[idx]
         x = x + 0.05 * torch.randn(x.shape, generator=g)  # robust to the VAE's/generator's slight blur and noise
+        if smooth_noise:
+            x = x + smooth_fields(x.shape, smooth_noise, g)
         _, logits = judge(x)
         loss = sum(nn.functional.cross_entropy(logits[k], labels[k][idx]) for k in ATTRS)
         opt.zero_grad()

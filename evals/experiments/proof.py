@@ -45,6 +45,15 @@ class JudgeConfig:
     lr: float = 3e-3
     width: int = 32
     feat_dim: int = 64
+    smooth_noise: float = 0.0
+    """Peak amplitude (on [-1, 1]) of random smooth fields added to the judge's training images
+    (`judge.smooth_fields`). Clean renders teach it that any pixel off the background colour is object, so a VAE's
+    faint background tints and outlines, which a person looking at the image ignores, read as a large object of
+    another shape; 0: none."""
+
+    def __post_init__(self) -> None:
+        if self.smooth_noise < 0:
+            raise ValueError(f"judge.smooth_noise: must be >= 0, got {self.smooth_noise}")
 
 
 @dataclass(kw_only=True)
@@ -265,7 +274,9 @@ def stage_settings(cfg: ProofConfig) -> dict[str, dict]:
         return {k: v for k, v in asdict(b).items() if k != "nproc" or v != 1}
 
     world = {"n_train": cfg.n_train, "resolution": cfg.resolution, "seed": cfg.seed}
-    judge = {"judge": asdict(cfg.judge), "resolution": cfg.resolution, "seed": cfg.seed}
+    # smooth_noise 0 is left out: records made before the key existed stay valid
+    judge = {"judge": {k: v for k, v in asdict(cfg.judge).items() if k != "smooth_noise" or v},
+             "resolution": cfg.resolution, "seed": cfg.seed}
     # fg_weight and fg_dilate 0 are left out: records made before the keys existed stay valid
     vae = {"vae": {k: v for k, v in asdict(cfg.vae).items() if k not in ("fg_weight", "fg_dilate") or v},
            "model": asdict(cfg.model), **world}
@@ -350,7 +361,7 @@ def stage_judge(cfg: ProofConfig, out: Path, world: dict):
         x = to_tensor([im for im, _ in train])
         y = {k: torch.tensor([labels_of(a)[k] for _, a in train]) for k in ATTRS}
         judge = train_judge(x, y, steps=j.steps, batch_size=j.batch_size, lr=j.lr, seed=cfg.seed, width=j.width,
-                            feat_dim=j.feat_dim)
+                            feat_dim=j.feat_dim, smooth_noise=j.smooth_noise)
         save_judge(judge, path)
         log(f"[proof] judge trained in {time.time() - t0:.0f}s")
     _, preds = judge_images(judge, test_x)
