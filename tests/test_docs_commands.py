@@ -379,8 +379,8 @@ CASES: dict[str, Run | Skip] = {
     "python -m evals.experiments.proof --config configs/toy-schnell.yaml --until vae threads=2":
         skip("the shipped build's judge and VAE stages at full size (~30 min on 2 cores); the toy-schnell --smoke "
              "case runs the same stages in seconds"),
-    'python -m evals.experiments.proof --config configs/toy-schnell.yaml --until vae out_dir=runs/vae-candidate '
-    '"vae.block_out_channels=[8,16,32,64]" vae.fg_dilate=2 vae.fg_weight=8 vae.steps=3000 threads=2':
+    "python -m evals.experiments.proof --config configs/toy-schnell.yaml --until vae out_dir=runs/vae-candidate "
+    "vae.lr=1e-3 threads=2":
         skip("a VAE candidate at full size (22 min on 2 cores, more with the judge); the toy-schnell --smoke case "
              "runs the same stage, tests/test_proof_smoke.py the fg_dilate loss"),
     # docs/recipes.md (chroma.yaml)
