@@ -270,15 +270,17 @@ def stage_settings(cfg: ProofConfig) -> dict[str, dict]:
     """What each stage's output depends on: its own settings and those of the stages it reads."""
     from dataclasses import asdict
 
-    def budget(b: TrainBudget) -> dict:  # nproc 1 is left out: records made before the key existed stay valid
-        return {k: v for k, v in asdict(b).items() if k != "nproc" or v != 1}
+    def recorded(settings, added: dict) -> dict:
+        """asdict(settings) less the keys added after records existed, while they hold the value that reproduces the
+        old behaviour: records made before a key existed stay valid."""
+        return {k: v for k, v in asdict(settings).items() if k not in added or v != added[k]}
+
+    def budget(b: TrainBudget) -> dict:
+        return recorded(b, {"nproc": 1})
 
     world = {"n_train": cfg.n_train, "resolution": cfg.resolution, "seed": cfg.seed}
-    # smooth_noise 0 is left out: records made before the key existed stay valid
-    judge = {"judge": {k: v for k, v in asdict(cfg.judge).items() if k != "smooth_noise" or v},
-             "resolution": cfg.resolution, "seed": cfg.seed}
-    # fg_weight and fg_dilate 0 are left out: records made before the keys existed stay valid
-    vae = {"vae": {k: v for k, v in asdict(cfg.vae).items() if k not in ("fg_weight", "fg_dilate") or v},
+    judge = {"judge": recorded(cfg.judge, {"smooth_noise": 0}), "resolution": cfg.resolution, "seed": cfg.seed}
+    vae = {"vae": recorded(cfg.vae, {"fg_weight": 0, "fg_dilate": 0}),
            "model": asdict(cfg.model), **world}
     teacher = {"teacher": budget(cfg.teacher), "max_text_tokens": cfg.max_text_tokens, "pipeline": vae, "world": world}
     distill = {"distill": asdict(cfg.distill), "teacher": teacher}
