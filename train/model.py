@@ -70,21 +70,16 @@ def _transformer_config(path: str | Path) -> tuple[Path, dict]:
     return folder, family_of_dir(path).transformer_cls().load_config(str(folder))
 
 
-def meta_transformer(path: str | Path, *, dtype: torch.dtype):
-    """(transformer on meta in `dtype`, index of its safetensors) for the sharded loader (train/parallel/load.py):
-    nothing is read but the config and the files' headers."""
-    from train.parallel.load import SafetensorsIndex
-
+def transformer_source(path: str | Path) -> tuple[dict, list[Path]]:
+    """(the transformer's config, its safetensors files) of a model dir: what a sharded load reads."""
     folder, config = _transformer_config(path)
-    model = build_transformer_meta(config)
-    # nn.Module.to, not ModelMixin.to (which warns about fp32-kept modules; FLUX and Chroma have none): free on meta
-    torch.nn.Module.to(model, dtype)
-    return model, SafetensorsIndex(_weight_files(folder))
+    return config, _weight_files(folder)
 
 
 def load_transformer(path: str | Path, *, dtype: torch.dtype):
     """Transformer built on meta, then its weights assigned from the pipeline's safetensors (on CPU): the whole model
-    in this process (inference, export, DeepSpeed). Training under FSDP2 loads sharded instead (`meta_transformer`)."""
+    in this process (inference, export, DeepSpeed). Training under FSDP2 loads sharded instead
+    (train/parallel/load.py `meta_transformer`)."""
     folder, config = _transformer_config(path)
     model = build_transformer_meta(config)
     state = load_safetensors_dir(folder, dtype)

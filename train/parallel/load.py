@@ -27,6 +27,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from train.model import build_transformer_meta, set_computed_buffers, transformer_source
+
 # safetensors dtype names -> torch (the ones a diffusers checkpoint can hold)
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -139,8 +141,6 @@ def materialize(model: torch.nn.Module, device: torch.device, index: Safetensors
     """
     # Buffers are neither in the weights nor in `initial` (FLUX has none; Chroma's mod_proj is computed in its
     # __init__): to_empty leaves them uninitialised, so they are computed again.
-    from train.model import set_computed_buffers
-
     late = [(name, model.get_submodule(name)) for name in deferred]
     held = {id(p) for _, m in late for p in m.parameters(recurse=False)}
     # Module.to_empty is exactly this _apply, minus the exception for the deferred parameters (left on meta)
@@ -159,3 +159,13 @@ def materialize(model: torch.nn.Module, device: torch.device, index: Safetensors
                 p.copy_(index.read_rows(key, 0, p.shape[0]))
         if finish is not None:
             finish(module)
+
+
+def meta_transformer(path: str | Path, *, dtype: torch.dtype):
+    """(transformer on meta in `dtype`, index of its safetensors) for `materialize`: nothing is read but the config
+    and the files' headers."""
+    config, files = transformer_source(path)
+    model = build_transformer_meta(config)
+    # nn.Module.to, not ModelMixin.to (which warns about fp32-kept modules; FLUX and Chroma have none): free on meta
+    torch.nn.Module.to(model, dtype)
+    return model, SafetensorsIndex(files)
