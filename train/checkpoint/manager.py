@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from train.checkpoint import verify
+import train.checkpoint.verify as verify
 from train.checkpoint.format import (
     MARKER, is_complete, latest_checkpoint, list_checkpoints, rank_file, rng_state, safe_load, set_rng_state,
 )
