@@ -214,8 +214,9 @@ def test_the_trainer_calls_its_hooks_and_writes_todays_layout(tiny_model_dir, ti
 def _old_payload(trainer: Trainer) -> dict:
     """What the loop assembled before the checkpoint manager existed (its `payload()`), spelled out here."""
     backend = trainer.backend
+    state = trainer.state
     out = {**backend.checkpoint_state(), "scheduler": trainer.scheduler.state_dict(),
-           "train": {"step": torch.tensor(trainer.state.step), "skipped_steps": torch.tensor(trainer.state.skipped_steps)}}
+           "train": {"step": torch.tensor(state.step), "skipped_steps": torch.tensor(state.skipped_steps)}}
     out["ema"] = backend.ema_to_checkpoint(trainer.ema.state_dict())
     return out
 

@@ -27,7 +27,9 @@ from train.metrics import Logger
 from train.mfu import flops_model, peak_flops
 from train.model import check_model_dir
 from train.optim import EMA, build_scheduler
-from train.parallelize import DistInfo, all_reduce_mean, barrier, destroy_distributed, init_distributed, named_collective
+from train.parallelize import (
+    DistInfo, all_reduce_mean, barrier, destroy_distributed, init_distributed, named_collective,
+)
 from train.run_dir import RunDir
 from train.step import forward_backward_step
 from train.telemetry import Telemetry
