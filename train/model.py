@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from train.family import family_of_class, family_of_dir
+from train.family import family_of_class, family_of_dir, family_of_model
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -100,9 +100,7 @@ def computed_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     buffers are real (accelerate's `init_empty_weights`, as diffusers' own loader builds)."""
     if not any(True for _ in model.buffers()):
         return {}
-    from accelerate import init_empty_weights
-
-    from train.family import family_of_model
+    from accelerate import init_empty_weights  # deferred on purpose: only Chroma has such buffers
 
     with init_empty_weights(include_buffers=False):
         fresh = family_of_model(model).transformer_cls().from_config(dict(model.config))

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from train.model import build_transformer_meta, set_computed_buffers, transformer_source
 
@@ -86,12 +88,8 @@ def file_key(fqn: str) -> str:
 
 def _local_slice(p: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(this rank's local tensor, its row offset along dim 0 in the global tensor)."""
-    from torch.distributed.tensor import DTensor
-
     if not isinstance(p, DTensor):
         return p.data, 0
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
     local = p.to_local()
     shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     # FSDP2 shards dim 0 only: every other dim is whole, so the shard is a contiguous run of rows in the file.
