@@ -126,10 +126,13 @@ class Trainer:
         self.run = RunDir(cfg.run_dir)
         torch.manual_seed(cfg.seed)
         self.backend, self.dtype = build_model(cfg, info)
+        # Installed before the (possibly long) rest of the setup: a SIGTERM while loading is then not fatal; the loop
+        # stops after its first step and saves.
+        self.stop = StopFlag().install()
         try:
             self._build_the_rest()
         except BaseException:
-            self.backend.close()
+            self.close()
             raise
         self.logger: Logger | None = None
         self.progress: tqdm | None = None
@@ -137,9 +140,6 @@ class Trainer:
     def _build_the_rest(self) -> None:
         """Data, encoders, schedule, EMA, checkpoints, guard and telemetry around the built model."""
         cfg, info = self.cfg, self.info
-        # Installed before the (possibly long) rest of the setup: a SIGTERM while loading is then not fatal; the loop
-        # stops after its first step and saves.
-        self.stop = StopFlag().install()
         max_tokens = cfg.objective.max_text_tokens
         # caption_length is only called while raw data is read (length grouping), after the encoders exist below
         self.loader = build_loader(cfg.data, batch_size=cfg.train.batch_size, caption_length=lambda caption:
