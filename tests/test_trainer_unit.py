@@ -264,3 +264,24 @@ def test_a_run_dir_written_by_the_old_loop_resumes_bitwise(tiny_model_dir, tiny_
         h["loss"] for h in straight.history]
     tiny_runs.assert_same_state(tmp_path / "straight" / "checkpoints" / "step_00000004",
                                 old / "checkpoints" / "step_00000004")
+
+
+# -------------------------------------------------------------------------------------------------------- layering
+
+def test_train_imports_nothing_from_the_packages_above_it():
+    """train/ is the ground floor: evals/ and launch/ hand it hooks. `python -m train` (train/__main__.py) is the
+    `dedistill train` command itself and delegates to launch/; no module of train/ imports it."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "train"
+    above = ("evals", "launch", "dataset_tools")
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "__main__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            offenders += [f"{path.relative_to(root.parent)}:{node.lineno} {n}" for n in names
+                          if n.split(".")[0] in above]
+    assert not offenders, offenders
