@@ -26,11 +26,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from train.run_dir import RunDir  # noqa: E402
+
 
 def _scalars(run_dir: Path, tag: str) -> list[float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tb"))
+    acc = EventAccumulator(str(RunDir(run_dir).tensorboard))
     acc.Reload()
     return [e.value for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
 
@@ -70,7 +72,7 @@ def main() -> None:
             sys.exit(f"{mode} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
         trainable = next(x for x in r.stdout.splitlines() if "trainable=" in x).split("trainable=")[1].split()[0]
         blocked, steps = _scalars(run, "checkpoint/blocked_s"), _scalars(run, "train/step_time_s")
-        size = sum(f.stat().st_size for f in (run / "checkpoints" / f"step_{a.steps:08d}").iterdir())
+        size = sum(f.stat().st_size for f in RunDir(run).checkpoint(a.steps).iterdir())
         rows.append((mode, trainable, size, blocked, steps))
     print(f"# checkpoint_stall  {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC  model={a.model}  nproc={a.nproc}  "
           f"steps={a.steps}  cpus={os.cpu_count()}")

@@ -35,7 +35,7 @@ for name in ("torch", "diffusers", "transformers", "peft", "accelerate", "safete
     except Exception as e:
         missing.append(f"{name} ({type(e).__name__}: {e})")
 try:  # the modules each step imports, with what they import in turn
-    for name in ("train.loop", "train.data", "evals.suite", "evals.experiments.proof", "launch.cli"):
+    for name in ("train.trainer", "evals.periodic", "train.data", "evals.experiments.proof", "launch.cli"):
         importlib.import_module(name)
     from train.data import _train_samples_class
     _train_samples_class()  # streaming's StreamingDataset, with its compression and storage modules

@@ -7,10 +7,10 @@ sharded load (train/parallel/load.py), and what the frozen VAE + T5 + CLIP add w
 
 Each mode runs in fresh processes under torchrun (`--nproc` gloo ranks on this machine):
 - `whole`: the previous path: every rank `load_transformer` (all weights), adapter, then FSDP2 `fully_shard`.
-- `sharded`: the trainer's path now (`train.loop.build_model`): meta -> adapter -> fully_shard -> own rows only.
+- `sharded`: the trainer's path now (`train.build.build_model`): meta -> adapter -> fully_shard -> own rows only.
 Per rank: seconds from the start of the load to a ready FSDP2 model, peak RSS of the process (`ru_maxrss`: the
 imports, the load and everything before it), and then, in the sharded run, the RSS the trainer would add by loading
-the VAE, T5 and CLIP (`train.loop.load_frozen`), which a precomputed run no longer does. Prints a markdown table.
+the VAE, T5 and CLIP (`train.build.load_encoders`), which a precomputed run no longer does. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def worker(mode: str, model: str, overrides: list[str]) -> None:
 
     from train.adapters import apply_adapter, trainable_named_parameters
     from train.config import load_config
-    from train.loop import build_model, load_frozen
+    from train.build import build_model, load_encoders
     from train.model import load_transformer, resolve_dtype
     from train.optim import build_optimizer
     from train.parallel import StepConfig, build_backend
@@ -74,7 +74,7 @@ def worker(mode: str, model: str, overrides: list[str]) -> None:
            "rss_after_gib": _rss_gib(), "params": sum(p.numel() for p in backend.model.parameters())}
     if mode == "sharded":
         rss = _rss_gib()
-        frozen = load_frozen(cfg, info, dtype, encoders=True)
+        frozen = load_encoders(cfg, info, dtype, load=True)
         row["frozen_gib"] = _rss_gib() - rss
         del frozen
     barrier()

@@ -230,7 +230,7 @@ class Runner:
 
 def build_ours(mode: str, arch: dict, *, info, dtype, opts: Options, frozen, obj: ObjectiveConfig, seed: int) -> Runner:
     from train.adapters import apply_adapter, trainable_named_parameters
-    from train.loop import step_generator
+    from train.trainer import step_generator
     from train.optim import build_optimizer, step_if
     from train.parallelize import parallelize_transformer
     from train.step import forward_backward_step
@@ -240,7 +240,7 @@ def build_ours(mode: str, arch: dict, *, info, dtype, opts: Options, frozen, obj
     adapter = AdapterConfig(kind=mode, rank=16, alpha=16.0)
     apply_adapter(model, adapter)
     for _, p in trainable_named_parameters(model):
-        p.data = p.data.float()  # fp32 master copy of what trains (as train.loop.build_model)
+        p.data = p.data.float()  # fp32 master copy of what trains (as train.build.build_model)
     if opts.attention:
         if opts.attention in _UNRESHAPED_MASK_BACKENDS:
             print(f"warning: diffusers 0.39's {opts.attention} backend hands our (B, S) key mask to SDPA without "
@@ -249,7 +249,7 @@ def build_ours(mode: str, arch: dict, *, info, dtype, opts: Options, frozen, obj
     if opts.float8:
         _convert_float8(model)
     replicated: list[str] = []
-    if opts.base_quant != "none" and mode != "full":  # model.base_quant, as train.loop.build_model applies it
+    if opts.base_quant != "none" and mode != "full":  # model.base_quant, as train.build.build_model applies it
         from train.quant import quantize_base
 
         replicated = quantize_base(model, opts.base_quant)
@@ -269,7 +269,7 @@ def build_ours(mode: str, arch: dict, *, info, dtype, opts: Options, frozen, obj
     counter = {"step": 0}
 
     def step(batch: dict) -> None:
-        # the training loop's step (train/loop.py, FSDP2Backend.step): device generator, skip decided on the device
+        # the training loop's step (train/trainer.py, FSDP2Backend.step): device generator, skip decided on the device
         out = forward_backward_step(
             model, batch, frozen, obj,
             generator=step_generator(seed, info.rank, counter["step"], 0, device=info.device),
@@ -545,9 +545,9 @@ def _run_and_summarise(mode, res, *, size, args, info, dtype, opts, fm, peak) ->
             runner = build_baseline(size.arch, device=info.device, dtype=dtype, text=text,
                                     text_tokens=size.text_tokens)
         else:
-            from train.step import Frozen
+            from train.step import Encoders
 
-            frozen = Frozen(vae=LatentsAsPixels(info.device, dtype), text=text, dtype=dtype, device=info.device)
+            frozen = Encoders(vae=LatentsAsPixels(info.device, dtype), text=text, dtype=dtype, device=info.device)
             obj = ObjectiveConfig(max_text_tokens=size.text_tokens)  # the trainer's defaults: mask on, trim on
             runner = build_ours(mode, size.arch, info=info, dtype=dtype, opts=opts, frozen=frozen, obj=obj,
                                 seed=args.seed)

@@ -1,4 +1,6 @@
-"""Evals during training: every `eval.every_steps` the trainer's new checkpoint goes to the suite in `eval.suite`.
+"""Evals during training: every `eval.every_steps` the trainer's new checkpoint goes to the suite in `eval.suite`;
+at the end (`sample.at_end`) the CFG grid. `trainer_hooks` hands both to the trainer (train/trainer.py), which knows
+nothing of evals.
 
 - `eval.mode: job` — rank 0 submits a separate job with submitit (a SLURM job when training runs under SLURM, else
   a local process); training never waits for it.
@@ -22,7 +24,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from evals.sampler import sample_grid_for_run
 from evals.suite import Target, eval_dir, evaluate_into_run, load_suite, resolve_paths, resolve_suite_path
+from train.build import encoders_for_sampling
+from train.parallelize import DistInfo, barrier
+from train.run_dir import RunDir
+from train.trainer import Trainer, TrainerHooks
 
 
 def record_failure(run_dir: Path, step: int, suite: str, exc: BaseException) -> Path:
@@ -65,7 +72,7 @@ def submit_eval(suite_path: Path, checkpoint: Path, *, run_dir: Path, step: int,
     # Under SLURM (the training job's own env says so) the eval is another SLURM job; elsewhere a local process.
     # Not `which sbatch`: login nodes and test machines can have the client without a reachable cluster.
     cluster = "slurm" if "SLURM_JOB_ID" in os.environ else "local"
-    executor = submitit.AutoExecutor(folder=Path(run_dir) / "evals" / "submitit", cluster=cluster)
+    executor = submitit.AutoExecutor(folder=RunDir(run_dir).eval_jobs, cluster=cluster)
     gpus = 1 if cluster == "slurm" or torch.cuda.is_available() else 0
     executor.update_parameters(name=f"eval-step{step}", timeout_min=timeout_min, gpus_per_node=gpus, nodes=1,
                                tasks_per_node=1)
@@ -122,8 +129,27 @@ def make_eval_callback(cfg, info, chain: Callable[[int, Path], None] | None = No
                     evaluate_into_run(load_suite(suite_path), path, device=info.device)
                 except Exception as e:
                     record_failure(run_dir, step, suite_name, e)
-        from train.parallelize import barrier
-
         barrier()
 
     return on_checkpoint
+
+
+def sample_grid_at_end(trainer: Trainer) -> None:
+    """The end-of-run CFG grid (`sample.*`) from the trained, still sharded transformer; every rank samples."""
+    cfg, info = trainer.cfg, trainer.info
+    with encoders_for_sampling(trainer.encoders, cfg, info) as encoders:
+        sample_grid_for_run(trainer.backend.module, encoders, cfg, step=trainer.state.step, logger=trainer.logger,
+                            is_main=info.is_main)
+
+
+def trainer_hooks(cfg, *, on_checkpoint: Callable[[int, Path], None] | None = None
+                  ) -> Callable[[DistInfo], TrainerHooks]:
+    """What `dedistill train` hands the trainer: evals on its checkpoints every `eval.every_steps` (after
+    `on_checkpoint`, if given) and the grid at the end when `sample.at_end`. Built once the process group exists
+    (the inline eval needs this rank's device); the eval suite is checked then, before any training."""
+
+    def build(info: DistInfo) -> TrainerHooks:
+        return TrainerHooks(on_checkpoint=make_eval_callback(cfg, info, chain=on_checkpoint),
+                            at_end=sample_grid_at_end if cfg.sample.at_end else None)
+
+    return build

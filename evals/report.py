@@ -17,6 +17,8 @@ import matplotlib
 matplotlib.use("Agg")  # headless: cluster nodes and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from train.run_dir import RunDir  # noqa: E402
+
 
 def load_metrics(paths) -> list[dict]:
     out = []
@@ -30,7 +32,7 @@ def load_metrics(paths) -> list[dict]:
 
 def run_metrics(run_dir: str | Path) -> list[dict]:
     """Every finished eval of a run: <run_dir>/evals/step_N/<suite>/metrics.json, by step then suite."""
-    found = sorted((Path(run_dir) / "evals").glob("step_*/*/metrics.json"))
+    found = RunDir(run_dir).eval_files("metrics.json")
     return sorted(load_metrics(found), key=lambda m: (m.get("step") or 0, m.get("suite", "")))
 
 
@@ -103,7 +105,7 @@ def plot_fid_vs_clip(metrics: list[dict], path: str | Path) -> Path | None:
 def update_run_plots(run_dir: str | Path) -> list[Path]:
     """<run_dir>/plots/fid_vs_step.png and fid_vs_clip.png from every <run_dir>/evals/step_*/*/metrics.json."""
     metrics = run_metrics(run_dir)
-    plots = Path(run_dir) / "plots"
+    plots = RunDir(run_dir).plots
     made = [plot_fid_vs_step(metrics, plots / "fid_vs_step.png"), plot_fid_vs_clip(metrics, plots / "fid_vs_clip.png")]
     return [p for p in made if p is not None]
 

@@ -18,6 +18,7 @@ from PIL import Image
 from train.flux import image_ids, pack_latents, predict_velocity, unpack_latents
 from train.model import vae_scale_factor
 from train.objective import DEV_SCHEDULE, SamplingSchedule, sampling_sigmas
+from train.run_dir import RunDir
 from train.text import PromptEmbeds, TextEncoder
 
 
@@ -184,7 +185,7 @@ def sample_grid_for_run(transformer, frozen, cfg, *, step: int, logger, is_main:
     transformer.train(was_training)
     if not is_main:
         return None
-    out = Path(cfg.run_dir) / "samples" / f"grid_step_{step:08d}.png"
+    out = RunDir(cfg.run_dir).grid(step)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
     logger.image("samples/cfg_grid", grid, step)

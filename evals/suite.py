@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from train.config import _check_choice, _check_positive, apply_overrides, from_dict, load_run_config, load_yaml
+from train.run_dir import RunDir, checkpoint_step
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "configs" / "evals"
@@ -229,7 +230,7 @@ def resolve_target(path: str | Path, *, key: str = "--checkpoint") -> Target:
     if ckpt is None:
         return Target(path, None, None, None, None)
     run_cfg = load_run_config(run_dir)
-    return Target(ckpt, ckpt, run_dir, run_cfg, int(ckpt.name.split("_")[1]))
+    return Target(ckpt, ckpt, run_dir, run_cfg, checkpoint_step(ckpt))
 
 
 def _expand(value: str, key: str, target: Target) -> str:
@@ -497,7 +498,7 @@ def suite_dirname(name: str) -> str:
 def eval_dir(run_dir: Path, step: int, suite: str) -> Path:
     """<run_dir>/evals/step_<N:08d>/<suite>/: one directory per suite, so the results of several suites on one
     checkpoint sit side by side."""
-    return Path(run_dir) / "evals" / f"step_{step:08d}" / suite_dirname(suite)
+    return RunDir(run_dir).eval_dir(step, suite_dirname(suite))
 
 
 def evaluate_into_run(

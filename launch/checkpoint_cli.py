@@ -1,11 +1,11 @@
-"""`dedistill checkpoint verify RUN_DIR`: every checkpoint of a run checked offline (train/checkpoint_verify.py),
+"""`dedistill checkpoint verify RUN_DIR`: every checkpoint of a run checked offline (train/checkpoint/verify.py),
 one line each; exit status 1 when the newest complete checkpoint is bad (a resume would fall back from it)."""
 
 from __future__ import annotations
 
 
 def cmd_verify(a) -> None:
-    from train.checkpoint_verify import verify_run
+    from train.checkpoint.verify import verify_run
 
     lines, newest_bad = verify_run(a.run_dir)
     for line in lines:

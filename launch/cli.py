@@ -49,12 +49,13 @@ def absolutize_paths(cfg) -> None:
 
 
 def cmd_train(a) -> None:
+    from evals.periodic import trainer_hooks
     from train.config import load_config
-    from train.loop import train
+    from train.trainer import train
 
     cfg = load_config(_preset(a.config), a.overrides)
     absolutize_paths(cfg)
-    state = train(cfg)
+    state = train(cfg, trainer_hooks(cfg))
     if int(os.environ.get("RANK", 0)) == 0 and state.history:
         last = state.history[-1]
         print(f"[dedistill] done: step {state.step}, loss {last['loss']:.4f}, skipped {state.skipped_steps}")

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from train.run_dir import checkpoint_step
+
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FORMATS = ("diffusers", "lora", "lycoris", "bfl")
 
@@ -93,7 +95,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, fmt: str = "di
     if fmt == "lycoris" and kind != "lokr":
         raise ValueError(f"--format: lycoris exports a LoKr adapter, but this run trained '{kind}'")
     out.mkdir(parents=True, exist_ok=True)
-    step = int(ckpt.name.split("_")[1])
+    step = checkpoint_step(ckpt)
     if fmt == "lycoris":  # launch/export_lycoris.py
         from launch.export_lycoris import save_lycoris
 

@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from train.run_dir import RunDir, checkpoint_step
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -138,8 +140,8 @@ class TrainJob:
         rc = self._proc.returncode
         if rc != 0:
             raise RuntimeError(f"training exited with status {rc} (see the task log)")
-        latest = latest_checkpoint(Path(self.run_dir) / "checkpoints")
-        step = int(latest.name.split("_")[1]) if latest else 0
+        latest = latest_checkpoint(RunDir(self.run_dir).checkpoints)
+        step = checkpoint_step(latest) if latest else 0
         return {"run_dir": self.run_dir, "step": step, "finished": step >= self.max_steps}
 
     def checkpoint(self, *args, **kwargs):
@@ -224,7 +226,7 @@ def submit_training(config: str, overrides: list[str], opts: SubmitOptions):
     run_dir.mkdir(parents=True, exist_ok=True)
     # SLURM expands %j in its own paths (one folder per job id). The local executor's job process would create the
     # folder with a literal "%j" in its name, so local jobs share one folder (their files are named by job id).
-    folder = run_dir / "submitit" / ("%j" if cluster == "slurm" else "")
+    folder = RunDir(run_dir).jobs / ("%j" if cluster == "slurm" else "")
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     params: dict = dict(name=opts.name, timeout_min=opts.time_min, nodes=opts.nodes, tasks_per_node=1)
     if opts.gpus_per_node:

@@ -5,7 +5,7 @@
 
 SLURM signals every process of a job step — the time-limit warning (`--signal=USR1@T`, or the batch script
 forwarding it with `scancel --signal=USR1`), `scontrol requeue`, preemption and `scancel` (SIGTERM). The training
-processes handle those signals themselves (train/loop.py `StopFlag`: finish the step, agree across ranks, save a
+processes handle those signals themselves (train/trainer.py `StopFlag`: finish the step, agree across ranks, save a
 checkpoint, exit 0). The agent has to outlive that save: by default SIGUSR1 kills it outright, and on SIGTERM it
 SIGKILLs its workers after 30 s, possibly in the middle of a checkpoint. Ignoring both leaves the deadline to SLURM
 (KillWait, or the partition's GraceTime on preemption). The workers install their own handlers at start.

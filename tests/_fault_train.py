@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 
-import train.loop as loop
+import train.trainer as trainer
 
 kind, *fields = sys.argv.pop(1).split(":")
 RANK, STEP = int(fields[0]), int(fields[1])
@@ -30,7 +30,7 @@ def _rank() -> int:
 
 
 if kind == "kill":
-    _step = loop.forward_backward_step
+    _step = trainer.forward_backward_step
 
     def forward_backward_step(transformer, *args, **kwargs):
         calls["step"] += 1
@@ -42,10 +42,10 @@ if kind == "kill":
             transformer.transformer_blocks[0].register_forward_pre_hook(die)
         return _step(transformer, *args, **kwargs)
 
-    loop.forward_backward_step = forward_backward_step  # the loop calls it through its module global
+    trainer.forward_backward_step = forward_backward_step  # the trainer calls it through its module global
 elif kind == "stall":
     SECONDS = float(fields[2])
-    _agreed = loop.StopFlag.agreed
+    _agreed = trainer.StopFlag.agreed
 
     def agreed(self, device):
         calls["agreed"] += 1
@@ -55,7 +55,7 @@ elif kind == "stall":
             time.sleep(SECONDS)
         return _agreed(self, device)
 
-    loop.StopFlag.agreed = agreed
+    trainer.StopFlag.agreed = agreed
 else:
     raise SystemExit(f"unknown fault {kind!r}")
 

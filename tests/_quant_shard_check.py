@@ -16,9 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_runs  # noqa: E402
 
 from train.config import load_config  # noqa: E402
-from train.loop import _train, build_model  # noqa: E402
+from train.build import build_model  # noqa: E402
 from train.parallelize import destroy_distributed, init_distributed  # noqa: E402
 from train.quant import QuantizedLinear, is_quantized, quant_target_names  # noqa: E402
+from train.trainer import Trainer, TrainerHooks  # noqa: E402
 
 
 def main(model_dir: str, data_dir: str, run_dir: str) -> None:
@@ -45,7 +46,11 @@ def main(model_dir: str, data_dir: str, run_dir: str) -> None:
             sharded += 1
     losses = {"whole": whole, "sharded": sharded}
     for q in ("none", "int8"):
-        state = _train(cfg_for(q), info, None)  # one process group for all three (no re-init under torchrun)
+        trainer = Trainer(cfg_for(q), info, TrainerHooks())  # one process group for all (no re-init under torchrun)
+        try:
+            state = trainer.train()
+        finally:
+            trainer.close()
         losses[q] = [h["loss"] for h in state.history]
     if info.is_main:
         print("RESULT " + json.dumps(losses), flush=True)

@@ -13,7 +13,7 @@ import torch
 
 from train.adapters import apply_adapter
 from train.config import load_config
-from train.loop import build_model
+from train.build import build_model
 from train.model import load_transformer
 from train.parallel.load import file_key
 from train.parallelize import destroy_distributed, init_distributed

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from train.config import load_config
-from train.loop import load_text_encoder
+from train.build import load_text_encoder
 from train.parallelize import destroy_distributed, init_distributed
 from train.text import TextEncoder
 

@@ -1,15 +1,15 @@
-"""CheckpointManager without a process group (a single process): completion marker, pruning, incomplete dirs."""
+"""CheckpointStore without a process group (a single process): completion marker, pruning, incomplete dirs."""
 
 import json
 
 import torch
 
-from train.checkpoint import MARKER, CheckpointManager, latest_checkpoint
+from train.checkpoint import MARKER, CheckpointStore, latest_checkpoint
 from train.config import CheckpointConfig
 
 
 def test_keep_last_and_incomplete_checkpoints(tmp_path):
-    ckpt = CheckpointManager(tmp_path, CheckpointConfig(every_steps=1, keep_last=2), rank=0)
+    ckpt = CheckpointStore(tmp_path, CheckpointConfig(every_steps=1, keep_last=2), rank=0)
     for step in (1, 2, 3):
         ckpt.save(step, {"w": torch.full((3,), float(step))}, per_rank={"data": {"pos": step}})
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
@@ -35,7 +35,7 @@ def test_keep_last_and_incomplete_checkpoints(tmp_path):
 
 
 def test_rng_restored(tmp_path):
-    ckpt = CheckpointManager(tmp_path, CheckpointConfig(), rank=0)
+    ckpt = CheckpointStore(tmp_path, CheckpointConfig(), rank=0)
     torch.manual_seed(7)
     ckpt.save(1, {"w": torch.zeros(1)}, per_rank={})
     expected = torch.rand(4)
@@ -76,7 +76,7 @@ def test_text_encoders_load_without_the_torch_dtype_deprecation(tiny_model_dir, 
 
 
 def test_async_save_marks_complete_only_after_the_write_and_stages_a_copy(tmp_path):
-    ckpt = CheckpointManager(tmp_path, CheckpointConfig(keep_last=2, async_save=True), rank=0)
+    ckpt = CheckpointStore(tmp_path, CheckpointConfig(keep_last=2, async_save=True), rank=0)
     w = torch.full((1000,), 1.0)
     for step in (1, 2, 3):
         ckpt.save(step, {"w": w}, per_rank={"data": {"pos": step}})

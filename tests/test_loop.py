@@ -18,7 +18,8 @@ def _cfg(model, data, run, **over):
 
 
 def test_non_finite_loss_skips_the_step_and_training_goes_on(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
-    import train.loop as loop
+    import tiny_runs
+    import train.trainer as trainer
     from train import step as step_mod
 
     real = step_mod.forward_backward_step
@@ -32,8 +33,8 @@ def test_non_finite_loss_skips_the_step_and_training_goes_on(tiny_model_dir, tin
             batch = {**batch, "pixels": batch["pixels"] * float("nan")}
         return real(transformer, batch, *a, **kw)
 
-    monkeypatch.setattr(loop, "forward_backward_step", poisoned)
-    state = loop.train(_cfg(tiny_model_dir, tiny_data_dir, tmp_path / "run"))
+    monkeypatch.setattr(trainer, "forward_backward_step", poisoned)
+    state = tiny_runs.train_in_process(_cfg(tiny_model_dir, tiny_data_dir, tmp_path / "run"))
     assert state.step == 4 and state.skipped_steps == 1
     assert math.isnan(state.history[1]["loss"]) and all(math.isfinite(h["loss"]) for i, h in enumerate(state.history) if i != 1)
     # the skipped step left the parameters untouched; the others moved them
@@ -68,7 +69,7 @@ def test_lr_schedule():
 
 
 def test_missing_model_dir_is_a_one_line_error(tmp_path):
-    from train.loop import train
+    from train.trainer import train
 
     with pytest.raises(ValueError, match="model.path"):
         train(_cfg(tmp_path / "nope", tmp_path, tmp_path / "run"))

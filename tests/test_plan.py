@@ -60,7 +60,7 @@ def test_state_bytes_equal_the_trainers_fsdp2_model(tiny_model_dir, monkeypatch)
     import torch.distributed as dist
 
     import train.parallelize as par
-    from train.loop import build_model
+    from train.build import build_model
     from train.optim import EMA
 
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",

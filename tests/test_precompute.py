@@ -16,11 +16,11 @@ from train.data import Collate, _tensor, build_dataset, build_loader
 @pytest.fixture(scope="module")
 def frozen_and_transformer(tiny_model_dir):
     from train.model import load_transformer, load_vae
-    from train.step import Frozen
+    from train.step import Encoders
     from train.text import TextEncoder
 
     cpu = torch.device("cpu")
-    frozen = Frozen(vae=load_vae(tiny_model_dir, dtype=torch.float32, device=cpu),
+    frozen = Encoders(vae=load_vae(tiny_model_dir, dtype=torch.float32, device=cpu),
                     text=TextEncoder(tiny_model_dir, dtype=torch.float32, device=cpu), dtype=torch.float32, device=cpu)
     return frozen, load_transformer(tiny_model_dir, dtype=torch.float32)
 

@@ -10,7 +10,7 @@ import torch
 from evals.sampler import SamplerSettings, generate
 from train.config import ObjectiveConfig, load_config
 from train.inference import load_for_inference
-from train.step import Frozen, forward_backward_step
+from train.step import Encoders, forward_backward_step
 
 PROMPTS = ["a small blue square at the top left on a yellow background", "a red circle"]
 
@@ -21,7 +21,7 @@ def loaded(tiny_model_dir):
 
 
 def _step(loaded, cfg: ObjectiveConfig, *, seed=11, backward=False):
-    frozen = Frozen(vae=loaded.vae, text=loaded.text, dtype=torch.float32, device=torch.device("cpu"))
+    frozen = Encoders(vae=loaded.vae, text=loaded.text, dtype=torch.float32, device=torch.device("cpu"))
     g = torch.Generator().manual_seed(3)
     batch = {"pixels": torch.rand(4, 3, 64, 64, generator=g) * 2 - 1, "caption": PROMPTS * 2}
     loaded.transformer.zero_grad(set_to_none=True)
@@ -63,18 +63,18 @@ def _loop_cfg(model, data, run, **over):
 def test_ot_run_stopped_and_resumed_is_bitwise(tiny_model_dir, tiny_data_dir, tmp_path):
     """A 1-process run (the torchrun code path) with Chroma's three knobs, stopped by SIGTERM after step 2 and
     resumed, ends with the uninterrupted run's losses, weights, moments and EMA, bitwise."""
-    import train.loop as loop
+    import tiny_runs
 
-    straight = loop.train(_loop_cfg(tiny_model_dir, tiny_data_dir, tmp_path / "straight"))
+    straight = tiny_runs.train_in_process(_loop_cfg(tiny_model_dir, tiny_data_dir, tmp_path / "straight"))
 
     def stop_after_two(step, path):
         if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)  # the loop's StopFlag: finish the step, save, return
 
     cfg = _loop_cfg(tiny_model_dir, tiny_data_dir, tmp_path / "resumed", **{"checkpoint.every_steps": 2})
-    first = loop.train(cfg, on_checkpoint=stop_after_two)
+    first = tiny_runs.train_in_process(cfg, on_checkpoint=stop_after_two)
     assert first.stopped_by_signal and first.step < 4
-    second = loop.train(cfg)
+    second = tiny_runs.train_in_process(cfg)
     assert second.step == 4
     losses = [h["loss"] for h in first.history] + [h["loss"] for h in second.history]
     assert losses == [h["loss"] for h in straight.history]
@@ -179,7 +179,7 @@ def test_one_visible_pad_loss_does_not_depend_on_padding_or_trimming(loaded):
 def test_precomputed_text_refuses_visible_padding(loaded):
     from train.step import prepare_prompts
 
-    frozen = Frozen(vae=loaded.vae, text=loaded.text, dtype=torch.float32, device=torch.device("cpu"))
+    frozen = Encoders(vae=loaded.vae, text=loaded.text, dtype=torch.float32, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="objective.visible_padding_tokens"):
         prepare_prompts(frozen, PROMPTS, ObjectiveConfig(visible_padding_tokens=1, max_text_tokens=64),
                         generator=torch.Generator().manual_seed(0), stored={"max_text_tokens": 64})

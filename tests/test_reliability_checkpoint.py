@@ -22,8 +22,8 @@ import pytest
 import torch
 
 import tiny_runs
-from train.checkpoint import CheckpointManager, CheckpointSaveError, latest_checkpoint
-from train.checkpoint_verify import MARKER, check, verify_run
+from train.checkpoint import CheckpointStore, CheckpointSaveError, latest_checkpoint
+from train.checkpoint.verify import MARKER, check, verify_run
 from train.config import CheckpointConfig, load_config
 
 STEP6 = "step_00000006"
@@ -137,11 +137,11 @@ def test_verify_names_the_file_and_why_and_fails_when_the_newest_is_bad(run_copy
 
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_resume_moves_the_corrupt_newest_aside_and_falls_back(run_copy, fault):
-    """What the trainer does at start (CheckpointManager.resume_from), on each fault."""
+    """What the trainer does at start (CheckpointStore.resume_from), on each fault."""
     cause, name, reason = FAULTS[fault]
     cause(run_copy / "checkpoints" / STEP6)
     logged = []
-    chosen = CheckpointManager(run_copy, CheckpointConfig(), rank=0).resume_from(log=logged.append)
+    chosen = CheckpointStore(run_copy, CheckpointConfig(), rank=0).resume_from(log=logged.append)
     assert chosen == tiny_runs.ckpt(run_copy, 4)
     assert len(logged) == 1 and re.fullmatch(
         rf"\[dedistill\] checkpoint {STEP6} is corrupt: {re.escape(name)}: {reason}.*; moved to {STEP6}\.corrupt, "
@@ -206,7 +206,7 @@ def test_when_no_checkpoint_verifies_resume_refuses_and_moves_nothing(run_copy):
     before = sorted(p.name for p in (run_copy / "checkpoints").iterdir())
     with pytest.raises(ValueError, match=r"no checkpoint in '.*' verifies \(step_00000006: rank_00000\.pt: missing"
                                          r".*step_00000002: rank_00000\.pt: missing.*checkpoint\.resume=false"):
-        CheckpointManager(run_copy, CheckpointConfig(), rank=0).resume_from(log=print)
+        CheckpointStore(run_copy, CheckpointConfig(), rank=0).resume_from(log=print)
     assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == before
 
 
@@ -268,7 +268,7 @@ def test_disk_full_mid_save_keeps_the_previous_checkpoint(small_disk, async_save
     """keep_last=1: a prune before the new checkpoint is complete would leave nothing. The state is ~1.2 MB (a
     `rank_N.pt` of 0.2 MB, then the shard), so the disk runs out in the dir, in the rank file, or in the shard."""
     cfg = CheckpointConfig(keep_last=1, async_save=async_save)
-    ckpt = CheckpointManager(small_disk, cfg, rank=0)
+    ckpt = CheckpointStore(small_disk, cfg, rank=0)
     state = {"w": torch.arange(300_000, dtype=torch.float32)}
     extras = {"data": {"blob": "x" * 200_000}}
     ckpt.save(1, state, per_rank=extras)

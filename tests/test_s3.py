@@ -49,10 +49,11 @@ def upload(client, local: Path, prefix: str) -> int:
 
 _TRAIN = """
 import json, sys
+from evals.periodic import trainer_hooks
 from train.config import load_config
-from train.loop import train
+from train.trainer import train
 cfg = load_config(sys.argv[1], sys.argv[3:])
-state = train(cfg)
+state = train(cfg, trainer_hooks(cfg))
 print("RESULT " + json.dumps({"step": state.step, "losses": [h["loss"] for h in state.history]}), flush=True)
 """
 

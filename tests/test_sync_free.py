@@ -51,9 +51,9 @@ def test_cpu_losses_equal_the_sync_per_step_loop_of_main(small, tmp_path):
 def test_skipped_step_leaves_params_optimizer_state_and_ema_bitwise(small, tmp_path, monkeypatch, implementation):
     """Step 3's batch is NaN: the checkpoint after step 3 holds exactly the tensors of the one after step 2."""
     import tiny_runs
-    import train.loop as loop
+    import train.trainer as trainer
 
-    real = loop.forward_backward_step
+    real = trainer.forward_backward_step
     calls = {"n": 0}
 
     def poisoned(transformer, batch, *a, **kw):
@@ -62,7 +62,7 @@ def test_skipped_step_leaves_params_optimizer_state_and_ema_bitwise(small, tmp_p
             batch = {**batch, "pixels": batch["pixels"] * float("nan")}
         return real(transformer, batch, *a, **kw)
 
-    monkeypatch.setattr(loop, "forward_backward_step", poisoned)
+    monkeypatch.setattr(trainer, "forward_backward_step", poisoned)
     run = tmp_path / "run"
     state = tiny_runs.train_in_process(_cfg(*small, run, **{
         "train.max_steps": 4, "checkpoint.every_steps": 1, "checkpoint.keep_last": 10, "train.log_every": 4,
@@ -96,14 +96,14 @@ def test_trimming_and_dropout_read_no_device_tensor():
 
 def test_the_stop_flag_is_agreed_only_at_read_steps(small, tmp_path, monkeypatch):
     import tiny_runs
-    import train.loop as loop
+    import train.trainer as trainer
 
     seen = []
-    real = loop.StopFlag.agreed
-    monkeypatch.setattr(loop.StopFlag, "agreed", lambda self, device: seen.append(1) or real(self, device))
+    real = trainer.StopFlag.agreed
+    monkeypatch.setattr(trainer.StopFlag, "agreed", lambda self, device: seen.append(1) or real(self, device))
     steps = []
-    real_fb = loop.forward_backward_step
-    monkeypatch.setattr(loop, "forward_backward_step", lambda *a, **kw: steps.append(1) or real_fb(*a, **kw))
+    real_fb = trainer.forward_backward_step
+    monkeypatch.setattr(trainer, "forward_backward_step", lambda *a, **kw: steps.append(1) or real_fb(*a, **kw))
     state = tiny_runs.train_in_process(_cfg(*small, tmp_path / "run", **{
         "train.max_steps": 7, "train.sync_every": 3, "train.log_every": 100, "checkpoint.every_steps": 100}))
     assert len(steps) == 7 and len(seen) == 3  # steps 3, 6 and the last, 7
@@ -124,9 +124,9 @@ def test_a_training_step_makes_no_host_sync_on_gpu():
 
     from train.adapters import apply_adapter, trainable_named_parameters
     from train.config import AdapterConfig, ObjectiveConfig, OptimConfig
-    from train.loop import step_generator
+    from train.trainer import step_generator
     from train.optim import build_optimizer, step_if
-    from train.step import Frozen, forward_backward_step
+    from train.step import Encoders, forward_backward_step
 
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -147,7 +147,7 @@ def test_a_training_step_makes_no_host_sync_on_gpu():
         "empty_mask": torch.ones(1, 1, dtype=torch.bool), "empty_pooled": torch.randn(1, d_clip),
         "max_text_tokens": 16,
     }
-    frozen = Frozen(vae=None, text=None, dtype=torch.float32, device=dev)
+    frozen = Encoders(vae=None, text=None, dtype=torch.float32, device=dev)
 
     def step(i: int, poison: bool) -> None:
         b = {**batch, "latent_mean": batch["latent_mean"] * (float("nan") if poison else 1.0)}

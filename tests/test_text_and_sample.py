@@ -7,7 +7,7 @@ import torch
 from evals.sampler import SamplerSettings, generate
 from train.config import ObjectiveConfig
 from train.inference import load_for_inference
-from train.step import Frozen, forward_backward_step
+from train.step import Encoders, forward_backward_step
 
 PROMPT = "a small blue square at the top left on a yellow background"
 
@@ -50,7 +50,7 @@ def test_cfg_changes_the_image(loaded):
 
 
 def _loss(loaded, tokens, *, trim=True, dropout=0.0):
-    frozen = Frozen(vae=loaded.vae, text=loaded.text, dtype=torch.float32, device=torch.device("cpu"))
+    frozen = Encoders(vae=loaded.vae, text=loaded.text, dtype=torch.float32, device=torch.device("cpu"))
     cfg = ObjectiveConfig(max_text_tokens=tokens, trim_text=trim, caption_dropout=dropout)
     g = torch.Generator().manual_seed(3)
     pixels = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
@@ -75,7 +75,7 @@ def test_caption_dropout_uses_the_empty_prompt(loaded):
 
 
 def _loss_with_captions(loaded, captions):
-    frozen = Frozen(vae=loaded.vae, text=loaded.text, dtype=torch.float32, device=torch.device("cpu"))
+    frozen = Encoders(vae=loaded.vae, text=loaded.text, dtype=torch.float32, device=torch.device("cpu"))
     g = torch.Generator().manual_seed(3)
     pixels = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
     out = forward_backward_step(

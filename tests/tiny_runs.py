@@ -60,14 +60,15 @@ def train(model, data, run_dir, *, nproc: int = 2, **extra) -> subprocess.Comple
     return run(torchrun_cmd(CONFIG, *overrides(model, data, run_dir, **extra), nproc=nproc))
 
 
-def train_in_process(cfg, **kw):
-    """`train.loop.train(cfg, **kw)` in this process, restoring the environment after: init_distributed exports
-    RANK/WORLD_SIZE/..., and later tests must not see a world of one."""
-    from train.loop import train as train_loop
+def train_in_process(cfg, on_checkpoint=None):
+    """`dedistill train` in this process (the trainer with the hooks the CLI hands it), restoring the environment
+    after: init_distributed exports RANK/WORLD_SIZE/..., and later tests must not see a world of one."""
+    from evals.periodic import trainer_hooks
+    from train.trainer import train
 
     saved = dict(os.environ)
     try:
-        return train_loop(cfg, **kw)
+        return train(cfg, trainer_hooks(cfg, on_checkpoint=on_checkpoint))
     finally:
         os.environ.clear()
         os.environ.update(saved)

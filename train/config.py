@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from train.run_dir import RunDir
+
 
 def _check_choice(key: str, value: Any, choices: tuple) -> None:
     if value not in choices:
@@ -597,7 +599,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, cls
 def load_run_config(run_dir: str | Path) -> JobConfig:
     """A run's recorded `config.yaml`. Runs recorded before `model.adapter.scale_convention` existed trained LoKr with
     peft's alpha / r on every layer; their checkpoints keep meaning that update."""
-    data = load_yaml(Path(run_dir) / "config.yaml")
+    data = load_yaml(RunDir(run_dir).config)
     adapter = data.get("model", {}).get("adapter", {})
     if isinstance(adapter, dict) and adapter.get("kind") == "lokr" and "scale_convention" not in adapter:
         adapter["scale_convention"] = "peft"

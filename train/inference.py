@@ -18,6 +18,7 @@ from train.checkpoint import is_complete, latest_checkpoint, safe_load
 from train.config import JobConfig, load_run_config
 from train.model import load_scheduler_config, load_transformer, load_vae, resolve_dtype
 from train.objective import DEV_SCHEDULE, SamplingSchedule
+from train.run_dir import RunDir, checkpoint_step, is_checkpoint_dir
 from train.text import TextEncoder
 
 
@@ -41,15 +42,16 @@ def resolve_checkpoint(path: str | Path, *, key: str = "--model") -> tuple[Path 
     path = Path(path)
     if (path / "model_index.json").is_file():
         return None, None
-    if (path / "checkpoints").is_dir():
-        ckpt = latest_checkpoint(path / "checkpoints")
+    run = RunDir(path)
+    if run.checkpoints.is_dir():
+        ckpt = latest_checkpoint(run.checkpoints)
         if ckpt is None:
             raise ValueError(f"{key}: run dir '{path}' has no complete checkpoint")
         return ckpt, path
-    if path.name.startswith("step_") and path.is_dir():
+    if is_checkpoint_dir(path):
         if not is_complete(path):
             raise ValueError(f"{key}: checkpoint '{path}' is incomplete (no COMPLETE marker)")
-        return path, path.parent.parent
+        return path, RunDir.of_checkpoint(path).root
     raise ValueError(f"{key}: '{path}' is neither a diffusers FLUX/Chroma dir, a run dir, nor a checkpoint dir")
 
 
@@ -140,7 +142,7 @@ def load_for_inference(
         apply_adapter(transformer, cfg.model.adapter)
         load_trainable_state(transformer, ckpt, ema=ema)
     transformer.to(device).eval().requires_grad_(False)
-    step = int(ckpt.name.split("_")[1]) if ckpt is not None else None
+    step = checkpoint_step(ckpt) if ckpt is not None else None
     return Loaded(
         transformer=transformer,
         vae=load_vae(model_path, dtype=torch_dtype, device=device),

@@ -6,14 +6,17 @@ from pathlib import Path
 
 import numpy as np
 
+from train.run_dir import RunDir
+
 
 class Logger:
     def __init__(self, run_dir: str | Path, *, enabled: bool):
         self.writer = None
         if enabled:
+            # deferred on purpose: tensorboard and protobuf load only in the one process that writes events
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(run_dir) / "tb"))
+            self.writer = SummaryWriter(str(RunDir(run_dir).tensorboard))
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from train.family import family_of_class, family_of_dir
+from train.family import family_of_class, family_of_dir, family_of_model
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -70,21 +70,16 @@ def _transformer_config(path: str | Path) -> tuple[Path, dict]:
     return folder, family_of_dir(path).transformer_cls().load_config(str(folder))
 
 
-def meta_transformer(path: str | Path, *, dtype: torch.dtype):
-    """(transformer on meta in `dtype`, index of its safetensors) for the sharded loader (train/parallel/load.py):
-    nothing is read but the config and the files' headers."""
-    from train.parallel.load import SafetensorsIndex
-
+def transformer_source(path: str | Path) -> tuple[dict, list[Path]]:
+    """(the transformer's config, its safetensors files) of a model dir: what a sharded load reads."""
     folder, config = _transformer_config(path)
-    model = build_transformer_meta(config)
-    # nn.Module.to, not ModelMixin.to (which warns about fp32-kept modules; FLUX and Chroma have none): free on meta
-    torch.nn.Module.to(model, dtype)
-    return model, SafetensorsIndex(_weight_files(folder))
+    return config, _weight_files(folder)
 
 
 def load_transformer(path: str | Path, *, dtype: torch.dtype):
     """Transformer built on meta, then its weights assigned from the pipeline's safetensors (on CPU): the whole model
-    in this process (inference, export, DeepSpeed). Training under FSDP2 loads sharded instead (`meta_transformer`)."""
+    in this process (inference, export, DeepSpeed). Training under FSDP2 loads sharded instead
+    (train/parallel/load.py `meta_transformer`)."""
     folder, config = _transformer_config(path)
     model = build_transformer_meta(config)
     state = load_safetensors_dir(folder, dtype)
@@ -105,9 +100,7 @@ def computed_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     buffers are real (accelerate's `init_empty_weights`, as diffusers' own loader builds)."""
     if not any(True for _ in model.buffers()):
         return {}
-    from accelerate import init_empty_weights
-
-    from train.family import family_of_model
+    from accelerate import init_empty_weights  # deferred on purpose: only Chroma has such buffers
 
     with init_empty_weights(include_buffers=False):
         fresh = family_of_model(model).transformer_cls().from_config(dict(model.config))

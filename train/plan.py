@@ -3,7 +3,7 @@ config on the meta device, so it runs for the real 12B FLUX.1 without weights (d
 
 Every number models what this code base does, not a generic trainer:
 
-- **Parameters** (`train/loop.py: build_model`): frozen base weights in the model dtype (bf16 on GPU), trainable
+- **Parameters** (`train/build.py: build_model`): frozen base weights in the model dtype (bf16 on GPU), trainable
   parameters (adapter, or everything for `full`) in fp32. FSDP2 (`train/parallelize.py`) shards every parameter of
   every block and of the root over the shard group (the world, or one node with `parallel.hsdp`), padding dim 0 to a
   multiple of the group size. DeepSpeed ZeRO-2 keeps the module replicated in the compute dtype and partitions an fp32
@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 FLUX1_SCHNELL_CONFIG = REPO / "configs" / "models" / "flux1-schnell" / "transformer" / "config.json"
 """The real FLUX.1-schnell transformer config, shipped so a plan needs no download."""
 
-# Frozen parts the trainer loads when the data holds raw images and captions (train/loop.py), with the FLUX.1
+# Frozen parts the trainer loads when the data holds raw images and captions (train/build.py), with the FLUX.1
 # component configs (text_encoder = CLIP ViT-L/14 text, text_encoder_2 = T5 v1.1 XXL encoder, vae = FLUX's 16-channel
 # AutoencoderKL). Parameter counts are recounted on meta from these configs in tests/test_plan.py.
 ENCODER_PARAMS = {"t5": 4_762_310_656, "clip": 123_060_480, "vae": 83_819_683}
@@ -386,7 +386,7 @@ def encoders_loaded(cfg: JobConfig, precomputed: bool | None) -> bool:
     except (ValueError, OSError):
         layout = None
     if layout is not None and layout.get("kind") == "precomputed":
-        return not _trainer_skips_encoders()
+        return False
     return True
 
 
@@ -403,14 +403,6 @@ def encoder_params(cfg: JobConfig) -> dict[str, int]:
                   "clip": CLIPTextModel(AutoConfig.from_pretrained(root / "text_encoder")),
                   "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae"))}
     return {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
-
-
-def _trainer_skips_encoders() -> bool:
-    """Issue #11 part 2 teaches the loop to skip the frozen parts on precomputed data (`train.loop.load_frozen`);
-    a build without it loads them regardless."""
-    import train.loop as loop
-
-    return hasattr(loop, "load_frozen")
 
 
 def encoder_bytes_on_gpu(cfg: JobConfig, cl: Cluster, encoders: dict[str, int], b: int) -> float:
@@ -695,7 +687,7 @@ def _knob(p: Plan) -> str:
     if p.with_encoders:
         q = copy.copy(p)
         q.memory = gpu_memory(p.inv, cfg, cl, p.tokens, with_encoders=False, encoders=p.encoders)
-        if _fits(q) and _trainer_skips_encoders():
+        if _fits(q):
             return "precompute the data (`dedistill data precompute`): the encoders then stay off the GPU"
         if getattr(cfg.model, "text_encoder_placement", "cpu") == "device":
             for where in ("fsdp", "cpu"):

@@ -26,9 +26,10 @@ from train.text import PromptEmbeds, TextEncoder
 
 
 @dataclass
-class Frozen:
-    """The frozen parts a step may need: VAE and text encoders (outside the transformer's FSDP). None when the data
-    is precomputed: the trainer then never loads them (train.loop.frozen_for_sampling loads them for sampling)."""
+class Encoders:
+    """The frozen encoders a step may need: the VAE and the text encoders (outside the transformer's FSDP), and the
+    dtype and device the step computes in. Both None when the data is precomputed: the trainer then never loads them
+    (train/build.py `encoders_for_sampling` loads them for sampling)."""
 
     vae: torch.nn.Module | None
     text: TextEncoder | None
@@ -58,13 +59,13 @@ def encode_images(vae, pixels: torch.Tensor, *, generator: torch.Generator) -> t
     return (latents - vae.config.shift_factor) * vae.config.scaling_factor
 
 
-def batch_latents(frozen: Frozen, batch: dict, *, generator: torch.Generator) -> torch.Tensor:
+def batch_latents(encoders: Encoders, batch: dict, *, generator: torch.Generator) -> torch.Tensor:
     """(B, C, h, w) normalised latents: the VAE encodes `pixels`, or a precomputed batch (`dedistill data
     precompute`) holds the posterior's normalised mean/std and the sample is drawn here, as encode_images does."""
     if "latent_mean" not in batch:
-        return encode_images(frozen.vae, batch["pixels"], generator=generator)
+        return encode_images(encoders.vae, batch["pixels"], generator=generator)
     # (B, C, h, w), already shifted and scaled; non_blocking: a host-to-device copy need not wait for the device
-    mean = batch["latent_mean"].to(frozen.device, torch.float32, non_blocking=True)
+    mean = batch["latent_mean"].to(encoders.device, torch.float32, non_blocking=True)
     # Drawn even when no std is stored (--latents mean), so the generator advances exactly as on the raw path.
     noise = _randn(mean.shape, generator, mean.device)
     std = batch.get("latent_std")
@@ -95,7 +96,7 @@ def _stored_prompts(stored: dict, cfg: ObjectiveConfig) -> tuple[PromptEmbeds, P
 
 
 def prepare_prompts(
-    frozen: Frozen,
+    encoders: Encoders,
     captions: list[str],
     cfg: ObjectiveConfig,
     *,
@@ -115,8 +116,8 @@ def prepare_prompts(
         kept = [c for c, d in zip(captions, drop.tolist()) if not d] or [""]
         masked = cfg.attention_mask
         k = cfg.visible_padding_tokens
-        enc = frozen.text.encode(kept, max_tokens=cfg.max_text_tokens, masked=masked, visible_padding=k)
-        empty = frozen.text.empty(max_tokens=cfg.max_text_tokens, masked=masked, visible_padding=k)
+        enc = encoders.text.encode(kept, max_tokens=cfg.max_text_tokens, masked=masked, visible_padding=k)
+        empty = encoders.text.empty(max_tokens=cfg.max_text_tokens, masked=masked, visible_padding=k)
         # Scatter the encoded captions back into batch order, empty prompt where dropped.
         order = torch.cumsum(~drop, 0) - 1
         prompts = enc.select(order.clamp(min=0)).where(drop, empty)
@@ -128,7 +129,7 @@ def prepare_prompts(
 def forward_backward_step(
     transformer: torch.nn.Module,
     batch: dict,
-    frozen: Frozen,
+    encoders: Encoders,
     cfg: ObjectiveConfig,
     *,
     generator: torch.Generator,
@@ -142,13 +143,13 @@ def forward_backward_step(
     gradient reduce-scatter; the backend then sees a non-finite grad norm on all ranks and skips the update together
     (on the device: nothing here or there reads the loss on the host).
     """
-    device, dtype = frozen.device, frozen.dtype
+    device, dtype = encoders.device, encoders.dtype
     host = host_generator(generator)  # `generator` itself on CPU: the draw order below is the historic one
-    latents = batch_latents(frozen, batch, generator=generator)  # (B, C, h, w)
+    latents = batch_latents(encoders, batch, generator=generator)  # (B, C, h, w)
     b, _, h, w = latents.shape
     x0 = pack_latents(latents.float())  # (B, h/2*w/2, C*4)
     stored = batch if "t5" in batch else None  # precomputed text encodings (dedistill data precompute)
-    prompts, dropped = prepare_prompts(frozen, list(batch["caption"]), cfg, generator=host, stored=stored)
+    prompts, dropped = prepare_prompts(encoders, list(batch["caption"]), cfg, generator=host, stored=stored)
 
     t = objective.sample_timesteps(cfg, b, generator=host, image_seq_len=x0.shape[1])  # (B,) on the host
     t = t.to(device, non_blocking=True)

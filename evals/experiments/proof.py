@@ -10,9 +10,9 @@ directory). `--smoke` writes to `<out_dir>-smoke`, never where a full run looks:
   2. judge    small CNN reading shape/colour/position/size/background; held-out accuracy on real images reported.
   3. vae      AutoencoderKL (diffusers) trained on the world; reconstruction error reported. Pipeline dir = the tiny
               pipeline (tokenizers, text encoders) + this VAE + a transformer of `model` dims, in diffusers layout.
-  4. teacher  `train.loop.train`, adapter `full`, flow matching, caption dropout, masked T5 — the real trainer.
+  4. teacher  `train.trainer.train`, adapter `full`, flow matching, caption dropout, masked T5 — the real trainer.
   5. student  reflow on teacher CFG couplings (evals/experiments/distill.py), few-step, no CFG.
-  6. dedistill `train.loop.train` from the student's pipeline dir: our recipe, one run per adapter kind, and one
+  6. dedistill `train.trainer.train` from the student's pipeline dir: our recipe, one run per adapter kind, and one
               full run per entry of `dedistill_recipes` (RECIPES: Chroma's OT pairing, its timestep density, and
               the student pruned to Chroma's architecture by `dedistill prune`, de-distilled with Chroma's
               objective), each for every seed in `dedistill_seeds`.
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from train.config import from_dict, load_yaml, to_dict
+from train.run_dir import RunDir
 
 
 @dataclass(kw_only=True)
@@ -481,7 +482,8 @@ def run_trainer(job, nproc: int = 1) -> None:
     """The real trainer: in-process at world size 1 (env:// rendezvous on a free local port), or under torchrun."""
     import socket
 
-    from train.loop import train
+    from evals.periodic import trainer_hooks
+    from train.trainer import train
 
     if nproc > 1:
         import subprocess
@@ -510,7 +512,7 @@ def run_trainer(job, nproc: int = 1) -> None:
     os.environ.update(env)
     try:
         t0 = time.time()
-        state = train(job)
+        state = train(job, trainer_hooks(job))
         losses = [h["loss"] for h in state.history]
         if losses:
             log(f"[proof] {job.run_dir}: {state.step} steps in {time.time() - t0:.0f}s, loss "
@@ -775,7 +777,7 @@ def run(cfg: ProofConfig, *, until: str = "eval") -> dict:
         lap("prune")
     for r in runs:
         run_dir = out / r.run_dir
-        if not (run_dir / "checkpoints").is_dir() or not any((run_dir / "checkpoints").glob("step_*")):
+        if not RunDir(run_dir).step_dirs():
             run_trainer(_job(cfg, run_dir=run_dir, model_path=out / "student_pruned" if r.pruned else student_dir,
                              data=world["data"], budget=cfg.dedistill, adapter=r.adapter, seed=r.seed,
                              objective=r.objective), cfg.dedistill.nproc)

@@ -26,6 +26,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from train.model import build_transformer_meta, set_computed_buffers, transformer_source
 
 # safetensors dtype names -> torch (the ones a diffusers checkpoint can hold)
 _ST_DTYPES = {
@@ -84,12 +88,8 @@ def file_key(fqn: str) -> str:
 
 def _local_slice(p: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(this rank's local tensor, its row offset along dim 0 in the global tensor)."""
-    from torch.distributed.tensor import DTensor
-
     if not isinstance(p, DTensor):
         return p.data, 0
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
     local = p.to_local()
     shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     # FSDP2 shards dim 0 only: every other dim is whole, so the shard is a contiguous run of rows in the file.
@@ -139,8 +139,6 @@ def materialize(model: torch.nn.Module, device: torch.device, index: Safetensors
     """
     # Buffers are neither in the weights nor in `initial` (FLUX has none; Chroma's mod_proj is computed in its
     # __init__): to_empty leaves them uninitialised, so they are computed again.
-    from train.model import set_computed_buffers
-
     late = [(name, model.get_submodule(name)) for name in deferred]
     held = {id(p) for _, m in late for p in m.parameters(recurse=False)}
     # Module.to_empty is exactly this _apply, minus the exception for the deferred parameters (left on meta)
@@ -159,3 +157,13 @@ def materialize(model: torch.nn.Module, device: torch.device, index: Safetensors
                 p.copy_(index.read_rows(key, 0, p.shape[0]))
         if finish is not None:
             finish(module)
+
+
+def meta_transformer(path: str | Path, *, dtype: torch.dtype):
+    """(transformer on meta in `dtype`, index of its safetensors) for `materialize`: nothing is read but the config
+    and the files' headers."""
+    config, files = transformer_source(path)
+    model = build_transformer_meta(config)
+    # nn.Module.to, not ModelMixin.to (which warns about fp32-kept modules; FLUX and Chroma have none): free on meta
+    torch.nn.Module.to(model, dtype)
+    return model, SafetensorsIndex(files)

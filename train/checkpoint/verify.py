@@ -21,14 +21,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-MARKER = "COMPLETE"
+import torch
+
+from train.checkpoint.format import MARKER, METADATA, list_checkpoints, rank_file, read_metadata
+from train.run_dir import RunDir, is_checkpoint_dir
+
 MANIFEST_KEY = "files"
-METADATA = ".metadata"
 QUARANTINE_SUFFIX = ".corrupt"
-
-
-def rank_file(rank: int) -> str:
-    return f"rank_{rank:05d}.pt"
 
 
 def digest(path: Path) -> dict:
@@ -97,8 +96,6 @@ def _check_file(path: Path, name: str, want: dict, *, checksums: bool) -> Proble
 
 
 def check_structure(path: Path, marker: dict, *, load_rank_files: bool = False) -> Problem | None:
-    from train.checkpoint import read_metadata  # (train.checkpoint imports this module)
-
     if not (path / METADATA).is_file():
         return Problem(METADATA, "missing (DCP's index of the shards)")
     try:
@@ -120,8 +117,6 @@ def check_structure(path: Path, marker: dict, *, load_rank_files: bool = False) 
         if not f.is_file():
             return Problem(f.name, f"missing (the checkpoint was written by {marker.get('world_size', 1)} processes)")
         if load_rank_files:
-            import torch
-
             try:
                 torch.load(f, weights_only=True)
             except Exception as e:
@@ -166,14 +161,11 @@ def quarantine(path: Path) -> Path:
 def verify_run(run_dir: str | Path) -> tuple[list[str], bool]:
     """`dedistill checkpoint verify`: one line per checkpoint dir of a run (or of one checkpoint dir), and whether
     the newest complete one is bad (resume would fall back from it)."""
-    from train.checkpoint import _STEP_DIR, list_checkpoints
-
-    run_dir = Path(run_dir)
-    if (run_dir / "checkpoints").is_dir():
-        root = run_dir / "checkpoints"
-        dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
-    elif _STEP_DIR.match(run_dir.name) and run_dir.is_dir():
-        root, dirs = run_dir.parent, [run_dir]
+    run = RunDir(run_dir)
+    if run.checkpoints.is_dir():
+        root, dirs = run.checkpoints, run.checkpoint_entries()
+    elif is_checkpoint_dir(run_dir):
+        root, dirs = Path(run_dir).parent, [Path(run_dir)]
     else:
         raise ValueError(f"'{run_dir}' is neither a run dir (no checkpoints/ in it) nor a checkpoint dir (step_N)")
     if not dirs:

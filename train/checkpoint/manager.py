@@ -1,10 +1,9 @@
-"""Sharded checkpoints with torch.distributed.checkpoint (DCP).
+"""Saving and resuming a training run: `CheckpointStore` writes and reads checkpoints (any state dict), and
+`CheckpointManager` is handed a run's stateful objects once and saves, resumes and rewinds them.
 
-Layout: `<run_dir>/checkpoints/step_<N:08d>/` holds the DCP shards (model trainable state, optimizer, scheduler, EMA,
-step) plus one `rank_<r>.pt` per rank with what differs per rank (RNG states, data-loader position). The file
-`COMPLETE` (JSON: step, world size, timings, and the manifest of every other file) is written last, by rank 0, after
-every rank finished: a checkpoint without it never counts, so a job killed in the middle of a save resumes from the
-previous one.
+A checkpoint is `<run>/checkpoints/step_<N:08d>/` (train/checkpoint/format.py). `COMPLETE` (JSON: step, world size,
+timings, and the manifest of every other file) is written last, by rank 0, after every rank finished: a checkpoint
+without it never counts, so a job killed in the middle of a save resumes from the previous one.
 
 With `checkpoint.async_save`, `save` returns once DCP has staged the state (a host copy) and the shards are written
 by a background thread over a process group of its own. When that write has finished (DCP's save finishes on every
@@ -12,154 +11,38 @@ rank only after rank 0 has gathered every rank's write results, and each rank wr
 shards), the same thread completes the checkpoint as a synchronous save does.
 
 Completing a checkpoint (`_finish`, collective): each rank hashes the files it wrote, rank 0 writes `COMPLETE` with
-the manifest (size and sha256 of every file: train/checkpoint_verify.py), checks the new checkpoint against it, and
+the manifest (size and sha256 of every file: train/checkpoint/verify.py), checks the new checkpoint against it, and
 only then prunes to `keep_last`. Any rank's failure on the way (a full disk, a quota) is agreed on by all ranks,
 which raise `CheckpointSaveError` naming the path, after rank 0 removed the partial directory; older checkpoints are
 never touched by a save that did not complete. On resume, `resume_from` verifies the newest checkpoint (every rank a
 slice of its files) and falls back past any that do not verify, moving them aside to `step_<N>.corrupt`.
-
-Loading never unpickles arbitrary objects from a checkpoint: DCP's `.metadata` is a pickle, read here with an
-unpickler that only admits DCP's own metadata classes (`SafeReader`), and DCP's non-tensor entries (optimizer param
-groups, scheduler state) are loaded with `torch.load(weights_only=True)` (`SafeLoadPlanner`). `safe_load` is the one
-entry point for reading DCP checkpoints (training resume, inference, export).
 """
 
 from __future__ import annotations
 
 import io
 import json
-import pickle
-import random
-import re
 import shutil
 import time
-import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.planner import ReadItem
 
-from train import checkpoint_verify as verify
-from train.checkpoint_verify import MARKER, rank_file
+import train.checkpoint.verify as verify
+from train.checkpoint.format import (
+    MARKER, is_complete, latest_checkpoint, list_checkpoints, rank_file, rng_state, safe_load, set_rng_state,
+)
 from train.config import CheckpointConfig
+from train.optim import EMA
+from train.parallel import Backend
 from train.parallelize import barrier
-
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-def step_dir(root: Path, step: int) -> Path:
-    return root / f"step_{step:08d}"
-
-
-def is_complete(path: Path) -> bool:
-    return (path / MARKER).is_file()
-
-
-def list_checkpoints(root: Path, *, complete_only: bool = True) -> list[tuple[int, Path]]:
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and (is_complete(p) or not complete_only):
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    found = list_checkpoints(root)
-    return found[-1][1] if found else None
-
-
-# What a DCP `.metadata` pickle may name (torch 2.6-2.14); anything else is refused, never imported or called.
-_METADATA_GLOBALS = {
-    ("torch.distributed.checkpoint.metadata", name)
-    for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-                 "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "PurePosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("pathlib", "PureWindowsPath"),
-    ("collections", "OrderedDict"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if (module, name) in _METADATA_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format)):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"checkpoint metadata names {module}.{name}, which a DCP checkpoint never does")
-
-
-class SafeReader(dcp.FileSystemReader):
-    """FileSystemReader whose `.metadata` unpickler admits only DCP's metadata classes."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any):
-        path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as f:
-            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
-        if getattr(metadata, "storage_meta", None) is None:
-            from torch.distributed.checkpoint.metadata import StorageMeta
-
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP's default planner, but non-tensor entries are read with `torch.load(weights_only=True)`."""
-
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner uses
-
-        obj = torch.load(value, weights_only=True)
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = obj
-
-
-def safe_load(state: dict[str, Any], path: str | Path, *, no_dist: bool = False) -> None:
-    """`dcp.load` into `state` (in place) without unpickling anything but plain data and DCP's own metadata."""
-    with warnings.catch_warnings():
-        # DCP warns "torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to load in a
-        # single process" on every load without collectives, even when no_dist=True says exactly that (torch 2.14,
-        # state_dict_loader.load). Only that message, only for this call.
-        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized",
-                                category=UserWarning)
-        dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(), no_dist=no_dist)
-
-
-def read_metadata(path: str | Path):
-    """The DCP metadata of a checkpoint (key -> storage metadata), read safely."""
-    return SafeReader(str(path)).read_metadata()
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+from train.run_dir import RunDir
 
 
 def _to_builtin(obj: Any) -> Any:
@@ -197,9 +80,13 @@ def _cause(exc: BaseException) -> str:
     return text
 
 
-class CheckpointManager:
-    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, *, rank: int):
-        self.root = Path(run_dir) / "checkpoints"
+class CheckpointStore:
+    """The checkpoints of one run: a state dict saved completely or not at all, the newest `keep_last` kept, the
+    newest one that verifies found on resume. Knows nothing of what the state holds (`CheckpointManager` does)."""
+
+    def __init__(self, run_dir: str | Path | RunDir, cfg: CheckpointConfig, *, rank: int):
+        self.run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        self.root = self.run.checkpoints
         self.cfg = cfg
         self.rank = rank
         self.pending: _Pending | None = None
@@ -253,7 +140,7 @@ class CheckpointManager:
         (disk full, quota, I/O error) raises `CheckpointSaveError` on every rank, naming the path — for an async save
         at the next `wait()`, which every rank calls at the same step (the next save, or the end of the run)."""
         self.wait()  # one save in flight at a time: the previous one completes (and is marked) first
-        path = step_dir(self.root, step)
+        path = self.run.checkpoint(step)
         t0 = time.perf_counter()
         error = None
         try:
@@ -439,3 +326,96 @@ class CheckpointManager:
         extras = torch.load(own, weights_only=True)
         set_rng_state(extras["rng"])
         return extras
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class CheckpointManager:
+    """A training run's checkpoints, handed once everything a resume needs: the model and optimizer (through the
+    parallel backend, which puts them in the one layout both backends share), the LR scheduler, the EMA, the data
+    loader (per rank, with the RNG) and the train state (step, skipped steps). It alone decides what a checkpoint
+    holds:
+
+        model.<fqn>, optim.*        backend.checkpoint_state()
+        scheduler                   the LR scheduler's state
+        train                       {"step", "skipped_steps"}
+        ema.<fqn>                   with an EMA, in the backend's layout
+        rank_<r>.pt                 this rank's RNG and data-loader position (CheckpointStore)
+    """
+
+    def __init__(self, run: RunDir, cfg: CheckpointConfig, *, rank: int, backend: Backend, scheduler: Stateful,
+                 ema: EMA | None, loader: Stateful, train_state: Stateful):
+        self.cfg = cfg
+        self.rank = rank
+        self.store = CheckpointStore(run, cfg, rank=rank)
+        self.backend, self.scheduler, self.ema = backend, scheduler, ema
+        self.loader, self.train_state = loader, train_state
+
+    @property
+    def last_blocked_s(self) -> float:
+        return self.store.last_blocked_s
+
+    def state_dict(self) -> dict[str, Any]:
+        """The DCP part of a checkpoint (tensors, DTensors, nested dicts), read from the live objects."""
+        out = {**self.backend.checkpoint_state(), "scheduler": self.scheduler.state_dict(),
+               "train": self.train_state.state_dict()}
+        if self.ema is not None:
+            out["ema"] = self.backend.ema_to_checkpoint(self.ema.state_dict())
+        return out
+
+    def save(self, step: int) -> Path:
+        return self.store.save(step, self.state_dict(), per_rank={"data": self.loader.state_dict()})
+
+    def restore(self, path: Path, *, data: bool = True) -> None:
+        """Everything checkpoint `path` holds, into the live objects; `data=False` leaves the loader where it is."""
+        loaded = self.state_dict()
+        extras = self.store.load(path, loaded)
+        self.backend.load_checkpoint_state(loaded)
+        self.scheduler.load_state_dict(loaded["scheduler"])
+        self.train_state.load_state_dict(loaded["train"])
+        if self.ema is not None:
+            self.backend.ema_from_checkpoint(loaded["ema"], self.ema.shadow)
+        if data and extras.get("data") is not None:
+            self.loader.load_state_dict(extras["data"])
+
+    def resume(self, log: Callable[[str], None] = print) -> Path | None:
+        """Restore the newest checkpoint that verifies and return it; None on a fresh start or with
+        `checkpoint.resume=false`. Newer corrupt ones are moved aside, one logged line each."""
+        latest = self.store.resume_from(log=log) if self.cfg.resume else None
+        if latest is not None:
+            self.restore(latest)
+        return latest
+
+    def complete(self) -> list[tuple[int, Path]]:
+        """(step, dir) of every complete checkpoint, once the save in flight (if any) has completed."""
+        self.store.wait()
+        return list_checkpoints(self.store.root)
+
+    def rewind(self, step: int, path: Path) -> None:
+        """Back to checkpoint `path` (step `step`), the data loader left where it is; the checkpoints after it belong
+        to abandoned steps and are deleted. Collective."""
+        self.store.wait()
+        self.restore(path, data=False)
+        barrier()  # every rank has read it before the abandoned steps' checkpoints go
+        if self.rank == 0:
+            for s, p in list_checkpoints(self.store.root, complete_only=False):
+                if s > step:
+                    (p / MARKER).unlink(missing_ok=True)  # first: a half-deleted directory must never count
+                    shutil.rmtree(p, ignore_errors=True)
+        barrier()
+
+    def poll(self) -> None:
+        """Marks an async checkpoint complete as soon as its write has finished (host-only); once per step."""
+        self.store.poll()
+
+    def wait(self) -> None:
+        self.store.wait()
+
+    def close(self) -> None:
+        """The last checkpoint is complete before this returns."""
+        self.store.close()
+
