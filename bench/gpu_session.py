@@ -61,7 +61,7 @@ def _bench(name: str, gpu_args: list[str], dry_args: list[str], *, timeout_s: in
 def gpu_test_files() -> list[str]:
     """The test files holding `@pytest.mark.gpu` tests (collecting only these keeps pytest off modules that import
     packages the GPU machine lacks, e.g. moto or deepspeed)."""
-    return sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
+    return sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py")
                   if "pytest.mark.gpu" in p.read_text())
 
 

@@ -1,8 +1,17 @@
 """Shared fixtures. The tiny pipeline and dataset are written once per session (both deterministic for a seed)."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+# The suite in tiers: unit/ (in process), integration/ (the CLI, torchrun, several processes), system/ (SLURM, S3,
+# the documented commands). This folder holds what every tier shares (tiny_runs, tiny_nets, the helper scripts,
+# fixtures/). A few test modules import a fixture or helper of a module in another tier by its name (test_s3's S3
+# server, test_buckets' data set): each tier's folder is on the path, so that name is the module pytest collected.
+for _tier in ("unit", "integration", "system"):
+    sys.path.insert(0, str(Path(__file__).resolve().parent / _tier))
 
 
 @pytest.fixture(autouse=True)

@@ -106,7 +106,7 @@ def test_ot_bench_tiny_runs():
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     r = subprocess.run([sys.executable, str(repo / "bench" / "ot_pairing.py"), "--tiny", "--reps", "2"], cwd=repo,
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -219,7 +219,7 @@ def _chroma_doc_rows() -> dict[str, str]:
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "recipes.md").read_text()
     section = text.split("## `chroma.yaml`", 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in section.splitlines():

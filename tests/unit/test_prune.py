@@ -11,7 +11,7 @@ import torch
 
 from tiny_nets import tiny_transformer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCHNELL = REPO / "configs" / "models" / "flux1-schnell" / "transformer" / "config.json"
 
 

@@ -19,7 +19,7 @@ import torch
 from train.config import load_config
 from train.plan import ENCODER_PARAMS, CLIP_L, FLUX_VAE, T5_XXL, Cluster, activation_bytes, inventory, make_plan
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=3, attention_head_dim=16,
              num_attention_heads=4, joint_attention_dim=48, pooled_projection_dim=32, guidance_embeds=False,
              axes_dims_rope=(4, 6, 6))

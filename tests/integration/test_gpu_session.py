@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from bench.gpu_session import check_parses, gpu_test_files, plan  # noqa: E402
@@ -27,7 +27,7 @@ def test_every_gpu_command_parses_and_has_a_rehearsal(tmp_path):
         assert step.dry is not None or step.why_not_dry, step.name
     demo = next(s for s in steps if s.name == "demo-nccl")
     assert "parallel.dist_backend=nccl" in demo.gpu and "parallel.dist_backend=gloo" in demo.dry
-    assert {"tests/test_bench_train_step.py", "tests/test_optim.py"} <= set(gpu_test_files())
+    assert {"tests/integration/test_bench_train_step.py", "tests/unit/test_optim.py"} <= set(gpu_test_files())
 
 
 def test_list_mode_prints_every_command():

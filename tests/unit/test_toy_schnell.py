@@ -1,5 +1,5 @@
 """The shipped toy schnell (launch/assets/toy_schnell): small, loadable through the normal loading code, and blind to
-real CFG, as FLUX.1-schnell is. `dedistill demo` de-distills it (tests/test_docs_commands.py runs `make demo`)."""
+real CFG, as FLUX.1-schnell is. `dedistill demo` de-distills it (tests/system/test_docs_commands.py runs `make demo`)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_asset_is_package_data():
     import tomllib
     from pathlib import Path
 
-    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     assert "assets/toy_schnell/**/*" in pyproject["tool"]["setuptools"]["package-data"]["launch"]
 
 

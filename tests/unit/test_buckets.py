@@ -157,7 +157,7 @@ def test_bucket_step_help_says_what_the_code_does(capsys):
     for step, r in claims:
         assert BucketSpec(resolution=int(r)).step == int(step), (r, step)
     assert BucketSpec(resolution=512).step == 32
-    docs = " ".join((Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text().split())
+    docs = " ".join((Path(__file__).resolve().parents[2] / "docs" / "data.md").read_text().split())
     stated = re.search(r"default R/16 rounded to 16, so (\d+) at R=(\d+), (\d+) at (\d+), (\d+) at (\d+)", docs)
     assert stated, "docs/data.md no longer states the default bucket step"
     values = [int(v) for v in stated.groups()]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def torchrun(*args, nproc=2, check=True):

@@ -36,7 +36,7 @@ import pytest
 
 from doc_commands import collect
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -204,12 +204,12 @@ CASES: dict[str, Run | Skip] = {
     "dedistill plan configs/lora-1gpu.yaml train.batch_size=1 --gpus-per-node 1 --gpu-mem-gib 24": run(expect=r"verdict"),
     "dedistill plan lora-24gb --gpus-per-node 1 --gpu-mem-gib 24": run(expect=r"int8 \(replicated\)[\s\S]*verdict: fits"),
     "python bench/base_quant.py": skip("builds two FLUX-width blocks (0.5B parameters) and runs bf16 CPU matmuls for "
-                                       "minutes; tests/test_quant.py runs the same quantize/forward/backward path on "
+                                       "minutes; tests/integration/test_quant.py runs the same quantize/forward/backward path on "
                                        "the tiny model"),
-    "python bench/plan_vs_measured.py": skip("about 15 min of mid-size CPU steps; tests/test_plan.py checks each term "
+    "python bench/plan_vs_measured.py": skip("about 15 min of mid-size CPU steps; tests/integration/test_plan.py checks each term "
                                              "against the trainer's state and autograd's saved tensors"),
     "sbatch --nodes 2 --gpus-per-node 8 slurm/train.sbatch configs/full-fsdp-multinode.yaml parallel.max_restarts=2 "
-    "parallel.timeout_s=600": skip("needs a SLURM cluster with GPUs; tests/test_reliability_dist.py runs the same "
+    "parallel.timeout_s=600": skip("needs a SLURM cluster with GPUs; tests/system/test_reliability_dist.py runs the same "
                                    "launch.torchrun restart and timeout paths on 2 gloo ranks"),
     "sbatch slurm/train.sbatch": skip("a fragment in prose: the script the sbatch lines here submit"),
     "dedistill export --checkpoint /shared/runs/lora --out /shared/exports/x-lora-kohya --format lora --lora-layout "
@@ -217,7 +217,7 @@ CASES: dict[str, Run | Skip] = {
     "dedistill export --checkpoint /shared/runs/x --out /shared/exports/x-bfl --format bfl":
         run(paths={"/shared/runs/x": "{run}"}, creates=("{tmp}/out/shared/exports/x-bfl/flux1-dedistill.safetensors",)),
     "python bench/masked_vs_stock.py --out /tmp/masked_vs_stock":
-        skip("about 10 min (a 100-step run, then both pipelines); tests/test_export_pipeline.py makes the same "
+        skip("about 10 min (a 100-step run, then both pipelines); tests/integration/test_export_pipeline.py makes the same "
              "comparison on an 8-step run"),
     "dedistill export --checkpoint /shared/runs/libreflux-8n --out /shared/exports/libreflux-lycoris --format lycoris":
         run(paths={"/shared/runs/libreflux-8n": "{run}"},
@@ -334,7 +334,7 @@ CASES: dict[str, Run | Skip] = {
     "python bench/train_step.py --size full --modes lora,baseline --resolutions 512 --compile": skip(GPU_FULL),
     "python bench/train_step.py --size full --modes lora,lokr --resolutions 1024 --ac ops --compile": skip(GPU_FULL),
     "python bench/train_step.py --size full --modes lora --resolutions 512 --sync-debug": skip(GPU_FULL),
-    "python -m pytest -m gpu tests/test_bench_train_step.py tests/test_optim.py":
+    "python -m pytest -m gpu tests/integration/test_bench_train_step.py tests/unit/test_optim.py":
         skip("needs a CUDA device (without one it only skips)"),
     "pytest -m gpu": skip("needs a CUDA device (without one it only skips)"),
     "python bench/train_step.py --size full --modes lora --resolutions 512 --optim-impl single_tensor": skip(GPU_FULL),
@@ -347,14 +347,14 @@ CASES: dict[str, Run | Skip] = {
     "python bench/ot_pairing.py": skip("1-2 min of batch-64 assignments at FLUX latent sizes; --tiny above runs the "
                                        "same code"),
     "dedistill tiny-model /tmp/mid --size mid --dtype bf16":
-        skip("writes a 0.64B-parameter model (1.9 GB, minutes) for the two benches below; tests/test_full_width.py "
+        skip("writes a 0.64B-parameter model (1.9 GB, minutes) for the two benches below; tests/integration/test_full_width.py "
              "writes --size full-width through the same code"),
     "python bench/load_memory.py --model /tmp/mid --nproc 2":
-        skip("minutes on the mid model; tests/test_sharded_load.py checks the sharded load it measures"),
+        skip("minutes on the mid model; tests/integration/test_sharded_load.py checks the sharded load it measures"),
     "dedistill tiny-data /tmp/tdata --n 16": run(paths={"/tmp/tdata": "{tmp}/tdata"},
                                                  creates=("{tmp}/tdata/index.json",)),
     "python bench/checkpoint_stall.py --model /tmp/mid --src /tmp/tdata --work /tmp/stall":
-        skip("minutes on the mid model; tests/test_async_checkpoint.py checks the async save it times"),
+        skip("minutes on the mid model; tests/integration/test_async_checkpoint.py checks the async save it times"),
     "python bench/length_grouping.py": run(expect=r"text pad %"),
     # docs/proof.md
     "python -m evals.experiments.proof --config configs/proof-cpu.yaml":
@@ -382,15 +382,15 @@ CASES: dict[str, Run | Skip] = {
     "python -m evals.experiments.proof --config configs/toy-schnell.yaml --until vae out_dir=runs/vae-candidate "
     "vae.lr=1e-3 threads=2":
         skip("a VAE candidate at full size (22 min on 2 cores, more with the judge); the toy-schnell --smoke case "
-             "runs the same stage, tests/test_proof_smoke.py the fg_dilate loss"),
+             "runs the same stage, tests/unit/test_proof_smoke.py the fg_dilate loss"),
     # docs/recipes.md (chroma.yaml)
     "dedistill prune --model /path/to/FLUX.1-schnell --out /path/to/chroma-pruned":
         skip("needs the real 12B FLUX.1-schnell; `dedistill prune` is run on the tiny FLUX by its own tests"),
     "dedistill export --format diffusers": skip("a fragment: names the format a Chroma run exports to"),
-    "dedistill sample --model EXPORT": skip("a fragment: the sampler tests/test_family.py compares pipeline.py with"),
+    "dedistill sample --model EXPORT": skip("a fragment: the sampler tests/integration/test_family.py compares pipeline.py with"),
     # docs/reliability.md
     "python -m launch.torchrun --max-restarts=2": skip("a fragment in the lost-worker row: the command line "
-                                                       "tests/test_reliability_dist.py runs, with its config"),
+                                                       "tests/system/test_reliability_dist.py runs, with its config"),
     "dedistill tiny-model demo/chroma-model --family chroma":
         run(paths={"demo/chroma-model": "demo/chroma-model"}, creates=("demo/chroma-model/transformer/config.json",)),
     "dedistill train configs/chroma.yaml model.path=demo/chroma-model data.local=demo/data run_dir=demo/chroma-run "
@@ -654,7 +654,7 @@ def test_every_documented_command_is_mapped():
     """A command shown in the docs needs a CASES entry (run or skip with a reason), and every entry a command."""
     unmapped = [f"{', '.join(c.locations)}: {c.text}" for t, c in DOC_COMMANDS.items() if t not in CASES]
     stale = [t for t in CASES if t not in DOC_COMMANDS]
-    assert not unmapped, ("the docs show commands tests/test_docs_commands.py does not run; add a CASES line for "
+    assert not unmapped, ("the docs show commands tests/system/test_docs_commands.py does not run; add a CASES line for "
                           "each (run(...) or skip(why)):\n" + "\n".join(unmapped))
     assert not stale, "CASES entries the docs no longer show (remove them):\n" + "\n".join(stale)
 

@@ -6,7 +6,7 @@
 - No module of ours calls `torch.load` without `weights_only=True`, `pickle.load(s)` outside that one reader, or
   `dcp.load` other than through `train.checkpoint.safe_load`.
 - slurm/train.sbatch hands a run name with spaces, `;` and `$(...)` to the training verbatim (fake srun/scontrol on
-  PATH, so this runs without SLURM; tests/test_slurm.py does the same on a real cluster), and `dedistill submit`
+  PATH, so this runs without SLURM; tests/system/test_slurm.py does the same on a real cluster), and `dedistill submit`
   refuses values that would break out of an `#SBATCH` line.
 """
 
@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 from train.checkpoint import CheckpointManager, read_metadata, safe_load
 from train.config import CheckpointConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class _Evil:

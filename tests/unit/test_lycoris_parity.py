@@ -20,7 +20,7 @@ from train.lycoris_format import lycoris_name
 lycoris = pytest.importorskip("lycoris")
 from lycoris import LycorisNetwork, create_lycoris  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 # LibreFLUX's per-layer choice: factor 1 (a full update) on the ff*/norm1* layers of chosen blocks (here block 1).
 FACTOR1 = {"transformer_blocks.1.ff*": 1, "transformer_blocks.1.norm1*": 1}

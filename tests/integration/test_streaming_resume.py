@@ -18,7 +18,7 @@ from dataset_tools.buckets import BucketSpec, bucket_dataset
 from test_buckets import make_aspect_mds
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOTAL = 22  # batches per rank: crosses an epoch boundary for both datasets below
 
 

@@ -25,7 +25,7 @@ from PIL import Image
 from conftest import PHOTO_FILES, PHOTOS
 from train.images import open_rgb
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def rgb(path) -> np.ndarray:

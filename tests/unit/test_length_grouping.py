@@ -126,7 +126,7 @@ def test_padding_bench_measures_the_real_grouping():
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from bench.length_grouping import measure, stream
 
     samples = stream(1024, batch=4, buckets=5, median=96, seed=0)

@@ -19,7 +19,7 @@ from train.config import from_dict
 
 import tiny_runs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True, scope="module")

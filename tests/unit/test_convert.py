@@ -12,7 +12,7 @@ from PIL import Image
 from dataset_tools.convert import ConvertOptions, check_image, convert, merge, part_of
 from dataset_tools.report import Skip
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def encode(size, fmt, seed=0):

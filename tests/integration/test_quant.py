@@ -14,7 +14,7 @@ pytest.importorskip("torchao")
 
 from train.quant import QuantizedLinear, is_quantized, quant_target_names, quantize_base, quantize_linear  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Per-step loss of a quantized run relative to the same run over the unquantized base, on the tiny model in bf16
 # (measured: int8 5e-4, float8 1.1e-3 at most over 6 steps). Float8 e4m3 keeps 3 mantissa bits against int8's ~7.
 LOSS_RTOL = {"int8": 5e-3, "float8": 1e-2}

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_masking import inputs, tiny_transformer
+from test_masking import inputs, tiny_transformer
 from train.flux import predict_velocity
 from train.mfu import flops_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COLUMNS = ["mode", "res", "batch", "tokens", "step_ms", "img_per_s", "peak_mem_GiB", "TFLOP_per_s", "MFU_%", "loss",
            "vs_baseline"]
 

@@ -15,7 +15,7 @@ import torch
 from launch.describe import SHIPPED, describe, transformer_config
 from train.config import AdapterConfig, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PRESETS = tiny_runs.config_files("job")
 FLUX1_PARAMETERS = 11_891_178_560  # FLUX.1's published 11.9 B (12 B), counted by diffusers' own module tree
 
