@@ -1,4 +1,5 @@
 # Two newcomer commands: `make demo` and `make test`. Both create .venv and install pinned dependencies if needed.
+# `make test-fast` runs the unit tier only (tests/unit: in process, minutes); `make test` runs every tier, as CI does.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo
 DEMO_ARGS ?=
 
-.PHONY: demo test install clean-demo
+.PHONY: demo test test-fast install clean-demo
 
 install: $(STAMP)
 
@@ -26,6 +27,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# tests/unit, and any test file not yet placed in a tier whose first line says `# tier: unit`
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests/unit $$(grep -lx '# tier: unit' tests/test_*.py 2>/dev/null)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
