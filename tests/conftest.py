@@ -14,6 +14,14 @@ for _tier in ("unit", "integration", "system"):
     sys.path.insert(0, str(Path(__file__).resolve().parent / _tier))
 
 
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`) the tests on the local SLURM cluster share one
+    worker, so the session starts one cluster; the documented commands that submit to it say so themselves."""
+    for item in items:
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
 @pytest.fixture(autouse=True)
 def _environ_restored():
     """Each test leaves os.environ as it found it. In-process training (train.parallelize.init_distributed) exports

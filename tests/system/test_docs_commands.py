@@ -13,6 +13,8 @@ keyed by its text exactly as the docs show it:
 - `run(slurm=True, ...)`: the same against the suite's local SLURM cluster (tests/slurm_cluster.py); the jobs the
   command submits must end COMPLETED.
 - `skip(why)`: not run, with the reason (network downloads, shell set-up lines, GPU-only sizes, recursion).
+- `covered(test, why)`: not run here because the named test already runs the same command (or the same script in
+  the same mode) and checks more of its output; `test_covering_tests_exist` fails when that test is gone.
 
 `test_every_documented_command_is_mapped` fails when the docs show a command CASES does not know (add one line) or
 when CASES holds a command the docs no longer show (delete it), so the docs cannot drift from the tested surface.
@@ -73,6 +75,17 @@ def run(**kw) -> Run:
 
 def skip(why: str) -> Skip:
     return Skip(why)
+
+
+@dataclass(frozen=True)
+class Covered:
+    test: str
+    """`tests/<tier>/test_x.py::test_name`, the test that runs this command."""
+    why: str
+
+
+def covered(test: str, why: str) -> Covered:
+    return Covered(test, why)
 
 
 # ---------------------------------------------------------------------------------------------------- path mapping
@@ -159,7 +172,7 @@ GPU_FULL = "FLUX.1-schnell size (12B) needs a GPU with 80 GB; the same code runs
 
 # ------------------------------------------------------------------------------------------------------------ cases
 
-CASES: dict[str, Run | Skip] = {
+CASES: dict[str, Run | Skip | Covered] = {
     # README.md
     "make demo": run(replace=(("make demo", "make demo STAMP= BIN={bin} DEMO_DIR={tmp}/out/demo "
                                             "DEMO_ARGS='--n-samples 64 --n-prompts 8 train.max_steps=4'"),),
@@ -196,9 +209,8 @@ CASES: dict[str, Run | Skip] = {
     # docs/architecture.md: none.  docs/cluster.md
     "dedistill submit configs/tiny-cpu.yaml --cluster local --nproc-per-node 2 model.path=tiny/model "
     "data.local=tiny/data":
-        run(paths={"tiny/model": "{model}", "tiny/data": "{mds}"}, slow=True,
-            append="train.max_steps=2 checkpoint.every_steps=2", why="2 of the tiny preset's 200 steps",
-            creates=("runs/tiny-cpu/checkpoints/step_00000002/COMPLETE",)),
+        covered("tests/system/test_slurm.py::test_submit_without_slurm_ran_the_reference_locally",
+                "the suite's reference run (conftest.py) is this command on the tiny pipeline, 6 steps"),
     "dedistill plan configs/openflux.yaml --gpus-per-node 1": run(expect=r"does not fit: .*GPUs"),
     "dedistill plan configs/libreflux.yaml parallel.hsdp=true --nodes 8 --gpus-per-node 8": run(expect=r"verdict"),
     "dedistill plan configs/lora-1gpu.yaml train.batch_size=1 --gpus-per-node 1 --gpu-mem-gib 24": run(expect=r"verdict"),
@@ -302,8 +314,9 @@ CASES: dict[str, Run | Skip] = {
     "dedistill data merge DATA": run(),
     "python -m dataset_tools.buckets 1024": run(expect=r"1024x1024"),
     "dedistill data merge DATA_P": run(),
-    "python bench/data_throughput.py": run(append="--tiny", why="the full bench converts 1200 1024x768 JPEGs "
-                                                                "(minutes); --tiny runs the same code", slow=True),
+    "python bench/data_throughput.py": covered("tests/integration/test_bench_data.py::test_data_throughput_bench_tiny",
+                                               "the full bench converts 1200 1024x768 JPEGs (minutes); that test runs "
+                                               "it with --tiny, the same code, and checks its tables"),
     # docs/evals.md
     "dedistill eval coco --checkpoint runs/libreflux/checkpoints/step_00016000":
         run(replace=COCO, why=WHY_COCO, creates=("{run}/evals/step_00000002",)),
@@ -329,7 +342,9 @@ CASES: dict[str, Run | Skip] = {
     'huggingface-cli download openai/clip-vit-large-patch14 --local-dir /models/clip-vit-large-patch14 --include '
     '"*.json" "*.txt" "model.safetensors"': skip(NO_NETWORK),
     # docs/performance.md
-    "python bench/train_step.py --tiny": run(expect=r"\| lora \|", slow=True),
+    "python bench/train_step.py --tiny": covered(
+        "tests/integration/test_bench_train_step.py::test_tiny_bench_prints_a_consistent_table",
+        "runs this --tiny bench (at one resolution) and checks every row of its table"),
     "python bench/train_step.py --size full": skip(GPU_FULL),
     "python bench/train_step.py --size full --modes lora,baseline --resolutions 512 --compile": skip(GPU_FULL),
     "python bench/train_step.py --size full --modes lora,lokr --resolutions 1024 --ac ops --compile": skip(GPU_FULL),
@@ -340,10 +355,12 @@ CASES: dict[str, Run | Skip] = {
     "python bench/train_step.py --size full --modes lora --resolutions 512 --optim-impl single_tensor": skip(GPU_FULL),
     "bash bench/gpu_wheels.sh": skip("downloads the GPU machine's Python 3.12 wheels (~9 MB) from the package index; "
                                      "the --dry rehearsal below runs the session script without them"),
-    "python bench/gpu_session.py --list": run(expect=r"bench-512"),
+    "python bench/gpu_session.py --list": covered("tests/integration/test_gpu_session.py::test_list_mode_prints_every_command",
+                                                  "the same command; it checks one line per planned step"),
     "GPU_WHEELS=none bash bench/gpu_session.sh --dry --only bench-512-sync-debug --out /tmp/gpu_dry":
         run(slow=True, creates=("{tmp}/out/tmp/gpu_dry/gpu_results.md",)),
-    "python bench/ot_pairing.py --tiny": run(expect=r"ot_cosine"),
+    "python bench/ot_pairing.py --tiny": covered("tests/integration/test_recipe_knobs.py::test_ot_bench_tiny_runs",
+                                                 "the same command (2 repeats) and checks its rows"),
     "python bench/ot_pairing.py": skip("1-2 min of batch-64 assignments at FLUX latent sizes; --tiny above runs the "
                                        "same code"),
     "dedistill tiny-model /tmp/mid --size mid --dtype bf16":
@@ -361,7 +378,8 @@ CASES: dict[str, Run | Skip] = {
         skip("about 90 min on 2 cores; --smoke (proof.md:9) runs every stage of the same code"),
     "python -m evals.experiments.proof --config configs/proof-gpu.yaml": skip("sized for one GPU (never run on CPU)"),
     "python -m evals.experiments.proof --config configs/proof-cpu.yaml --smoke":
-        run(creates=("runs/proof-cpu-smoke/results.json",), absent=("runs/proof-cpu",), slow=True),
+        covered("tests/system/test_proof_smoke.py::test_proof_smoke_produces_the_table",
+                "runs this config's --smoke stages (in process) and checks every row of its table and each stage"),
     "python -m evals.experiments.proof --config configs/proof-cpu.yaml teacher.steps=3000 out_dir=runs/x":
         skip("the full CPU proof with overrides: ~90 min, like proof.md:7"),
     # docs/quickstart.md
@@ -382,7 +400,7 @@ CASES: dict[str, Run | Skip] = {
     "python -m evals.experiments.proof --config configs/toy-schnell.yaml --until vae out_dir=runs/vae-candidate "
     "vae.lr=1e-3 threads=2":
         skip("a VAE candidate at full size (22 min on 2 cores, more with the judge); the toy-schnell --smoke case "
-             "runs the same stage, tests/unit/test_proof_smoke.py the fg_dilate loss"),
+             "runs the same stage, tests/system/test_proof_smoke.py the fg_dilate loss"),
     # docs/recipes.md (chroma.yaml)
     "dedistill prune --model /path/to/FLUX.1-schnell --out /path/to/chroma-pruned":
         skip("needs the real 12B FLUX.1-schnell; `dedistill prune` is run on the tiny FLUX by its own tests"),
@@ -583,8 +601,12 @@ def _params():
         if isinstance(case, Run):
             if case.slow or case.slurm:
                 marks.append(pytest.mark.slow)
+            if case.slurm:  # one local cluster per session: under pytest-xdist its tests share one worker
+                marks.append(pytest.mark.xdist_group("slurm"))
             if case.xfail:
                 marks.append(pytest.mark.xfail(strict=True, reason=case.xfail))
+        elif isinstance(case, Covered):
+            marks.append(pytest.mark.skip(reason=f"run by {case.test}: {case.why}"))
         else:
             marks.append(pytest.mark.skip(reason=case.why))
         where = DOC_COMMANDS[text].locations[0] if text in DOC_COMMANDS else "stale"
@@ -659,9 +681,18 @@ def test_every_documented_command_is_mapped():
     assert not stale, "CASES entries the docs no longer show (remove them):\n" + "\n".join(stale)
 
 
+def test_covering_tests_exist():
+    """A `covered` command names a test that exists, in a test file of a tier."""
+    for text, case in CASES.items():
+        if isinstance(case, Covered):
+            path, name = case.test.split("::")
+            assert re.fullmatch(r"tests/(unit|integration|system)/test_\w+\.py", path), (text, case.test)
+            assert re.search(rf"^def {name}\(", (REPO / path).read_text(), re.M), f"{text}: {case.test} is gone"
+
+
 def test_skips_and_changes_say_why():
     for text, case in CASES.items():
-        if isinstance(case, Skip):
+        if isinstance(case, (Skip, Covered)):
             assert len(case.why) > 15, text
         elif case.replace or case.append:
             assert case.why, text

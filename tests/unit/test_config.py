@@ -7,7 +7,7 @@ import tiny_runs
 from train.config import JobConfig, apply_overrides, from_dict, load_config
 
 # Training-job presets; the proof experiment's presets (proof-*.yaml, toy-schnell.yaml) have their own schema and
-# are parsed in tests/unit/test_proof_smoke.py, eval suites (configs/evals/) in tests/unit/test_eval_suite.py.
+# are parsed in tests/system/test_proof_smoke.py, eval suites (configs/evals/) in tests/unit/test_eval_suite.py.
 PRESETS = tiny_runs.config_files("job")
 REQUIRED = [
     "run_dir", "seed", "model.path", "model.adapter.kind", "objective.timestep_sampler", "objective.caption_dropout",
