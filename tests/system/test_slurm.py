@@ -142,6 +142,9 @@ def test_submit_where_sbatch_exists_but_no_cluster_answers(tiny_model_dir, tiny_
     real = shutil.which("sbatch")
     if real:  # the real client, pointed at a config file that does not exist
         monkeypatch.setenv("SLURM_CONF", str(tmp_path / "no-such-slurm.conf"))
+        # it then looks for a controller in DNS (SRV records); glibc's default of 5 s x 2 tries per lookup made this
+        # test wait about a minute for an answer that cannot come on a machine with no cluster
+        monkeypatch.setenv("RES_OPTIONS", "timeout:1 attempts:1")
     else:  # what Debian's sbatch 22.05 prints without a slurm.conf or a DNS SRV record
         (bin_dir / "sbatch").write_text(
             "#!/bin/sh\necho 'sbatch: error: resolve_ctls_from_dns_srv: res_nsearch error: Unknown host' >&2\n"
