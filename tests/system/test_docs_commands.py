@@ -216,9 +216,9 @@ CASES: dict[str, Run | Skip | Covered] = {
     "dedistill plan configs/lora-1gpu.yaml train.batch_size=1 --gpus-per-node 1 --gpu-mem-gib 24": run(expect=r"verdict"),
     "dedistill plan lora-24gb --gpus-per-node 1 --gpu-mem-gib 24": run(expect=r"int8 \(replicated\)[\s\S]*verdict: fits"),
     "python bench/base_quant.py": skip("builds two FLUX-width blocks (0.5B parameters) and runs bf16 CPU matmuls for "
-                                       "minutes; tests/integration/test_quant.py runs the same quantize/forward/backward path on "
+                                       "minutes; tests/unit/test_quant.py runs the same quantize/forward/backward path on "
                                        "the tiny model"),
-    "python bench/plan_vs_measured.py": skip("about 15 min of mid-size CPU steps; tests/integration/test_plan.py checks each term "
+    "python bench/plan_vs_measured.py": skip("about 15 min of mid-size CPU steps; tests/unit/test_plan.py checks each term "
                                              "against the trainer's state and autograd's saved tensors"),
     "sbatch --nodes 2 --gpus-per-node 8 slurm/train.sbatch configs/full-fsdp-multinode.yaml parallel.max_restarts=2 "
     "parallel.timeout_s=600": skip("needs a SLURM cluster with GPUs; tests/system/test_reliability_dist.py runs the same "
@@ -359,7 +359,7 @@ CASES: dict[str, Run | Skip | Covered] = {
                                                   "the same command; it checks one line per planned step"),
     "GPU_WHEELS=none bash bench/gpu_session.sh --dry --only bench-512-sync-debug --out /tmp/gpu_dry":
         run(slow=True, creates=("{tmp}/out/tmp/gpu_dry/gpu_results.md",)),
-    "python bench/ot_pairing.py --tiny": covered("tests/integration/test_recipe_knobs.py::test_ot_bench_tiny_runs",
+    "python bench/ot_pairing.py --tiny": covered("tests/unit/test_recipe_knobs.py::test_ot_bench_tiny_runs",
                                                  "the same command (2 repeats) and checks its rows"),
     "python bench/ot_pairing.py": skip("1-2 min of batch-64 assignments at FLUX latent sizes; --tiny above runs the "
                                        "same code"),
