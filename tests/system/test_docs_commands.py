@@ -343,13 +343,13 @@ CASES: dict[str, Run | Skip | Covered] = {
     '"*.json" "*.txt" "model.safetensors"': skip(NO_NETWORK),
     # docs/performance.md
     "python bench/train_step.py --tiny": covered(
-        "tests/integration/test_bench_train_step.py::test_tiny_bench_prints_a_consistent_table",
+        "tests/unit/test_bench_train_step.py::test_tiny_bench_prints_a_consistent_table",
         "runs this --tiny bench (at one resolution) and checks every row of its table"),
     "python bench/train_step.py --size full": skip(GPU_FULL),
     "python bench/train_step.py --size full --modes lora,baseline --resolutions 512 --compile": skip(GPU_FULL),
     "python bench/train_step.py --size full --modes lora,lokr --resolutions 1024 --ac ops --compile": skip(GPU_FULL),
     "python bench/train_step.py --size full --modes lora --resolutions 512 --sync-debug": skip(GPU_FULL),
-    "python -m pytest -m gpu tests/integration/test_bench_train_step.py tests/unit/test_optim.py":
+    "python -m pytest -m gpu tests/unit/test_bench_train_step.py tests/unit/test_optim.py":
         skip("needs a CUDA device (without one it only skips)"),
     "pytest -m gpu": skip("needs a CUDA device (without one it only skips)"),
     "python bench/train_step.py --size full --modes lora --resolutions 512 --optim-impl single_tensor": skip(GPU_FULL),
@@ -405,7 +405,7 @@ CASES: dict[str, Run | Skip | Covered] = {
     "dedistill prune --model /path/to/FLUX.1-schnell --out /path/to/chroma-pruned":
         skip("needs the real 12B FLUX.1-schnell; `dedistill prune` is run on the tiny FLUX by its own tests"),
     "dedistill export --format diffusers": skip("a fragment: names the format a Chroma run exports to"),
-    "dedistill sample --model EXPORT": skip("a fragment: the sampler tests/integration/test_family.py compares pipeline.py with"),
+    "dedistill sample --model EXPORT": skip("a fragment: the sampler tests/unit/test_family.py compares pipeline.py with"),
     # docs/reliability.md
     "python -m launch.torchrun --max-restarts=2": skip("a fragment in the lost-worker row: the command line "
                                                        "tests/system/test_reliability_dist.py runs, with its config"),
