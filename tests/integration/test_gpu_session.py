@@ -27,7 +27,7 @@ def test_every_gpu_command_parses_and_has_a_rehearsal(tmp_path):
         assert step.dry is not None or step.why_not_dry, step.name
     demo = next(s for s in steps if s.name == "demo-nccl")
     assert "parallel.dist_backend=nccl" in demo.gpu and "parallel.dist_backend=gloo" in demo.dry
-    assert {"tests/unit/test_bench_train_step.py", "tests/unit/test_optim.py"} <= set(gpu_test_files())
+    assert {"tests/integration/test_bench_train_step_cli.py", "tests/unit/test_optim.py"} <= set(gpu_test_files())
 
 
 def test_list_mode_prints_every_command():

@@ -343,13 +343,13 @@ CASES: dict[str, Run | Skip | Covered] = {
     '"*.json" "*.txt" "model.safetensors"': skip(NO_NETWORK),
     # docs/performance.md
     "python bench/train_step.py --tiny": covered(
-        "tests/unit/test_bench_train_step.py::test_tiny_bench_prints_a_consistent_table",
+        "tests/integration/test_bench_train_step_cli.py::test_tiny_bench_prints_a_consistent_table",
         "runs this --tiny bench (at one resolution) and checks every row of its table"),
     "python bench/train_step.py --size full": skip(GPU_FULL),
     "python bench/train_step.py --size full --modes lora,baseline --resolutions 512 --compile": skip(GPU_FULL),
     "python bench/train_step.py --size full --modes lora,lokr --resolutions 1024 --ac ops --compile": skip(GPU_FULL),
     "python bench/train_step.py --size full --modes lora --resolutions 512 --sync-debug": skip(GPU_FULL),
-    "python -m pytest -m gpu tests/unit/test_bench_train_step.py tests/unit/test_optim.py":
+    "python -m pytest -m gpu tests/integration/test_bench_train_step_cli.py tests/unit/test_optim.py":
         skip("needs a CUDA device (without one it only skips)"),
     "pytest -m gpu": skip("needs a CUDA device (without one it only skips)"),
     "python bench/train_step.py --size full --modes lora --resolutions 512 --optim-impl single_tensor": skip(GPU_FULL),
@@ -359,7 +359,7 @@ CASES: dict[str, Run | Skip | Covered] = {
                                                   "the same command; it checks one line per planned step"),
     "GPU_WHEELS=none bash bench/gpu_session.sh --dry --only bench-512-sync-debug --out /tmp/gpu_dry":
         run(slow=True, creates=("{tmp}/out/tmp/gpu_dry/gpu_results.md",)),
-    "python bench/ot_pairing.py --tiny": covered("tests/unit/test_recipe_knobs.py::test_ot_bench_tiny_runs",
+    "python bench/ot_pairing.py --tiny": covered("tests/integration/test_recipe_knobs_bench.py::test_ot_bench_tiny_runs",
                                                  "the same command (2 repeats) and checks its rows"),
     "python bench/ot_pairing.py": skip("1-2 min of batch-64 assignments at FLUX latent sizes; --tiny above runs the "
                                        "same code"),
@@ -405,7 +405,7 @@ CASES: dict[str, Run | Skip | Covered] = {
     "dedistill prune --model /path/to/FLUX.1-schnell --out /path/to/chroma-pruned":
         skip("needs the real 12B FLUX.1-schnell; `dedistill prune` is run on the tiny FLUX by its own tests"),
     "dedistill export --format diffusers": skip("a fragment: names the format a Chroma run exports to"),
-    "dedistill sample --model EXPORT": skip("a fragment: the sampler tests/unit/test_family.py compares pipeline.py with"),
+    "dedistill sample --model EXPORT": skip("a fragment: the sampler tests/integration/test_family_cli.py compares pipeline.py with"),
     # docs/reliability.md
     "python -m launch.torchrun --max-restarts=2": skip("a fragment in the lost-worker row: the command line "
                                                        "tests/system/test_reliability_dist.py runs, with its config"),
