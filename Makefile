@@ -25,10 +25,14 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/dedistill demo --out $(DEMO_DIR) $(DEMO_ARGS)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest
+# Two pytest-xdist workers: much of the suite waits (process starts, SLURM jobs, fault timeouts) rather than computes.
+# The tests on the local SLURM cluster share one worker (tests/conftest.py). `make test XDIST=` runs in one process.
+XDIST ?= -n 2 --dist loadgroup
 
-# tests/unit, and any test file not yet placed in a tier whose first line says `# tier: unit`
+test: $(STAMP)
+	$(BIN)/python -m pytest $(XDIST)
+
+# tests/unit, and the test files not yet placed in a tier that hold the line `# tier: unit`
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $$(grep -lx '# tier: unit' tests/test_*.py 2>/dev/null)
 
