@@ -83,21 +83,16 @@ def test_lokr_merged_diffusers_export_samples_like_the_checkpoint(reference_run,
         export_checkpoint(ckpt, tmp_path / "lora", fmt="lora")
 
 
-def test_lora_export_loads_with_diffusers_load_lora_weights(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+def test_lora_export_loads_with_diffusers_load_lora_weights(tiny_model_dir, tiny_lora_run, tmp_path, capsys):
     from diffusers import FluxPipeline
 
     from train.inference import load_for_inference
     from train.text import TextEncoder
 
-    run_dir = tmp_path / "lora_run"
-    # one process (no torchrun), a few steps at a high LR so the adapter's B matrices move well away from zero
-    tiny_runs.run([sys.executable, "-m", "train", str(tiny_runs.CONFIG),
-                   *tiny_runs.overrides(tiny_model_dir, tiny_data_dir, run_dir, steps=4, **{
-                       "model.adapter.kind": "lora", "model.adapter.rank": 4, "model.adapter.alpha": 8.0,
-                       "optim.lr": 0.02, "ema.decay": 0.0})])
+    # conftest's 4-step LoRA run (one process, a high LR so the adapter's B matrices move well away from zero)
     from launch.export import export_checkpoint
 
-    ckpt, out = tiny_runs.ckpt(run_dir, 4), tmp_path / "lora"
+    ckpt, out = tiny_runs.ckpt(tiny_lora_run, 4), tmp_path / "lora"
     export_checkpoint(ckpt, out, fmt="lora", dtype="fp32")  # in-process; the CLI is covered above
 
     # --ema on a run that trained none (ema.decay 0): one line that says so, not DCP's missing-key exception

@@ -135,7 +135,7 @@ FIXTURES = {
     "photo_b": "doc_photo_bucketed",
     "photo_p": "doc_photo_precomputed",
     "run": "doc_run",
-    "run_lora": "doc_run_lora",
+    "run_lora": "tiny_lora_run",  # conftest's 4-step LoRA run, which tests/integration/test_export.py exports too
     "lycoris": "doc_lycoris_file",
 }
 
@@ -509,12 +509,6 @@ def _train_run(tmp_path_factory, name, model, data, *extra) -> Path:
 def doc_run(tiny_model_dir, tiny_data_dir, tmp_path_factory):
     """The run the sample/export/eval commands read: the tiny-cpu preset (LoKr, EMA), 2 steps, one process."""
     return _train_run(tmp_path_factory, "run", tiny_model_dir, tiny_data_dir)
-
-
-@pytest.fixture(scope="session")
-def doc_run_lora(tiny_model_dir, tiny_data_dir, tmp_path_factory):
-    """A LoRA run, for `export --format lora` (a LoKr run is refused there, as the docs say)."""
-    return _train_run(tmp_path_factory, "run-lora", tiny_model_dir, tiny_data_dir, "model.adapter.kind=lora")
 
 
 @pytest.fixture(scope="session")
