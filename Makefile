@@ -1,4 +1,5 @@
 # Two newcomer commands: `make demo` and `make test`. Both create .venv and install pinned dependencies if needed.
+# `make test-fast` runs the unit tier only (tests/unit: in process, minutes); `make test` runs every tier, as CI does.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo
 DEMO_ARGS ?=
 
-.PHONY: demo test install clean-demo
+.PHONY: demo test test-fast install clean-demo
 
 install: $(STAMP)
 
@@ -24,8 +25,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/dedistill demo --out $(DEMO_DIR) $(DEMO_ARGS)
 
+# Two pytest-xdist workers: much of the suite waits (process starts, SLURM jobs, fault timeouts) rather than computes.
+# The tests on the local SLURM cluster share one worker (tests/conftest.py). `make test XDIST=` runs in one process.
+XDIST ?= -n 2 --dist loadgroup
+
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(XDIST)
+
+# tests/unit, and the test files not yet placed in a tier that hold the line `# tier: unit`
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests/unit $$(grep -lx '# tier: unit' tests/test_*.py 2>/dev/null)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -61,7 +61,7 @@ def _bench(name: str, gpu_args: list[str], dry_args: list[str], *, timeout_s: in
 def gpu_test_files() -> list[str]:
     """The test files holding `@pytest.mark.gpu` tests (collecting only these keeps pytest off modules that import
     packages the GPU machine lacks, e.g. moto or deepspeed)."""
-    return sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
+    return sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py")
                   if "pytest.mark.gpu" in p.read_text())
 
 
@@ -76,7 +76,7 @@ def plan(work: Path) -> list[Step]:
         _bench("bench-512-compiled", ["--modes", "lora", "--resolutions", "512", "--compile", "--warmup", "3",
                                       "--steps", "5"],
                None, timeout_s=180, options="compile",
-               why_not_dry="inductor needs minutes on CPU; tests/test_bench_train_step.py checks compile (eager "
+               why_not_dry="inductor needs minutes on CPU; tests/unit/test_bench_train_step.py checks compile (eager "
                            "backend) on CPU"),
         _bench("bench-1024", ["--modes", "lokr,full", "--resolutions", "1024", "--warmup", "2", "--steps", "3"],
                ["--modes", "lokr,full", "--resolutions", "64"], timeout_s=120, options="eager"),
@@ -101,7 +101,7 @@ def plan(work: Path) -> list[Step]:
         _bench("bench-512-float8", ["--modes", "lora", "--resolutions", "512", "--base-quant", "float8", "--warmup",
                                     "2", "--steps", "5"],
                None, timeout_s=90, options="base float8",
-               why_not_dry="the same bench path as bench-512-int8; tests/test_quant.py trains over a float8 base on CPU"),
+               why_not_dry="the same bench path as bench-512-int8; tests/unit/test_quant.py trains over a float8 base on CPU"),
         Step(name="pytest-gpu", gpu=[PY, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", *gpu_test_files()],
              dry=[PY, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", *gpu_test_files()],
              timeout_s=150),
@@ -109,7 +109,7 @@ def plan(work: Path) -> list[Step]:
              gpu=[PY, "-m", "evals.experiments.proof", "--config", "configs/proof-gpu.yaml", "--smoke",
                   f"out_dir={work / 'proof'}"],
              dry=None, timeout_s=180,
-             why_not_dry="tests/test_proof_smoke.py runs the same --smoke stages on CPU"),
+             why_not_dry="tests/system/test_proof_smoke.py runs the same --smoke stages on CPU"),
     ]
 
 

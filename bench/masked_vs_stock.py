@@ -7,7 +7,7 @@ Trains the tiny preset (configs/tiny-cpu.yaml: LoKr, T5 padding mask on, 64 T5 t
 process on a fresh tiny pipeline and dataset, exports it with `--format diffusers`, and samples every prompt
 (real CFG, a negative prompt, same seed) with
 - the export's own `pipeline.py` (`DiffusionPipeline.from_pretrained(DIR, custom_pipeline=DIR)`), the masked
-  reference: equal to `dedistill sample` pixel for pixel (tests/test_export_pipeline.py);
+  reference: equal to `dedistill sample` pixel for pixel (tests/integration/test_export_pipeline.py);
 - stock `FluxPipeline.from_pretrained(DIR)` at `max_sequence_length` 64 (the run's) and 512 (diffusers' default),
   which passes no attention mask.
 Prints one markdown row per (prompt, T5 length): mean and max |pixel difference| (0-255) and PSNR in dB.

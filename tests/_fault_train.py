@@ -1,5 +1,5 @@
 """Test helper (not product code): `dedistill train` with one fault injected at an exact place, so a test can cause a
-lost worker or a hung rank deterministically (tests/test_reliability_dist.py).
+lost worker or a hung rank deterministically (tests/system/test_reliability_dist.py).
 
     python -m launch.torchrun ... tests/_fault_train.py FAULT CONFIG [a.b=value ...]
 

@@ -1,4 +1,4 @@
-"""Test helper (run under torchrun by tests/test_quant.py): `model.base_quant` under FSDP2 on 2 gloo ranks.
+"""Test helper (run under torchrun by tests/integration/test_quant_ranks.py): `model.base_quant` under FSDP2 on 2 gloo ranks.
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/_quant_shard_check.py MODEL DATA RUN_DIR
 

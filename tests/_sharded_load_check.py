@@ -1,4 +1,4 @@
-"""Test helper (run under torchrun by tests/test_sharded_load.py): the trainer's sharded load, gathered, against a
+"""Test helper (run under torchrun by tests/integration/test_sharded_load.py): the trainer's sharded load, gathered, against a
 plain `FluxTransformer2DModel.from_pretrained` (base weights) and the unsharded load + adapter (adapter weights).
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/_sharded_load_check.py MODEL_DIR [a.b=v ...]

@@ -4,8 +4,8 @@
 
 After `dcp.save` has written every shard and the metadata of step STEP — everything but the COMPLETE marker — each
 rank prints `SHARDS_WRITTEN <dir>` and sleeps, like a save stuck on slow storage, so a test can SIGKILL the job at
-the worst moment (tests/test_preemption.py). With `checkpoint.async_save=true` the same happens in DCP's background
-writer thread (`async_save` calls `state_dict_saver.save`), while the loop trains on (tests/test_async_checkpoint.py).
+the worst moment (tests/integration/test_preemption.py). With `checkpoint.async_save=true` the same happens in DCP's background
+writer thread (`async_save` calls `state_dict_saver.save`), while the loop trains on (tests/integration/test_async_checkpoint.py).
 """
 
 import sys

@@ -1,4 +1,4 @@
-"""Test helper (run under torchrun by tests/test_frozen_parts.py): `model.text_encoder_placement` against a plain
+"""Test helper (run under torchrun by tests/integration/test_frozen_parts.py): `model.text_encoder_placement` against a plain
 unsharded TextEncoder. Every rank encodes different prompts (as in training), then compares with its own reference.
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/_text_placement_check.py MODEL_DIR PLACEMENT

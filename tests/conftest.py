@@ -1,8 +1,25 @@
 """Shared fixtures. The tiny pipeline and dataset are written once per session (both deterministic for a seed)."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+# The suite in tiers: unit/ (in process), integration/ (the CLI, torchrun, several processes), system/ (SLURM, S3,
+# the documented commands). This folder holds what every tier shares (tiny_runs, tiny_nets, the helper scripts,
+# fixtures/). A few test modules import a fixture or helper of a module in another tier by its name (test_s3's S3
+# server, test_buckets' data set): each tier's folder is on the path, so that name is the module pytest collected.
+for _tier in ("unit", "integration", "system"):
+    sys.path.insert(0, str(Path(__file__).resolve().parent / _tier))
+
+
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`) the tests on the local SLURM cluster share one
+    worker, so the session starts one cluster; the documented commands that submit to it say so themselves."""
+    for item in items:
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 @pytest.fixture(autouse=True)
@@ -56,6 +73,20 @@ def reference_run(tiny_model_dir, tiny_data_dir, tmp_path_factory):
            "--nproc-per-node", "2", *tiny_runs.overrides(tiny_model_dir, tiny_data_dir, run_dir)]
     r = tiny_runs.run(cmd)
     assert "local job" in r.stdout and "'finished': True" in r.stdout, r.stdout[-2000:]
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_run(tiny_model_dir, tiny_data_dir, tmp_path_factory):
+    """A 4-step LoRA run in one process (`python -m train`): rank 4, alpha 8, lr 0.02 so the B matrices move well away
+    from zero, no EMA. The LoRA export tests and the docs' `--format lora` commands read it: one training for all."""
+    import tiny_runs
+
+    run_dir = tmp_path_factory.mktemp("lora") / "run"
+    tiny_runs.run([sys.executable, "-m", "train", str(tiny_runs.CONFIG),
+                   *tiny_runs.overrides(tiny_model_dir, tiny_data_dir, run_dir, steps=4, **{
+                       "model.adapter.kind": "lora", "model.adapter.rank": 4, "model.adapter.alpha": 8.0,
+                       "optim.lr": 0.02, "ema.decay": 0.0})])
     return run_dir
 
 

@@ -1,4 +1,4 @@
-"""Collect the shell commands that README.md and docs/*.md show a user, so tests/test_docs_commands.py can run them.
+"""Collect the shell commands that README.md and docs/*.md show a user, so tests/system/test_docs_commands.py can run them.
 
 What counts as a command (the rules the docs are written to):
 
