@@ -355,6 +355,7 @@ def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend,
         losses = []
         for micro in range(cfg.train.grad_accum):
             batch = next(batches)
+            backend.prepare_micro_batch(micro, cfg.train.grad_accum)  # HSDP: all-reduce across nodes on the last only
             out = forward_backward_step(
                 transformer,
                 batch,
