@@ -21,7 +21,12 @@ Every number models what this code base does, not a generic trainer:
   actually saves on CPU; `bench/plan_vs_measured.py` against measured memory.
 - **Communication** (`comm_per_step`): FSDP2 all-gathers each block's parameters in the compute dtype in the forward
   and again in the backward (`reshard_after_forward`), reduce-scatters the trainable gradients in
-  `parallel.reduce_dtype`, and with HSDP all-reduces the gradient shards across nodes.
+  `parallel.reduce_dtype` every micro-batch, and with HSDP all-reduces the gradient shards across nodes once per
+  optimizer step (`backend.prepare_micro_batch`: only the last micro-batch's backward all-reduces).
+- **Time** (`step_timing`) is a model, not a measurement: each phase (forward; backward with its recompute) hides
+  only the collectives that run in it, at one-way link rates, while NCCL's kernels take some SMs from the compute.
+
+Which lines are counted (checked to the byte against the trainer) and which are modelled is printed with the plan.
 
 Units: bytes and FLOPs as plain numbers; GiB = 2^30 bytes, GB = 10^9 bytes (bandwidths).
 """
@@ -56,10 +61,14 @@ FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_cha
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                 layers_per_block=2, use_quant_conv=False, use_post_quant_conv=False)
 
-RUNTIME_RESERVE_GIB = 2.0
-"""CUDA context, cuBLAS/NCCL workspaces: allocated outside PyTorch's allocator, so not in max_memory_allocated."""
+NCCL_RUNTIME_BYTES = {1: 1.6e9, 2: 3.8e9, 3: 6.0e9}
+"""CUDA context + NCCL's buffers by the number of NCCL communicators a rank uses (3 = three or more), outside
+PyTorch's allocator: about 1.6 GB with one communicator and about 6 GB with three or more, as reported in
+NVIDIA/nccl issue 864 (NCCL's memory grows with each communicator's channels); 2 is interpolated."""
 USABLE_FRACTION = 0.92
-"""Fraction of the card the allocator can fill before fragmentation bites: the verdict's headroom."""
+"""Fraction of the card the allocator can fill before fragmentation bites: the verdict keeps the rest (6.4 GiB of an
+80 GiB card) as its margin, beyond every row of the plan."""
+H100_SMS = 132
 
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 
@@ -79,11 +88,17 @@ class Cluster:
     peak_tflops: float = 989.0
     """Dense bf16 peak per GPU (H100 SXM, train/mfu.py)."""
     mfu: float = 0.40
-    """The MFU at which the step time is stated."""
-    nvlink_gbs: float = 900.0
-    """Intra-node bandwidth per GPU, GB/s (H100 NVLink 4)."""
+    """The fraction of peak the compute kernels reach (forward, backward and recompute alike)."""
+    nvlink_gbs: float = 360.0
+    """Intra-node bus bandwidth per GPU, one way, GB/s: what NCCL's ring collectives reach on 8 H100s (NVLink 4 is
+    450 GB/s per direction nominal; 900 is both directions added, which a ring never uses)."""
     ib_gbits: float = 400.0
-    """Inter-node bandwidth per GPU, Gb/s (one NDR InfiniBand NIC per GPU)."""
+    """Inter-node bandwidth per NIC, one way, Gb/s (NDR InfiniBand, nominal), with one NIC per GPU."""
+    ring_step_us: float = 5.0
+    """Latency of one step of a ring collective (a ring of n ranks takes n - 1 steps; an all-reduce 2(n - 1))."""
+    nccl_sms: int = 16
+    """SMs NCCL's kernels occupy while a collective overlaps compute (of H100's 132): the compute slows by that
+    fraction for as long as they run."""
 
     def __post_init__(self) -> None:
         for key in ("nodes", "gpus_per_node", "gpu_mem_gib", "host_mem_gib", "peak_tflops", "mfu"):
@@ -341,6 +356,38 @@ def activation_bytes(inv: Inventory, *, image: int, text: int, batch: int, polic
     return {"kept": kept.bytes(act_bytes, autocast), "recompute": recompute.bytes(act_bytes, autocast)}
 
 
+def activation_grad_bytes(inv: Inventory, *, image: int, text: int, batch: int, act_bytes: int,
+                         autocast: bool) -> float:
+    """The backward's own transient, with or without checkpointing: the gradients alive while autograd runs the widest
+    block. The incoming gradient of the residual stream (h wide), then, at the MLP, the gradient of proj_out's
+    concatenated input (h + m) and of the GELU's input (m) — the widest set alive at once — plus the LayerNorm input's
+    gradient in fp32 under autocast. They flow through frozen layers too (whatever trains upstream needs them), so
+    they do not depend on the adapter. FLUX at 1024 px with 512 text tokens: about 0.34 GB per sample."""
+    h = inv.hidden
+    m = 4 * h  # mlp_ratio 4
+    total = image + text
+    widest = total if inv.config.get("num_single_layers", 0) else image  # single-stream MLPs run over every token
+    return batch * (widest * (2 * h + 2 * m) * act_bytes + total * h * (4 if autocast else act_bytes))
+
+
+def nccl_communicators(cfg: JobConfig, cl: Cluster) -> int:
+    """NCCL communicators a rank uses: the world's (loss, barriers; FSDP2's 1-D mesh over the world reuses it) and,
+    with HSDP on several nodes, the shard and replicate groups of the 2-D mesh."""
+    return 3 if (cfg.parallel.backend == "fsdp2" and cfg.parallel.hsdp and cl.nodes > 1) else 1
+
+
+def optimizer_temporary(cfg: JobConfig, cl: Cluster, shard_elems: int, largest_elems: int) -> tuple[str, float]:
+    """AdamW's fp32 temporary at the step (train/optim.py resolves `auto` to fused on CUDA): fused none; foreach one
+    sqrt(v) copy of every local tensor at once (`torch._foreach_sqrt`); single-tensor `v.sqrt() / c` per tensor, two
+    copies of the largest. With CPU offload the step runs in host memory."""
+    impl = cfg.optim.implementation
+    if impl == "auto":
+        impl = "fused" if cl.device == "cuda" and not cfg.parallel.cpu_offload else "single_tensor"
+    if cfg.parallel.cpu_offload:
+        return impl, 0.0
+    return impl, {"fused": 0.0, "foreach": 4.0 * shard_elems, "single_tensor": 8.0 * largest_elems}[impl]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Memory per GPU
 
@@ -444,6 +491,7 @@ def gpu_memory(inv: Inventory, cfg: JobConfig, cl: Cluster, tok: Tokens, *, with
             rows[f"frozen base Linears {cfg.model.base_quant} (replicated)"] = sum(
                 u.quantized_bytes(b) for u in inv.units)
         rows["trainable params fp32 (sharded)"] = 4 * train_shard
+        opt_elems = (train_shard, max((u.shard_numel([sh], S) for u in inv.units for sh in u.trainable), default=0))
         rows["gradients fp32 (sharded)"] = 4 * train_shard
         rows["AdamW moments fp32 (sharded)"] = 8 * train_shard
         rows["EMA fp32 (sharded)"] = 4 * train_shard * ema
@@ -474,6 +522,7 @@ def gpu_memory(inv: Inventory, cfg: JobConfig, cl: Cluster, tok: Tokens, *, with
         else:
             rows["module weights (partitioned)"] = math.ceil(n_total / W) * b
         rows["fp32 master of trainable (partitioned)"] = 4 * math.ceil(n_train / W)
+        opt_elems = (math.ceil(n_train / W), math.ceil(n_train / W))  # ZeRO's one flat partition per group
         rows["gradients (partitioned fp32 + bf16)"] = (4 + b) * math.ceil(n_train / W)
         rows["AdamW moments fp32 (partitioned)"] = 8 * math.ceil(n_train / W)
         rows["EMA fp32"] = 4 * (n_train if stage == 2 else math.ceil(n_train / W)) * ema
@@ -486,16 +535,28 @@ def gpu_memory(inv: Inventory, cfg: JobConfig, cl: Cluster, tok: Tokens, *, with
                      f"rank's host memory: {12 * n_train * cl.gpus_per_node / GiB:.0f} GiB per node")
     rows["activations (kept for backward)"] = acts["kept"]
     rows["backward working set (recomputed block)"] = acts["recompute"]
+    rows["activation gradients (one block's backward)"] = activation_grad_bytes(
+        inv, image=tok.image, text=tok.text, batch=cfg.train.batch_size, act_bytes=b, autocast=autocast)
     if cfg.model.base_quant != "none":  # train/quant.py's backward dequantizes one Linear's weight at a time
         rows["dequantized weight (one Linear, transient)"] = max(
             (math.prod(s) for u in inv.units for s in u.quantized if len(s) == 2), default=0) * b
+    impl, opt_tmp = optimizer_temporary(cfg, cl, *opt_elems)
+    rows[f"AdamW {impl} step temporary fp32"] = opt_tmp
     # zero_grad(set_to_none) frees the gradients after every step, and the backward frees activations as it fills
-    # gradients: the two peak at opposite ends of the backward, never together.
+    # gradients: the two peak at opposite ends of the backward, and the optimizer's temporary exists only at the step,
+    # when the activations are gone. With grad_accum > 1 the accumulated gradient shards (FSDP2's partial sum under
+    # HSDP) live on through the next micro-batches' activations: only the temporary is credited then.
     grads = next(v for k, v in rows.items() if k.startswith("gradients"))
-    rows["gradients and activations not at once"] = -min(grads, acts["kept"])
+    at_step = opt_tmp + (grads if cfg.train.grad_accum == 1 else 0.0)
+    rows["step and backward peaks not at once"] = 0.0 - min(at_step, acts["kept"])
+    if cfg.train.grad_accum > 1:
+        notes.append("train.grad_accum > 1: the accumulated gradients stay alive through the next micro-batch's "
+                     "activations (counted together)")
     rows["frozen encoders (T5, CLIP, VAE)"] = (
         encoder_bytes_on_gpu(cfg, cl, encoders or ENCODER_PARAMS, b) if with_encoders else 0.0)
-    rows["CUDA context + workspaces"] = RUNTIME_RESERVE_GIB * GiB if cl.device == "cuda" else 0.0
+    k = nccl_communicators(cfg, cl)
+    rows[f"CUDA context + NCCL ({k} communicator{'s' if k > 1 else ''})"] = (
+        NCCL_RUNTIME_BYTES[min(k, 3)] if cl.device == "cuda" else 0.0)
     return MemoryPlan(rows, notes)
 
 
@@ -542,11 +603,20 @@ class Comm:
     all_gather: float
     reduce_scatter: float
     all_reduce: float
-    """HSDP's cross-replica all-reduce of the gradient shards (or ZeRO-2's gradient traffic)."""
+    """HSDP's cross-replica all-reduce of the gradient shards, once per optimizer step."""
     shard_group: int
     replicas: int
     intra_node: bool
     """True when the shard group fits in a node (all-gather and reduce-scatter stay on NVLink)."""
+    all_gather_backward: float = 0.0
+    """Of `all_gather`, the bytes gathered again in the backward (`reshard_after_forward`)."""
+    all_gather_at_step: float = 0.0
+    """Of `all_gather`, the bytes gathered after the optimizer step (ZeRO-2's updated weights): nothing hides them."""
+    calls: tuple[int, int, int] = (0, 0, 0)
+    """Collectives per optimizer step (all-gathers, reduce-scatters, all-reduces): each pays the ring's latency."""
+    unit: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    """The largest block's all-gather, reduce-scatter and all-reduce bytes: what the pipeline cannot hide at its ends
+    (the first block's gather before any compute, the last unit's reduction after the last)."""
 
     @property
     def total(self) -> float:
@@ -558,7 +628,8 @@ def comm_per_step(inv: Inventory, cfg: JobConfig, cl: Cluster) -> Comm:
 
     Per micro-batch: forward all-gather of every unit in the compute dtype; a second all-gather of every block in
     the backward when `reshard_after_forward` (the root is never resharded); a reduce-scatter of every unit's
-    trainable gradients in `reduce_dtype`. Per step with HSDP: an all-reduce of the gradient shards across replicas.
+    trainable gradients in `reduce_dtype`. Per step with HSDP: an all-reduce of the gradient shards across replicas,
+    once (`FSDP2Backend.prepare_micro_batch` defers it to the last micro-batch; tests/test_hsdp_accum.py counts it).
     DeepSpeed is modelled as ZeRO-2 (reduce-scatter gradients, all-gather updated weights) or ZeRO-3 (like FSDP).
     """
     b = compute_dtype_bytes(cfg, cl)
@@ -567,48 +638,128 @@ def comm_per_step(inv: Inventory, cfg: JobConfig, cl: Cluster) -> Comm:
     if cfg.parallel.backend == "deepspeed":
         W = cl.world
         f = (W - 1) / W
+        intra = W <= cl.gpus_per_node
+        rs = micro * inv.n_trainable * rb * f
         if cfg.parallel.zero_stage == 2:  # grads reduce-scattered each micro-batch; trained weights all-gathered
-            return Comm(inv.n_trainable * b * f, micro * inv.n_trainable * rb * f, 0.0, W, 1, W <= cl.gpus_per_node)
+            ag = inv.n_trainable * b * f
+            return Comm(ag, rs, 0.0, W, 1, intra, all_gather_at_step=ag, calls=(1, micro, 0))
         ag = micro * 2 * inv.n_total * b * f
-        return Comm(ag, micro * inv.n_trainable * rb * f, 0.0, W, 1, W <= cl.gpus_per_node)
+        return Comm(ag, rs, 0.0, W, 1, intra, all_gather_backward=ag / 2,
+                    calls=(2 * micro * len(inv.units), micro * len(inv.units), 0))
     S = shard_group(cfg, cl)
     R = cl.world // S
     f = (S - 1) / S
-    ag = rs = 0.0
+    ag = ag_back = rs = 0.0
+    n_ag = n_rs = 0
     for u in inv.units:  # FSDP2's buffers: every parameter's dim 0 padded to a multiple of S
         gathered = S * (u.shard_numel(u.frozen, S) + u.shard_numel(u.trainable, S)) * b
-        times = 2 if (cfg.parallel.reshard_after_forward and u.name != "root") else 1
-        ag += times * gathered * f
+        again = cfg.parallel.reshard_after_forward and u.name != "root"
+        ag += (2 if again else 1) * gathered * f
+        ag_back += gathered * f * again
         rs += S * u.shard_numel(u.trainable, S) * rb * f
-    ar = 2 * (R - 1) / R * sum(u.shard_numel(u.trainable, S) for u in inv.units) * rb if R > 1 else 0.0
-    return Comm(micro * ag, micro * rs, ar, S, R, S <= cl.gpus_per_node)
+        n_ag += 1 + again
+        n_rs += u.n_trainable > 0
+    ring_ar = 2 * (R - 1) / R if R > 1 else 0.0
+    ar = ring_ar * sum(u.shard_numel(u.trainable, S) for u in inv.units) * rb
+    big = max(inv.blocks, key=lambda u: u.n_frozen + u.n_trainable)
+    unit = (S * (big.shard_numel(big.frozen, S) + big.shard_numel(big.trainable, S)) * b * f,
+            S * big.shard_numel(big.trainable, S) * rb * f, ring_ar * big.shard_numel(big.trainable, S) * rb)
+    return Comm(micro * ag, micro * rs, ar, S, R, S <= cl.gpus_per_node, all_gather_backward=micro * ag_back,
+                calls=(micro * n_ag, micro * n_rs, n_rs if R > 1 else 0), unit=unit)
 
 
 @dataclass(frozen=True)
 class Timing:
     compute_s: float
+    """Forward, backward and recompute kernels of every micro-batch, at `Cluster.mfu` of the peak."""
     comm_s: float
+    """Every collective of the step at the link rates, as if nothing overlapped."""
     exposed_s: float
-    """Communication not hidden behind compute: the first all-gather and last reduce-scatter of a step, plus
-    whatever exceeds the compute time (FSDP2 prefetches one block ahead on a separate stream)."""
+    """What the step waits for beyond its compute: communication a phase cannot hide (the first gather, the last
+    reduction, whatever exceeds the phase's compute) and the compute NCCL's SMs slow down."""
+    recompute_s: float = 0.0
+    phases: tuple[tuple[str, float, float], ...] = ()
+    """(phase, compute s, communication s) per step: forward, backward (with recompute), after the step."""
 
     @property
     def step_s(self) -> float:
         return self.compute_s + self.exposed_s
 
 
+def link_rates(cl: Cluster) -> tuple[float, float]:
+    """(NVLink, InfiniBand) bytes/s, one way, per GPU and per NIC."""
+    return cl.nvlink_gbs * 1e9, cl.ib_gbits / 8 * 1e9
+
+
+def sharded_collective_s(nbytes: float, cl: Cluster, intra_node: bool) -> float:
+    """Seconds of an all-gather or reduce-scatter in which each rank sends `nbytes` (ring factor included).
+
+    In a node: NVLink's bus bandwidth. Across nodes NCCL runs one ring per NIC: of each ring's hops only those that
+    leave a node cross InfiniBand, so a node's G NICs together carry about the (n-1)/n of the buffer that one GPU
+    sends, and the other (G-1)/G of the hops stay on NVLink; the slower of the two legs bounds the ring."""
+    nvlink, ib = link_rates(cl)
+    if intra_node:
+        return nbytes / nvlink
+    g = cl.gpus_per_node
+    return max(nbytes * (g - 1) / g / nvlink, nbytes / (g * ib))
+
+
+def _overlapped(compute: float, comm: float, sm_share: float) -> float:
+    """A phase whose compute and communication run together: NCCL's kernels take `sm_share` of the SMs while they
+    run, so the compute stretches by that share of the overlap; the phase lasts as long as the longer of the two."""
+    return max(comm, compute + sm_share * min(comm, compute))
+
+
 def step_timing(inv: Inventory, cfg: JobConfig, cl: Cluster, tok: Tokens) -> Timing:
-    compute = step_flops(inv, cfg, tok) / (cl.peak_tflops * 1e12 * cl.mfu)
+    """A per-phase model of one optimizer step (each micro-batch: forward, then backward with its recompute).
+
+    - forward: hides only the forward all-gathers; the first block's gather runs before any compute;
+    - backward: hides the backward all-gathers, the reduce-scatters and (last micro-batch, HSDP) the all-reduce, on
+      its own compute plus the recompute of checkpointed blocks; the last unit's reduce-scatter and all-reduce are a
+      tail after the last compute. The all-reduce crosses InfiniBand while the reduce-scatter uses NVLink: the two
+      legs run side by side;
+    - after the step: ZeRO-2's all-gather of the updated weights, hidden behind nothing.
+    Every collective pays `ring_step_us` per ring step. Not modelled: stragglers, data loading, the optimizer kernel.
+    """
+    rate = cl.peak_tflops * 1e12 * cl.mfu
+    micro = cfg.train.grad_accum
+    total = step_flops(inv, cfg, tok) / micro  # one micro-batch, forward + backward
+    fl = inv.flops
+    forward = cfg.train.batch_size * (2 * fl.p_tok * tok.total + 4 * fl.layers * tok.total ** 2 * fl.hidden)
+    policy = ac_policy(cfg)
+    recomputed = {"none": 0.0, "full": 1.0, "ops": 0.0}.get(
+        policy, 1.0 / int(policy.removeprefix("every_")) if policy.startswith("every_") else 0.0)
+    c_fwd, c_bwd, c_rec = forward / rate, (total - forward) / rate, recomputed * forward / rate
+
     c = comm_per_step(inv, cfg, cl)
-    nvlink, ib = cl.nvlink_gbs * 1e9, cl.ib_gbits / 8 * 1e9
-    sharded_bw = nvlink if c.intra_node else ib  # a ring that leaves the node runs at the NIC's speed
-    collective = (c.all_gather + c.reduce_scatter) / sharded_bw
-    allreduce = c.all_reduce / ib if c.replicas > 1 else 0.0
-    n_units = max(1, len(inv.units))
-    edge = 2 * collective / (n_units * max(1, 2 * cfg.train.grad_accum))  # one unit's all-gather + reduce-scatter
-    overlap = collective + allreduce
-    exposed = edge + max(0.0, overlap - compute)
-    return Timing(compute, overlap, exposed)
+    _, ib = link_rates(cl)
+    alpha = cl.ring_step_us * 1e-6
+    S, R = c.shard_group, c.replicas
+    n_ag, n_rs, n_ar = c.calls
+    back_share = c.all_gather_backward / c.all_gather if c.all_gather else 0.0
+    calls_back = round(n_ag * back_share) if cfg.parallel.backend == "fsdp2" else n_ag // 2 * bool(back_share)
+    lat_ag, lat_ar = (S - 1) * alpha, 2 * (R - 1) * alpha
+    ag_step = sharded_collective_s(c.all_gather_at_step, cl, c.intra_node)
+    ag_fwd = sharded_collective_s(c.all_gather - c.all_gather_backward - c.all_gather_at_step, cl, c.intra_node)
+    ag_fwd = ag_fwd / micro + (n_ag - calls_back - bool(ag_step)) / micro * lat_ag
+    ag_bwd = sharded_collective_s(c.all_gather_backward, cl, c.intra_node) / micro + calls_back / micro * lat_ag
+    rs = sharded_collective_s(c.reduce_scatter, cl, c.intra_node) / micro + n_rs / micro * lat_ag
+    ar = c.all_reduce / ib + n_ar * lat_ar if R > 1 else 0.0
+    first = sharded_collective_s(c.unit[0], cl, c.intra_node) + lat_ag
+    share = cl.nccl_sms / H100_SMS
+
+    fwd = first + _overlapped(c_fwd, max(0.0, ag_fwd - first), share)
+    tail = sharded_collective_s(c.unit[1], cl, c.intra_node) + lat_ag
+    bwd = tail + _overlapped(c_bwd + c_rec, max(0.0, ag_bwd + rs - tail), share)
+    tail_ar = (c.unit[2] / ib + lat_ar) if R > 1 else 0.0
+    last_bwd = tail + tail_ar + _overlapped(c_bwd + c_rec, max(0.0, max(ag_bwd + rs, ar) - tail - tail_ar), share)
+    step = micro * fwd + (micro - 1) * bwd + last_bwd + ag_step
+    compute = micro * (c_fwd + c_bwd + c_rec)
+    comm = micro * (ag_fwd + ag_bwd + rs) + ar + ag_step
+    phases = (("forward", micro * c_fwd, micro * ag_fwd),
+              ("backward + recompute", micro * (c_bwd + c_rec), micro * (ag_bwd + rs) + ar),
+              ("after the optimizer step", 0.0, ag_step))
+    return Timing(compute, comm, step - compute, micro * c_rec, phases)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -707,7 +858,9 @@ def _knob(p: Plan) -> str:
                 c.train.batch_size = bs
                 c.train.grad_accum = cfg.train.grad_accum * math.ceil(cfg.train.batch_size / bs)
             if trial(smaller):
-                return f"set train.batch_size={bs} (and train.grad_accum to keep the global batch)"
+                accum = cfg.train.grad_accum * math.ceil(cfg.train.batch_size / bs)
+                return (f"set train.batch_size={bs} and train.grad_accum={accum} to keep the global batch (the "
+                        f"all-gathers and reduce-scatters then run {accum} times per step; the HSDP all-reduce once)")
     if cfg.parallel.backend == "fsdp2" and not cfg.parallel.reshard_after_forward:
         def reshard(c):
             c.parallel.reshard_after_forward = True
@@ -771,24 +924,40 @@ def format_plan(p: Plan) -> str:
     for name, val in p.memory.rows.items():
         lines.append(f"  {name:42s} {_gib(val)}")
     lines.append(f"  {'total':42s} {_gib(p.memory.total)}   (card {cl.gpu_mem_gib:g} GiB)")
+    margin = (1 - USABLE_FRACTION) * cl.gpu_mem_gib
+    lines.append(f"  margin: the verdict keeps {1 - USABLE_FRACTION:.0%} of the card ({margin:.1f} GiB) free beyond "
+                 f"these rows, for allocator fragmentation")
     for note in p.memory.notes:
         lines.append(f"  note: {note}")
     if not p.with_encoders:
         lines.append("  note: precomputed data: VAE and text encoders not loaded")
     c, t = p.comm, p.timing
-    link = "NVLink" if c.intra_node else "InfiniBand"
+    link = "NVLink" if c.intra_node else "NVLink + InfiniBand ring"
+    nvlink, ib = link_rates(cl)
+    phases = "; ".join(f"{name} {comp * 1e3:.0f} ms compute vs {comm * 1e3:.0f} ms comm"
+                       for name, comp, comm in t.phases if comp or comm)
     lines += [
         "",
         f"host RAM per node at load   {_gib(p.host_bytes)}   (have {cl.host_mem_gib:g} GiB)",
         f"checkpoint on disk          {_gib(p.ckpt_bytes)}",
-        f"FLOPs per step per GPU      {p.flops:.3e}  -> {t.compute_s * 1e3:.0f} ms at {cl.mfu:.0%} MFU of "
-        f"{cl.peak_tflops:g} TFLOP/s",
+        f"FLOPs per step per GPU      {p.flops:.3e}  -> {(t.compute_s - t.recompute_s) * 1e3:.0f} ms at "
+        f"{cl.mfu:.0%} MFU of {cl.peak_tflops:g} TFLOP/s (+ {t.recompute_s * 1e3:.0f} ms recompute)",
         f"comm per step per GPU       all-gather {c.all_gather / 1e9:.2f} GB + reduce-scatter "
-        f"{c.reduce_scatter / 1e9:.2f} GB ({link})"
-        + (f" + all-reduce {c.all_reduce / 1e9:.2f} GB (InfiniBand)" if c.all_reduce else "")
-        + f" = {t.comm_s * 1e3:.0f} ms, exposed {t.exposed_s * 1e3:.0f} ms",
-        f"step time                   {t.step_s * 1e3:.0f} ms (efficiency = compute / step: "
-        f"{t.compute_s / t.step_s:.0%})",
+        f"{c.reduce_scatter / 1e9:.2f} GB ({link}, per micro-batch)"
+        + (f" + all-reduce {c.all_reduce / 1e9:.2f} GB (InfiniBand, once per step)" if c.all_reduce else "")
+        + f"; {sum(c.calls)} collectives = {t.comm_s * 1e3:.0f} ms unoverlapped",
+        f"time per step (modelled)    {phases}",
+        f"step time (modelled)        {t.step_s * 1e3:.0f} ms = compute {t.compute_s * 1e3:.0f} ms (recompute "
+        f"{t.recompute_s * 1e3:.0f}) + exposed {t.exposed_s * 1e3:.0f} ms; efficiency = compute / step: "
+        f"{t.compute_s / t.step_s:.0%}",
+        "",
+        "basis      counted from the model's shapes and the code: state, buffers, activations (checked on CPU), "
+        "comm bytes",
+        f"           modelled, not measured on a GPU: activation gradients, CUDA context + NCCL (NVIDIA/nccl#864), "
+        f"step time at {cl.mfu:.0%} of {cl.peak_tflops:g} TFLOP/s,",
+        f"           NVLink {nvlink / 1e9:g} GB/s one way (NCCL bus bandwidth; 450 nominal), InfiniBand "
+        f"{ib / 1e9:g} GB/s per NIC one way, {cl.gpus_per_node} NICs per node, {cl.ring_step_us:g} us per ring "
+        f"step, NCCL on {cl.nccl_sms} of {H100_SMS} SMs",
         "",
         f"verdict: {p.verdict}",
     ]

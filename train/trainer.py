@@ -218,6 +218,8 @@ class Trainer:
         cfg, info, state = self.cfg, self.info, self.state
         losses = []
         for micro in range(cfg.train.grad_accum):
+            # HSDP: the earlier micro-batches reduce-scatter in the node only; the last all-reduces across nodes
+            self.backend.prepare_micro_batch(micro, cfg.train.grad_accum)
             out = forward_backward_step(
                 self.backend.model,
                 next(self.batches),

@@ -15,8 +15,8 @@ import torch
 
 import tiny_runs
 from test_reliability_checkpoint import STEP6, cli, one_rank_run, train_args
-from train.checkpoint import CheckpointManager, CheckpointSaveError
-from train.checkpoint_verify import check
+from train.checkpoint import CheckpointStore, CheckpointSaveError
+from train.checkpoint.verify import check
 from train.config import CheckpointConfig
 
 
@@ -62,7 +62,7 @@ def test_disk_full_mid_save_keeps_the_previous_checkpoint(small_disk, async_save
     """keep_last=1: a prune before the new checkpoint is complete would leave nothing. The state is ~1.2 MB (a
     `rank_N.pt` of 0.2 MB, then the shard), so the disk runs out in the dir, in the rank file, or in the shard."""
     cfg = CheckpointConfig(keep_last=1, async_save=async_save)
-    ckpt = CheckpointManager(small_disk, cfg, rank=0)
+    ckpt = CheckpointStore(small_disk, cfg, rank=0)
     state = {"w": torch.arange(300_000, dtype=torch.float32)}
     extras = {"data": {"blob": "x" * 200_000}}
     ckpt.save(1, state, per_rank=extras)

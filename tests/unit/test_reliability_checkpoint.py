@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 import tiny_runs
-from train.checkpoint import CheckpointManager, latest_checkpoint
-from train.checkpoint_verify import MARKER, check
+from train.checkpoint import CheckpointStore, latest_checkpoint
+from train.checkpoint.verify import MARKER, check
 from train.config import CheckpointConfig, load_config
 
 STEP6 = "step_00000006"
@@ -135,11 +135,11 @@ def test_verify_names_the_file_and_why_and_fails_when_the_newest_is_bad(run_copy
 
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_resume_moves_the_corrupt_newest_aside_and_falls_back(run_copy, fault):
-    """What the trainer does at start (CheckpointManager.resume_from), on each fault."""
+    """What the trainer does at start (CheckpointStore.resume_from), on each fault."""
     cause, name, reason = FAULTS[fault]
     cause(run_copy / "checkpoints" / STEP6)
     logged = []
-    chosen = CheckpointManager(run_copy, CheckpointConfig(), rank=0).resume_from(log=logged.append)
+    chosen = CheckpointStore(run_copy, CheckpointConfig(), rank=0).resume_from(log=logged.append)
     assert chosen == tiny_runs.ckpt(run_copy, 4)
     assert len(logged) == 1 and re.fullmatch(
         rf"\[dedistill\] checkpoint {STEP6} is corrupt: {re.escape(name)}: {reason}.*; moved to {STEP6}\.corrupt, "
@@ -204,7 +204,7 @@ def test_when_no_checkpoint_verifies_resume_refuses_and_moves_nothing(run_copy):
     before = sorted(p.name for p in (run_copy / "checkpoints").iterdir())
     with pytest.raises(ValueError, match=r"no checkpoint in '.*' verifies \(step_00000006: rank_00000\.pt: missing"
                                          r".*step_00000002: rank_00000\.pt: missing.*checkpoint\.resume=false"):
-        CheckpointManager(run_copy, CheckpointConfig(), rank=0).resume_from(log=print)
+        CheckpointStore(run_copy, CheckpointConfig(), rank=0).resume_from(log=print)
     assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == before
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
-from train.checkpoint import CheckpointManager, read_metadata, safe_load
+from train.checkpoint import CheckpointStore, read_metadata, safe_load
 from train.config import CheckpointConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,7 +65,7 @@ def test_crafted_non_tensor_entry_is_refused_and_runs_nothing(tmp_path):
 
 def test_per_rank_file_is_loaded_weights_only(tmp_path):
     root, marker = tmp_path / "run", tmp_path / "PWNED"
-    manager = CheckpointManager(root, CheckpointConfig(), rank=0)
+    manager = CheckpointStore(root, CheckpointConfig(), rank=0)
     path = manager.save(1, {"model": {"w": torch.arange(4.0)}}, per_rank={"data": None})
     torch.save({"rng": _Evil(marker)}, path / "rank_00000.pt")  # a crafted per-rank file
     with pytest.raises(pickle.UnpicklingError):
@@ -79,14 +79,14 @@ def test_no_unsafe_deserialisation_in_our_code():
     for path in sorted(p for d in packages for p in (REPO / d).rglob("*.py")):
         for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
             code = line.split("#")[0]
-            if re.search(r"\bdcp\.load\(|FileSystemReader\(", code) and path.name != "checkpoint.py":
+            if re.search(r"\bdcp\.load\(|FileSystemReader\(", code) and path.name != "format.py":
                 offenders.append(f"{path.relative_to(REPO)}:{i}: {line.strip()} (use train.checkpoint.safe_load)")
             if re.search(r"\btorch\.load\(", code) and "weights_only=True" not in code:
                 offenders.append(f"{path.relative_to(REPO)}:{i}: {line.strip()}")
             if re.search(r"\bpickle\.loads?\(|\bUnpickler\(", code):
                 offenders.append(f"{path.relative_to(REPO)}:{i}: {line.strip()}")
     # the one allowed unpickler: DCP metadata, restricted to DCP's own classes
-    offenders = [o for o in offenders if not o.startswith("train/checkpoint.py") or "_MetadataUnpickler" not in o]
+    offenders = [o for o in offenders if not o.startswith("train/checkpoint/format.py") or "_MetadataUnpickler" not in o]
     assert not offenders, "unsafe deserialisation:\n" + "\n".join(offenders)
 
 

@@ -6,6 +6,7 @@ The loop never touches FSDP or DeepSpeed. It gets a `Backend` and uses only:
                                     `loss.backward()` inside the step works for both
     backend.module                  the plain transformer underneath (sampling, counting)
     backend.optimizer               the torch optimizer our LR scheduler drives
+    backend.prepare_micro_batch(i, n)  before micro-batch i of n: which gradient collectives its backward runs
     backend.step(loss_finite=...)   clip + optimizer step (skipped on a non-finite grad norm, decided on the device
                                     where the optimizer can: no host sync) + zero grads
     backend.checkpoint_state()      {"model": ..., "optim": ...} in the one DCP layout both backends share
@@ -54,6 +55,8 @@ class Backend(Protocol):
     model: torch.nn.Module
     module: torch.nn.Module
     optimizer: torch.optim.Optimizer
+
+    def prepare_micro_batch(self, index: int, count: int) -> None: ...
 
     def step(self, *, loss_finite: torch.Tensor | bool) -> StepResult: ...
 

@@ -115,6 +115,12 @@ class DeepSpeedBackend:
 
     # ------------------------------------------------------------------------------------------------------ step
 
+    def prepare_micro_batch(self, index: int, count: int) -> None:
+        """Nothing to do: DeepSpeed has one flat data-parallel group (no replicate dimension; hsdp is refused above).
+        ZeRO-2/3 reduce each micro-batch's gradients into this rank's partition during its backward (they partition
+        gradients, so they cannot hold a full one until the boundary), which is the same traffic as FSDP2's
+        reduce-scatter per micro-batch."""
+
     def step(self, *, loss_finite: torch.Tensor | bool) -> StepResult:
         # DeepSpeed clips (gradient_clipping) and skips the update itself when the global grad norm is not finite
         # (reading its overflow flag on the host: this backend's step syncs, whatever the loop does); a non-finite
