@@ -372,3 +372,64 @@ def test_rerun_after_a_crash_finishes_with_the_bad_sample_counted(tmp_path):
     r = convert(src, tmp_path / "out", progress_bar=False)
     assert (r["converted"], r["skipped_by_reason"]) == (3, {"too_many_pixels": 1})
     assert report(part)["converted"] == 3
+
+
+# ------------------------------------------------------------------------------ row 7: hostile model-dir configs
+
+FLUX1 = json.loads((REPO / "configs/models/flux1-schnell/transformer/config.json").read_text())
+
+
+def model_dir(root: Path, config) -> Path:
+    """A diffusers-format FLUX dir with empty component folders and this transformer/config.json."""
+    for sub in ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    (root / "transformer" / "config.json").write_text(json.dumps(config))
+    return root
+
+
+def test_real_flux_sizes_are_within_the_schema():
+    from train.model_schema import check_transformer_config
+
+    check_transformer_config(FLUX1, where="flux1")
+    flux2_dev = {"_class_name": "Flux2Transformer2DModel", "patch_size": 1, "in_channels": 128, "num_layers": 8,
+                 "num_single_layers": 48, "attention_head_dim": 128, "num_attention_heads": 48,
+                 "joint_attention_dim": 15360, "axes_dims_rope": [32, 32, 32, 32], "mlp_ratio": 3.0}
+    check_transformer_config(flux2_dev, where="flux2")
+    check_transformer_config({"_class_name": "ChromaTransformer2DModel", "approximator_hidden_dim": 5120,
+                              "approximator_layers": 5, **{k: v for k, v in FLUX1.items() if k[0] != "_"}},
+                             where="chroma")
+
+
+HOSTILE_CONFIGS = [
+    ({**FLUX1, "num_layers": 100_000}, "num_layers: 100000 is outside [0, 1024]"),
+    ({**FLUX1, "joint_attention_dim": 2**31}, "joint_attention_dim: 2147483648 is outside [1, 65536]"),
+    ({**FLUX1, "num_layers": "2"}, "num_layers: expected an integer, got '2'"),
+    ({**FLUX1, "guidance_embeds": "no"}, "guidance_embeds: expected true/false"),
+    ({**FLUX1, "axes_dims_rope": 16}, "axes_dims_rope: expected a list"),
+    ({**FLUX1, "num_attention_heads": 1024, "attention_head_dim": 1024}, "is over 65536"),
+    ([FLUX1], "expected a JSON object of transformer settings, got a list"),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("config,said", HOSTILE_CONFIGS, ids=["layers", "width", "string", "bool", "rope",
+                                                              "heads", "list"])
+def test_hostile_model_config_is_one_line_naming_the_key_before_any_build(tmp_path, config, said, capsys):
+    from launch.cli import main
+    from train.model import build_transformer_meta, check_model_dir
+
+    path = model_dir(tmp_path / "model", config)
+    with pytest.raises(ValueError, match="model.path: .*transformer/config.json: ") as e:
+        check_model_dir(path)
+    assert said in str(e.value) and "\n" not in str(e.value)
+    if isinstance(config, dict):
+        with pytest.raises(ValueError, match="transformer config: "):
+            build_transformer_meta(config)
+    # `plan` and `train` say it as one line and exit 2, before building anything
+    for argv in (["plan", "tiny-cpu", f"model.path={path}"],
+                 ["train", "tiny-cpu", f"model.path={path}", f"run_dir={tmp_path / 'run'}"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and said in err, err
+    assert not (tmp_path / "run").exists()
