@@ -62,7 +62,7 @@ def _check(key: str, value: Any, b: Bound) -> None:
             raise ValueError(f"{key}: expected true/false, got {value!r:.60}")
         return
     if b.kind == "ints":
-        if not isinstance(value, list) or not 1 <= len(value) <= 16:
+        if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= 16:
             raise ValueError(f"{key}: expected a list of 1 to 16 integers, got {value!r:.60}")
         for i, v in enumerate(value):
             _check(f"{key}[{i}]", v, Bound(b.lo, b.hi))
