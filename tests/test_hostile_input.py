@@ -433,3 +433,45 @@ def test_hostile_model_config_is_one_line_naming_the_key_before_any_build(tmp_pa
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and said in err, err
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------- row 8: YAML aliases; row 10: config
+
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("text,alias", [(ALIAS_BOMB, "*a"), ("run_dir: &r [*r]\n", "*r"),
+                                        ("model: &m {path: x}\nsample: *m\n", "*m")],
+                         ids=["bomb", "self", "plain"])
+def test_yaml_aliases_in_configs_are_refused_in_one_line(tmp_path, text, alias, capsys):
+    from launch.cli import main
+    from train.config import load_config
+
+    cfg = tmp_path / "evil.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ValueError, match=f"not valid YAML \\(found the alias \\{alias}: aliases are not allowed"):
+        load_config(cfg)
+    with pytest.raises(SystemExit) as e:
+        main(["describe", str(cfg)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "aliases are not allowed" in err
+
+
+def test_yaml_nested_too_deep_is_one_line(tmp_path):
+    from train.config import load_config
+
+    cfg = tmp_path / "deep.yaml"
+    cfg.write_text("sample:\n  prompts: " + "[" * 5_000 + "]" * 5_000 + "\n")
+    with pytest.raises(ValueError, match="deep.yaml: not valid YAML \\(nested too deep\\)"):
+        load_config(cfg)
+
+
+@pytest.mark.parametrize("key", ["prompts", "cfg_scales"])
+def test_empty_sample_grid_is_a_config_error_at_load(key):
+    from train.config import load_config
+
+    with pytest.raises(ValueError, match=f"sample.{key}: empty"):
+        load_config(None, [f"sample.{key}=[]"])

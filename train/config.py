@@ -400,6 +400,9 @@ class SampleConfig:
         _check_positive("sample.noise_temperature", self.noise_temperature)
         _check_choice("sample.schedule", self.schedule, SCHEDULES)
         _check_positive("sample.shift", self.shift)
+        for key in ("prompts", "cfg_scales"):  # the grid has one row per prompt and one column per scale
+            if not getattr(self, key):
+                raise ValueError(f"sample.{key}: empty; the sample grid needs at least one")
         if self.resolution % 16:
             raise ValueError(f"sample.resolution: must be a multiple of 16, got {self.resolution}")
 
@@ -530,6 +533,29 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader without aliases. An alias shares a node, and our config code copies and walks values as
+    trees: nine levels of `[*a, *a, ...]` expand to billions of items (memory exhausted in seconds) and a
+    self-referencing `&a [*a]` recurses forever. No config needs them, so a `*name` is refused where it stands."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"found the alias *{event.anchor}: aliases are not allowed in configs (write the value "
+                f"out)", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text -> Python values, as every config, override and recorded run config is read: no tags (SafeLoader),
+    no aliases (`ConfigLoader`). Raises yaml.YAMLError; nesting too deep to read raises one as well."""
+    try:
+        return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise yaml.YAMLError("nested too deep") from None
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ValueError(f"override '{item}': expected key=value (e.g. train.max_steps=10)")
@@ -538,7 +564,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not p for p in key.split(".")):
         raise ValueError(f"override '{item}': empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -579,7 +605,7 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ValueError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):

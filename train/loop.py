@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 
 from train.adapters import adapter_groups, apply_adapter, trainable_named_parameters
 from train.checkpoint import MARKER, CheckpointManager, list_checkpoints
-from train.config import JobConfig, dump_config, to_dict
+from train.config import JobConfig, dump_config, load_yaml, to_dict
 from train.data import build_loader, forever
 from train.guard import DivergenceGuard, Streak
 from train.lycoris_format import load_lycoris_lokr
@@ -104,7 +103,7 @@ def _write_resolved_config(cfg: JobConfig, run_dir: Path, step: int) -> None:
     path = run_dir / "config.yaml"
     if not path.exists():
         dump_config(cfg, path)
-    elif yaml.safe_load(path.read_text()) != to_dict(cfg):
+    elif load_yaml(path) != to_dict(cfg):
         # The original stays; a changed resume keeps its own record beside it.
         dump_config(cfg, run_dir / f"config.resumed_step_{step:08d}.yaml")
 
