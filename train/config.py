@@ -556,32 +556,42 @@ def parse_yaml(text: str) -> Any:
         raise yaml.YAMLError("nested too deep") from None
 
 
-def _parse_override(item: str) -> tuple[list[str], Any]:
+def _parse_override(item: str) -> tuple[list[str], str]:
     if "=" not in item:
         raise ValueError(f"override '{item}': expected key=value (e.g. train.max_steps=10)")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key or any(not p for p in key.split(".")):
         raise ValueError(f"override '{item}': empty key")
+    return key.split("."), raw
+
+
+def _override_value(raw: str, tp: Any) -> Any:
+    """The value of `key=raw` for a key of type `tp`. A string key takes `raw` exactly: a path may hold ` #` (a YAML
+    comment), `: ` (a YAML mapping) or look like a number (`0777`), and YAML would silently change each. Only a
+    quoted raw is read as YAML there (`key=""`, `key='a b'`). Other keys read `raw` as YAML: numbers, booleans,
+    [lists], {mappings}."""
+    args = set(typing.get_args(tp)) if typing.get_origin(tp) in (typing.Union, types.UnionType) else {tp}
+    if args - {type(None)} == {str} and raw[:1] not in ("'", '"') and not (raw == "null" and type(None) in args):
+        return raw
     try:
-        value = parse_yaml(raw) if raw.strip() else ""
+        return parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
+        return raw
 
 
 def apply_overrides(data: dict, overrides: list[str], cls: type = JobConfig) -> dict:
-    """Apply `a.b=c` overrides to a nested dict; values are parsed as YAML scalars/lists."""
+    """Apply `a.b=c` overrides to a nested dict: string keys take the text as given, others parse it as YAML."""
     data = _deepcopy(data)
     for item in overrides:
-        parts, value = _parse_override(item)
+        parts, raw = _parse_override(item)
         node, tp = data, cls
         for i, part in enumerate(parts):
             hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
             if part not in hints:
                 raise ValueError(f"unknown config key '{'.'.join(parts[: i + 1])}'")
             if i == len(parts) - 1:
-                node[part] = value
+                node[part] = _override_value(raw, hints[part])
             else:
                 tp = hints[part]
                 if not dataclasses.is_dataclass(tp):
