@@ -475,3 +475,77 @@ def test_empty_sample_grid_is_a_config_error_at_load(key):
 
     with pytest.raises(ValueError, match=f"sample.{key}: empty"):
         load_config(None, [f"sample.{key}=[]"])
+
+
+# ------------------------------------------------------------------------------ row 9: odd paths reach the job whole
+
+ODD = "m #x: 'q' \"d\" é 名"  # a space, ` #` (a YAML comment), `: ` (a YAML mapping), quotes, unicode
+
+
+def test_string_overrides_keep_their_text_exactly():
+    from train.config import load_config
+
+    paths = {"model.path": f"/data/{ODD}", "run_dir": "runs/0777", "data.local": "/d/1.0e3", "eval.suite": "a: b"}
+    cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", [f"{k}={v}" for k, v in paths.items()])
+    assert (cfg.model.path, cfg.run_dir, cfg.data.local, cfg.eval.suite) == tuple(paths.values())
+    # quoting still works, and non-string keys still read YAML
+    cfg = load_config(None, ['sample.negative_prompt="quoted"', "train.max_steps=7", "sample.prompts=[a, b]"])
+    assert (cfg.sample.negative_prompt, cfg.train.max_steps, cfg.sample.prompts) == ("quoted", 7, ["a", "b"])
+
+
+FAKE_SRUN = "#!/bin/bash\nprintf '%s\\0' \"$@\" > \"$FAKE_DIR/srun.argv\"\n"
+FAKE_SCONTROL = """#!/bin/bash
+case "$1 $2" in
+  "show hostnames") echo n1 ;;
+  "show node") echo "   NodeAddr=10.0.0.1 NodeHostName=$3" ;;
+esac
+"""
+
+
+@pytest.mark.timeout(120)
+def test_train_sbatch_hands_odd_paths_to_the_job_exactly(tmp_path):
+    """slurm/train.sbatch with fake srun/scontrol: the argv srun gets is parsed by the job's own config loader."""
+    from launch.cli import _preset
+    from train.config import load_config
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_DIR": str(tmp_path), "SLURM_JOB_ID": "7",
+           "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_NUM_NODES": "1", "SLURM_SUBMIT_DIR": str(tmp_path),
+           "SLURM_JOB_NAME": "d"}
+    values = {"model.path": f"/data/{ODD}", "run_dir": f"/runs/{ODD}", "data.local": f"/mds/{ODD}"}
+    r = subprocess.run(["bash", str(REPO / "slurm" / "train.sbatch"), "configs/tiny-cpu.yaml",
+                        *(f"{k}={v}" for k, v in values.items())], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    argv = (tmp_path / "srun.argv").read_text().split("\0")[:-1]
+    job_args = argv[argv.index("train") + 1 :]  # what `python -m train` receives
+    cfg = load_config(REPO / _preset(job_args[0]), job_args[1:])
+    assert (cfg.model.path, cfg.run_dir, cfg.data.local) == tuple(values.values())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_submit_local_hands_odd_paths_to_the_job_exactly(tmp_path, tiny_model_dir, tiny_data_dir):
+    """A real `dedistill submit --cluster local` (submitit's local executor, launch.torchrun, one training step)
+    with the model, data and run dir under a directory named ODD: the run's recorded config holds them exactly."""
+    import shutil
+
+    odd = tmp_path / ODD
+    shutil.copytree(tiny_model_dir, odd / "model")
+    shutil.copytree(tiny_data_dir, odd / "data")
+    values = {"model.path": str(odd / "model"), "data.local": str(odd / "data"), "run_dir": str(odd / "run")}
+    cmd = [sys.executable, "-m", "launch", "submit", "configs/tiny-cpu.yaml", "--cluster", "local",
+           *(f"{k}={v}" for k, v in values.items()), "train.max_steps=1", "checkpoint.every_steps=1",
+           "sample.at_end=false", "train.progress_bar=false"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=540,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0 and "'finished': True" in r.stdout, (r.stdout + r.stderr)[-4000:]
+    from train.config import load_run_config
+
+    cfg = load_run_config(odd / "run")
+    assert (cfg.model.path, cfg.data.local, cfg.run_dir) == tuple(values.values())
+    assert (odd / "run" / "checkpoints" / "step_00000001" / "COMPLETE").is_file()
