@@ -549,3 +549,24 @@ def test_submit_local_hands_odd_paths_to_the_job_exactly(tmp_path, tiny_model_di
     cfg = load_run_config(odd / "run")
     assert (cfg.model.path, cfg.data.local, cfg.run_dir) == tuple(values.values())
     assert (odd / "run" / "checkpoints" / "step_00000001" / "COMPLETE").is_file()
+
+
+@pytest.mark.timeout(300)
+def test_fid_skips_and_counts_a_corrupt_image(tmp_path, capsys):
+    from evals.assets import write_random_inception
+    from launch.cli import main
+
+    weights = write_random_inception(tmp_path / "inception.safetensors", seed=0)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"ok{i}.png").write_bytes(encode((32, 32), "PNG", i))
+    (folder / "bad.png").write_bytes(encode((32, 32), "PNG", 9)[:60])  # truncated
+    (folder / "bomb.png").write_bytes(png_claiming(60000, 60000))
+    main(["fid", str(folder), str(tmp_path / "s.npz"), "--save-stats", "--weights", str(weights), "--dims", "64",
+          "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert f"fid: skipped 2 unreadable image(s) of {folder} (first: bad.png: " in err
+    from evals.fid import Stats
+
+    assert Stats.load(tmp_path / "s.npz").mu.shape == (64,)
