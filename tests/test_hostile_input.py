@@ -13,6 +13,7 @@ pytest-timeout.
 import io
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -570,3 +571,57 @@ def test_fid_skips_and_counts_a_corrupt_image(tmp_path, capsys):
     from evals.fid import Stats
 
     assert Stats.load(tmp_path / "s.npz").mu.shape == (64,)
+
+
+# ------------------------------------------------------------------ also: a pickle swapped and the manifest re-hashed
+
+
+class _Evil:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _rehash(path: Path) -> None:
+    """What an attacker with write access does after swapping a file: a manifest that matches again."""
+    from train.checkpoint_verify import MARKER, digest
+
+    marker = json.loads((path / MARKER).read_text())
+    marker["files"] = {name: digest(path / name) for name in marker["files"]}
+    (path / MARKER).write_text(json.dumps(marker))
+
+
+@pytest.mark.timeout(120)
+def test_swapped_and_rehashed_pickles_are_refused_by_verify_and_resume_in_one_line(tmp_path):
+    import torch
+
+    from train.checkpoint import CheckpointManager, RefusedFile
+    from train.checkpoint_verify import verify_run
+    from train.config import CheckpointConfig
+
+    pwned = tmp_path / "PWNED"
+    # 1. a per-rank file replaced
+    manager = CheckpointManager(tmp_path / "a", CheckpointConfig(), rank=0)
+    path = manager.save(1, {"model": {"w": torch.arange(4.0)}}, per_rank={"data": None})
+    assert verify_run(tmp_path / "a")[0] == ["step_00000001  ok (size and sha256 of every file)"]
+    torch.save({"rng": _Evil(pwned)}, path / "rank_00000.pt")
+    _rehash(path)
+    lines, newest_bad = verify_run(tmp_path / "a")
+    assert newest_bad and re.match(r"step_00000001  BAD rank_00000.pt: refused by the safe loader: its pickle names "
+                                   r"(posix|os)\.system", lines[0]), lines
+    assert manager.resume_from(log=lambda _: None) == path  # the bytes match the manifest ...
+    with pytest.raises(RefusedFile) as e:  # ... but the load refuses, naming the file, in one line
+        manager.load(path, {"model": {"w": torch.empty(4)}})
+    said = str(e.value)
+    assert "rank_00000.pt refused, nothing loaded" in said and "\n" not in said and "weights_only" not in said
+
+    # 2. a non-tensor DCP entry (the shards hold torch.save pickles of them)
+    manager = CheckpointManager(tmp_path / "b", CheckpointConfig(), rank=0)
+    path = manager.save(1, {"model": {"w": torch.arange(4.0)}, "extra": {"note": _Evil(pwned)}}, per_rank={})
+    lines, newest_bad = verify_run(tmp_path / "b")
+    assert newest_bad and ".distcp (entry extra.note): refused by the safe loader" in lines[0], lines
+    with pytest.raises(RefusedFile, match=r"\.distcp \(entry extra\.note\) refused, nothing loaded"):
+        manager.load(path, {"model": {"w": torch.empty(4)}, "extra": {"note": None}})
+    assert not pwned.exists()

@@ -119,13 +119,36 @@ class SafeReader(dcp.FileSystemReader):
         return metadata
 
 
+class RefusedFile(ValueError):
+    """A checkpoint file holds a pickle the safe loader refuses: said in one line, naming the file."""
+
+    def __init__(self, file: str, reason: str):
+        super().__init__(f"checkpoint file {file} refused, nothing loaded: {reason}")
+        self.file = file
+        self.reason = reason
+
+
+def safe_torch_load(source: str | Path | io.BytesIO, *, name: str) -> Any:
+    """`torch.load(weights_only=True)`; a refusal becomes one line naming `name` and the global the pickle asked for.
+    torch's own message would suggest `weights_only=False`, which here would run whatever the file says."""
+    try:
+        return torch.load(source, weights_only=True)
+    except pickle.UnpicklingError as e:
+        said = re.search(r"GLOBAL (\S+)", str(e))
+        why = (f"its pickle names {said.group(1)}, which no checkpoint holds" if said
+               else f"its pickle is not plain data ({next((ln for ln in str(e).splitlines()[1:] if ln.strip()), '')[:120]})")
+        raise RefusedFile(name, f"{why}; it is not what a save writes (replaced after the save?)") from None
+
+
 class SafeLoadPlanner(DefaultLoadPlanner):
     """DCP's default planner, but non-tensor entries are read with `torch.load(weights_only=True)`."""
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner uses
 
-        obj = torch.load(value, weights_only=True)
+        info = getattr(self, "metadata", None) and self.metadata.storage_data.get(read_item.storage_index)
+        where = f"{info.relative_path} (entry {read_item.dest_index.fqn})" if info else read_item.dest_index.fqn
+        obj = safe_torch_load(value, name=where)
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
@@ -140,7 +163,14 @@ def safe_load(state: dict[str, Any], path: str | Path, *, no_dist: bool = False)
         # state_dict_loader.load). Only that message, only for this call.
         warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized",
                                 category=UserWarning)
-        dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(), no_dist=no_dist)
+        try:
+            dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(), no_dist=no_dist)
+        except CheckpointException as e:  # DCP wraps each rank's error with its traceback: ours is the line to say
+            refused = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
+            refused = [f for f in refused if isinstance(f, RefusedFile)]
+            if refused:
+                raise refused[0] from None
+            raise
 
 
 def read_metadata(path: str | Path):
@@ -436,6 +466,6 @@ class CheckpointManager:
         own = path / rank_file(self.rank)
         if not own.is_file():
             raise ValueError(f"checkpoint '{path}' has no {own.name}: it was written with a different world size")
-        extras = torch.load(own, weights_only=True)
+        extras = safe_torch_load(own, name=str(own))
         set_rng_state(extras["rng"])
         return extras
