@@ -625,3 +625,12 @@ def test_swapped_and_rehashed_pickles_are_refused_by_verify_and_resume_in_one_li
     with pytest.raises(RefusedFile, match=r"\.distcp \(entry extra\.note\) refused, nothing loaded"):
         manager.load(path, {"model": {"w": torch.empty(4)}, "extra": {"note": None}})
     assert not pwned.exists()
+
+
+def test_max_bytes_cli_default_is_the_library_default():
+    from dataset_tools.cli import _bytes
+    from launch.cli import _load_extensions, build_parser
+
+    _load_extensions()
+    args = build_parser().parse_args(["data", "convert", "--source", "s", "--out", "o"])
+    assert _bytes(args.max_bytes, "--max-bytes") == ConvertOptions().max_bytes
