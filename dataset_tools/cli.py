@@ -8,22 +8,25 @@ from __future__ import annotations
 import json
 
 
-def _bytes(text: str) -> int:
+def _bytes(text: str, key: str = "--shard-size") -> int:
     from streaming.base.util import bytes_to_int
 
     try:
         return bytes_to_int(text)
     except ValueError:
-        raise ValueError(f"--shard-size: '{text}' is not a size (e.g. 64mb, 1gb, 67108864)") from None
+        raise ValueError(f"{key}: '{text}' is not a size (e.g. 64mb, 1gb, 67108864)") from None
 
 
 def cmd_convert(a) -> None:
     from dataset_tools.convert import ConvertOptions, convert
 
     opts = ConvertOptions(kind=a.kind, min_size=a.min_size, check=a.check, shard_size=_bytes(a.shard_size),
-                          caption_field=a.caption_field, path_field=a.path_field, key_field=a.key_field)
+                          caption_field=a.caption_field, path_field=a.path_field, key_field=a.key_field,
+                          max_bytes=_bytes(a.max_bytes, "--max-bytes"), max_pixels=a.max_pixels, max_side=a.max_side)
     r = convert(a.source, a.out, opts=opts, workers=a.workers, shard_index=a.shard_index, num_shards=a.num_shards,
                 progress_bar=not a.no_progress)
+    for note in r["notes"]:
+        print(note)
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["skipped_by_reason"].items())) or "none"
     print(f"converted {r['converted']}, skipped {r['skipped']} ({reasons}) in {r['elapsed_s']:.1f} s "
           f"({r['samples_per_s']:.0f} samples/s)")
@@ -121,6 +124,12 @@ def register(subparsers) -> None:
     s.add_argument("--caption-field", default="caption", help="caption key in .json sidecars / manifest rows")
     s.add_argument("--path-field", default="path", help="manifests: image path column")
     s.add_argument("--key-field", default="key", help="manifests: sample key column (default: the path)")
+    s.add_argument("--max-bytes", default="64mb",
+                   help="skip any file, tar member or manifest line larger than this, unread (e.g. 64mb)")
+    s.add_argument("--max-pixels", type=int, default=89_478_485,
+                   help="skip images whose header claims more pixels than this, undecoded")
+    s.add_argument("--max-side", type=int, default=4096,
+                   help="store larger images downscaled to this long side (0: keep every original)")
     _slicing(s)
     s.set_defaults(func=cmd_convert)
 

@@ -17,6 +17,10 @@ re-run skips finished parts, so a killed job resumes by running the same command
 slice merges by itself.
 
 Bad input never stops a conversion: it is skipped, counted by reason (`dataset_tools.report.REASONS`) and listed.
+One boundary, `convert_part`'s loop with `skip_of`, turns any per-sample failure into a counted skip, and every read
+is bounded before it starts: only regular files are opened (never a FIFO or a device), a file, tar member or
+manifest line over `--max-bytes` is never read, and an image header claiming more than `--max-pixels` is never
+decoded. A source that once crashed a conversion therefore converts on the rerun, with that sample counted.
 """
 
 from __future__ import annotations
@@ -29,15 +33,17 @@ import multiprocessing as mp
 import multiprocessing.connection
 import os
 import shutil
+import stat
 import sys
 import tarfile
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from dataset_tools.report import Skip, SkipLog, merge_reports, write_json_atomic
+from dataset_tools.report import Skip, SkipLog, merge_reports, printable, write_json_atomic
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 FORMATS = ("JPEG", "PNG", "WEBP")
@@ -64,6 +70,16 @@ class ConvertOptions:
     """Manifests: the column holding the image path (relative paths are relative to the manifest's directory)."""
     key_field: str = "key"
     """Manifests: the column holding the sample key (missing: the image path is the key)."""
+    max_bytes: int = 1 << 26
+    """Largest file read: an image, a sidecar, a tar member or a manifest line over this many bytes is skipped
+    (`too_large`) without being read (its size is known from stat or the tar header)."""
+    max_pixels: int = 89_478_485
+    """Largest image (width x height, from the header) that is decoded; larger ones are skipped
+    (`too_many_pixels`). The default is Pillow's own warning limit (about 9459 x 9459); Pillow refuses anything
+    over twice that whatever this says."""
+    max_side: int = 4096
+    """Images whose long side is over this are stored downscaled to it (re-encoded in their own format; counted as
+    `resized` in the report), so no later decode costs more than this size; 0 keeps every image's original bytes."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -74,12 +90,19 @@ class ConvertOptions:
             raise ValueError(f"--min-size: must be >= 0, got {self.min_size}")
         if self.shard_size < 1 << 12:
             raise ValueError(f"--shard-size: must be at least 4 KiB, got {self.shard_size}")
+        if self.max_bytes < 1:
+            raise ValueError(f"--max-bytes: must be >= 1, got {self.max_bytes}")
+        if self.max_pixels < 1:
+            raise ValueError(f"--max-pixels: must be >= 1, got {self.max_pixels}")
+        if self.max_side < 0 or 0 < self.max_side < self.min_size:
+            raise ValueError(f"--max-side: must be 0 (keep original sizes) or >= --min-size, got {self.max_side}")
 
 
 # -------------------------------------------------------------------------------------------------------- checks
 
 
-def check_image(data: bytes, *, min_size: int, check: str = "fast") -> tuple[str, int, int]:
+def check_image(data: bytes, *, min_size: int, check: str = "fast",
+                max_pixels: int = 89_478_485) -> tuple[str, int, int]:
     """(format, width, height) of encoded image bytes, or raise Skip. Width/height follow EXIF orientation
     (`train.images.displayed_size`: the size every later stage sees).
 
@@ -96,14 +119,20 @@ def check_image(data: bytes, *, min_size: int, check: str = "fast") -> tuple[str
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and int.from_bytes(data[4:8], "little") + 8 > len(data):
         raise Skip("truncated_image", f"RIFF length {int.from_bytes(data[4:8], 'little') + 8} > {len(data)} bytes")
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # over Pillow's warning limit but within --max-pixels: checked below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise Skip("not_an_image") from None
+    except Image.DecompressionBombError as e:
+        raise Skip("too_many_pixels", str(e)) from None
     except (OSError, SyntaxError, ValueError) as e:  # a recognised header that is broken
         raise Skip("corrupt_image", str(e)) from None
     if img.format not in FORMATS:
         raise Skip("unsupported_format", str(img.format))
     w, h = img.size  # the short side does not change under EXIF rotation
+    if w * h > max_pixels:  # before any pixel is decoded: a 778-byte PNG may claim 60000 x 60000
+        raise Skip("too_many_pixels", f"{w}x{h} > --max-pixels {max_pixels}")
     if min(w, h) < min_size:
         raise Skip("too_small", f"{w}x{h} < {min_size}")
     try:
@@ -136,7 +165,46 @@ def check_caption(raw) -> str:
     text = raw.replace("\0", "").strip()
     if not text:
         raise Skip("empty_caption")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate, e.g. "\udcff" in a JSON manifest
+        raise Skip("undecodable_caption", str(e)) from None
     return text
+
+
+def downscale(data: bytes, fmt: str, max_side: int) -> tuple[bytes, int, int]:
+    """(bytes, width, height) of the image re-encoded in its own format with its long side `max_side`: decoded as
+    every stage decodes it (`train.images.open_rgb`: upright RGB), so the stored pixels are what training sees."""
+    from PIL import Image
+
+    from train.images import open_rgb
+
+    img = open_rgb(data)
+    scale = max_side / max(img.size)
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    img = img.resize(size, Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+    return buf.getvalue(), img.width, img.height
+
+
+def skip_of(e: Exception) -> Skip:
+    """The one place that names a per-sample failure: any exception reading or checking a sample becomes a Skip."""
+    from PIL import Image
+
+    if isinstance(e, Skip):
+        return e
+    if isinstance(e, Image.DecompressionBombError):
+        return Skip("too_many_pixels", str(e))
+    if isinstance(e, UnicodeError):
+        return Skip("bad_key", f"{type(e).__name__}: {e}")
+    if isinstance(e, MemoryError):
+        return Skip("too_large", "out of memory reading it")
+    if isinstance(e, FileNotFoundError):
+        return Skip("missing_file")
+    if isinstance(e, OSError):
+        return Skip("corrupt_image", f"unreadable: {e}")
+    return Skip("unexpected_error", f"{type(e).__name__}: {e}")
 
 
 def caption_from_json(raw: bytes | str, field: str) -> tuple[object, dict]:
@@ -145,6 +213,8 @@ def caption_from_json(raw: bytes | str, field: str) -> tuple[object, dict]:
         obj = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise Skip("undecodable_caption", f"json: {e}") from None
+    except RecursionError:
+        raise Skip("undecodable_caption", "json: nested too deep") from None
     if not isinstance(obj, dict):
         return None, {"value": obj}
     return obj.get(field), {k: v for k, v in obj.items() if k != field}
@@ -187,9 +257,36 @@ def detect_kind(source: Path) -> str:
     raise ValueError(f"--source: '{source}' does not exist")
 
 
-def _read(path: Path) -> bytes:
-    with open(path, "rb") as fh:
-        return fh.read()
+_FILE_TYPES = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def _file_type(mode: int) -> str:
+    return next((name for test, name in _FILE_TYPES if test(mode)), "not a regular file")
+
+
+def read_bounded(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`, or raise Skip. The type and size come from stat before
+    anything is opened (a symlink to /dev/zero is a character device; a FIFO is never opened, as opening one
+    blocks), and the open is non-blocking with a second check on the open descriptor, so a file swapped for a FIFO
+    in between cannot hang the read."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise Skip("missing_file") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise Skip("not_a_regular_file", _file_type(st.st_mode))
+    if st.st_size > max_bytes:
+        raise Skip("too_large", f"{st.st_size:,} bytes > --max-bytes {max_bytes:,}")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise Skip("not_a_regular_file", _file_type(st.st_mode))
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:  # grew after the stat
+        raise Skip("too_large", f"over --max-bytes {max_bytes:,} bytes")
+    return data
 
 
 def iter_folder(root: Path, opts: ConvertOptions, mine: Callable[[str], bool]) -> Iterator[RawSample]:
@@ -214,21 +311,24 @@ def iter_folder(root: Path, opts: ConvertOptions, mine: Callable[[str], bool]) -
             caption, attributes, caption_error = None, {}, None
             try:
                 if ".json" in exts:
-                    caption, attributes = caption_from_json(_read(base.with_name(stem + ".json")), opts.caption_field)
+                    sidecar = read_bounded(base.with_name(stem + ".json"), opts.max_bytes)
+                    caption, attributes = caption_from_json(sidecar, opts.caption_field)
                 if ".txt" in exts:
-                    caption = _read(base.with_name(stem + ".txt"))
+                    caption = read_bounded(base.with_name(stem + ".txt"), opts.max_bytes)
             except Skip as e:
                 caption_error = e
             except OSError as e:
                 caption_error = Skip("undecodable_caption", f"unreadable sidecar: {e}")
+            except Exception as e:
+                caption_error = skip_of(e)
             for ext in images:
                 path = base.with_name(stem + ext)
                 sample = RawSample(key, str(path), caption=caption, attributes=attributes, error=caption_error)
                 if sample.error is None:
                     try:
-                        sample.image = _read(path)
-                    except OSError as e:
-                        sample.error = Skip("corrupt_image", f"unreadable: {e}")
+                        sample.image = read_bounded(path, opts.max_bytes)
+                    except Exception as e:
+                        sample.error = skip_of(e)
                 yield sample
 
 
@@ -269,9 +369,17 @@ def iter_tar(path: Path, opts: ConvertOptions, log: SkipLog) -> Iterator[RawSamp
     try:
         with tarfile.open(path, mode="r|*") as tf:
             for m in tf:
-                if not m.isfile():
+                if m.isdir():
                     continue
                 key, ext = _split_member(m.name)
+                if not m.isfile():  # a symlink, hard link, device or FIFO member: never followed or extracted
+                    kind = "a link" if m.issym() or m.islnk() else "a device or FIFO"
+                    yield RawSample(key, f"{path}:{m.name}", error=Skip("not_a_regular_file", f"member is {kind}"))
+                    continue
+                if m.size > opts.max_bytes:  # from the header: the stream skips the data without keeping it
+                    yield RawSample(key, f"{path}:{m.name}",
+                                    error=Skip("too_large", f"{m.size:,} bytes > --max-bytes {opts.max_bytes:,}"))
+                    continue
                 data = tf.extractfile(m).read()
                 if key != current:
                     if current is not None:
@@ -290,7 +398,10 @@ def _manifest_rows(path: Path, opts: ConvertOptions) -> Iterator[tuple[int, dict
     """(row number, row dict or None when unparseable, error detail)."""
     if path.suffix == ".jsonl":
         with open(path, "rb") as fh:
-            for i, line in enumerate(fh):
+            for i, line in enumerate(_bounded_lines(fh, opts.max_bytes)):
+                if line is None:
+                    yield i, None, f"line over --max-bytes {opts.max_bytes:,}"
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -298,16 +409,78 @@ def _manifest_rows(path: Path, opts: ConvertOptions) -> Iterator[tuple[int, dict
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
                     yield i, None, f"not JSON: {e}"
                     continue
+                except RecursionError:
+                    yield i, None, "JSON nested too deep"
+                    continue
                 yield (i, row, "") if isinstance(row, dict) else (i, None, "not a JSON object")
     else:
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(path)
+        keep, as_text, _ = parquet_columns(pf.schema_arrow, opts)
         i = 0
-        for batch in pf.iter_batches(batch_size=4096):
+        for batch in pf.iter_batches(batch_size=4096, columns=keep):
+            for name in as_text:
+                batch = batch.set_column(batch.schema.get_field_index(name), name, batch.column(name).cast("string"))
             for row in batch.to_pylist():
                 yield i, row, ""
                 i += 1
+
+
+def _bounded_lines(fh, limit: int) -> Iterator[bytes | None]:
+    """The lines of a binary file, each read with at most `limit` + 1 bytes in memory; None for a longer line (the
+    rest of which is read through and dropped), so a manifest without newlines cannot be read whole."""
+    while True:
+        line = fh.readline(limit + 1)
+        if not line:
+            return
+        if len(line) > limit and not line.endswith(b"\n"):
+            while (rest := fh.readline(1 << 20)) and not rest.endswith(b"\n"):
+                pass
+            yield None
+        else:
+            yield line
+
+
+def parquet_columns(schema, opts: ConvertOptions) -> tuple[list[str], list[str], list[str]]:
+    """(columns to read, columns read as text, columns dropped) of a parquet manifest. Extra columns become the JSON
+    `attributes`: dates, times, durations and decimals are kept as their text; binary columns, and nested columns
+    holding binary or dates, cannot be JSON and are dropped. `convert` prints one line naming both."""
+    import pyarrow as pa
+
+    def has(t, test) -> bool:
+        return test(t) or any(has(t.field(k).type, test) for k in range(getattr(t, "num_fields", 0)))
+
+    def binary(t) -> bool:
+        return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
+
+    def textual(t) -> bool:
+        return pa.types.is_temporal(t) or pa.types.is_decimal(t)
+
+    own = {opts.path_field, opts.caption_field, opts.key_field}
+    keep, as_text, dropped = [], [], []
+    for f in schema:
+        if f.name in own:
+            keep.append(f.name)
+        elif has(f.type, binary) or (has(f.type, textual) and not textual(f.type)):
+            dropped.append(f.name)
+        else:
+            keep.append(f.name)
+            if textual(f.type):
+                as_text.append(f.name)
+    return keep, as_text, dropped
+
+
+def manifest_note(source: Path, opts: ConvertOptions) -> str:
+    """The line `convert` prints about a parquet manifest's extra columns that are not JSON types ("" if none)."""
+    if source.suffix != ".parquet":
+        return ""
+    import pyarrow.parquet as pq
+
+    _, as_text, dropped = parquet_columns(pq.read_schema(source), opts)
+    said = ([f"kept as text: {', '.join(as_text)}"] if as_text else []) + (
+        [f"dropped (binary or nested): {', '.join(dropped)}"] if dropped else [])
+    return f"{source.name}: extra columns {'; '.join(said)}" if said else ""
 
 
 def iter_manifest(path: Path, opts: ConvertOptions, mine: Callable[[str], bool]) -> Iterator[RawSample]:
@@ -331,11 +504,9 @@ def iter_manifest(path: Path, opts: ConvertOptions, mine: Callable[[str], bool])
             attributes={k: v for k, v in row.items() if k not in (opts.path_field, opts.caption_field, opts.key_field)},
         )
         try:
-            sample.image = _read(file)
-        except FileNotFoundError:
-            sample.error = Skip("missing_file")
-        except OSError as e:
-            sample.error = Skip("corrupt_image", f"unreadable: {e}")
+            sample.image = read_bounded(file, opts.max_bytes)
+        except Exception as e:
+            sample.error = skip_of(e)
         yield sample
 
 
@@ -396,21 +567,21 @@ def convert_part(
     pending = 0
     with MDSWriter(out=str(part), columns=COLUMNS, size_limit=opts.shard_size) as writer:
         for s in samples:
+            # The boundary: whatever goes wrong with this one sample (a check, a decode, an encoding, a bug) is
+            # a counted skip; errors of the output (a full disk in writer.write) still stop the conversion.
             try:
-                if s.error is not None:
-                    raise s.error
-                caption = check_caption(s.caption)
-                _, w, h = check_image(s.image, min_size=opts.min_size, check=opts.check)
+                row = checked_row(s, opts)
                 if s.key in seen:
                     raise Skip("duplicate_key")
-            except Skip as e:
+            except Exception as e:
+                e = skip_of(e)
                 log.skip(e.reason, key=s.key, file=s.file, detail=e.detail)
             else:
                 seen.add(s.key)
-                writer.write({"image": s.image, "caption": caption, "width": w, "height": h, "key": s.key,
-                              "attributes": s.attributes or {}})
+                writer.write(row)
                 log.converted += 1
-                log.image_bytes += len(s.image)
+                log.resized += row["image"] is not s.image
+                log.image_bytes += len(row["image"])
             pending += 1
             if progress is not None and pending >= 64:
                 progress(pending)
@@ -422,6 +593,27 @@ def convert_part(
     rep = {**log.summary(), "elapsed_s": round(elapsed, 3), "settings": settings}
     write_json_atomic(done, rep)
     return rep
+
+
+def checked_row(s: RawSample, opts: ConvertOptions) -> dict:
+    """The MDS row of a sample, or raise: every check a sample passes before it is written, in the documented order
+    (the source's own error, caption, image, key, attributes)."""
+    if s.error is not None:
+        raise s.error
+    caption = check_caption(s.caption)
+    fmt, w, h = check_image(s.image, min_size=opts.min_size, check=opts.check, max_pixels=opts.max_pixels)
+    try:
+        s.key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Skip("bad_key", printable(s.key)) from None
+    try:
+        json.dumps(s.attributes or {}, ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as e:  # UnicodeEncodeError is a ValueError
+        raise Skip("bad_attributes", f"{type(e).__name__}: {e}") from None
+    image = s.image
+    if opts.max_side and max(w, h) > opts.max_side:
+        image, w, h = downscale(image, fmt, opts.max_side)
+    return {"image": image, "caption": caption, "width": w, "height": h, "key": s.key, "attributes": s.attributes or {}}
 
 
 def _worker_context():
@@ -488,6 +680,7 @@ def convert(
         raise ValueError(f"--out: '{out}' is inside the source '{source}'")
     out.mkdir(parents=True, exist_ok=True)
 
+    note = manifest_note(source, opts) if kind == "manifest" else ""
     settings = _settings(source, kind, opts, num_shards, workers)
     for done in sorted(out.glob(f"part-{shard_index:05d}-*/report.json")):
         old = json.loads(done.read_text()).get("settings", {})
@@ -540,7 +733,8 @@ def convert(
         raise ValueError(f"nothing converted from '{source}' ({detail}); see {out}/part-*/skipped.jsonl")
     result = {"converted": converted, "skipped": skipped, "skipped_by_reason": by_reason,
               "elapsed_s": round(elapsed, 3), "samples_per_s": round((converted + skipped) / max(elapsed, 1e-9), 1),
-              "parts": [part_name(shard_index, j) for j in range(workers)], "merged": False}
+              "parts": [part_name(shard_index, j) for j in range(workers)], "merged": False,
+              "notes": [note] if note else []}
     if num_shards == 1:
         merge(out)
         result["merged"] = True

@@ -29,6 +29,12 @@ REASONS: dict[str, str] = {
     "missing_file": "a manifest row names an image file that does not exist",
     "bad_row": "a manifest row that is not a JSON object / lacks the path column",
     "bad_archive": "a tar file that ends early or does not parse (the samples before the damage are kept)",
+    "too_large": "the file (or tar member, or manifest line) is over --max-bytes; checked before reading it",
+    "too_many_pixels": "the image header claims more pixels than --max-pixels (a decompression bomb)",
+    "not_a_regular_file": "a FIFO, device, socket or directory where a file was expected, or a link/device tar member",
+    "bad_key": "the key or file name is not valid UTF-8 (e.g. a name holding the byte 0xFF)",
+    "bad_attributes": "the extra fields cannot be stored as JSON",
+    "unexpected_error": "any other error while reading or checking this one sample (the detail names it)",
 }
 
 # report.json lists skipped samples inline up to this many; every part's skipped.jsonl has them all.
@@ -53,6 +59,8 @@ class SkipLog:
     """Where skipped entries go (one JSON object a line); None keeps nothing but the counts."""
     converted: int = 0
     image_bytes: int = 0
+    resized: int = 0
+    """Converted samples re-encoded smaller (over --max-side), included in `converted`."""
     by_reason: Counter = field(default_factory=Counter)
     _fh: Any = None
 
@@ -62,9 +70,9 @@ class SkipLog:
         if self.path is not None:
             if self._fh is None:
                 self._fh = open(self.path, "a", encoding="utf-8")
-            entry = {"key": key, "file": file, "reason": reason}
+            entry = {"key": printable(key), "file": printable(file), "reason": reason}
             if detail:
-                entry["detail"] = detail[:300]
+                entry["detail"] = printable(detail[:300])
             self._fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
     @property
@@ -82,13 +90,20 @@ class SkipLog:
             "skipped": self.skipped,
             "skipped_by_reason": dict(sorted(self.by_reason.items())),
             "image_bytes": self.image_bytes,
+            "resized": self.resized,
         }
+
+
+def printable(text: str) -> str:
+    """`text` as valid UTF-8: an undecodable byte in a file name (a lone surrogate in Python) becomes `\\udcff`, so
+    the skip list itself cannot fail to write."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON via a temp file + rename: a reader never sees half a file (report.json marks completion)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", errors="backslashreplace")
     os.replace(tmp, path)
 
 
@@ -107,7 +122,7 @@ def read_skipped(path: Path, limit: int | None = None) -> list[dict]:
 def merge_reports(root: Path, parts: list[Path], *, extra: dict | None = None) -> dict:
     """Sum the parts' report.json files into root/report.json (format: docs/data.md) and return it."""
     total = Counter()
-    converted = image_bytes = 0
+    converted = image_bytes = resized = 0
     listed: list[dict] = []
     per_part = []
     elapsed = 0.0
@@ -115,6 +130,7 @@ def merge_reports(root: Path, parts: list[Path], *, extra: dict | None = None) -
         rep = json.loads((part / "report.json").read_text())
         converted += rep["converted"]
         image_bytes += rep.get("image_bytes", 0)
+        resized += rep.get("resized", 0)
         total.update(rep["skipped_by_reason"])
         elapsed = max(elapsed, rep.get("elapsed_s", 0.0))
         per_part.append({"dir": part.name, "converted": rep["converted"], "skipped": rep["skipped"]})
@@ -128,6 +144,7 @@ def merge_reports(root: Path, parts: list[Path], *, extra: dict | None = None) -
         "skipped": n_skipped,
         "skipped_by_reason": dict(sorted(total.items())),
         "image_bytes": image_bytes,
+        "resized": resized,
         "skipped_samples": listed,
         "skipped_samples_truncated": n_skipped > len(listed),
         "parts": per_part,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,19 +125,39 @@ def count_images(path: Path, *, key: str = "fid.reference") -> int:
 
 
 def iter_images(
-    path: Path, *, limit: int = 0, image_key: str = "image", key: str = "fid.reference"
+    path: Path, *, limit: int = 0, image_key: str = "image", key: str = "fid.reference",
+    skipped: list[tuple[str, str]] | None = None,
 ) -> Iterator[Image.Image]:
-    """The first `limit` images (0 = all) of a folder (sorted by name) or an MDS dataset (in index order), as RGB."""
+    """The first `limit` images (0 = all) of a folder (sorted by name) or an MDS dataset (in index order), as RGB.
+
+    An image that does not decode (corrupt, truncated, a decompression bomb) is skipped and appended to `skipped`
+    as (name, reason), as `data convert` counts its bad samples; `say_skipped` prints them in one line."""
+    skipped = [] if skipped is None else skipped
     kind = source_kind(path, key=key)
     n = count_images(path, key=key)
     n = min(n, limit) if limit > 0 else n
     if kind == "folder":
-        for p in list_images(path)[:n]:
-            yield open_rgb(p)  # EXIF-upright, 16-bit and alpha handled as everywhere (train.images)
+        items = ((p.name, lambda p=p: open_rgb(p)) for p in list_images(path)[:n])  # EXIF-upright, as everywhere
     else:
         ds = open_mds(path)
-        for i in range(n):
-            yield mds_image(ds[i], image_key, key=key)
+        items = ((f"#{i}", lambda i=i: mds_image(ds[i], image_key, key=key)) for i in range(n))
+    for name, load in items:
+        try:
+            img = load()
+        except Exception as e:  # Pillow raises OSError, SyntaxError, DecompressionBombError, ... on bad bytes
+            if isinstance(e, ValueError) and str(e).startswith(f"{key}: "):  # about the source (a missing column)
+                raise
+            skipped.append((name, f"{type(e).__name__}: {str(e)[:200]}"))
+            continue
+        yield img
+
+
+def say_skipped(skipped: list[tuple[str, str]], source: str | Path) -> None:
+    """One line on stderr naming how many images of `source` were skipped, and the first one."""
+    if skipped:
+        name, reason = skipped[0]
+        print(f"[dedistill] fid: skipped {len(skipped)} unreadable image(s) of {source} (first: {name}: {reason})",
+              file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------- features
@@ -226,9 +247,11 @@ def reference_stats(
     path = cache / f"{source.name}-{n}-d{dims}-{digest}.npz"
     if path.is_file():
         return Stats.load(path)
-    images = iter_images(source, limit=n, image_key=image_key, key=key)
+    skipped: list[tuple[str, str]] = []
+    images = iter_images(source, limit=n, image_key=image_key, key=key, skipped=skipped)
     stats = stats_of_images(model, images, dims=dims, batch_size=batch_size, resize_to=resize_to,
                             progress=f"fid reference ({source.name})", total=n)
+    say_skipped(skipped, source)
     cache.mkdir(parents=True, exist_ok=True)
     stats.save(path, **ident)
     return stats
@@ -265,8 +288,11 @@ def cmd_fid(a) -> None:
         kind = source_kind(p, key=which)
         if kind == "npz":
             return Stats.load(Path(p))
-        return stats_of_images(model, iter_images(Path(p), image_key=a.image_key, key=which),
-                               dims=a.dims, batch_size=a.batch_size)
+        skipped: list[tuple[str, str]] = []
+        stats = stats_of_images(model, iter_images(Path(p), image_key=a.image_key, key=which, skipped=skipped),
+                                dims=a.dims, batch_size=a.batch_size)
+        say_skipped(skipped, p)
+        return stats
 
     first = stats_of(a.path[0], "IMAGES_A")
     if a.save_stats:

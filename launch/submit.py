@@ -2,8 +2,11 @@
 
 The job is what slurm/train.sbatch does, in Python: one task per node, each running `python -m launch.torchrun`
 (torchrun whose agent ignores USR1/TERM) over the same config, c10d rendezvous on the first node's NodeAddr.
-Everything is passed as argument lists (submitit pickles `TrainJob`; no shell line is built from user input), and
-every path in the config is made absolute first, so the job does not depend on the submitting directory.
+Everything is passed as argument lists (submitit pickles `TrainJob`; no shell line is built from user input). The
+job receives exactly the config that was checked here: it is resolved (preset, overrides, every path made absolute,
+so the job does not depend on the submitting directory), validated, and written to
+`<run_dir>/submitit/job-config-<time>.yaml`, which the job loads with no overrides. Nothing is re-parsed from text on
+the way, so a value such as `model.path=/data/m #x` reaches the job whole.
 
 Requeue, one mechanism per signal:
 - USR1 (time limit near, `--signal=USR1@grace`): submitit calls `TrainJob.checkpoint()` in the task of global rank 0.
@@ -164,14 +167,13 @@ class TrainJob:
         return submitit.helpers.DelayedSubmission(fresh)
 
 
-def resolve_job(config: str, overrides: list[str]) -> tuple[str, list[str], object]:
-    """Validate the config here (errors before anything is queued) and pin its paths as absolute overrides."""
+def resolve_job(config: str, overrides: list[str]):
+    """The job's config, resolved with absolute paths and validated here (errors before anything is queued)."""
     from launch.cli import _preset, absolutize_paths
     from train.config import load_config
     from train.model import check_model_dir
 
-    path = _preset(config).resolve()
-    cfg = load_config(path, overrides)
+    cfg = load_config(_preset(config).resolve(), overrides)
     absolutize_paths(cfg)
     check_model_dir(cfg.model.path)
     if cfg.eval.every_steps > 0:  # an eval that could never run fails here, not hours into the job
@@ -180,12 +182,21 @@ def resolve_job(config: str, overrides: list[str]) -> tuple[str, list[str], obje
         check_suite_for_run(cfg)
     if _CONTROL.search(cfg.run_dir):
         raise ValueError(f"run_dir: {cfg.run_dir!r} contains a control character (newline, tab, ...)")
-    pinned_keys = ("model.path=", "run_dir=", "data.local=")
-    pinned = [o for o in overrides if not o.startswith(pinned_keys)]
-    pinned += [f"model.path={cfg.model.path}", f"run_dir={cfg.run_dir}"]
-    if cfg.data.local:
-        pinned.append(f"data.local={cfg.data.local}")
-    return str(path), pinned, cfg
+    return cfg
+
+
+def write_job_config(cfg) -> Path:
+    """The resolved config, written where the job reads it (a new file per submission: a requeued job keeps reading
+    its own, whatever is submitted later)."""
+    from train.config import dump_config
+
+    folder = Path(cfg.run_dir) / "submitit"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"job-config-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.yaml"
+    tmp = path.with_name(path.name + ".tmp")
+    dump_config(cfg, tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def _sbatch_extra(items: list[str]) -> dict:
@@ -215,7 +226,7 @@ def submit_training(config: str, overrides: list[str], opts: SubmitOptions):
     <run_dir>/submitit/<job id>_* locally)."""
     submitit = _import_submitit()
 
-    config_path, pinned, cfg = resolve_job(config, overrides)
+    cfg = resolve_job(config, overrides)
     cluster = opts.cluster or ("slurm" if shutil.which("sbatch") else "local")
     if cluster != "slurm" and opts.nodes > 1:
         raise ValueError(f"--nodes: {opts.nodes} nodes need SLURM (no sbatch on PATH; the local executor runs 1 node)")
@@ -242,7 +253,7 @@ def submit_training(config: str, overrides: list[str], opts: SubmitOptions):
             if getattr(opts, key):
                 params[f"slurm_{key}"] = getattr(opts, key)
     executor.update_parameters(**params)
-    train_job = TrainJob(config_path, pinned, nproc_per_node=opts.procs_per_node, run_dir=cfg.run_dir,
+    train_job = TrainJob(str(write_job_config(cfg)), [], nproc_per_node=opts.procs_per_node, run_dir=cfg.run_dir,
                          max_steps=cfg.train.max_steps)
     if cluster != "slurm":
         return executor.submit(train_job), cfg, cluster

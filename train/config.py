@@ -402,6 +402,9 @@ class SampleConfig:
         _check_positive("sample.noise_temperature", self.noise_temperature)
         _check_choice("sample.schedule", self.schedule, SCHEDULES)
         _check_positive("sample.shift", self.shift)
+        for key in ("prompts", "cfg_scales"):  # the grid has one row per prompt and one column per scale
+            if not getattr(self, key):
+                raise ValueError(f"sample.{key}: empty; the sample grid needs at least one")
         if self.resolution % 16:
             raise ValueError(f"sample.resolution: must be a multiple of 16, got {self.resolution}")
 
@@ -532,32 +535,65 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def _parse_override(item: str) -> tuple[list[str], Any]:
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader without aliases. An alias shares a node, and our config code copies and walks values as
+    trees: nine levels of `[*a, *a, ...]` expand to billions of items (memory exhausted in seconds) and a
+    self-referencing `&a [*a]` recurses forever. No config needs them, so a `*name` is refused where it stands."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"found the alias *{event.anchor}: aliases are not allowed in configs (write the value "
+                f"out)", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text -> Python values, as every config, override and recorded run config is read: no tags (SafeLoader),
+    no aliases (`ConfigLoader`). Raises yaml.YAMLError; nesting too deep to read raises one as well."""
+    try:
+        return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise yaml.YAMLError("nested too deep") from None
+
+
+def _parse_override(item: str) -> tuple[list[str], str]:
     if "=" not in item:
         raise ValueError(f"override '{item}': expected key=value (e.g. train.max_steps=10)")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key or any(not p for p in key.split(".")):
         raise ValueError(f"override '{item}': empty key")
+    return key.split("."), raw
+
+
+def _override_value(raw: str, tp: Any) -> Any:
+    """The value of `key=raw` for a key of type `tp`. A string key takes `raw` exactly: a path may hold ` #` (a YAML
+    comment), `: ` (a YAML mapping) or look like a number (`0777`), and YAML would silently change each. Only a
+    quoted raw is read as YAML there (`key=""`, `key='a b'`). Other keys read `raw` as YAML: numbers, booleans,
+    [lists], {mappings}."""
+    args = set(typing.get_args(tp)) if typing.get_origin(tp) in (typing.Union, types.UnionType) else {tp}
+    if args - {type(None)} == {str} and raw[:1] not in ("'", '"') and not (raw == "null" and type(None) in args):
+        return raw
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        return parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
+        return raw
 
 
 def apply_overrides(data: dict, overrides: list[str], cls: type = JobConfig) -> dict:
-    """Apply `a.b=c` overrides to a nested dict; values are parsed as YAML scalars/lists."""
+    """Apply `a.b=c` overrides to a nested dict: string keys take the text as given, others parse it as YAML."""
     data = _deepcopy(data)
     for item in overrides:
-        parts, value = _parse_override(item)
+        parts, raw = _parse_override(item)
         node, tp = data, cls
         for i, part in enumerate(parts):
             hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
             if part not in hints:
                 raise ValueError(f"unknown config key '{'.'.join(parts[: i + 1])}'")
             if i == len(parts) - 1:
-                node[part] = value
+                node[part] = _override_value(raw, hints[part])
             else:
                 tp = hints[part]
                 if not dataclasses.is_dataclass(tp):
@@ -581,7 +617,7 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ValueError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):

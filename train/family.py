@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from train.model_schema import check_transformer_config
+
 VelocityCall = Callable[..., torch.Tensor]
 
 
@@ -165,9 +167,12 @@ def family_of_dir(path: str | Path, *, key: str = "model.path") -> ModelFamily:
     if not f.is_file():
         raise ValueError(f"{key}: '{path}' has no transformer/config.json (expected a diffusers-format pipeline)")
     try:
-        name = json.loads(f.read_text()).get("_class_name", "")
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{key}: {f} is not valid JSON ({e})") from None
+        config = check_transformer_config(json.loads(f.read_text()), where=f"{key}: {f}")
+    except (json.JSONDecodeError, RecursionError, UnicodeDecodeError) as e:
+        raise ValueError(f"{key}: {f} is not valid JSON ({type(e).__name__}: {str(e)[:120]})") from None
+    name = config.get("_class_name", "")
+    if not isinstance(name, str):
+        raise ValueError(f"{key}: {f}: _class_name: expected a class name, got {name!r:.60}")
     return family_of_class(name, where=f"{key}: {f}")
 
 

@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from train.family import family_of_class, family_of_dir, family_of_model
+from train.model_schema import check_transformer_config
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -58,6 +59,7 @@ def load_safetensors_dir(folder: Path, dtype: torch.dtype) -> dict[str, torch.Te
 def build_transformer_meta(config: dict):
     """The transformer of `config`'s family (its `_class_name`; FLUX when absent) with every parameter on the meta
     device (no memory, no init)."""
+    check_transformer_config(config, where="transformer config")
     family = family_of_class(config.get("_class_name", "FluxTransformer2DModel"))
     with torch.device("meta"):
         model = family.transformer_cls().from_config(config)

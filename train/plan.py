@@ -43,6 +43,7 @@ import torch
 
 from train.config import JobConfig
 from train.mfu import FlopsModel
+from train.model_schema import check_transformer_config
 
 GiB = 2**30
 REPO = Path(__file__).resolve().parents[1]
@@ -182,7 +183,7 @@ def transformer_config(cfg: JobConfig) -> tuple[dict, str]:
         source = str(path)
     else:
         path, source = FLUX1_SCHNELL_CONFIG, f"{FLUX1_SCHNELL_CONFIG.relative_to(REPO)} (model.path not readable)"
-    config = json.loads(path.read_text())
+    config = check_transformer_config(json.loads(path.read_text()), where=source)
     return {k: v for k, v in config.items() if not k.startswith("_")}, source
 
 

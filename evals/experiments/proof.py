@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.config import from_dict, load_yaml, to_dict
+from train.config import from_dict, load_yaml, parse_yaml, to_dict
 from train.run_dir import RunDir
 
 
@@ -219,7 +219,7 @@ def load_proof_config(path: str | None, *, smoke: bool = False, overrides: list[
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = __import__("yaml").safe_load(value)
+        node[leaf] = parse_yaml(value)
     cfg = from_dict(ProofConfig, data)
     if smoke:
         cfg.out_dir = cfg.out_dir.rstrip("/") + SMOKE_SUFFIX

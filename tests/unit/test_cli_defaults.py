@@ -54,7 +54,7 @@ def _pairs():
     pairs = [("data convert", "workers", convert_fn["workers"]), ("data convert", "shard_index", convert_fn["shard_index"]),
              ("data convert", "num_shards", convert_fn["num_shards"])]
     pairs += [("data convert", k, conv_opts[k]) for k in ("kind", "min_size", "check", "caption_field", "path_field",
-                                                          "key_field")]
+                                                          "key_field", "max_pixels", "max_side")]
     for cmd, fn in (("data bucket", bucket_dataset), ("data precompute", precompute)):
         d = _fn_defaults(fn)
         pairs += [(cmd, "shard_index", d["shard_index"]), (cmd, "num_shards", d["num_shards"])]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import pickle
 import random
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._traverse import set_element  # what DefaultLoadPlanner uses
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
@@ -89,11 +91,34 @@ class SafeReader(dcp.FileSystemReader):
         return metadata
 
 
+class RefusedFile(ValueError):
+    """A checkpoint file holds a pickle the safe loader refuses: said in one line, naming the file."""
+
+    def __init__(self, file: str, reason: str):
+        super().__init__(f"checkpoint file {file} refused, nothing loaded: {reason}")
+        self.file = file
+        self.reason = reason
+
+
+def safe_torch_load(source: str | Path | io.BytesIO, *, name: str) -> Any:
+    """`torch.load(weights_only=True)`; a refusal becomes one line naming `name` and the global the pickle asked for.
+    torch's own message would suggest `weights_only=False`, which here would run whatever the file says."""
+    try:
+        return torch.load(source, weights_only=True)
+    except pickle.UnpicklingError as e:
+        said = re.search(r"GLOBAL (\S+)", str(e))
+        why = (f"its pickle names {said.group(1)}, which no checkpoint holds" if said
+               else f"its pickle is not plain data ({next((ln for ln in str(e).splitlines()[1:] if ln.strip()), '')[:120]})")
+        raise RefusedFile(name, f"{why}; it is not what a save writes (replaced after the save?)") from None
+
+
 class SafeLoadPlanner(DefaultLoadPlanner):
     """DCP's default planner, but non-tensor entries are read with `torch.load(weights_only=True)`."""
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        obj = torch.load(value, weights_only=True)
+        info = getattr(self, "metadata", None) and self.metadata.storage_data.get(read_item.storage_index)
+        where = f"{info.relative_path} (entry {read_item.dest_index.fqn})" if info else read_item.dest_index.fqn
+        obj = safe_torch_load(value, name=where)
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
@@ -108,7 +133,14 @@ def safe_load(state: dict[str, Any], path: str | Path, *, no_dist: bool = False)
         # state_dict_loader.load). Only that message, only for this call.
         warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized",
                                 category=UserWarning)
-        dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(), no_dist=no_dist)
+        try:
+            dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(), no_dist=no_dist)
+        except CheckpointException as e:  # DCP wraps each rank's error with its traceback: ours is the line to say
+            refused = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
+            refused = [f for f in refused if isinstance(f, RefusedFile)]
+            if refused:
+                raise refused[0] from None
+            raise
 
 
 def read_metadata(path: str | Path):

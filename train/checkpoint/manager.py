@@ -36,7 +36,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 import train.checkpoint.verify as verify
 from train.checkpoint.format import (
-    MARKER, is_complete, latest_checkpoint, list_checkpoints, rank_file, rng_state, safe_load, set_rng_state,
+    MARKER, is_complete, latest_checkpoint, list_checkpoints, rank_file, rng_state, safe_load, safe_torch_load,
+    set_rng_state,
 )
 from train.config import CheckpointConfig
 from train.optim import EMA
@@ -323,7 +324,7 @@ class CheckpointStore:
         own = path / rank_file(self.rank)
         if not own.is_file():
             raise ValueError(f"checkpoint '{path}' has no {own.name}: it was written with a different world size")
-        extras = torch.load(own, weights_only=True)
+        extras = safe_torch_load(own, name=str(own))
         set_rng_state(extras["rng"])
         return extras
 

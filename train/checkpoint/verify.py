@@ -12,6 +12,10 @@ gathers them). A check names one file and why, in one line:
    exists and holds the byte ranges it names, and every `rank_<r>.pt` of the world that wrote it exists. Checkpoints
    written before manifests existed get only these checks (their rank files are also loaded): a truncated or missing
    file is found, a flipped byte inside a shard is not, and `verify` says so.
+4. `dedistill checkpoint verify` also runs the loads a resume runs on every pickle in the checkpoint (`safe=True`):
+   each rank file and each non-tensor DCP entry through `train.checkpoint.format.safe_torch_load`. A manifest proves the
+   bytes are the ones hashed, not that a save wrote them: a file swapped and re-hashed is refused here, in one line,
+   as resume would refuse it.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-from train.checkpoint.format import MARKER, METADATA, list_checkpoints, rank_file, read_metadata
+from train.checkpoint.format import (
+    MARKER, METADATA, RefusedFile, list_checkpoints, rank_file, read_metadata, safe_load, safe_torch_load,
+)
 from train.run_dir import RunDir, is_checkpoint_dir
 
 MANIFEST_KEY = "files"
@@ -118,15 +124,32 @@ def check_structure(path: Path, marker: dict, *, load_rank_files: bool = False) 
             return Problem(f.name, f"missing (the checkpoint was written by {marker.get('world_size', 1)} processes)")
         if load_rank_files:
             try:
-                torch.load(f, weights_only=True)
+                safe_torch_load(f, name=f.name)
+            except RefusedFile as e:
+                return Problem(f.name, f"refused by the safe loader: {e.reason}")
             except Exception as e:
                 return Problem(f.name, f"not loadable ({type(e).__name__})")
     return None
 
 
-def check(path: Path, *, part: tuple[int, int] = (0, 1), checksums: bool = True) -> Problem | None:
+def check_safe_load(path: Path) -> Problem | None:
+    """Every non-tensor DCP entry loaded as resume loads it (`safe_load`, `SafeLoadPlanner`): a pickle that names
+    anything but plain data is refused. Tensors are not read (the manifest's sha256 covers their bytes)."""
+    entries = {k: None for k, v in read_metadata(path).state_dict_metadata.items()
+               if isinstance(v, BytesStorageMetadata)}
+    if not entries:
+        return None
+    try:
+        safe_load(entries, path, no_dist=True)
+    except RefusedFile as e:
+        return Problem(e.file, f"refused by the safe loader: {e.reason}")
+    return None
+
+
+def check(path: Path, *, part: tuple[int, int] = (0, 1), checksums: bool = True, safe: bool = False) -> Problem | None:
     """The first problem of checkpoint `path` (None: it verifies). `part=(i, n)`: check only the i-th of n slices of
-    its files (ranks verify one checkpoint together); slice 0 also checks the structure."""
+    its files (ranks verify one checkpoint together); slice 0 also checks the structure. `safe`: also run resume's
+    safe loads on every pickle in it (`dedistill checkpoint verify`)."""
     marker = read_marker(path)
     if isinstance(marker, Problem):
         return marker
@@ -138,7 +161,8 @@ def check(path: Path, *, part: tuple[int, int] = (0, 1), checksums: bool = True)
             if problem:
                 return problem
     if part[0] == 0:
-        return check_structure(path, marker, load_rank_files=files is None)
+        return check_structure(path, marker, load_rank_files=files is None or safe) or (
+            check_safe_load(path) if safe else None)
     return None
 
 
@@ -181,7 +205,7 @@ def verify_run(run_dir: str | Path) -> tuple[list[str], bool]:
         elif p not in complete:
             lines.append(f"{p.name}  incomplete (no {MARKER}): never resumed, removed by the next save")
         else:
-            problem = check(p)
+            problem = check(p, safe=True)
             if problem:
                 lines.append(f"{p.name}  BAD {problem}")
                 newest_bad |= p == newest
