@@ -43,8 +43,8 @@ for i, prompt in enumerate(args["prompts"]):
     for tokens in (s["tokens"], 2 * s["tokens"]):
         img = pipe(prompt, negative_prompt=args["neg"], true_cfg_scale=s["cfg"], num_inference_steps=s["steps"],
                    height=s["res"], width=s["res"], cfg_skip_steps=s["skip"], max_sequence_length=tokens,
-                   generator=torch.Generator().manual_seed(s["seed"]), output_type="np").images[0]
-        np.save(f"{args['dir']}/custom_{i}_{tokens}.npy", img)
+                   generator=torch.Generator().manual_seed(s["seed"])).images[0]
+        np.save(f"{args['dir']}/custom_{i}_{tokens}.npy", np.asarray(img))
 stock = FluxPipeline.from_pretrained(out, torch_dtype=torch.float32)
 for i, prompt in enumerate(args["prompts"]):
     img = stock(prompt, negative_prompt=args["neg"], true_cfg_scale=s["cfg"], num_inference_steps=s["steps"],
