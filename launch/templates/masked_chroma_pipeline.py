@@ -139,11 +139,14 @@ class DedistillChromaPipeline(ChromaPipeline):
             # blocks make it (B, 1, S, S) as key AND query; bool stays bool.
             image = torch.ones(mask.shape[0], x.shape[1], dtype=torch.bool, device=mask.device)
             key_mask = torch.cat([mask, image], dim=1)  # [text; image]
-        return self.transformer(
-            hidden_states=x, timestep=t.to(dtype), encoder_hidden_states=t5.to(dtype), txt_ids=txt_ids,
-            img_ids=img_ids, attention_mask=key_mask, joint_attention_kwargs=self.joint_attention_kwargs,
-            return_dict=False,
-        )[0]
+        # diffusers' step caches (FirstBlockCache, MagCache, ...) keep one state per context: the CFG batch and the
+        # conditional-only batch (cfg_skip_steps) differ in shape, so each gets its own.
+        with self.transformer.cache_context(f"batch_{x.shape[0]}"):
+            return self.transformer(
+                hidden_states=x, timestep=t.to(dtype), encoder_hidden_states=t5.to(dtype), txt_ids=txt_ids,
+                img_ids=img_ids, attention_mask=key_mask, joint_attention_kwargs=self.joint_attention_kwargs,
+                return_dict=False,
+            )[0]
 
     @torch.no_grad()
     def __call__(
@@ -191,8 +194,7 @@ class DedistillChromaPipeline(ChromaPipeline):
                           max_sequence_length=max_sequence_length)
         if not 0.0 <= cfg_rescale <= 1.0:
             raise ValueError(f"cfg_rescale: must be in [0, 1], got {cfg_rescale}")
-        scale = guidance_scale if true_cfg_scale is None else true_cfg_scale
-        self._guidance_scale = scale
+        self._guidance_scale = guidance_scale if true_cfg_scale is None else true_cfg_scale
         self._joint_attention_kwargs = joint_attention_kwargs
         self._current_timestep = None
         self._interrupt = False
@@ -203,7 +205,7 @@ class DedistillChromaPipeline(ChromaPipeline):
 
         t5, mask = self._text(prompt, prompt_embeds, prompt_attention_mask, **text)
         b = t5.shape[0]  # images
-        guided = scale != 1.0
+        guided = self.guidance_scale != 1.0
         if guided:
             # Prompts and negatives are encoded as two batches, then stacked [cond; uncond], as dedistill's sampler
             # does (one batch of 2B would round differently in the encoder).
@@ -256,7 +258,8 @@ class DedistillChromaPipeline(ChromaPipeline):
                     v = self._velocity(torch.cat([x, x]).to(dtype), torch.cat([t, t]), t5, mask, img_ids,
                                        masked=mask_text_padding, dtype=dtype)
                     v_cond, v_uncond = v.float().chunk(2)
-                    v = v_uncond + scale * (v_cond - v_uncond)
+                    # read each step, as ChromaPipeline does, so a step-end callback can change it
+                    v = v_uncond + self.guidance_scale * (v_cond - v_uncond)
                     if cfg_rescale > 0:
                         dims = tuple(range(1, v.ndim))
                         factor = v_cond.std(dim=dims, keepdim=True) / v.std(dim=dims, keepdim=True).clamp_min(1e-8)

@@ -113,12 +113,15 @@ class DedistillFluxPipeline(FluxPipeline):
             # Bool, never float: SDPA adds a float mask to the scores, so a 0/1 float mask masks nothing.
             image = torch.ones(mask.shape[0], x.shape[1], dtype=torch.bool, device=mask.device)
             kwargs["attention_mask"] = torch.cat([mask, image], dim=1)  # keys: [text; image]
-        return self.transformer(
-            hidden_states=x, timestep=t.to(dtype), pooled_projections=pooled.to(dtype),
-            guidance=None if guidance is None else guidance[: x.shape[0]],
-            encoder_hidden_states=t5.to(dtype), txt_ids=txt_ids, img_ids=img_ids,
-            joint_attention_kwargs=kwargs or None, return_dict=False,
-        )[0]
+        # diffusers' step caches (FirstBlockCache, MagCache, ...) keep one state per context: the CFG batch and the
+        # conditional-only batch (cfg_skip_steps) differ in shape, so each gets its own.
+        with self.transformer.cache_context(f"batch_{x.shape[0]}"):
+            return self.transformer(
+                hidden_states=x, timestep=t.to(dtype), pooled_projections=pooled.to(dtype),
+                guidance=None if guidance is None else guidance[: x.shape[0]],
+                encoder_hidden_states=t5.to(dtype), txt_ids=txt_ids, img_ids=img_ids,
+                joint_attention_kwargs=kwargs or None, return_dict=False,
+            )[0]
 
     @torch.no_grad()
     def __call__(
@@ -171,6 +174,10 @@ class DedistillFluxPipeline(FluxPipeline):
             raise ValueError(f"cfg_rescale: must be in [0, 1], got {cfg_rescale}")
         if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
             raise ValueError("negative_pooled_prompt_embeds: required with negative_prompt_embeds")
+        if (true_cfg_scale != 1.0 and prompt_embeds is not None and negative_prompt_embeds is not None
+                and prompt_embeds.shape != negative_prompt_embeds.shape):  # FluxPipeline's check, same words
+            raise ValueError(f"`prompt_embeds` and `negative_prompt_embeds` must have the same shape when passed "
+                             f"directly, but got: {prompt_embeds.shape} != {negative_prompt_embeds.shape}.")
         self._guidance_scale = guidance_scale
         self._joint_attention_kwargs = joint_attention_kwargs
         self._current_timestep = None
