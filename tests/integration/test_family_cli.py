@@ -40,8 +40,8 @@ for i, prompt in enumerate(args["prompts"]):
     for tokens in (s["tokens"], 2 * s["tokens"]):
         img = pipe(prompt, negative_prompt=args["neg"], true_cfg_scale=s["cfg"], num_inference_steps=s["steps"],
                    height=s["res"], width=s["res"], cfg_skip_steps=s["skip"], max_sequence_length=tokens,
-                   generator=torch.Generator().manual_seed(s["seed"]), output_type="np").images[0]
-        np.save(f"{args['dir']}/custom_{i}_{tokens}.npy", img)
+                   generator=torch.Generator().manual_seed(s["seed"])).images[0]
+        np.save(f"{args['dir']}/custom_{i}_{tokens}.npy", np.asarray(img))
     # stock: same noise, same schedule, CFG from the first step (it has no cfg_skip_steps)
     for name, pipeline in (("stock", stock), ("custom_noskip", pipe)):
         kw = {"guidance_scale": s["cfg"]} if name == "stock" else {"true_cfg_scale": s["cfg"]}
