@@ -50,7 +50,7 @@ def describe(cfg) -> str:
     from train.model import build_transformer_meta
 
     config, source = transformer_config(cfg.model.path)
-    transformer = build_transformer_meta(config)
+    transformer = build_transformer_meta(config, guidance=cfg.model.guidance, guidance_scale=cfg.model.guidance_scale)
     base = sum(p.numel() for p in transformer.parameters())
     with torch.device("meta"):  # adapter factors on meta too: LibreFLUX's LoKr alone is 2 B parameters
         transformer.requires_grad_(False)

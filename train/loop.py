@@ -37,6 +37,7 @@ from train.parallelize import (
 )
 from train.quant import quant_target_names, quantize_linear, torchao_config
 from train.step import Frozen, forward_backward_step
+from train.teacher import build_teacher
 from train.text import TextEncoder
 
 
@@ -118,10 +119,11 @@ def build_model(cfg: JobConfig, info: DistInfo) -> tuple[Backend, torch.dtype]:
     partitions it itself (docs/cluster.md says what that costs)."""
     dtype = resolve_dtype(cfg.model.dtype, info.device)
     sharded = cfg.parallel.backend == "fsdp2"
+    guidance = dict(guidance=cfg.model.guidance, guidance_scale=cfg.model.guidance_scale)
     if sharded:
-        transformer, weights = meta_transformer(cfg.model.path, dtype=dtype)
+        transformer, weights = meta_transformer(cfg.model.path, dtype=dtype, **guidance)
     else:
-        transformer = load_transformer(cfg.model.path, dtype=dtype)
+        transformer = load_transformer(cfg.model.path, dtype=dtype, **guidance)
     apply_adapter(transformer, cfg.model.adapter)  # on meta: the new adapter's weights are still real (CPU)
     for _, p in trainable_named_parameters(transformer):
         p.data = p.data.float()  # fp32 master copy of what trains; frozen weights stay in `dtype`
@@ -226,6 +228,7 @@ def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend,
                           caption_length=lambda caption: frozen.text.token_count(caption, max_tokens=max_tokens))
     # Precomputed shards carry latents and text states: the VAE, T5 and CLIP are then never loaded for training.
     frozen = load_frozen(cfg, info, dtype, encoders=loader.dataset.kind != "precomputed")
+    teacher = build_teacher(cfg, info, dtype)  # None unless objective.kind is teacher
     optimizer = backend.optimizer
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     ema = EMA(backend.ema_tensors(), cfg.ema) if cfg.ema.decay > 0 else None
@@ -362,6 +365,7 @@ def _train_with(cfg: JobConfig, info: DistInfo, on_checkpoint, backend: Backend,
                 cfg.objective,
                 generator=step_generator(cfg.seed, info.rank, state.step, micro, device=info.device),
                 loss_scale=1.0 / cfg.train.grad_accum,
+                teacher=teacher,
             )
             losses.append(out["loss"])
             window["flops"] += flops.per_step(
