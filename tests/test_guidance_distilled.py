@@ -263,6 +263,7 @@ def test_dev_export_pipeline_equals_dedistill_sample(dev_run, tmp_path):
 
     out = export_checkpoint(dev_run, tmp_path / "export", fmt="diffusers", dtype="fp32")
     settings = dict(steps=3, cfg=3.0, skip=0, res=64, seed=5, tokens=64)
+    (tmp_path / "images").mkdir()
     got = tiny_runs.pipeline_and_sample_images(out, _PIPELINE_SCRIPT, settings, ["a red circle"], "blurry noisy",
                                                tmp_path / "images")
     assert got["ours_0"].std() > 0 and np.array_equal(got["custom_0"], got["ours_0"])
