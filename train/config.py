@@ -71,6 +71,9 @@ class AdapterConfig:
     lokr_factor. Factor 1 makes w1 1x1 and w2 the full matrix: a full update of that layer (LibreFLUX's choice for
     the ff*/norm1* layers of chosen blocks), e.g. {"transformer_blocks.1[0-8].ff*": 1}. Selects no extra layers."""
     lokr_decompose_both: bool = False
+    frozen: list[str] = field(default_factory=list)
+    """kind full: parameter-name prefixes that stay frozen, e.g. ["time_text_embed."] (the timestep and pooled-text
+    embedders: lodestone's FLUX.1-dev de-distill never trains time_in / vector_in / guidance_in)."""
     init_weights: bool = True
     """True: the adapter starts as a no-op (the base model's output is unchanged at step 0)."""
     init_from: str = ""
@@ -88,6 +91,9 @@ class AdapterConfig:
         for key, value in (("lokr_factor_pattern", self.lokr_factor_pattern), ("init_from", self.init_from)):
             if value and self.kind != "lokr":
                 raise ValueError(f"model.adapter.{key}: applies to kind lokr only (this config has {self.kind!r})")
+        if self.frozen and self.kind != "full":
+            raise ValueError(f"model.adapter.frozen: applies to kind full only (an adapter trains only its own "
+                             f"weights; this config has {self.kind!r})")
         for glob, factor in self.lokr_factor_pattern.items():
             if factor == 0 or factor < -1:
                 raise ValueError(f"model.adapter.lokr_factor_pattern: factor for {glob!r} must be >= 1 or -1, "
