@@ -278,6 +278,22 @@ def test_teacher_objective_trains_under_fsdp2(dev_dir, tiny_data_dir, tmp_path):
     assert state.step == 2 and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in state.history)
 
 
+def test_full_fine_tune_keeps_the_frozen_prefixes_frozen(dev_dir, tiny_data_dir, tmp_path):
+    """flux1-dev-undistill.yaml's `model.adapter.frozen`: the timestep and pooled-text embedders never train."""
+    from train.config import load_config
+
+    run_dir = tmp_path / "run"
+    cfg = load_config(tiny_runs.CONFIG, tiny_runs.overrides(
+        dev_dir, tiny_data_dir, run_dir, steps=2,
+        **{"model.adapter.kind": "full", "model.adapter.frozen": "[time_text_embed.]"}))
+    tiny_runs.train_in_process(cfg)
+    trained = {k for k in tiny_runs.trainable_state(tiny_runs.ckpt(run_dir, 2)) if k.startswith("model.")}
+    assert "model.x_embedder.weight" in trained and "model.proj_out.weight" in trained
+    assert not any(k.startswith("model.time_text_embed.") for k in trained)
+    with pytest.raises(ValueError, match="model.adapter.frozen"):
+        load_config(None, ["model.adapter.frozen=[time_text_embed.]"])  # lokr: an adapter trains only itself
+
+
 def test_teacher_objective_refuses_a_schnell_base(tiny_model_dir, tiny_data_dir, tmp_path):
     from train.config import load_config
 
