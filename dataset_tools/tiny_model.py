@@ -6,7 +6,8 @@ export) is the real one; only the widths are tiny. The tokenizers are trained he
 `dataset_tools.tiny_data`, so every word of a tiny-data caption is a real token (not <unk>).
 
 Choices worth knowing:
-- Transformer: like schnell, no guidance embedding. in_channels = 16 = VAE latent channels (4) x 2x2 packing.
+- Transformer: like schnell, no guidance embedding (family flux-dev: with one, as FLUX.1-dev). in_channels = 16 =
+  VAE latent channels (4) x 2x2 packing.
 - VAE: four blocks, i.e. 8x downsampling like FLUX's VAE, so the `H / 8 / 2` latent and packing arithmetic is the
   real one (a 64 px image -> 8x8x4 latents -> 16 image tokens). Heights and widths must be multiples of 16.
   FLUX's scaling/shift factors and no quant convs, as in FLUX.
@@ -24,6 +25,7 @@ import json
 import random
 import shutil
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -283,7 +285,7 @@ def _t5(dims: dict, t5_tok, seed: int, torch_dtype):
     return _seeded(seed * 16 + 3, lambda: T5EncoderModel(t5_cfg), torch_dtype)
 
 
-def _flux_pipeline(tok_dir: Path, corpus: list[str], size: str, seed: int, torch_dtype):
+def _flux_pipeline(tok_dir: Path, corpus: list[str], size: str, seed: int, torch_dtype, *, guidance_embeds=False):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -297,7 +299,8 @@ def _flux_pipeline(tok_dir: Path, corpus: list[str], size: str, seed: int, torch
     # Each component under its own seed: adding a component later does not change the others' weights.
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
-        transformer=_seeded(seed * 16 + 0, lambda: FluxTransformer2DModel(**dims["transformer"]), torch_dtype),
+        transformer=_seeded(seed * 16 + 0, lambda: FluxTransformer2DModel(
+            **{**dims["transformer"], "guidance_embeds": guidance_embeds}), torch_dtype),
         vae=_seeded(seed * 16 + 1, lambda: AutoencoderKL(**dims["vae"]), torch_dtype),
         text_encoder=_seeded(seed * 16 + 2, lambda: CLIPTextModel(clip_cfg), torch_dtype),
         text_encoder_2=_t5(dims, t5_tok, seed, torch_dtype),
@@ -323,7 +326,9 @@ def _chroma_pipeline(tok_dir: Path, corpus: list[str], size: str, seed: int, tor
     )
 
 
-_PIPELINES = {"flux": _flux_pipeline, "chroma": _chroma_pipeline}  # keys: train/family.py's FAMILIES
+# keys: train/family.py's FAMILIES, and flux-dev: FLUX.1-dev-shaped (a guidance embedder, guidance_embeds true)
+_PIPELINES = {"flux": _flux_pipeline, "chroma": _chroma_pipeline,
+              "flux-dev": partial(_flux_pipeline, guidance_embeds=True)}
 
 
 def _check(size: str, dtype: str, family: str) -> None:

@@ -50,7 +50,7 @@ def describe(cfg) -> str:
     from train.model import build_transformer_meta
 
     config, source = transformer_config(cfg.model.path)
-    transformer = build_transformer_meta(config)
+    transformer = build_transformer_meta(config, guidance=cfg.model.guidance, guidance_scale=cfg.model.guidance_scale)
     base = sum(p.numel() for p in transformer.parameters())
     with torch.device("meta"):  # adapter factors on meta too: LibreFLUX's LoKr alone is 2 B parameters
         transformer.requires_grad_(False)
@@ -72,6 +72,11 @@ def describe(cfg) -> str:
     elif a.kind == "lora":
         lines.append(f"adapter: lora (rank {a.rank}, alpha {a.alpha:g})")
     lines += [f"  {g.line()}" for g in adapter_groups(transformer, a)]
+    o = cfg.objective
+    if o.kind == "teacher":
+        lines.append(f"objective: teacher, the frozen model.path with its guidance embedder fed w ~ U{o.teacher_guidance} "
+                     f"is the target of the student's uncond + w·(cond − uncond) (data term weight "
+                     f"{o.teacher_data_weight:g}); per sample: 2 student rows + 1 teacher forward")
     t = cfg.train
     lines.append(f"batch: {t.batch_size} per rank x grad_accum {t.grad_accum} = {t.batch_size * t.grad_accum} "
                  f"per rank and step (x world size); {t.max_steps:,} steps")

@@ -47,7 +47,8 @@ def _load_trained_transformer(ckpt: Path, run_dir: Path, *, ema: bool):
 
     cfg = load_run_config(run_dir)
     check_ema(cfg, run_dir, ema)  # before the (slow) base model load
-    transformer = load_transformer(cfg.model.path, dtype=torch.float32)
+    transformer = load_transformer(cfg.model.path, dtype=torch.float32, guidance=cfg.model.guidance,
+                                   guidance_scale=cfg.model.guidance_scale)
     apply_adapter(transformer, cfg.model.adapter)
     load_trainable_state(transformer, ckpt, ema=ema)
     return transformer.eval().requires_grad_(False), cfg

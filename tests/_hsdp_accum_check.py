@@ -18,11 +18,11 @@ import torch.distributed as dist
 from dataset_tools.tiny_model import TINY_SIZES
 from diffusers import FluxTransformer2DModel
 from train.config import ObjectiveConfig, OptimConfig, ParallelConfig
-from train.loop import step_generator
+from train.trainer import step_generator
 from train.optim import build_optimizer
 from train.parallel import StepConfig, build_backend
 from train.parallelize import DistInfo
-from train.step import Frozen, forward_backward_step
+from train.step import Encoders, forward_backward_step
 
 STEPS, ACCUM, NODES = 2, 3, 2
 
@@ -75,7 +75,7 @@ def run(variant: str, info: DistInfo) -> tuple[dict, dict, dict]:
         make_optimizer=lambda params: build_optimizer(params, OptimConfig(lr=1e-3)),
     )
     assert backend.name == "fsdp2-hsdp(2x2)", backend.name
-    frozen = Frozen(vae=None, text=None, dtype=torch.float32, device=info.device)
+    frozen = Encoders(vae=None, text=None, dtype=torch.float32, device=info.device)
     obj = ObjectiveConfig(max_text_tokens=8)
     per_step, grads = [], {}
     for step in range(STEPS):

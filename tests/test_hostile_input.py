@@ -586,7 +586,7 @@ class _Evil:
 
 def _rehash(path: Path) -> None:
     """What an attacker with write access does after swapping a file: a manifest that matches again."""
-    from train.checkpoint_verify import MARKER, digest
+    from train.checkpoint.verify import MARKER, digest
 
     marker = json.loads((path / MARKER).read_text())
     marker["files"] = {name: digest(path / name) for name in marker["files"]}
@@ -598,7 +598,7 @@ def test_swapped_and_rehashed_pickles_are_refused_by_verify_and_resume_in_one_li
     import torch
 
     from train.checkpoint import CheckpointManager, RefusedFile
-    from train.checkpoint_verify import verify_run
+    from train.checkpoint.verify import verify_run
     from train.config import CheckpointConfig
 
     pwned = tmp_path / "PWNED"

@@ -217,10 +217,17 @@ def apply_adapter(transformer: nn.Module, cfg: AdapterConfig) -> nn.Module:
     lora / lokr: inject the adapter into the selected Linears; only adapter parameters require grad. On a
     transformer built on `meta`, the adapter's weights are still created and initialised on the CPU (they are small;
     the sharded loader hands them to the shards), drawing the same random numbers as on a loaded transformer.
-    full: every parameter requires grad, no peft.
+    full: every parameter requires grad, no peft, except those under a `cfg.frozen` prefix.
     """
     if cfg.kind == "full":
         transformer.requires_grad_(True)
+        for prefix in cfg.frozen:
+            matched = [p for n, p in transformer.named_parameters() if n.startswith(prefix)]
+            if not matched:
+                raise ValueError(f"model.adapter.frozen: {prefix!r} is the start of no parameter name "
+                                 f"(e.g. time_text_embed., transformer_blocks.0.)")
+            for p in matched:
+                p.requires_grad_(False)
         return transformer
     from peft import inject_adapter_in_model
 
@@ -260,7 +267,7 @@ class AdapterGroup:
 
     def line(self) -> str:
         if self.kind == "full":
-            return f"full: every parameter trains, {self.parameters:,} trainable"
+            return f"full: {self.form} trains, {self.parameters:,} trainable"
         return (f"{self.kind} {self.form}: effective scale {self.scale:g} on {self.layers} layers, "
                 f"{self.parameters:,} trainable")
 
@@ -273,7 +280,8 @@ def adapter_groups(transformer: nn.Module, cfg: AdapterConfig) -> list[AdapterGr
     """Each adapted layer group's effective scale and trainable parameters, as the trainer prints them at start."""
     if cfg.kind == "full":
         n = sum(_numel(p) for p in transformer.parameters() if p.requires_grad)
-        return [AdapterGroup(kind="full", form="every parameter", scale=1.0, layers=0, parameters=n)]
+        form = "every parameter" + (f" but those under {', '.join(cfg.frozen)}" if cfg.frozen else "")
+        return [AdapterGroup(kind="full", form=form, scale=1.0, layers=0, parameters=n)]
     groups: dict[tuple[str, float], list[int]] = {}
     plans = {p.name: p for p in plan_lokr(transformer, adapted_module_names(transformer), cfg)} \
         if cfg.kind == "lokr" else {}

@@ -32,10 +32,11 @@ def build_model(cfg: JobConfig, info: DistInfo) -> tuple[Backend, torch.dtype]:
     partitions it itself (docs/cluster.md says what that costs)."""
     dtype = resolve_dtype(cfg.model.dtype, info.device)
     sharded = cfg.parallel.backend == "fsdp2"
+    guidance = dict(guidance=cfg.model.guidance, guidance_scale=cfg.model.guidance_scale)
     if sharded:
-        transformer, weights = meta_transformer(cfg.model.path, dtype=dtype)
+        transformer, weights = meta_transformer(cfg.model.path, dtype=dtype, **guidance)
     else:
-        transformer = load_transformer(cfg.model.path, dtype=dtype)
+        transformer = load_transformer(cfg.model.path, dtype=dtype, **guidance)
     apply_adapter(transformer, cfg.model.adapter)  # on meta: the new adapter's weights are still real (CPU)
     for _, p in trainable_named_parameters(transformer):
         p.data = p.data.float()  # fp32 master copy of what trains; frozen weights stay in `dtype`

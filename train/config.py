@@ -73,6 +73,9 @@ class AdapterConfig:
     lokr_factor. Factor 1 makes w1 1x1 and w2 the full matrix: a full update of that layer (LibreFLUX's choice for
     the ff*/norm1* layers of chosen blocks), e.g. {"transformer_blocks.1[0-8].ff*": 1}. Selects no extra layers."""
     lokr_decompose_both: bool = False
+    frozen: list[str] = field(default_factory=list)
+    """kind full: parameter-name prefixes that stay frozen, e.g. ["time_text_embed."] (the timestep and pooled-text
+    embedders: lodestone's FLUX.1-dev de-distill never trains time_in / vector_in / guidance_in)."""
     init_weights: bool = True
     """True: the adapter starts as a no-op (the base model's output is unchanged at step 0)."""
     init_from: str = ""
@@ -90,10 +93,17 @@ class AdapterConfig:
         for key, value in (("lokr_factor_pattern", self.lokr_factor_pattern), ("init_from", self.init_from)):
             if value and self.kind != "lokr":
                 raise ValueError(f"model.adapter.{key}: applies to kind lokr only (this config has {self.kind!r})")
+        if self.frozen and self.kind != "full":
+            raise ValueError(f"model.adapter.frozen: applies to kind full only (an adapter trains only its own "
+                             f"weights; this config has {self.kind!r})")
         for glob, factor in self.lokr_factor_pattern.items():
             if factor == 0 or factor < -1:
                 raise ValueError(f"model.adapter.lokr_factor_pattern: factor for {glob!r} must be >= 1 or -1, "
                                  f"got {factor}")
+
+
+GUIDANCE_MODES = ("bypass", "keep")
+OBJECTIVES = ("data", "teacher")
 
 
 @dataclass(kw_only=True)
@@ -111,9 +121,19 @@ class ModelConfig:
     """The frozen base Linears of the transformer blocks under a LoRA/LoKr adapter (train/quant.py): none (the
     model dtype) | int8 | float8 (torchao weight-only, per-row scales: about half the bf16 bytes; needs the `quant`
     extra). FSDP2 keeps them whole on every rank (frozen: no gradient to reduce, nothing to all-gather)."""
+    guidance: str = "bypass"
+    """What a guidance-distilled base (`guidance_embeds: true`: FLUX.1-dev, Krea-dev, Kontext-dev) does with its
+    guidance embedder: bypass (its weights are not loaded and the transformer is built without it, which equals
+    the dev model with the embedder out of the graph: trained, sampled and exported schnell-shaped, for real CFG) |
+    keep (the embedder stays, fed `model.guidance_scale` in every training and sampling forward; the export keeps
+    it, and FluxPipeline's `guidance_scale` feeds it). Ignored for a model without a guidance embedder."""
+    guidance_scale: float = 1.0
+    """The constant the kept guidance embedder is fed (`model.guidance: keep`); dev's own default is 3.5."""
 
     def __post_init__(self) -> None:
         _check_choice("model.dtype", self.dtype, ("auto", "fp32", "bf16"))
+        _check_choice("model.guidance", self.guidance, GUIDANCE_MODES)
+        _check_positive("model.guidance_scale", self.guidance_scale, allow_zero=True)
         _check_choice("model.text_encoder_placement", self.text_encoder_placement, ("device", "cpu", "fsdp"))
         _check_choice("model.base_quant", self.base_quant, ("none", "int8", "float8"))
         if self.base_quant != "none" and self.adapter.kind == "full":
@@ -124,6 +144,16 @@ class ModelConfig:
 @dataclass(kw_only=True)
 class ObjectiveConfig:
     """Flow matching on x_t = (1-t)·x0 + t·ε with target v = ε - x0 (see train/objective.py)."""
+
+    kind: str = "data"
+    """data: the target is the data's velocity ε − x0 | teacher: reversed guided distillation, the target is the
+    frozen guidance-distilled base (`model.path`, its guidance embedder kept) at scale w, matched by the student's
+    real-CFG combination uncond + w·(cond − uncond) (docs/recipes.md states the loss)."""
+    teacher_guidance: list[float] = field(default_factory=lambda: [1.0, 4.0])
+    """teacher: w ~ U(lo, hi) per sample, fed to the teacher's guidance embedder and used as the student's CFG
+    scale (nyanko7/flux-dev-de-distill: w ∈ [1, 4])."""
+    teacher_data_weight: float = 0.0
+    """teacher: weight λ of the data term added to the teacher term, λ·MSE(v_cond, ε − x0) (0: teacher only)."""
 
     timestep_sampler: str = "logit_normal"
     """uniform | logit_normal | beta | chroma (Chroma's density ∝ −7.7·(t − 0.5)² + 2 on [0, 1])"""
@@ -179,6 +209,11 @@ class ObjectiveConfig:
         _check_unit("objective.caption_dropout", self.caption_dropout)
         _check_positive("objective.max_text_tokens", self.max_text_tokens)
         _check_choice("objective.noise_pairing", self.noise_pairing, ("none", "ot_cosine", "ot_l2"))
+        _check_choice("objective.kind", self.kind, OBJECTIVES)
+        if len(self.teacher_guidance) != 2 or not 0 <= self.teacher_guidance[0] <= self.teacher_guidance[1]:
+            raise ValueError(f"objective.teacher_guidance: needs [lo, hi] with 0 <= lo <= hi, got "
+                             f"{self.teacher_guidance!r}")
+        _check_positive("objective.teacher_data_weight", self.teacher_data_weight, allow_zero=True)
         _check_positive("objective.visible_padding_tokens", self.visible_padding_tokens, allow_zero=True)
         if self.visible_padding_tokens and not self.attention_mask:
             raise ValueError("objective.visible_padding_tokens: needs objective.attention_mask=true (without the "
@@ -446,6 +481,9 @@ class JobConfig:
     def __post_init__(self) -> None:
         if not self.run_dir:
             raise ValueError("run_dir: must not be empty")
+        if self.objective.kind == "teacher" and self.model.guidance != "bypass":
+            raise ValueError("objective.kind: teacher trains the student's real CFG against the guidance-distilled "
+                             "teacher, so the student's own guidance embedder must be out (set model.guidance=bypass)")
         if self.model.base_quant != "none" and self.parallel.backend != "fsdp2":
             raise ValueError(f"model.base_quant: {self.model.base_quant} needs parallel.backend=fsdp2 (DeepSpeed "
                              f"would partition and cast the quantized weights as if they were plain tensors)")

@@ -20,6 +20,10 @@ What differs, and why it is a field:
   `single_blocks` index them). The same attribute names in both families; the classes differ (`block_classes`).
 - `pipeline_template`: the self-contained masked pipeline that `--format diffusers` exports as `pipeline.py`.
 - `export_formats`: what `dedistill export` can write for it (BFL single-file keys exist for FLUX only).
+- `guidance_embedder`: where a guidance-distilled checkpoint (`guidance_embeds: true` in its transformer config:
+  FLUX.1-dev, Krea-dev, Kontext-dev) keeps its embedded-guidance input. `model.guidance: bypass` loads the model
+  without those weights and with `guidance_embeds: false` (train/model.py), so training, sampling and every export
+  see a schnell-shaped transformer; empty for a family with no such input (Chroma).
 """
 
 from __future__ import annotations
@@ -36,16 +40,34 @@ from train.model_schema import check_transformer_config
 VelocityCall = Callable[..., torch.Tensor]
 
 
-def _call_flux(transformer, *, x, t, t5, pooled, key_mask, img_ids, txt_ids) -> torch.Tensor:
+def _call_flux(transformer, *, x, t, t5, pooled, key_mask, img_ids, txt_ids, guidance=None) -> torch.Tensor:
+    # guidance: (B,) scales for a transformer that embeds them (unscaled, as FluxPipeline passes them; the model
+    # multiplies by 1000 itself); None for a schnell-shaped one.
     kwargs = {"attention_mask": key_mask} if key_mask is not None else None
     return transformer(hidden_states=x, timestep=t, pooled_projections=pooled, encoder_hidden_states=t5,
-                       txt_ids=txt_ids, img_ids=img_ids, joint_attention_kwargs=kwargs, return_dict=False)[0]
+                       txt_ids=txt_ids, img_ids=img_ids, guidance=guidance, joint_attention_kwargs=kwargs,
+                       return_dict=False)[0]
 
 
 def _call_chroma(transformer, *, x, t, t5, pooled, key_mask, img_ids, txt_ids) -> torch.Tensor:
     # No pooled vector, no guidance: Chroma's approximator sees only the timestep (guidance is fed as 0 inside).
     return transformer(hidden_states=x, timestep=t, encoder_hidden_states=t5, txt_ids=txt_ids, img_ids=img_ids,
                        attention_mask=key_mask, return_dict=False)[0]
+
+
+def _flux_constant_guidance(model: torch.nn.Module, scale: float) -> None:
+    """`model.guidance: keep`: feed the guidance embedder `scale` whenever the caller passes no guidance (every
+    training and sampling forward; a teacher passes its own w). FluxTransformer2DModel calls
+    `time_text_embed(timestep, pooled)` without guidance and `(timestep, guidance, pooled)` with it, the timestep
+    already ×1000 in the hidden dtype; the hook adds what `guidance=full(scale)` would have given, bit for bit."""
+
+    def feed(module, args):
+        if len(args) != 2:
+            return None
+        timestep, pooled = args
+        return timestep, torch.full_like(timestep, scale) * 1000, pooled
+
+    model.time_text_embed.register_forward_pre_hook(feed)
 
 
 def _no_empty_query_rows(model: torch.nn.Module) -> None:
@@ -98,6 +120,15 @@ class ModelFamily:
     attentions: tuple[str, ...] = ("sdpa",)
     """`objective.attention` values this family's call supports. flex needs a BlockMask built from the key mask;
     Chroma's forward turns its (B, S) mask into a (B, 1, S, S) query-and-key mask itself, so it takes no BlockMask."""
+    guidance_embedder: str = ""
+    """Prefix of the embedded-guidance weights of a guidance-distilled checkpoint (`guidance_embeds: true`); "" when
+    the family has none. What `model.guidance: bypass` leaves out of the model."""
+    constant_guidance: Callable[[torch.nn.Module, float], None] | None = None
+    """`model.guidance: keep`: makes a guidance-embedding transformer feed a constant scale when called without one."""
+
+    def embeds_guidance(self, config: dict) -> bool:
+        """True for a guidance-distilled transformer config of this family (`guidance_embeds: true`)."""
+        return bool(self.guidance_embedder) and bool(config.get("guidance_embeds"))
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -135,6 +166,8 @@ FAMILIES: dict[str, ModelFamily] = {
         prepare=_nothing,
         adapter_examples="to_q, to_out.0, ff.net.0.proj, proj_mlp, proj_out, norm1.linear",
         attentions=("sdpa", "flex"),
+        guidance_embedder="time_text_embed.guidance_embedder.",
+        constant_guidance=_flux_constant_guidance,
     ),
     "chroma": ModelFamily(
         name="chroma",

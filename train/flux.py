@@ -87,6 +87,7 @@ def predict_velocity(
     *,
     masked: bool = True,
     attention: str = "sdpa",
+    guidance: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Velocity v(x_t, t | prompt) for packed latents x_t (B, N, C*4); t in [0, 1] (the transformer scales it by 1000).
 
@@ -94,6 +95,7 @@ def predict_velocity(
     (`prompt.unpadded`, e.g. a trimmed batch of equal-length prompts): an all-True mask changes nothing, and
     without one SDPA may pick its flash kernel, which takes no mask. Deciding reads no device tensor.
     `attention` (ATTENTION) picks how the mask is applied; both give the same output within float rounding.
+    `guidance` (B,): the scales a guidance-embedding transformer (a teacher) is fed; None for every other call.
     """
     dtype = x_t.dtype
     txt_ids = torch.zeros(prompt.t5.shape[1], 3, device=x_t.device, dtype=img_ids.dtype)
@@ -108,7 +110,8 @@ def predict_velocity(
     key_mask = joint_attention_mask(prompt.mask, x_t.shape[1]) if need_mask else None
     if key_mask is not None and attention == "flex":
         key_mask = flex_block_mask(key_mask)
+    extra = {} if guidance is None else {"guidance": guidance.to(dtype)}
     return family.call(
         transformer, x=x_t, t=t.to(dtype), t5=prompt.t5.to(dtype), pooled=prompt.pooled.to(dtype),
-        key_mask=key_mask, img_ids=img_ids, txt_ids=txt_ids,
+        key_mask=key_mask, img_ids=img_ids, txt_ids=txt_ids, **extra,
     )

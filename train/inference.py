@@ -137,7 +137,8 @@ def load_for_inference(
         model_path = Path(cfg.model.path)
     sched = sampling_schedule(model_path, cfg, override=schedule, shift=shift)  # before any weights: fails fast
     torch_dtype = resolve_dtype(dtype, device)
-    transformer = load_transformer(model_path, dtype=torch_dtype)
+    guidance = {} if cfg is None else dict(guidance=cfg.model.guidance, guidance_scale=cfg.model.guidance_scale)
+    transformer = load_transformer(model_path, dtype=torch_dtype, **guidance)
     if cfg is not None:
         apply_adapter(transformer, cfg.model.adapter)
         load_trainable_state(transformer, ckpt, ema=ema)

@@ -56,35 +56,57 @@ def load_safetensors_dir(folder: Path, dtype: torch.dtype) -> dict[str, torch.Te
     return state
 
 
-def build_transformer_meta(config: dict):
+def build_transformer_meta(config: dict, *, guidance: str = "bypass", guidance_scale: float = 1.0):
     """The transformer of `config`'s family (its `_class_name`; FLUX when absent) with every parameter on the meta
-    device (no memory, no init)."""
+    device (no memory, no init). A guidance-distilled config is built as `model.guidance` says (`guided_config`);
+    `keep` feeds its embedder `guidance_scale` whenever a caller passes no guidance."""
     check_transformer_config(config, where="transformer config")
     family = family_of_class(config.get("_class_name", "FluxTransformer2DModel"))
+    config, _ = guided_config(config, guidance)
     with torch.device("meta"):
         model = family.transformer_cls().from_config(config)
     family.prepare(model)  # attention processors (Chroma: no fully masked query row reaches SDPA)
+    if family.embeds_guidance(config) and family.constant_guidance is not None:
+        family.constant_guidance(model, guidance_scale)
     return model
 
 
-def _transformer_config(path: str | Path) -> tuple[Path, dict]:
+def guided_config(config: dict, guidance: str) -> tuple[dict, str]:
+    """(the transformer config to build, the weight-name prefix to leave unread: "" for none).
+
+    `bypass` on a guidance-distilled checkpoint (FLUX.1-dev class): the config with `guidance_embeds: false` and the
+    family's guidance-embedder prefix, i.e. a schnell-shaped transformer. It computes exactly what the dev model
+    computes with the embedder out of the graph (ai-toolkit's `bypass_guidance_embedding`, lodestone's
+    `guidance_embed = False`), needs no guidance input, and saves as a model FluxPipeline and ComfyUI read as
+    schnell-type. `keep`, or a model without the embedder: the config as it is."""
+    family = family_of_class(config.get("_class_name", "FluxTransformer2DModel"))
+    if guidance == "bypass" and family.embeds_guidance(config):
+        return {**config, "guidance_embeds": False}, family.guidance_embedder
+    return config, ""
+
+
+def _transformer_config(path: str | Path, guidance: str) -> tuple[Path, dict, str]:
     folder = check_model_dir(path) / "transformer"
-    return folder, family_of_dir(path).transformer_cls().load_config(str(folder))
+    return folder, *guided_config(dict(family_of_dir(path).transformer_cls().load_config(str(folder))), guidance)
 
 
-def transformer_source(path: str | Path) -> tuple[dict, list[Path]]:
-    """(the transformer's config, its safetensors files) of a model dir: what a sharded load reads."""
-    folder, config = _transformer_config(path)
-    return config, _weight_files(folder)
+def transformer_source(path: str | Path, *, guidance: str = "bypass") -> tuple[dict, list[Path], str]:
+    """(the transformer config to build, its safetensors files, the weight-name prefix to leave unread) of a model
+    dir: what a sharded load reads. `guidance`: `model.guidance` (see `guided_config`)."""
+    folder, config, dropped = _transformer_config(path, guidance)
+    return config, _weight_files(folder), dropped
 
 
-def load_transformer(path: str | Path, *, dtype: torch.dtype):
+def load_transformer(path: str | Path, *, dtype: torch.dtype, guidance: str = "bypass", guidance_scale: float = 1.0):
     """Transformer built on meta, then its weights assigned from the pipeline's safetensors (on CPU): the whole model
     in this process (inference, export, DeepSpeed). Training under FSDP2 loads sharded instead
-    (train/parallel/load.py `meta_transformer`)."""
-    folder, config = _transformer_config(path)
-    model = build_transformer_meta(config)
+    (train/parallel/load.py `meta_transformer`). `guidance`/`guidance_scale`: `model.guidance` (a guidance-distilled
+    base is bypassed by default)."""
+    folder, config, dropped = _transformer_config(path, guidance)
+    model = build_transformer_meta(config, guidance=guidance, guidance_scale=guidance_scale)
     state = load_safetensors_dir(folder, dtype)
+    if dropped:
+        state = {k: v for k, v in state.items() if not k.startswith(dropped)}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(

@@ -241,6 +241,45 @@ def flow_matching_loss(
     return per_sample.mean(), per_sample
 
 
+def sample_guidance(cfg: ObjectiveConfig, n: int, *, generator: torch.Generator) -> torch.Tensor:
+    """(n,) float32 guidance scales w ~ U(lo, hi) (`objective.teacher_guidance`), on the CPU: one uniform per sample
+    from `generator` (drawn by the teacher objective only, after the timesteps)."""
+    lo, hi = cfg.teacher_guidance
+    u = torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device).cpu()
+    return (lo + (hi - lo) * u).float()
+
+
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Real classifier-free guidance uncond + w·(cond − uncond), w (B,) broadcast: what the sampler (evals/) and
+    FluxPipeline's `true_cfg_scale` compute, and the convention dev's embedded guidance scale was distilled in."""
+    return uncond + _bcast(w.to(cond.dtype), cond) * (cond - uncond)
+
+
+def teacher_loss(
+    v_cond: torch.Tensor,
+    v_uncond: torch.Tensor,
+    v_teacher: torch.Tensor,
+    w: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    weighting: str = "none",
+    data_target: torch.Tensor | None = None,
+    data_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reversed guided distillation (docs/recipes.md): (scalar, per-sample (B,)) of
+
+        ‖ v_uncond + w·(v_cond − v_uncond) − v_teacher(x_t, t, c, w) ‖²  (+ λ·‖ v_cond − (ε − x0) ‖²)
+
+    each term a per-sample mean over the non-batch dims in fp32, weighted by `weighting` like the data loss. The
+    teacher's output is a constant (no gradient); both student branches get the gradient of the combination."""
+    guided = cfg_combine(v_cond.float(), v_uncond.float(), w.float())
+    loss, per_sample = flow_matching_loss(guided, v_teacher.float().detach(), t, weighting=weighting)
+    if data_weight:
+        data, data_per_sample = flow_matching_loss(v_cond, data_target, t, weighting=weighting)
+        loss, per_sample = loss + data_weight * data, per_sample + data_weight * data_per_sample
+    return loss, per_sample
+
+
 def caption_dropout_mask(n: int, p: float, *, generator: torch.Generator) -> torch.Tensor:
     """(n,) bool, True = replace that caption by the empty prompt (each independently with probability p)."""
     u = torch.rand(n, generator=generator, device=generator.device).cpu()

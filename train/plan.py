@@ -158,6 +158,18 @@ class Inventory:
     kind: str
     lora_rank: int
     flops: FlopsModel
+    teacher: tuple[Unit, ...] = ()
+    """`objective.kind: teacher`: the frozen teacher's FSDP units (the base with its guidance embedder, no adapter,
+    sharded per block like the student: train/teacher.py); empty for the data objective."""
+
+    @property
+    def n_teacher(self) -> int:
+        return sum(u.n_frozen for u in self.teacher)
+
+    @property
+    def student_rows(self) -> int:
+        """Rows per sample the student's forward runs: 2 under the teacher objective (cond and uncond batched)."""
+        return 2 if self.teacher else 1
 
     @property
     def n_trainable(self) -> int:
@@ -194,7 +206,7 @@ def inventory(config: dict, cfg: JobConfig) -> Inventory:
     from train.model import build_transformer_meta
     from train.quant import quant_target_names
 
-    model = build_transformer_meta(config)
+    model = build_transformer_meta(config, guidance=cfg.model.guidance, guidance_scale=cfg.model.guidance_scale)
     with torch.device("meta"):  # adapter weights on meta as well: a 3B-parameter LoKr must not be allocated
         apply_adapter(model, cfg.model.adapter)
     quant = {id(p) for n in (quant_target_names(model) if cfg.model.base_quant != "none" else [])
@@ -216,7 +228,20 @@ def inventory(config: dict, cfg: JobConfig) -> Inventory:
     for name in adapted_module_names(model):
         base = model.get_submodule(name).get_base_layer()
         adapted[name] = (base.in_features, base.out_features)
-    return Inventory(tuple(units), adapted, config, cfg.model.adapter.kind, cfg.model.adapter.rank, flops_model(model))
+    return Inventory(tuple(units), adapted, config, cfg.model.adapter.kind, cfg.model.adapter.rank, flops_model(model),
+                     teacher_units(config) if cfg.objective.kind == "teacher" else ())
+
+
+def teacher_units(config: dict) -> tuple[Unit, ...]:
+    """The teacher's FSDP units: every block, then the root (its embedders, guidance embedder included), all frozen."""
+    from train.model import build_transformer_meta
+
+    model = build_transformer_meta(config, guidance="keep")
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    units = [Unit(f"teacher.{i}", tuple(tuple(p.shape) for p in b.parameters()), ()) for i, b in enumerate(blocks)]
+    rest = tuple(tuple(p.shape) for p in model.parameters() if id(p) not in in_blocks)
+    return (*units, Unit("teacher.root", rest, ()))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -478,7 +503,8 @@ def gpu_memory(inv: Inventory, cfg: JobConfig, cl: Cluster, tok: Tokens, *, with
     """Per-GPU bytes by component for the configured backend."""
     b = compute_dtype_bytes(cfg, cl)
     autocast = cl.device == "cuda" and b == 2
-    acts = activation_bytes(inv, image=tok.image, text=tok.text, batch=cfg.train.batch_size,
+    # the teacher objective runs the student on cond and uncond rows at once: twice the rows keep activations
+    acts = activation_bytes(inv, image=tok.image, text=tok.text, batch=cfg.train.batch_size * inv.student_rows,
                             policy=ac_policy(cfg), act_bytes=b, autocast=autocast)
     ema = cfg.ema.decay > 0
     rows: dict[str, float] = {}
@@ -513,6 +539,14 @@ def gpu_memory(inv: Inventory, cfg: JobConfig, cl: Cluster, tok: Tokens, *, with
             host = rows.pop("trainable params fp32 (sharded)") + rows.pop("gradients fp32 (sharded)") + rows.pop(
                 "AdamW moments fp32 (sharded)") + rows.pop("frozen base weights (sharded)")
             notes.append(f"parallel.cpu_offload: {host / GiB:.1f} GiB of sharded state per rank lives in host memory")
+        if inv.teacher:
+            # sharded like the base; its root stays gathered after its forward (as the student's), its blocks are
+            # gathered one at a time under no_grad while the student's are resharded (counted in the row above)
+            rows["frozen teacher weights (sharded)"] = sum(u.shard_numel(u.frozen, S) for u in inv.teacher) * b
+            rows["teacher root (gathered)"] = inv.teacher[-1].n_frozen * b
+            if cfg.parallel.cpu_offload:
+                notes.append("parallel.cpu_offload: the teacher's shards live in host memory too")
+                rows.pop("frozen teacher weights (sharded)")
     else:
         W = cl.world
         n_train, n_total = inv.n_trainable, inv.n_total
@@ -531,6 +565,8 @@ def gpu_memory(inv: Inventory, cfg: JobConfig, cl: Cluster, tok: Tokens, *, with
         if stage == 3:
             comm += min(1e9, n_total) * b  # stage3_max_live_parameters (default 1e9 elements) gathered at once
         rows["comm buckets / gathered params"] = comm
+        if inv.teacher:
+            rows["frozen teacher weights (replicated)"] = inv.n_teacher * b
         notes.append("DeepSpeed rows follow its default bucket sizes; not measured in this repo")
         notes.append(f"a DeepSpeed checkpoint save gathers the full fp32 trainable state (12 B/param) into every "
                      f"rank's host memory: {12 * n_train * cl.gpus_per_node / GiB:.0f} GiB per node")
@@ -592,9 +628,14 @@ def checkpoint_bytes(inv: Inventory, cfg: JobConfig) -> float:
 
 
 def step_flops(inv: Inventory, cfg: JobConfig, tok: Tokens) -> float:
-    """Model FLOPs of one optimizer step on one GPU (train/mfu.py's convention; recomputation not counted)."""
-    return cfg.train.grad_accum * inv.flops.per_step(
-        image_tokens=tok.image, text_tokens=tok.text, batch=cfg.train.batch_size, full=cfg.model.adapter.kind == "full")
+    """Model FLOPs of one optimizer step on one GPU (train/mfu.py's convention; recomputation not counted). The
+    teacher objective adds the student's uncond rows (forward and backward) and one teacher forward (a third of a
+    full fine-tune's forward + backward)."""
+    student = inv.flops.per_step(image_tokens=tok.image, text_tokens=tok.text,
+                                 batch=cfg.train.batch_size * inv.student_rows, full=cfg.model.adapter.kind == "full")
+    teacher = inv.flops.per_step(image_tokens=tok.image, text_tokens=tok.text, batch=cfg.train.batch_size,
+                                 full=True) / 3 if inv.teacher else 0.0
+    return cfg.train.grad_accum * (student + teacher)
 
 
 @dataclass(frozen=True)
@@ -660,6 +701,9 @@ def comm_per_step(inv: Inventory, cfg: JobConfig, cl: Cluster) -> Comm:
         rs += S * u.shard_numel(u.trainable, S) * rb * f
         n_ag += 1 + again
         n_rs += u.n_trainable > 0
+    # the teacher: one all-gather of each of its units per micro-batch (forward only, nothing to reduce)
+    ag += sum(S * u.shard_numel(u.frozen, S) * b * f for u in inv.teacher)
+    n_ag += len(inv.teacher)
     ring_ar = 2 * (R - 1) / R if R > 1 else 0.0
     ar = ring_ar * sum(u.shard_numel(u.trainable, S) for u in inv.units) * rb
     big = max(inv.blocks, key=lambda u: u.n_frozen + u.n_trainable)

@@ -42,10 +42,9 @@ NEW = re.compile(r"^distilled_guidance_layer\.")
 
 
 def chroma_config(flux_config: dict, *, approximator_hidden: int | None = None) -> dict:
-    """ChromaTransformer2DModel's config for a FluxTransformer2DModel config: the same blocks and widths."""
-    if flux_config.get("guidance_embeds"):
-        raise ValueError("--model: a guidance-distilled FLUX (guidance_embeds true, FLUX.1-dev) is not supported; "
-                         "prune reads FLUX.1-schnell-style transformers (Chroma's base)")
+    """ChromaTransformer2DModel's config for a FluxTransformer2DModel config: the same blocks and widths. A
+    guidance-distilled FLUX (FLUX.1-dev class) prunes like schnell: its guidance embedder is conditioning path too
+    (`time_text_embed.`, DROPPED), and `dedistill prune` loads it bypassed (train/model.py), i.e. schnell-shaped."""
     inner = flux_config["num_attention_heads"] * flux_config["attention_head_dim"]
     hidden = approximator_hidden or round(inner * APPROXIMATOR_HIDDEN_RATIO)
     if hidden < 1:

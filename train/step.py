@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -126,6 +127,17 @@ def prepare_prompts(
     return prompts, drop
 
 
+def empty_prompts(frozen: Encoders, cfg: ObjectiveConfig, n: int, *, stored: dict | None = None) -> PromptEmbeds:
+    """The unconditional branch for n rows: the empty prompt caption dropout swaps in (encoded, or the dataset's
+    stored one), so the student's CFG uses the same uncond it is trained and sampled with."""
+    if stored is not None:
+        empty = _stored_prompts(stored, cfg)[1]
+    else:
+        empty = frozen.text.empty(max_tokens=cfg.max_text_tokens, masked=cfg.attention_mask,
+                                  visible_padding=cfg.visible_padding_tokens)
+    return empty.select(torch.zeros(n, dtype=torch.long))
+
+
 def forward_backward_step(
     transformer: torch.nn.Module,
     batch: dict,
@@ -135,9 +147,14 @@ def forward_backward_step(
     generator: torch.Generator,
     loss_scale: float = 1.0,
     backward: bool = True,
+    teacher: torch.nn.Module | None = None,
 ) -> dict[str, torch.Tensor | int]:
     """One micro-batch: returns {"loss": scalar (detached), "t": (B,), "dropped": (B,), "image_tokens": int,
     "text_tokens": int} — the token counts per sample the transformer processed (text after trimming), for MFU.
+
+    `objective.kind: teacher` needs `teacher` (train/teacher.py): the frozen guidance-distilled base at w, against
+    the student's cond and uncond branches, which run as one forward of 2·B rows (same x_t, t and noise; the uncond
+    half on the empty prompt), so FSDP gathers each block once for both and the backward goes through both.
 
     Backward always runs (when `backward`), even on a non-finite loss: under FSDP every rank must join the
     gradient reduce-scatter; the backend then sees a non-finite grad norm on all ranks and skips the update together
@@ -160,12 +177,25 @@ def forward_backward_step(
     ids = image_ids(h, w, device=device, dtype=dtype)
 
     autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 else nullcontext()
-    with autocast:
-        pred = predict_velocity(
-            transformer, x_t.to(dtype), t, prompts.to(device, dtype), ids, masked=cfg.attention_mask,
-            attention=cfg.attention,
-        )
-    loss, _ = objective.flow_matching_loss(pred.float(), target, t, weighting=cfg.loss_weighting)
+    call = partial(predict_velocity, img_ids=ids, masked=cfg.attention_mask, attention=cfg.attention)
+    if cfg.kind == "teacher":
+        if teacher is None:
+            raise ValueError("objective.kind: teacher needs the frozen teacher model (train.teacher.build_teacher)")
+        w = objective.sample_guidance(cfg, b, generator=host).to(device, non_blocking=True)  # (B,)
+        both = PromptEmbeds.cat([prompts, empty_prompts(frozen, cfg, b, stored=stored)])  # cond rows, then uncond
+        if cfg.attention_mask and cfg.trim_text:
+            both = both.trimmed()
+        with autocast:
+            v = call(transformer, torch.cat([x_t, x_t]).to(dtype), torch.cat([t, t]), both.to(device, dtype))
+            with torch.no_grad():
+                v_teacher = call(teacher, x_t.to(dtype), t, prompts.to(device, dtype), guidance=w)
+        v_cond, v_uncond = v.float().chunk(2)
+        loss, _ = objective.teacher_loss(v_cond, v_uncond, v_teacher, w, t, weighting=cfg.loss_weighting,
+                                         data_target=target, data_weight=cfg.teacher_data_weight)
+    else:
+        with autocast:
+            pred = call(transformer, x_t.to(dtype), t, prompts.to(device, dtype))
+        loss, _ = objective.flow_matching_loss(pred.float(), target, t, weighting=cfg.loss_weighting)
     if backward:
         (loss * loss_scale).backward()
     return {

@@ -32,6 +32,7 @@ from train.parallelize import (
 )
 from train.run_dir import RunDir
 from train.step import forward_backward_step
+from train.teacher import build_teacher
 from train.telemetry import Telemetry
 
 
@@ -146,6 +147,7 @@ class Trainer:
                                    self.encoders.text.token_count(caption, max_tokens=max_tokens))
         # Precomputed shards carry latents and text states: the VAE, T5 and CLIP are then never loaded for training.
         self.encoders = load_encoders(cfg, info, self.dtype, load=self.loader.dataset.kind != "precomputed")
+        self.teacher = build_teacher(cfg, info, self.dtype)  # the frozen base for objective.kind: teacher, else None
         self.scheduler = build_scheduler(self.backend.optimizer, cfg.optim, cfg.train.max_steps)
         self.ema = EMA(self.backend.ema_tensors(), cfg.ema) if cfg.ema.decay > 0 else None
         self.state = TrainState()
@@ -227,6 +229,7 @@ class Trainer:
                 cfg.objective,
                 generator=step_generator(cfg.seed, info.rank, state.step, micro, device=info.device),
                 loss_scale=1.0 / cfg.train.grad_accum,
+                teacher=self.teacher,
             )
             losses.append(out["loss"])
             self.telemetry.micro_batch(out["image_tokens"], out["text_tokens"])

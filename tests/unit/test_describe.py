@@ -38,8 +38,15 @@ def _targeted_linears(cfg: AdapterConfig):
 
 
 def expected_trainable(cfg: AdapterConfig) -> int:
-    if cfg.kind == "full":
-        return FLUX1_PARAMETERS
+    if cfg.kind == "full":  # less the frozen prefixes, counted on a plain diffusers build
+        if not cfg.frozen:
+            return FLUX1_PARAMETERS
+        from diffusers import FluxTransformer2DModel
+
+        with torch.device("meta"):
+            model = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(str(SHIPPED.parent)))
+        return FLUX1_PARAMETERS - sum(p.numel() for n, p in model.named_parameters()
+                                      if any(n.startswith(f) for f in cfg.frozen))
     if cfg.kind == "lora":
         return sum(cfg.rank * (lin.in_features + lin.out_features) for lin in _targeted_linears(cfg))
     from lycoris.functional.general import factorization

@@ -119,11 +119,12 @@ def test_transfer_refuses_a_weight_with_no_place():
         transfer_state(state, chroma)
 
 
-def test_guidance_distilled_flux_is_refused():
-    from train.prune import chroma_config
+def test_guidance_distilled_flux_prunes_like_schnell():
+    from train.prune import DROPPED, chroma_config
 
-    with pytest.raises(ValueError, match="guidance_embeds"):
-        chroma_config({**json.loads(SCHNELL.read_text()), "guidance_embeds": True})
+    schnell = json.loads(SCHNELL.read_text())
+    assert chroma_config({**schnell, "guidance_embeds": True}) == chroma_config(schnell)
+    assert DROPPED.match("time_text_embed.guidance_embedder.linear_1.weight")  # the embedder goes with the rest
 
 
 def test_fit_is_seeded_and_learns():

@@ -159,11 +159,14 @@ def materialize(model: torch.nn.Module, device: torch.device, index: Safetensors
             finish(module)
 
 
-def meta_transformer(path: str | Path, *, dtype: torch.dtype):
+def meta_transformer(path: str | Path, *, dtype: torch.dtype, guidance: str = "bypass", guidance_scale: float = 1.0):
     """(transformer on meta in `dtype`, index of its safetensors) for `materialize`: nothing is read but the config
-    and the files' headers."""
-    config, files = transformer_source(path)
-    model = build_transformer_meta(config)
+    and the files' headers. `guidance`/`guidance_scale`: `model.guidance`."""
+    config, files, dropped = transformer_source(path, guidance=guidance)
+    model = build_transformer_meta(config, guidance=guidance, guidance_scale=guidance_scale)
     # nn.Module.to, not ModelMixin.to (which warns about fp32-kept modules; FLUX and Chroma have none): free on meta
     torch.nn.Module.to(model, dtype)
-    return model, SafetensorsIndex(files)
+    index = SafetensorsIndex(files)
+    if dropped:  # bypassed guidance embedder: not in the model, so not in what the shards are filled from
+        index.entries = {k: v for k, v in index.entries.items() if not k.startswith(dropped)}
+    return model, index
