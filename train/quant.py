@@ -106,9 +106,12 @@ def is_quantized(t: torch.Tensor) -> bool:
 
 def weight_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes the block Linears' weights hold in memory, quantized (data + scales) and not: {"quantized", "plain"}."""
+    from train.family import family_of_model
+
+    prefixes = tuple(f"{attr}." for attr in family_of_model(model).block_lists)
     out = {"quantized": 0, "plain": 0}
     for name, m in model.named_modules():
-        if not (name.startswith(_BLOCK_PREFIXES) and isinstance(m, nn.Linear)):
+        if not (name.startswith(prefixes) and isinstance(m, nn.Linear)):
             continue
         w = m.weight
         if is_quantized(w):

@@ -127,13 +127,13 @@ def prepare_prompts(
     return prompts, drop
 
 
-def empty_prompts(frozen: Encoders, cfg: ObjectiveConfig, n: int, *, stored: dict | None = None) -> PromptEmbeds:
+def empty_prompts(encoders: Encoders, cfg: ObjectiveConfig, n: int, *, stored: dict | None = None) -> PromptEmbeds:
     """The unconditional branch for n rows: the empty prompt caption dropout swaps in (encoded, or the dataset's
     stored one), so the student's CFG uses the same uncond it is trained and sampled with."""
     if stored is not None:
         empty = _stored_prompts(stored, cfg)[1]
     else:
-        empty = frozen.text.empty(max_tokens=cfg.max_text_tokens, masked=cfg.attention_mask,
+        empty = encoders.text.empty(max_tokens=cfg.max_text_tokens, masked=cfg.attention_mask,
                                   visible_padding=cfg.visible_padding_tokens)
     return empty.select(torch.zeros(n, dtype=torch.long))
 
@@ -182,7 +182,7 @@ def forward_backward_step(
         if teacher is None:
             raise ValueError("objective.kind: teacher needs the frozen teacher model (train.teacher.build_teacher)")
         w = objective.sample_guidance(cfg, b, generator=host).to(device, non_blocking=True)  # (B,)
-        both = PromptEmbeds.cat([prompts, empty_prompts(frozen, cfg, b, stored=stored)])  # cond rows, then uncond
+        both = PromptEmbeds.cat([prompts, empty_prompts(encoders, cfg, b, stored=stored)])  # cond rows, then uncond
         if cfg.attention_mask and cfg.trim_text:
             both = both.trimmed()
         with autocast:
