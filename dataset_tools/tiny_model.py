@@ -323,7 +323,20 @@ def _chroma_pipeline(tok_dir: Path, corpus: list[str], size: str, seed: int, tor
     )
 
 
-_PIPELINES = {"flux": _flux_pipeline, "chroma": _chroma_pipeline}  # keys: train/family.py's FAMILIES
+def _flux2_pipeline(tok_dir: Path, corpus: list[str], size: str, seed: int, torch_dtype):
+    from dataset_tools.tiny_model_flux2 import build_flux2_pipeline
+
+    return build_flux2_pipeline(tok_dir, corpus, size, seed, torch_dtype, family="flux2")
+
+
+def _flux2_klein_pipeline(tok_dir: Path, corpus: list[str], size: str, seed: int, torch_dtype):
+    from dataset_tools.tiny_model_flux2 import build_flux2_pipeline
+
+    return build_flux2_pipeline(tok_dir, corpus, size, seed, torch_dtype, family="flux2-klein")
+
+
+_PIPELINES = {"flux": _flux_pipeline, "chroma": _chroma_pipeline, "flux2": _flux2_pipeline,
+              "flux2-klein": _flux2_klein_pipeline}  # keys: train/family.py's FAMILIES
 
 
 def _check(size: str, dtype: str, family: str) -> None:

@@ -136,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny (default) | full-width (FLUX.1's widths, 1 + 1 blocks, 0.54B) | mid (0.64B, benchmarks)")
     s.add_argument("--dtype", default="fp32", help="stored weights: fp32 (default) | bf16")
     s.add_argument("--family", default="flux",
-                   help="flux (default: FluxPipeline) | chroma (ChromaPipeline: ChromaTransformer2DModel, T5, no CLIP)")
+                   help="flux (default: FluxPipeline) | chroma (ChromaPipeline: ChromaTransformer2DModel, T5, no CLIP) | "
+                        "flux2 (Flux2Pipeline, [dev]-shaped: guidance embedder, Mistral3) | "
+                        "flux2-klein (Flux2KleinPipeline: Qwen3, no guidance embedder)")
     s.set_defaults(func=cmd_tiny_model)
 
     s = sub.add_parser("tiny-data", help="write a tiny procedural captioned dataset (MDS shards or a folder)")

@@ -20,6 +20,10 @@ What differs, and why it is a field:
   `single_blocks` index them). The same attribute names in both families; the classes differ (`block_classes`).
 - `pipeline_template`: the self-contained masked pipeline that `--format diffusers` exports as `pipeline.py`.
 - `export_formats`: what `dedistill export` can write for it (BFL single-file keys exist for FLUX only).
+- `text_layers`: FLUX.2 reads hidden states of three layers of a causal text model, stacked per token; T5 families
+  read the last hidden state (empty). Several families may share a transformer class (FLUX.2 [dev] and [klein] are
+  both `Flux2Transformer2DModel`): a dir's `model_index.json` `_class_name` (the pipeline) then picks the row, and a
+  transformer instance maps to the first row of its class (everything a transformer alone decides is the same).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from train.flux2 import call_flux2
 
 VelocityCall = Callable[..., torch.Tensor]
 
@@ -96,6 +102,12 @@ class ModelFamily:
     attentions: tuple[str, ...] = ("sdpa",)
     """`objective.attention` values this family's call supports. flex needs a BlockMask built from the key mask;
     Chroma's forward turns its (B, S) mask into a (B, 1, S, S) query-and-key mask itself, so it takes no BlockMask."""
+    text_layers: tuple[int, ...] = ()
+    """Hidden-state indices of the text model stacked as the transformer's text features (FLUX.2); () = T5's output."""
+    shared_modules: tuple[str, ...] = ()
+    """Trunk modules outside the blocks whose output every block reads (FLUX.2's modulation, 566M at [dev] size).
+    FSDP2 makes each its own unit (train/parallelize.py): gathered for its one forward at the start of the step,
+    resharded, gathered again for its backward; only its small output lives through the blocks."""
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -148,8 +160,47 @@ FAMILIES: dict[str, ModelFamily] = {
                    "reaches the image",
         prepare=_no_empty_query_rows,
     ),
+    # FLUX.2 [dev]: guidance-distilled (guidance_embeds true; guidance=None leaves the embedder out of the graph),
+    # Mistral3 text model, layers 10/20/30. The modulation is shared by all blocks and sits outside them
+    # (566M parameters at [dev] size): each modulation is an FSDP2 unit of its own, see `shared_modules`.
+    "flux2": ModelFamily(
+        name="flux2",
+        transformer_class="Flux2Transformer2DModel",
+        pipeline_class="Flux2Pipeline",
+        t5=("text_encoder", "tokenizer"),
+        clip=None,
+        call=call_flux2,
+        block_classes=("Flux2TransformerBlock", "Flux2SingleTransformerBlock"),
+        pipeline_template="masked_flux2_pipeline.py",
+        export_formats=("diffusers", "lora"),
+        stock_mask="pads the text to 512 tokens and passes no mask: every pad reaches the image",
+        prepare=_nothing,
+        adapter_examples="to_q, to_out.0, ff.linear_in, ff.linear_out, to_qkv_mlp_proj",
+        text_layers=(10, 20, 30),
+        shared_modules=("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation"),
+    ),
+    # FLUX.2 [klein] (4B, 9B): no guidance embedder; Base is undistilled (real CFG), the other is step-distilled.
+    # Same transformer class as [dev]; Qwen3 text model, layers 9/18/27.
+    "flux2-klein": ModelFamily(
+        name="flux2-klein",
+        transformer_class="Flux2Transformer2DModel",
+        pipeline_class="Flux2KleinPipeline",
+        t5=("text_encoder", "tokenizer"),
+        clip=None,
+        call=call_flux2,
+        block_classes=("Flux2TransformerBlock", "Flux2SingleTransformerBlock"),
+        pipeline_template="masked_flux2_pipeline.py",
+        export_formats=("diffusers", "lora"),
+        stock_mask="pads the text to 512 tokens and passes no mask: every pad reaches the image",
+        prepare=_nothing,
+        adapter_examples="to_q, to_out.0, ff.linear_in, ff.linear_out, to_qkv_mlp_proj",
+        text_layers=(9, 18, 27),
+        shared_modules=("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation"),
+    ),
 }
-_BY_CLASS = {f.transformer_class: f for f in FAMILIES.values()}
+_BY_CLASS: dict[str, ModelFamily] = {}
+for _f in FAMILIES.values():
+    _BY_CLASS.setdefault(_f.transformer_class, _f)  # the first row of a shared class: see `text_layers` above
 
 
 def family_of_class(class_name: str, *, where: str = "transformer") -> ModelFamily:
@@ -168,7 +219,13 @@ def family_of_dir(path: str | Path, *, key: str = "model.path") -> ModelFamily:
         name = json.loads(f.read_text()).get("_class_name", "")
     except json.JSONDecodeError as e:
         raise ValueError(f"{key}: {f} is not valid JSON ({e})") from None
-    return family_of_class(name, where=f"{key}: {f}")
+    family = family_of_class(name, where=f"{key}: {f}")
+    shared = [g for g in FAMILIES.values() if g.transformer_class == name]
+    if len(shared) > 1:  # the pipeline class tells rows of one transformer class apart
+        index = Path(path) / "model_index.json"
+        pipeline = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
+        family = next((g for g in shared if g.pipeline_class == pipeline), family)
+    return family
 
 
 def family_of_model(model: torch.nn.Module) -> ModelFamily:
