@@ -104,6 +104,11 @@ class ModelFamily:
     Chroma's forward turns its (B, S) mask into a (B, 1, S, S) query-and-key mask itself, so it takes no BlockMask."""
     text_layers: tuple[int, ...] = ()
     """Hidden-state indices of the text model stacked as the transformer's text features (FLUX.2); () = T5's output."""
+    vae_class: str = "AutoencoderKL"
+    """The diffusers VAE class in vae/ (its latent normalisation: train.model.LATENT_NORMS)."""
+    empirical_mu: bool = False
+    """The model's own dynamic schedule takes mu from the image token count *and* the step count (FLUX.2's
+    `compute_empirical_mu`), not FLUX.1's line through (base_seq_len, base_shift), (max_seq_len, max_shift)."""
     shared_modules: tuple[str, ...] = ()
     """Trunk modules outside the blocks whose output every block reads (FLUX.2's modulation, 566M at [dev] size).
     FSDP2 makes each its own unit (train/parallelize.py): gathered for its one forward at the start of the step,
@@ -178,6 +183,8 @@ FAMILIES: dict[str, ModelFamily] = {
         adapter_examples="to_q, to_out.0, ff.linear_in, ff.linear_out, to_qkv_mlp_proj",
         text_layers=(10, 20, 30),
         shared_modules=("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation"),
+        vae_class="AutoencoderKLFlux2",
+        empirical_mu=True,
     ),
     # FLUX.2 [klein] (4B, 9B): no guidance embedder; Base is undistilled (real CFG), the other is step-distilled.
     # Same transformer class as [dev]; Qwen3 text model, layers 9/18/27.
@@ -196,6 +203,8 @@ FAMILIES: dict[str, ModelFamily] = {
         adapter_examples="to_q, to_out.0, ff.linear_in, ff.linear_out, to_qkv_mlp_proj",
         text_layers=(9, 18, 27),
         shared_modules=("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation"),
+        vae_class="AutoencoderKLFlux2",
+        empirical_mu=True,
     ),
 }
 _BY_CLASS: dict[str, ModelFamily] = {}
