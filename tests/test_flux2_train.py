@@ -100,3 +100,37 @@ def test_unguided_sampling_equals_the_klein_pipeline(model_dir):
     ref = pipe(prompt="a red circle", height=64, width=64, num_inference_steps=3, guidance_scale=1.0,
                max_sequence_length=48, latents=pipe._patchify_latents(noise), output_type="np").images[0]
     assert np.abs(ours - ref * 255).max() <= 1.0
+
+
+def test_lora_export_loads_in_the_stock_pipeline(model_dir, tiny_data_dir, tmp_path):
+    """`--format lora` of a FLUX.2 LoRA run loads with the pipeline's `load_lora_weights`, and the stock transformer
+    then predicts what the trained one (base + adapter) predicts; `--format diffusers` is refused by name."""
+    from launch.export import _load_trained_transformer, export_checkpoint
+    from train.flux import pack_latents, predict_velocity
+    from train.inference import resolve_checkpoint
+
+    run = tmp_path / "run"
+    tiny_runs.train_in_process(_cfg(model_dir, tiny_data_dir, run, "lora", **{"optim.lr": 0.02,
+                                                                              "train.max_steps": 2}))
+    out = export_checkpoint(run, tmp_path / "lora", fmt="lora", dtype="fp32")
+    with pytest.raises(ValueError, match="--format: diffusers is not available for a flux2"):
+        export_checkpoint(run, tmp_path / "full", fmt="diffusers")
+    name = "Flux2KleinPipeline" if "klein" in str(model_dir) else "Flux2Pipeline"
+    pipe = getattr(diffusers, name).from_pretrained(str(model_dir))
+    base = pipe.transformer
+    text = TextEncoder(model_dir, dtype=torch.float32, device=torch.device("cpu"))
+    enc = text.encode(["a red circle"], max_tokens=96)
+    g = torch.Generator().manual_seed(0)
+    x, t = pack_latents(torch.randn(1, 32, 8, 8, generator=g)), torch.tensor([0.6])
+    from train.flux import image_ids
+
+    ids = image_ids(8, 8, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        before = predict_velocity(base, x, t, enc, ids)
+        pipe.load_lora_weights(str(out))
+        loaded = predict_velocity(pipe.transformer, x, t, enc, ids)
+        ckpt, run_dir = resolve_checkpoint(run)
+        trained, _ = _load_trained_transformer(ckpt, run_dir, ema=False)
+        ref = predict_velocity(trained, x, t, enc, ids)
+    assert (ref - before).abs().max() > 1e-4  # the LoRA changed the model
+    torch.testing.assert_close(loaded, ref, atol=1e-5, rtol=0)
