@@ -4,6 +4,7 @@ plan builds the FLUX.2 family (not FLUX.1) from them, and the presets parse."""
 
 import pytest
 
+from launch.describe import describe
 from train.config import load_config
 from train.family import FAMILIES, family_of_dir
 from train.model import build_transformer_meta
@@ -41,3 +42,11 @@ def test_klein_preset_targets_exist():
     cfg = load_config(REPO / "configs" / "flux2-klein-base-lora.yaml", [])
     plan = make_plan(cfg, Cluster(nodes=1, gpus_per_node=1), precomputed=True)
     assert 0 < plan.inv.n_trainable < plan.inv.n_total / 100
+
+
+@pytest.mark.parametrize("preset, params", [("flux2-dev-undistill", "32,223,281,152"),
+                                            ("flux2-klein-base-lora", "9,078,581,248")])
+def test_describe_states_the_flux2_size(preset, params):
+    text = describe(load_config(REPO / "configs" / f"{preset}.yaml", []))
+    assert f"parameters: {params} in the transformer" in text
+    assert "FLUX.1-schnell" not in text
