@@ -326,9 +326,22 @@ def _chroma_pipeline(tok_dir: Path, corpus: list[str], size: str, seed: int, tor
     )
 
 
+def _flux2_pipeline(tok_dir: Path, corpus: list[str], size: str, seed: int, torch_dtype):
+    from dataset_tools.tiny_model_flux2 import build_flux2_pipeline
+
+    return build_flux2_pipeline(tok_dir, corpus, size, seed, torch_dtype, family="flux2")
+
+
+def _flux2_klein_pipeline(tok_dir: Path, corpus: list[str], size: str, seed: int, torch_dtype):
+    from dataset_tools.tiny_model_flux2 import build_flux2_pipeline
+
+    return build_flux2_pipeline(tok_dir, corpus, size, seed, torch_dtype, family="flux2-klein")
+
+
 # keys: train/family.py's FAMILIES, and flux-dev: FLUX.1-dev-shaped (a guidance embedder, guidance_embeds true)
 _PIPELINES = {"flux": _flux_pipeline, "chroma": _chroma_pipeline,
-              "flux-dev": partial(_flux_pipeline, guidance_embeds=True)}
+              "flux-dev": partial(_flux_pipeline, guidance_embeds=True),
+              "flux2": _flux2_pipeline, "flux2-klein": _flux2_klein_pipeline}
 
 
 def _check(size: str, dtype: str, family: str) -> None:

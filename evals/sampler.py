@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from train.flux import image_ids, pack_latents, predict_velocity, unpack_latents
-from train.model import vae_scale_factor
+from train.model import normalise_latents, vae_scale_factor
 from train.objective import DEV_SCHEDULE, SamplingSchedule, sampling_sigmas
 from train.run_dir import RunDir
 from train.text import PromptEmbeds, TextEncoder
@@ -108,7 +108,7 @@ def denoise(
 @torch.no_grad()
 def decode(vae, packed: torch.Tensor, latent_hw: tuple[int, int]) -> list[Image.Image]:
     h, w = latent_hw
-    latents = unpack_latents(packed, h, w) / vae.config.scaling_factor + vae.config.shift_factor
+    latents = normalise_latents(vae, unpack_latents(packed, h, w), inverse=True)
     images = vae.decode(latents.to(vae.device, vae.dtype), return_dict=False)[0]
     arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]

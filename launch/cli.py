@@ -138,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="fp32", help="stored weights: fp32 (default) | bf16")
     s.add_argument("--family", default="flux",
                    help="flux (default: FluxPipeline) | chroma (ChromaPipeline: ChromaTransformer2DModel, T5, no CLIP) "
-                   "| flux-dev (FLUX.1-dev-shaped: a guidance embedder, guidance_embeds true)")
+                   "| flux-dev (FLUX.1-dev-shaped: a guidance embedder, guidance_embeds true) "
+                   "| flux2 (Flux2Pipeline, [dev]-shaped: guidance embedder, Mistral3) "
+                   "| flux2-klein (Flux2KleinPipeline: Qwen3, no guidance embedder)")
     s.set_defaults(func=cmd_tiny_model)
 
     s = sub.add_parser("tiny-data", help="write a tiny procedural captioned dataset (MDS shards or a folder)")

@@ -24,6 +24,10 @@ What differs, and why it is a field:
   FLUX.1-dev, Krea-dev, Kontext-dev) keeps its embedded-guidance input. `model.guidance: bypass` loads the model
   without those weights and with `guidance_embeds: false` (train/model.py), so training, sampling and every export
   see a schnell-shaped transformer; empty for a family with no such input (Chroma).
+- `text_layers`: FLUX.2 reads hidden states of three layers of a causal text model, stacked per token; T5 families
+  read the last hidden state (empty). Several families may share a transformer class (FLUX.2 [dev] and [klein] are
+  both `Flux2Transformer2DModel`): a dir's `model_index.json` `_class_name` (the pipeline) then picks the row, and a
+  transformer instance maps to the first row of its class (everything a transformer alone decides is the same).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from train.flux2 import call_flux2
 from train.model_schema import check_transformer_config
 
 VelocityCall = Callable[..., torch.Tensor]
@@ -68,6 +73,20 @@ def _flux_constant_guidance(model: torch.nn.Module, scale: float) -> None:
         return timestep, torch.full_like(timestep, scale) * 1000, pooled
 
     model.time_text_embed.register_forward_pre_hook(feed)
+
+
+def _flux2_constant_guidance(model: torch.nn.Module, scale: float) -> None:
+    """`model.guidance: keep` for FLUX.2 [dev]: Flux2Transformer2DModel always calls `time_guidance_embed(timestep,
+    guidance)`, guidance None when the caller passed none (both already ×1000 in the hidden dtype otherwise); the
+    hook puts in what `guidance=full(scale)` would have given."""
+
+    def feed(module, args):
+        timestep, guidance = args
+        if guidance is not None:
+            return None
+        return timestep, torch.full_like(timestep, scale) * 1000
+
+    model.time_guidance_embed.register_forward_pre_hook(feed)
 
 
 def _no_empty_query_rows(model: torch.nn.Module) -> None:
@@ -129,6 +148,17 @@ class ModelFamily:
     def embeds_guidance(self, config: dict) -> bool:
         """True for a guidance-distilled transformer config of this family (`guidance_embeds: true`)."""
         return bool(self.guidance_embedder) and bool(config.get("guidance_embeds"))
+    text_layers: tuple[int, ...] = ()
+    """Hidden-state indices of the text model stacked as the transformer's text features (FLUX.2); () = T5's output."""
+    vae_class: str = "AutoencoderKL"
+    """The diffusers VAE class in vae/ (its latent normalisation: train.model.LATENT_NORMS)."""
+    empirical_mu: bool = False
+    """The model's own dynamic schedule takes mu from the image token count *and* the step count (FLUX.2's
+    `compute_empirical_mu`), not FLUX.1's line through (base_seq_len, base_shift), (max_seq_len, max_shift)."""
+    shared_modules: tuple[str, ...] = ()
+    """Trunk modules outside the blocks whose output every block reads (FLUX.2's modulation, 566M at [dev] size).
+    FSDP2 makes each its own unit (train/parallelize.py): gathered for its one forward at the start of the step,
+    resharded, gathered again for its backward; only its small output lives through the blocks."""
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -183,8 +213,53 @@ FAMILIES: dict[str, ModelFamily] = {
                    "reaches the image",
         prepare=_no_empty_query_rows,
     ),
+    # FLUX.2 [dev]: guidance-distilled (guidance_embeds true; guidance=None leaves the embedder out of the graph),
+    # Mistral3 text model, layers 10/20/30. The modulation is shared by all blocks and sits outside them
+    # (566M parameters at [dev] size): each modulation is an FSDP2 unit of its own, see `shared_modules`.
+    "flux2": ModelFamily(
+        name="flux2",
+        transformer_class="Flux2Transformer2DModel",
+        pipeline_class="Flux2Pipeline",
+        t5=("text_encoder", "tokenizer"),
+        clip=None,
+        call=call_flux2,
+        block_classes=("Flux2TransformerBlock", "Flux2SingleTransformerBlock"),
+        pipeline_template="",  # no masked real-CFG pipeline.py for FLUX.2 yet: --format diffusers is refused
+        export_formats=("lora",),
+        stock_mask="pads the text to 512 tokens and passes no mask: every pad reaches the image",
+        prepare=_nothing,
+        adapter_examples="to_q, to_out.0, ff.linear_in, ff.linear_out, to_qkv_mlp_proj",
+        text_layers=(10, 20, 30),
+        shared_modules=("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation"),
+        vae_class="AutoencoderKLFlux2",
+        empirical_mu=True,
+        guidance_embedder="time_guidance_embed.guidance_embedder.",
+        constant_guidance=_flux2_constant_guidance,
+    ),
+    # FLUX.2 [klein] (4B, 9B): no guidance embedder; Base is undistilled (real CFG), the other is step-distilled.
+    # Same transformer class as [dev]; Qwen3 text model, layers 9/18/27.
+    "flux2-klein": ModelFamily(
+        name="flux2-klein",
+        transformer_class="Flux2Transformer2DModel",
+        pipeline_class="Flux2KleinPipeline",
+        t5=("text_encoder", "tokenizer"),
+        clip=None,
+        call=call_flux2,
+        block_classes=("Flux2TransformerBlock", "Flux2SingleTransformerBlock"),
+        pipeline_template="",  # no masked real-CFG pipeline.py for FLUX.2 yet: --format diffusers is refused
+        export_formats=("lora",),
+        stock_mask="pads the text to 512 tokens and passes no mask: every pad reaches the image",
+        prepare=_nothing,
+        adapter_examples="to_q, to_out.0, ff.linear_in, ff.linear_out, to_qkv_mlp_proj",
+        text_layers=(9, 18, 27),
+        shared_modules=("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation"),
+        vae_class="AutoencoderKLFlux2",
+        empirical_mu=True,
+    ),
 }
-_BY_CLASS = {f.transformer_class: f for f in FAMILIES.values()}
+_BY_CLASS: dict[str, ModelFamily] = {}
+for _f in FAMILIES.values():
+    _BY_CLASS.setdefault(_f.transformer_class, _f)  # the first row of a shared class: see `text_layers` above
 
 
 def family_of_class(class_name: str, *, where: str = "transformer") -> ModelFamily:
@@ -206,7 +281,13 @@ def family_of_dir(path: str | Path, *, key: str = "model.path") -> ModelFamily:
     name = config.get("_class_name", "")
     if not isinstance(name, str):
         raise ValueError(f"{key}: {f}: _class_name: expected a class name, got {name!r:.60}")
-    return family_of_class(name, where=f"{key}: {f}")
+    family = family_of_class(name, where=f"{key}: {f}")
+    shared = [g for g in FAMILIES.values() if g.transformer_class == name]
+    if len(shared) > 1:  # the pipeline class tells rows of one transformer class apart
+        index = Path(path) / "model_index.json"
+        pipeline = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
+        family = next((g for g in shared if g.pipeline_class == pipeline), family)
+    return family
 
 
 def family_of_model(model: torch.nn.Module) -> ModelFamily:

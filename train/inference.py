@@ -6,6 +6,7 @@ A checkpoint holds only the trainable state; the base weights come from the run'
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 from train.adapters import apply_adapter, trainable_named_parameters
 from train.checkpoint import is_complete, latest_checkpoint, safe_load
 from train.config import JobConfig, load_run_config
+from train.family import family_of_dir
 from train.model import load_scheduler_config, load_transformer, load_vae, resolve_dtype
 from train.objective import DEV_SCHEDULE, SamplingSchedule
 from train.run_dir import RunDir, checkpoint_step, is_checkpoint_dir
@@ -82,10 +84,13 @@ def sampling_schedule(model_path: str | Path, run_config: JobConfig | None = Non
     kind = override or (run_config.sample.schedule if run_config is not None else "model")
     if kind not in SCHEDULES:
         raise ValueError(f"--schedule: {kind!r} is not one of {', '.join(SCHEDULES)}")
+    # A family whose pipeline computes mu itself (FLUX.2) keeps that rule under either dynamic schedule.
+    empirical = family_of_dir(model_path).empirical_mu
     if kind == "dynamic":
-        return DEV_SCHEDULE
+        return dataclasses.replace(DEV_SCHEDULE, empirical_mu=empirical)
     if kind == "model":
-        return model_schedule(model_path)
+        s = model_schedule(model_path)
+        return dataclasses.replace(s, empirical_mu=empirical and s.dynamic)
     if shift is None:
         shift = run_config.sample.shift if run_config is not None else None
     if shift is None:

@@ -306,12 +306,16 @@ class SamplingSchedule:
     max_shift: float = 1.15
     base_seq_len: int = 256
     max_seq_len: int = 4096
+    empirical_mu: bool = False
+    """dynamic only: mu from FLUX.2's `compute_empirical_mu(image_seq_len, steps)` instead of the line above."""
 
     def __post_init__(self) -> None:
         if self.shift <= 0:
             raise ValueError(f"shift: must be > 0, got {self.shift}")
 
     def describe(self) -> str:
+        if self.dynamic and self.empirical_mu:
+            return "dynamic shift (FLUX.2: mu from the image token count and the step count, compute_empirical_mu)"
         if self.dynamic:
             return (f"dynamic shift (FLUX.1-dev: mu from {self.base_shift} at {self.base_seq_len} to {self.max_shift} "
                     f"at {self.max_seq_len} image tokens)")
@@ -364,7 +368,12 @@ def sampling_sigmas(steps: int, image_seq_len: int, *, schedule: SamplingSchedul
     if steps < 1:
         raise ValueError(f"sample.steps: must be >= 1, got {steps}")
     sigmas = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)
-    if schedule.dynamic:
+    if schedule.dynamic and schedule.empirical_mu:
+        from train.flux2 import empirical_mu
+
+        mu = empirical_mu(image_seq_len, steps)
+        sigmas = math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
+    elif schedule.dynamic:
         mu = mu_for_seq_len(image_seq_len, base_seq_len=schedule.base_seq_len, max_seq_len=schedule.max_seq_len,
                             base_shift=schedule.base_shift, max_shift=schedule.max_shift)
         sigmas = math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))

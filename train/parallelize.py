@@ -229,6 +229,12 @@ def parallelize_transformer(
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     for block in _blocks(model):
         fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, **kwargs)
+    # Modulation every block reads, outside the blocks (FLUX.2: 566M at [dev] size): a unit of its own, gathered for
+    # its one forward at the start of the step and again in the backward, not held all step with the root.
+    from train.family import family_of_model
+
+    for name in family_of_model(model).shared_modules:
+        fully_shard(model.get_submodule(name), reshard_after_forward=True, **kwargs)
     # The root keeps its small embed/proj layers; no reshard after forward since backward needs them first.
     fully_shard(model, reshard_after_forward=False, **kwargs)
     return model

@@ -196,7 +196,8 @@ def transformer_config(cfg: JobConfig) -> tuple[dict, str]:
     else:
         path, source = FLUX1_SCHNELL_CONFIG, f"{FLUX1_SCHNELL_CONFIG.relative_to(REPO)} (model.path not readable)"
     config = check_transformer_config(json.loads(path.read_text()), where=source)
-    return {k: v for k, v in config.items() if not k.startswith("_")}, source
+    # _class_name stays: it names the family (FLUX.1, Chroma, FLUX.2) the meta model is built as
+    return {k: v for k, v in config.items() if not k.startswith("_") or k == "_class_name"}, source
 
 
 def inventory(config: dict, cfg: JobConfig) -> Inventory:

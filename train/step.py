@@ -23,6 +23,7 @@ import torch
 from train import objective
 from train.config import ObjectiveConfig
 from train.flux import image_ids, pack_latents, predict_velocity
+from train.model import normalise_latents
 from train.text import PromptEmbeds, TextEncoder
 
 
@@ -53,11 +54,11 @@ def _randn(shape, generator: torch.Generator, device: torch.device) -> torch.Ten
 
 @torch.no_grad()
 def encode_images(vae, pixels: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> (B, C, H/8, W/8) normalised latents (FLUX's shift and scale)."""
+    """(B, 3, H, W) in [-1, 1] -> (B, C, H/8, W/8) normalised latents (FLUX's shift and scale; FLUX.2's BatchNorm)."""
     dist = vae.encode(pixels.to(vae.device, vae.dtype, non_blocking=True)).latent_dist
     noise = _randn(dist.mean.shape, generator, dist.mean.device)
     latents = dist.mean + dist.std * noise.to(dist.mean.dtype)
-    return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+    return normalise_latents(vae, latents)  # the VAE's own normalisation (train.model.LATENT_NORMS)
 
 
 def batch_latents(encoders: Encoders, batch: dict, *, generator: torch.Generator) -> torch.Tensor:

@@ -129,7 +129,17 @@ def with_visible_padding(mask: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class TextEncoder:
-    """Frozen T5 (and CLIP-L where the family has it) from a diffusers FLUX or Chroma directory."""
+    """Frozen T5 (and CLIP-L where the family has it) from a diffusers FLUX or Chroma directory. A family whose text
+    features are stacked hidden layers (FLUX.2) gets its own encoder, `train.flux2_text.StackedTextEncoder`."""
+
+    def __new__(cls, path: str | Path, **kwargs):
+        from train.family import family_of_dir
+
+        if cls is TextEncoder and family_of_dir(path).text_layers:
+            from train.flux2_text import StackedTextEncoder
+
+            cls = StackedTextEncoder
+        return super().__new__(cls)
 
     def __init__(self, path: str | Path, *, dtype: torch.dtype, device: torch.device):
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
