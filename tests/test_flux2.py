@@ -49,9 +49,14 @@ def test_family_row_and_stock_pipeline_load(model_dir):
     pipe = getattr(diffusers, PIPELINES[name]).from_pretrained(str(path))
     assert pipe.transformer.config.guidance_embeds == (name == "flux2")
     assert not torch.equal(pipe.vae.bn.running_var, torch.ones_like(pipe.vae.bn.running_var))
-    ours = load_transformer(path, dtype=torch.float32)
+    ours = load_transformer(path, dtype=torch.float32, guidance="keep")
     for k, v in pipe.transformer.state_dict().items():
         assert torch.equal(ours.state_dict()[k], v), k
+    # model.guidance: bypass (the default) builds [dev] without its guidance embedder, [klein] (none) as it is
+    bypassed = load_transformer(path, dtype=torch.float32).state_dict()
+    dropped = {k for k in pipe.transformer.state_dict() if k not in bypassed}
+    assert bool(dropped) == (name == "flux2")
+    assert all(k.startswith("time_guidance_embed.guidance_embedder.") for k in dropped), dropped
 
 
 def test_ids_equal_the_pipeline_ids():
@@ -119,25 +124,27 @@ def test_our_call_equals_the_pipeline_call(loaded):
 
 
 def test_guidance_embedder_is_out_of_the_graph(loaded):
-    """[dev]: the default call leaves the guidance embedder out (its weights change nothing); given a guidance it
-    is in."""
-    name, _, m, text = loaded
+    """[dev]: our default load (`model.guidance: bypass`) has no guidance embedder, and equals the stock model called
+    without guidance, whose embedder is then out of the graph (its weights change nothing); given a guidance it is
+    in."""
+    name, path, m, text = loaded
+    assert m.time_guidance_embed.guidance_embedder is None  # bypassed ([dev]) or absent ([klein])
     if name != "flux2":
-        assert m.time_guidance_embed.guidance_embedder is None
         return
+    raw = diffusers.Flux2Transformer2DModel.from_pretrained(str(path / "transformer"), torch_dtype=torch.float32)
     x, t, ids = _latents()
     enc = text.encode(PROMPTS, max_tokens=40)
     img4, txt4 = flux2_ids(ids, enc.t5.shape[1])
     kw = dict(x=x, t=t, t5=enc.t5, pooled=enc.pooled, key_mask=None, img_ids=ids, txt_ids=txt4)
     with torch.no_grad():
-        ref = call_flux2(m, **kw)
-        guided = call_flux2(m, **kw, guidance=torch.full((2,), 3.5))
-        saved = {k: v.clone() for k, v in m.time_guidance_embed.guidance_embedder.state_dict().items()}
-        for p in m.time_guidance_embed.guidance_embedder.parameters():
+        ref = call_flux2(raw, **kw)
+        ours = call_flux2(m, **kw)
+        guided = call_flux2(raw, **kw, guidance=torch.full((2,), 3.5))
+        for p in raw.time_guidance_embed.guidance_embedder.parameters():
             p.mul_(3.0)
-        out = call_flux2(m, **kw)
-        m.time_guidance_embed.guidance_embedder.load_state_dict(saved)
+        out = call_flux2(raw, **kw)
     assert torch.equal(out, ref)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
     assert (guided - ref).abs().max() > 1e-4
 
 
