@@ -15,7 +15,7 @@ for _tier in ("unit", "integration", "system"):
 
 
 def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`) the tests on the local SLURM cluster share one
+    """Under pytest-xdist (`make test XDIST="-n 2 --dist loadgroup"`) the tests on the local SLURM cluster share one
     worker, so the session starts one cluster; the documented commands that submit to it say so themselves."""
     for item in items:
         if "slurm_cluster" in getattr(item, "fixturenames", ()):

@@ -185,7 +185,6 @@ CASES: dict[str, Run | Skip | Covered] = {
     "make test": skip("runs the whole suite, this file included: it would recurse (.ci/run runs it)"),
     # docs/testing.md
     "make test-fast": skip("runs tests/unit, which the suite this file belongs to runs as well"),
-    "make test XDIST=": skip("the whole suite in one process: it would recurse, like `make test`"),
     "dedistill train configs/lora-1gpu.yaml model.path=/models/FLUX.1-schnell data.local=/data/mds":
         run(append=GPU_PRESET_ON_CPU, why=WHY_GPU_PRESET, creates=("runs/lora-1gpu/checkpoints/step_00000002/COMPLETE",)),
     "torchrun --nproc_per_node 8 -m train configs/libreflux.yaml model.path=... data.local=...":
