@@ -408,8 +408,9 @@ def optimizer_temporary(cfg: JobConfig, cl: Cluster, shard_elems: int, largest_e
     sqrt(v) copy of every local tensor at once (`torch._foreach_sqrt`); single-tensor `v.sqrt() / c` per tensor, two
     copies of the largest. With CPU offload the step runs in host memory."""
     impl = cfg.optim.implementation
-    if impl == "auto":
-        impl = "fused" if cl.device == "cuda" and not cfg.parallel.cpu_offload else "single_tensor"
+    if impl == "auto":  # DeepSpeed's optimizer is built while the module is still on the host: auto finds CPU tensors
+        on_gpu = cl.device == "cuda" and not cfg.parallel.cpu_offload and cfg.parallel.backend == "fsdp2"
+        impl = "fused" if on_gpu else "single_tensor"
     if cfg.parallel.cpu_offload:
         return impl, 0.0
     return impl, {"fused": 0.0, "foreach": 4.0 * shard_elems, "single_tensor": 8.0 * largest_elems}[impl]
