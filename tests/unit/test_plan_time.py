@@ -22,7 +22,7 @@ from train.plan import (
     format_plan, gpu_memory, inventory, make_plan, sharded_collective_s, step_timing, tokens_for,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = dict(TINY_SIZES["tiny"]["transformer"])
 TWO_NODES = Cluster(nodes=2, gpus_per_node=8)
 

@@ -27,7 +27,7 @@ from PIL import Image
 
 from dataset_tools.convert import ConvertOptions, convert
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "launch" / "templates"
+TEMPLATES = Path(__file__).resolve().parents[2] / "launch" / "templates"
 RES, STEPS, TOKENS = 32, 2, 48  # diffusers' dummy inputs: 2 steps, max_sequence_length 48
 PROMPT = "A painting of a squirrel eating a burger"
 
