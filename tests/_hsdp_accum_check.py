@@ -1,6 +1,6 @@
-"""Test helper (run under torchrun with 4 gloo ranks by tests/test_hsdp_accum.py): HSDP on a 2 x 2 mesh (2 "nodes"
-of 2 ranks) with gradient accumulation, once as torch's default does it (every micro-batch all-reduces across nodes)
-and once with `backend.prepare_micro_batch` (only the last does), counting FSDP2's collectives per optimizer step.
+"""Test helper (run under torchrun with 4 gloo ranks by tests/integration/test_hsdp_accum.py): HSDP on a 2 x 2
+mesh (2 "nodes" of 2 ranks) with gradient accumulation, once as torch's default does it (every micro-batch
+all-reduces across nodes) and once with `backend.prepare_micro_batch` (only the last does), counting FSDP2's collectives per optimizer step.
 
 Each rank writes $OUT/rank<R>.json: the collective counts per variant (calls and bytes, split by the group they ran
 on: "shard" = this rank's node, "replicate" = across nodes) and, per tensor, the largest difference between the two

@@ -97,7 +97,7 @@ def _no_empty_query_rows(model: torch.nn.Module) -> None:
     pytorch/pytorch#110213), and a NaN value leaks through a masked key in the next block (0 · NaN). Letting that
     row attend to every key keeps it finite; its output is never read (it is a masked key for every other query,
     and text rows are dropped after the last block), so every other output is unchanged, bit for bit
-    (tests/test_family.py). FLUX needs nothing: its key-only mask leaves every row the image keys."""
+    (tests/unit/test_family.py). FLUX needs nothing: its key-only mask leaves every row the image keys."""
     from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 
     class NoEmptyRowsProcessor(FluxAttnProcessor):

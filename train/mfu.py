@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 FLUX1_P_TOK = 6.455e9
-"""Per-token matmul parameters of FLUX.1 (684·3072² = 6.455e9); tests/test_mfu.py recounts it from diffusers."""
+"""Per-token matmul parameters of FLUX.1 (684·3072² = 6.455e9); tests/unit/test_mfu.py recounts it from
+diffusers."""
 
 PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
     # (substring of torch.cuda.get_device_name(), dense bf16 TFLOP/s without sparsity); first match wins.

@@ -17,7 +17,7 @@ Every number models what this code base does, not a generic trainer:
   materialised ΔW per adapted Linear, LoRA its r-wide intermediate). Under CUDA autocast LayerNorm and RMSNorm run in
   fp32, so their saved tensors are 4 bytes; matmul/attention tensors are in the compute dtype. Attention is assumed to
   be a fused kernel that keeps q, k, v, the output and the log-sum-exp (PyTorch's efficient/flash SDPA, and the CPU
-  flash kernel), not the T×T probabilities. `tests/test_plan.py` checks the count against the tensors autograd
+  flash kernel), not the T×T probabilities. `tests/unit/test_plan.py` checks the count against the tensors autograd
   actually saves on CPU; `bench/plan_vs_measured.py` against measured memory.
 - **Communication** (`comm_per_step`): FSDP2 all-gathers each block's parameters in the compute dtype in the forward
   and again in the backward (`reshard_after_forward`), reduce-scatters the trainable gradients in
@@ -52,7 +52,7 @@ FLUX1_SCHNELL_CONFIG = REPO / "configs" / "models" / "flux1-schnell" / "transfor
 
 # Frozen parts the trainer loads when the data holds raw images and captions (train/build.py), with the FLUX.1
 # component configs (text_encoder = CLIP ViT-L/14 text, text_encoder_2 = T5 v1.1 XXL encoder, vae = FLUX's 16-channel
-# AutoencoderKL). Parameter counts are recounted on meta from these configs in tests/test_plan.py.
+# AutoencoderKL). Parameter counts are recounted on meta from these configs in tests/unit/test_plan.py.
 ENCODER_PARAMS = {"t5": 4_762_310_656, "clip": 123_060_480, "vae": 83_819_683}
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
               feed_forward_proj="gated-gelu", is_encoder_decoder=False)
@@ -673,7 +673,8 @@ def comm_per_step(inv: Inventory, cfg: JobConfig, cl: Cluster) -> Comm:
     Per micro-batch: forward all-gather of every unit in the compute dtype; a second all-gather of every block in
     the backward when `reshard_after_forward` (the root is never resharded); a reduce-scatter of every unit's
     trainable gradients in `reduce_dtype`. Per step with HSDP: an all-reduce of the gradient shards across replicas,
-    once (`FSDP2Backend.prepare_micro_batch` defers it to the last micro-batch; tests/test_hsdp_accum.py counts it).
+    once (`FSDP2Backend.prepare_micro_batch` defers it to the last micro-batch;
+    tests/integration/test_hsdp_accum.py counts it).
     DeepSpeed is modelled as ZeRO-2 (reduce-scatter gradients, all-gather updated weights) or ZeRO-3 (like FSDP).
     """
     b = compute_dtype_bytes(cfg, cl)

@@ -6,7 +6,7 @@ It runs `evals.experiments.proof` with `--until distill` (world, judge, VAE, tea
 resumable in `out_dir`), then writes into the asset dir: `pipeline/` (the student, a diffusers FLUX pipeline dir:
 transformer, VAE, tokenizers, CLIP, T5, all safetensors), `judge.safetensors` (the toy FID / adherence judge) and
 `toy_schnell.json` (the command, the config with its seeds, the sanity checks and the stage times). `dedistill demo`
-de-distills this student; tests/test_toy_schnell.py loads it through `train.inference.load_for_inference`.
+de-distills this student; tests/unit/test_toy_schnell.py loads it through `train.inference.load_for_inference`.
 """
 
 from __future__ import annotations

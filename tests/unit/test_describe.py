@@ -70,7 +70,7 @@ def test_shipped_config_is_flux1_schnell():
     assert list(c["axes_dims_rope"]) == [16, 56, 56] and c["guidance_embeds"] is False
 
 
-FLUX1_PRESETS = [p for p in PRESETS if not p.name.startswith("flux2-")]  # FLUX.2's: tests/test_flux2_plan.py
+FLUX1_PRESETS = [p for p in PRESETS if not p.name.startswith("flux2-")]  # FLUX.2's: tests/unit/test_flux2_plan.py
 
 
 @pytest.mark.parametrize("path", FLUX1_PRESETS, ids=[p.name for p in FLUX1_PRESETS])

@@ -2,7 +2,7 @@
 """`dedistill plan`'s communication time and memory margins (train/plan.py), each against its formula's inputs.
 
 - the HSDP all-reduce runs once per optimizer step whatever `train.grad_accum` is (the code's behaviour, counted on
-  a 2 x 2 gloo mesh by tests/test_hsdp_accum.py); all-gathers and reduce-scatters run per micro-batch;
+  a 2 x 2 gloo mesh by tests/integration/test_hsdp_accum.py); all-gathers and reduce-scatters run per micro-batch;
 - link rates are one way (NVLink's NCCL bus bandwidth, one NIC's line rate), stated in the output;
 - an FSDP ring across nodes spreads its inter-node bytes over every NIC of a node;
 - each phase hides only its own collectives;
