@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """The tables of docs/scaling.md: per-step FSDP2/HSDP communication, compute and weak-scaling efficiency of the
-shipped presets at 8, 64 and 512 H100s, all from train/plan.py (the same functions `dedistill plan` prints).
+shipped presets at 8, 64 and 512 H100s, all from tools/plan.py (the same functions `dedistill plan` prints).
 
     python bench/scaling.py            # markdown to stdout (docs/scaling.md holds this output verbatim)
 
-Assumptions (train/plan.py: `step_timing`): 8 GPUs per node; NVLink 900 GB/s and InfiniBand 400 Gb/s per GPU at
+Assumptions (tools/plan.py: `step_timing`): 8 GPUs per node; NVLink 900 GB/s and InfiniBand 400 Gb/s per GPU at
 their nominal rates; compute at 40 % MFU of 989 TFLOP/s; text at the preset's max_text_tokens (the worst case a
 trimmed batch reaches); communication overlaps compute except one unit's all-gather and reduce-scatter per step.
 """
@@ -29,7 +29,7 @@ LAYOUTS = [  # (label, overrides)
 
 def _plans():
     from train.config import load_config
-    from train.plan import Cluster, inventory, make_plan, transformer_config
+    from tools.plan import Cluster, inventory, make_plan, transformer_config
 
     for preset in PRESETS:
         path = REPO / "configs" / f"{preset}.yaml"
@@ -47,7 +47,7 @@ def _plans():
 
 
 def tables() -> str:
-    from train.plan import GiB
+    from tools.plan import GiB
 
     rows, best = [], {}
     for preset, label, batch, p in _plans():

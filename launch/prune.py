@@ -3,7 +3,7 @@
 DIR is what `ChromaPipeline.from_pretrained(DIR)` loads: the pruned transformer (`ChromaTransformer2DModel`), FLUX's
 T5 encoder and tokenizer (as `text_encoder`/`tokenizer`), VAE and scheduler; CLIP is left behind, as Chroma has no
 pooled input. `DIR/prune_report.json` holds the parameter counts, the approximator's regression error and the
-pruned transformer's velocity error against FLUX on held-out prompts and timesteps (the maths: train/prune.py).
+pruned transformer's velocity error against FLUX on held-out prompts and timesteps (the maths: tools/prune.py).
 
 Device: `--device auto` fits on CUDA when there is one. At FLUX.1 size this is a GPU job (the fit regresses 344
 vectors of width 3072 through a 5120-wide MLP, and the check runs both 12B/8.9B transformers); the tiny pipeline
@@ -112,7 +112,7 @@ def run_prune(
     from dataset_tools.tiny_data import atomic_output_dir
     from train.flux import image_ids, predict_velocity
     from train.model import check_model_dir, load_transformer, resolve_dtype
-    from train.prune import (
+    from tools.prune import (
         FitSettings, ForcedModulation, ModulationTarget, approximator_error, chroma_velocity, fit_approximator,
         parameter_count, prune_transformer,
     )
@@ -215,7 +215,7 @@ def run_prune(
 
 
 def cmd_prune(a) -> None:
-    from train.prune import FitSettings
+    from tools.prune import FitSettings
 
     fit = FitSettings(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed)
     run_prune(a.model, a.out, a.captions, fit=fit, eval_prompts=a.eval_prompts, eval_timesteps=a.eval_timesteps,

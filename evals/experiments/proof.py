@@ -118,7 +118,7 @@ class DistillConfig:
 
 @dataclass(kw_only=True)
 class PruneSettings:
-    """`dedistill prune`'s approximator fit (train/prune.py FitSettings) for the `pruned-chroma` recipe."""
+    """`dedistill prune`'s approximator fit (tools/prune.py FitSettings) for the `pruned-chroma` recipe."""
     steps: int = 1000
     batch_size: int = 16
     lr: float = 1e-3
@@ -581,7 +581,7 @@ def stage_prune(cfg: ProofConfig, out: Path, student_dir: Path, world: dict) -> 
     pruned = out / "student_pruned"
     if not pruned.exists():
         from launch.prune import run_prune
-        from train.prune import FitSettings
+        from tools.prune import FitSettings
 
         p = cfg.prune
         report = run_prune(student_dir, pruned, world["data"], eval_resolution=cfg.resolution, dtype="fp32",
