@@ -195,7 +195,7 @@ def test_prune_cli_loads_in_chroma_pipeline(tiny_model_dir, tiny_data_dir, tmp_p
 
 
 def test_prune_refuses_before_work(tiny_model_dir, tmp_path):
-    from launch.prune import run_prune
+    from tools.prune_pipeline import run_prune
 
     out = tmp_path / "taken"
     out.mkdir()
@@ -212,7 +212,7 @@ def test_prune_refuses_before_work(tiny_model_dir, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_cuda_asked_for_without_cuda_is_refused(tiny_model_dir, tmp_path):
-    from launch.prune import run_prune
+    from tools.prune_pipeline import run_prune
 
     captions = tmp_path / "caps.txt"
     captions.write_text("a red circle\na blue square\n")
@@ -228,7 +228,7 @@ def test_cli_defaults_are_the_library_defaults():
     import inspect
 
     from launch.cli import _load_extensions, build_parser
-    from launch.prune import run_prune
+    from tools.prune_pipeline import run_prune
     from tools.prune import FitSettings
 
     _load_extensions()
@@ -249,7 +249,8 @@ def test_captions_default_to_the_shipped_set():
     import argparse
 
     from launch.cli import _load_extensions, build_parser
-    from launch.prune import DEFAULT_CAPTIONS, read_captions, split_captions
+    from launch.prune import DEFAULT_CAPTIONS
+    from tools.prune_pipeline import read_captions, split_captions
 
     _load_extensions()
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["prune"]

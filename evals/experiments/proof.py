@@ -580,7 +580,7 @@ def stage_prune(cfg: ProofConfig, out: Path, student_dir: Path, world: dict) -> 
     `student_pruned/`, a ChromaPipeline dir with its prune_report.json."""
     pruned = out / "student_pruned"
     if not pruned.exists():
-        from launch.prune import run_prune
+        from tools.prune_pipeline import run_prune
         from tools.prune import FitSettings
 
         p = cfg.prune
