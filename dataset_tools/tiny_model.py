@@ -31,6 +31,7 @@ import torch
 from dataset_tools.tiny_data import (
     COLOURS, POSITIONS, SHAPES, SIZES, atomic_output_dir, caption_vocabulary, draw_sample,
 )
+from evals.assets import bytes_to_unicode, write_eval_assets
 
 # Model sizes: a registry, so a second size is one entry, not a new branch.
 TINY_SIZES: dict[str, dict[str, dict]] = {
@@ -135,18 +136,6 @@ def tokenizer_corpus(n_captions: int = 2000) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------- tokenizers
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable-character map (ASCII letters map to themselves)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def train_bpe_merges(corpus: list[str], *, max_merges: int = 1000) -> list[tuple[str, str]]:
     """CLIP-style BPE merges (words split as CLIP does, "</w>" on the last symbol), most frequent pair first.
 
@@ -156,7 +145,7 @@ def train_bpe_merges(corpus: list[str], *, max_merges: int = 1000) -> list[tuple
     """
     import regex
 
-    byte_map = _bytes_to_unicode()
+    byte_map = bytes_to_unicode()
     counts: Counter[str] = Counter()
     for line in corpus:
         for word in regex.findall(_CLIP_PATTERN, line.lower()):
@@ -190,7 +179,7 @@ def write_clip_tokenizer(folder: Path, corpus: list[str]) -> "CLIPTokenizer":  #
     from transformers import CLIPTokenizer
 
     merges = train_bpe_merges(corpus)
-    base = list(_bytes_to_unicode().values())
+    base = list(bytes_to_unicode().values())
     # dict.fromkeys: two merge paths can build the same string ("a bc", "ab c"); it gets one id.
     tokens = list(dict.fromkeys(base + [b + "</w>" for b in base] + [a + b for a, b in merges])) + [CLIP_BOS, CLIP_EOS]
     folder.mkdir(parents=True)
@@ -360,7 +349,5 @@ def write_tiny_model(out_dir: str | Path, *, seed: int = 0, size: str = "tiny", 
         shutil.rmtree(tmp / ".tokenizer-training")  # the pipeline saved its own copies
         # OUT_DIR/eval/ (random Inception weights for FID, a tiny CLIP for CLIP score) is written here, into `tmp`,
         # by the evals package, so it lands in the same atomic rename.
-        from evals.assets import write_eval_assets
-
         write_eval_assets(tmp, seed=seed)
     return out
