@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from dataset_tools.report import Skip, SkipLog, merge_reports, write_json_atomic
+from dataset_tools.report import Skip, SkipLog, merge_reports
+from train.outputs import as_stored, check_same_settings, write_json_atomic
 
 LAYOUT_VERSION = 1
 
@@ -162,23 +163,12 @@ def _part_marker(out: Path, k: int) -> Path:
     return out / "parts" / f"part_{k:05d}"
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def _check_settings(out: Path, settings: dict) -> None:
-    settings = json.loads(json.dumps(settings))  # as stored (tuples become lists)
+    settings = as_stored(settings)
     path = out / "settings.json"
     if path.is_file():
-        old = json.loads(path.read_text())
-        if old != settings:
-            a, b = _flat(old), _flat(settings)
-            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            raise ValueError(f"--out: '{out}' was written with other settings ({', '.join(diff)} differ); use "
-                             f"another --out or delete it")
+        check_same_settings(f"--out: '{out}' was written", json.loads(path.read_text()), settings,
+                            remedy="use another --out or delete it")
     else:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, settings)

@@ -26,7 +26,6 @@ Resumable and shardable like `data convert`: one part per source shard, done par
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import torch
 from dataset_tools.buckets import BucketSpec, BucketWriters, assign_bucket, run_parts
 from dataset_tools.convert import check_caption
 from dataset_tools.report import Skip, SkipLog
+from train.outputs import atomic_write
 
 _STORE = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16"), "bf16": (torch.bfloat16, "uint16")}
 
@@ -156,10 +156,8 @@ def write_empty_prompt(out: Path, enc: Encoders, max_tokens: int, dtype: str) ->
         return
     (t5,), pooled, _ = enc.prompts([""], max_tokens)
     torch_dtype = _STORE[dtype][0]
-    tmp = out / f".empty_prompt.{os.getpid()}.safetensors"
-    save_file({"t5": t5.to("cpu", torch_dtype).contiguous(), "pooled": pooled[0].to("cpu", torch_dtype).contiguous()},
-              str(tmp))
-    os.replace(tmp, path)
+    tensors = {"t5": t5.to("cpu", torch_dtype).contiguous(), "pooled": pooled[0].to("cpu", torch_dtype).contiguous()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def precompute(

@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 
 from dataset_tools.tiny_data import (
-    COLOURS, POSITIONS, SHAPES, SIZES, atomic_output_dir, caption_vocabulary, draw_sample,
+    COLOURS, POSITIONS, SHAPES, SIZES, caption_vocabulary, draw_sample,
 )
 from evals.assets import bytes_to_unicode, write_eval_assets
+from train.outputs import atomic_output_dir
 
 # Model sizes: a registry, so a second size is one entry, not a new branch.
 TINY_SIZES: dict[str, dict[str, dict]] = {

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from train.images import open_rgb, to_rgb
+from train.outputs import atomic_write
 
 IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
 
@@ -60,9 +61,8 @@ class Stats:
 
     def save(self, path: Path, **meta) -> None:
         """pytorch-fid's npz layout (mu, sigma) plus n and a JSON description of what was measured."""
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, n=self.n, meta=json.dumps(meta))
-        tmp.replace(path)  # atomic: a concurrent reader sees the old file or the whole new one
+        atomic_write(path, lambda tmp: np.savez(tmp, mu=self.mu, sigma=self.sigma, n=self.n, meta=json.dumps(meta)),
+                     suffix=".npz")  # a concurrent reader sees the old file or the whole new one
 
     @staticmethod
     def load(path: Path) -> "Stats":

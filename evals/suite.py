@@ -27,6 +27,8 @@ import numpy as np
 import torch
 
 from train.config import _check_choice, _check_positive, apply_overrides, from_dict, load_run_config, load_yaml
+from train.outputs import write_text_atomic
+from train.sampling import SamplingSettings
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "configs" / "evals"
@@ -389,7 +391,7 @@ def evaluate(
     from evals.clip_score import CLIPScorer, clip_score_from_cosines
     from evals.fid import Stats, fid_from_stats, reference_stats
     from evals.inception import load_inception
-    from evals.sampler import SamplerSettings, generate, make_grid
+    from evals.sampler import generate, make_grid
     from train.inference import load_for_inference, text_settings
 
     t_start = time.perf_counter()
@@ -418,19 +420,14 @@ def evaluate(
                                 schedule=None if sc.schedule == "auto" else sc.schedule, shift=sc.shift)
     schedule = loaded.schedule.describe()
 
-    def generate_fn(chunk: list[str], s: SamplerSettings):
+    def generate_fn(chunk: list[str], s: SamplingSettings):
         return generate(loaded.transformer, loaded.vae, loaded.text, chunk, s, dtype=loaded.dtype)
 
     results, grids = [], {}
     for steps, cfg in suite.settings():
         name = setting_name(steps, cfg)
-        s = SamplerSettings(
-            steps=steps, cfg_scale=cfg, negative_prompt=sc.negative_prompt, resolution=sc.resolution, seed=sc.seed,
-            max_text_tokens=max_tokens, masked=masked, noise_temperature=sc.noise_temperature,
-            visible_padding_tokens=visible_pads,
-            cfg_skip_steps=sc.cfg_skip_steps, cfg_rescale=sc.cfg_rescale, batch_size=sc.batch_size,
-            schedule=loaded.schedule,
-        )
+        s = SamplingSettings.from_source(sc, steps=steps, cfg_scale=cfg, max_text_tokens=max_tokens, masked=masked,
+                                         visible_padding_tokens=visible_pads, schedule=loaded.schedule)
         t0 = time.perf_counter()
         got = sample_and_measure(
             generate_fn, prompts, s, scorers, grid_n=suite.grid_images, rank=rank, world=world,
@@ -463,9 +460,7 @@ def evaluate(
         "fid_reference": suite.fid.reference or None, "seconds": round(time.perf_counter() - t_start, 2),
         "results": results,
     }
-    tmp = out_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    tmp.replace(out_dir / "metrics.json")
+    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     for old in out_dir.glob("grid_cfg*.png"):  # an earlier run of this suite may have had other cfg scales
         old.unlink()
     tag = f"eval/{suite_dirname(suite.name)}"

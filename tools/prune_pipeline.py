@@ -21,13 +21,13 @@ import diffusers
 import torch
 from streaming import LocalDataset
 
-from dataset_tools.tiny_data import atomic_output_dir
 from tools.prune import (
     FitSettings, ForcedModulation, ModulationTarget, approximator_error, chroma_velocity, fit_approximator,
     parameter_count, prune_transformer,
 )
 from train.flux import image_ids, predict_velocity
 from train.model import cast_model, check_model_dir, load_transformer, resolve_dtype
+from train.outputs import atomic_output_dir
 from train.text import PromptEmbeds, TextEncoder
 
 REPORT = "prune_report.json"

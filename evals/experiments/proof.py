@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from train.config import from_dict, load_yaml, to_dict
+from train.outputs import as_stored, check_same_settings, write_text_atomic
 
 
 @dataclass(kw_only=True)
@@ -247,22 +248,18 @@ class StageRecord:
     def claim(self, stage: str, settings: dict, outputs: list[Path]) -> dict:
         """Check `stage`'s existing outputs against `settings`, then record them (before the stage runs, so an
         interrupted stage resumes only under the same settings). Returns the settings, normalised."""
-        settings = json.loads(json.dumps(settings))
+        settings = as_stored(settings)
         present = [p for p in outputs if p.exists()]
         old = self.done.get(stage)
         if present and old != settings:
             if old is None:
                 raise ValueError(f"{present[0]}: exists, but {self.path} does not say which settings made it (an older "
                                  f"or interrupted run); delete it or use another out_dir")
-            o, n = _flat(old), _flat(settings)
-            diff = sorted(k for k in set(o) | set(n) if o.get(k) != n.get(k))
-            raise ValueError(f"{present[0]}: made by an earlier run with other settings ({', '.join(diff)} differ); "
-                             f"delete it or use another out_dir")
+            check_same_settings(f"{present[0]}: made by an earlier run", old, settings,
+                                remedy="delete it or use another out_dir")
         if old != settings:
             self.done[stage] = settings
-            tmp = self.path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(self.done, indent=2))
-            tmp.replace(self.path)
+            write_text_atomic(self.path, json.dumps(self.done, indent=2))
         return settings
 
 
@@ -389,7 +386,8 @@ def stage_vae(cfg: ProofConfig, out: Path, judge, test_x: torch.Tensor) -> tuple
     """Train the VAE; write the pipeline dir (tiny tokenizers/encoders + this VAE + a fresh transformer)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
-    from dataset_tools.tiny_data import atomic_output_dir, iter_samples
+    from dataset_tools.tiny_data import iter_samples
+    from train.outputs import atomic_output_dir
     from dataset_tools.tiny_model import TINY_SIZES, build_tiny_pipeline
     from evals.experiments.judge import judge_images, to_tensor
 
@@ -526,7 +524,7 @@ def run_trainer(job, nproc: int = 1) -> None:
 def export_pipeline(base: Path, transformer, out: Path) -> Path:
     """A diffusers pipeline dir: `base` with its transformer replaced."""
     if not out.exists():
-        from dataset_tools.tiny_data import atomic_output_dir
+        from train.outputs import atomic_output_dir
 
         with atomic_output_dir(out) as tmp:
             for item in base.iterdir():
@@ -636,7 +634,7 @@ def _evaluate_model(cfg: ProofConfig, name: str, seed: int, path: Path, judge, p
                     ref: tuple, grid_rows: list | None, cells: dict | None) -> list[dict]:
     from evals.experiments.judge import accuracy, judge_images, to_tensor
     from evals.fid import frechet_distance
-    from evals.sampler import SamplerSettings, generate
+    from evals.sampler import SamplingSettings, generate
     from train.inference import text_settings
 
     e, rows = cfg.eval, []
@@ -647,7 +645,7 @@ def _evaluate_model(cfg: ProofConfig, name: str, seed: int, path: Path, judge, p
         for scale in e.cfg_scales:
             for r in range(e.repeats):
                 t0 = time.time()
-                s = SamplerSettings(steps=steps, cfg_scale=scale, resolution=cfg.resolution, seed=100_000 * (r + 1),
+                s = SamplingSettings(steps=steps, cfg_scale=scale, resolution=cfg.resolution, seed=100_000 * (r + 1),
                                     max_text_tokens=cfg.max_text_tokens, batch_size=256, masked=masked,
                                     visible_padding_tokens=visible)
                 images = generate(m.transformer, m.vae, m.text, prompts, s, dtype=m.dtype)
