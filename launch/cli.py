@@ -190,13 +190,7 @@ def _load_extensions() -> None:
     _EXTENSIONS.clear()  # main() may run more than once in a process (tests): register each subcommand once
     for module in ("dataset_tools.cli", "launch.submit_cli", "evals.cli", "launch.export_cli", "launch.describe",
                    "launch.plan_cli", "launch.prune", "launch.checkpoint_cli"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        _EXTENSIONS.append(mod.register)
+        _EXTENSIONS.append(importlib.import_module(module).register)
 
 
 def main(argv: list[str] | None = None) -> None:

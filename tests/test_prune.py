@@ -1,4 +1,4 @@
-"""`dedistill prune` (issue 12 part 4): FLUX -> diffusers' ChromaTransformer2DModel / ChromaPipeline."""
+"""`dedistill prune`: FLUX -> diffusers' ChromaTransformer2DModel / ChromaPipeline."""
 
 from __future__ import annotations
 

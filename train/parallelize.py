@@ -212,7 +212,8 @@ def parallelize_transformer(
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     if cfg.backend != "fsdp2":
-        raise ValueError(f"parallel.backend: '{cfg.backend}' is not available in this build (use fsdp2)")
+        raise ValueError(f"parallel.backend: '{cfg.backend}' does not shard through parallelize_transformer "
+                         f"(FSDP2's); its backend in train/parallel/ sets the model up")
     if activation_checkpointing:
         apply_activation_checkpointing(model, cfg.ac_policy)
     if cfg.compile_blocks:

@@ -125,7 +125,7 @@ class PruneSettings:
     lr: float = 1e-3
 
 
-# Extra de-distillation recipes (issue 12), each a full fine-tune with the proof's budget. name -> (objective keys
+# Extra de-distillation recipes, each a full fine-tune with the proof's budget. name -> (objective keys
 # changed from the proof's LibreFLUX-style recipe, whether the student is first pruned to Chroma's architecture).
 RECIPES: dict[str, tuple[dict, bool]] = {
     "ot": ({"noise_pairing": "ot_cosine"}, False),  # Chroma's minibatch OT alone
