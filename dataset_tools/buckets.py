@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from dataset_tools.convert import check_image, merge_index_files
 from dataset_tools.report import Skip, SkipLog, merge_reports
 from train.outputs import as_stored, check_same_settings, write_json_atomic
 
@@ -227,8 +228,6 @@ def run_parts(
 
 def finalize(out: str | Path) -> dict:
     """Merge every bucket's parts into b<id>/index.json and write buckets.json and report.json. Idempotent."""
-    from dataset_tools.convert import merge_index_files
-
     out = Path(out)
     settings = json.loads((out / "settings.json").read_text())
     n = settings["src_shards"]
@@ -268,8 +267,6 @@ def image_size(sample: dict, image_key: str) -> tuple[int, int]:
     """(width, height) after EXIF rotation: the width/height columns when present, else the image header."""
     if isinstance(sample.get("width"), int) and isinstance(sample.get("height"), int):
         return sample["width"], sample["height"]
-    from dataset_tools.convert import check_image
-
     _, w, h = check_image(sample[image_key], min_size=0)
     return w, h
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from dataset_tools.report import Skip, SkipLog, merge_reports
+from train.images import displayed_size
 from train.outputs import check_same_settings, write_json_atomic
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
@@ -89,8 +90,6 @@ def check_image(data: bytes, *, min_size: int, check: str = "fast") -> tuple[str
     CRC and the IEND chunk), WebP `verify()` (the RIFF length). See docs/data.md for measured costs.
     """
     from PIL import Image, UnidentifiedImageError
-
-    from train.images import displayed_size
 
     if not data:
         raise Skip("empty_file")

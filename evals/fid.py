@@ -19,6 +19,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from evals.inception import inception_features, load_inception
+from train.data import resize_center_crop
 from train.images import open_rgb, to_rgb
 from train.outputs import atomic_write
 
@@ -162,8 +164,6 @@ def stats_of_images(
 ) -> Stats:
     """Stream PIL images (any iterable) through Inception in batches; `resize_to` > 0 first centre-crops and resizes
     each image to that square size (the trainer's preprocessing)."""
-    from evals.inception import inception_features
-
     feats, batch = [], []
     bar = None
     if progress:
@@ -172,8 +172,6 @@ def stats_of_images(
         bar = tqdm(desc=progress, total=total, unit="img", dynamic_ncols=True)
     for im in images:
         if resize_to:
-            from train.data import resize_center_crop
-
             im = resize_center_crop(im, resize_to)
         batch.append(im)
         if len(batch) == batch_size:
@@ -255,8 +253,6 @@ def register(sub) -> None:
 
 def cmd_fid(a) -> None:
     import torch
-
-    from evals.inception import load_inception
 
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_inception(a.weights, device=device, key="--weights")

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from train.flux import image_ids, pack_latents, predict_velocity, unpack_latents
+from train.inference import sampling_schedule
 from train.model import vae_scale_factor
 from train.objective import sampling_sigmas
 from train.sampling import SamplingSettings, run_sampling_settings
@@ -131,8 +132,6 @@ def cfg_grid(transformer, vae, text, prompts: list[str], scales: list[float], ba
 
 def sample_grid_for_run(transformer, frozen, cfg, *, step: int, logger, is_main: bool) -> Path | None:
     """The end-of-training grid: every rank runs the sharded transformer, rank 0 writes the PNG."""
-    from train.inference import sampling_schedule
-
     sc = cfg.sample
     base = run_sampling_settings(cfg, schedule=sampling_schedule(cfg.model.path, cfg))
     was_training = transformer.training

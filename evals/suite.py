@@ -26,7 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from evals.clip_score import CLIPScorer, clip_score_from_cosines
+from evals.fid import Stats, fid_from_stats, open_mds, reference_stats, source_kind
+from evals.inception import inception_features, load_inception
+from evals.report import update_run_plots
+from evals.sampler import generate, make_grid
 from train.config import _check_choice, _check_positive, apply_overrides, from_dict, load_run_config, load_yaml
+from train.inference import load_for_inference, resolve_checkpoint, text_settings
+from train.metrics import Logger
 from train.outputs import write_text_atomic
 from train.sampling import SamplingSettings
 
@@ -224,8 +231,6 @@ class Target:
 
 
 def resolve_target(path: str | Path, *, key: str = "--checkpoint") -> Target:
-    from train.inference import resolve_checkpoint
-
     path = Path(path).resolve()
     ckpt, run_dir = resolve_checkpoint(path, key=key)
     if ckpt is None:
@@ -247,8 +252,6 @@ def _expand(value: str, key: str, target: Target) -> str:
 
 def resolve_paths(suite: SuiteConfig, target: Target) -> SuiteConfig:
     """A copy with placeholders expanded and every path checked; a missing one is a ValueError naming its key."""
-    from evals.fid import source_kind
-
     s = dataclasses.replace(
         suite,
         prompts=dataclasses.replace(suite.prompts),
@@ -283,8 +286,6 @@ def build_prompts(pc: PromptsConfig, num_samples: int) -> list[str]:
             raise ValueError(f"prompts.file: {pc.file} has no prompts")
         n = num_samples or len(lines)
         return [lines[i % len(lines)] for i in range(n)]
-    from evals.fid import open_mds
-
     ds = open_mds(pc.mds)
     if len(ds) == 0:
         raise ValueError(f"prompts.mds: {pc.mds} is empty")
@@ -340,8 +341,6 @@ def sample_and_measure(
     """
     from tqdm import tqdm
 
-    from evals.inception import inception_features
-
     start, stop = shard_range(len(prompts), rank, world)
     chunk = sampler_settings.batch_size * 4
     feats, cos, grid = [], [], []
@@ -388,12 +387,6 @@ def evaluate(
 ) -> dict | None:
     """Sample every setting of `suite` with `target`, measure FID / CLIP, write metrics.json and grids to
     `out_dir` (rank 0). `world > 1` splits the prompts across an initialised process group (unsharded model)."""
-    from evals.clip_score import CLIPScorer, clip_score_from_cosines
-    from evals.fid import Stats, fid_from_stats, reference_stats
-    from evals.inception import load_inception
-    from evals.sampler import generate, make_grid
-    from train.inference import load_for_inference, text_settings
-
     t_start = time.perf_counter()
     suite = resolve_paths(suite, target)  # every rank checks: a bad path fails everywhere, before any collective
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -499,9 +492,6 @@ def evaluate_into_run(
     suite: SuiteConfig, checkpoint: str | Path, *, device: torch.device | None = None, rank: int = 0, world: int = 1
 ) -> dict | None:
     """Evaluate one checkpoint of a run: results to <run_dir>/evals/step_N/<suite>/, its TensorBoard, and its plots."""
-    from evals.report import update_run_plots
-    from train.metrics import Logger
-
     target = resolve_target(checkpoint)
     if target.checkpoint is None:
         raise ValueError(f"--checkpoint: {checkpoint} is a model dir, not a run checkpoint; pass --out for a report")

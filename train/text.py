@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from train.family import family_of_dir
 from train.model import check_model_dir
 
 
@@ -133,8 +134,6 @@ class TextEncoder:
 
     def __init__(self, path: str | Path, *, dtype: torch.dtype, device: torch.device):
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
-
-        from train.family import family_of_dir
 
         path = check_model_dir(path)
         family = family_of_dir(path)
