@@ -30,7 +30,7 @@ GiB = 2**30
 
 
 def flux_arch(double: int, single: int) -> dict:
-    from train.plan import FLUX1_SCHNELL_CONFIG
+    from tools.plan import FLUX1_SCHNELL_CONFIG
 
     arch = {k: v for k, v in json.loads(FLUX1_SCHNELL_CONFIG.read_text()).items() if not k.startswith("_")}
     return {**arch, "num_layers": double, "num_single_layers": single}
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(a.device)
 
     from train.config import load_config
-    from train.plan import Cluster, make_plan
+    from tools.plan import Cluster, make_plan
     from train.quant import quantize_base, weight_bytes
 
     arch = flux_arch(a.double, a.single)

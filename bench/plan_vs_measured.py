@@ -87,7 +87,7 @@ def measure(row: str, model_dir: Path) -> dict:
     from train.flux import image_ids, predict_velocity
     from train.optim import EMA, build_optimizer
     from train.parallel import StepConfig, build_backend
-    from train.plan import tokens_for
+    from tools.plan import tokens_for
     from train.text import PromptEmbeds
 
     torch.set_num_threads(2)
@@ -140,7 +140,7 @@ def main() -> None:
         print(json.dumps(measure(a.one, Path(a.model_dir))))
         return
 
-    from train.plan import GiB, Cluster, make_plan
+    from tools.plan import GiB, Cluster, make_plan
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp)

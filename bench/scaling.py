@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """The tables of docs/scaling.md: per-step FSDP2/HSDP communication, compute, modelled efficiency and memory margins
-of the shipped presets at 8, 64 and 512 H100s, all from train/plan.py (the same functions `dedistill plan` prints).
+of the shipped presets at 8, 64 and 512 H100s, all from tools/plan.py (the same functions `dedistill plan` prints).
 
     python bench/scaling.py            # markdown to stdout (docs/scaling.md holds this output verbatim)
 
-Assumptions (train/plan.py: `Cluster`, `step_timing`): 8 GPUs and 8 InfiniBand NICs per node; NVLink at NCCL's bus
+Assumptions (tools/plan.py: `Cluster`, `step_timing`): 8 GPUs and 8 InfiniBand NICs per node; NVLink at NCCL's bus
 bandwidth, 360 GB/s one way (450 nominal); InfiniBand 400 Gb/s = 50 GB/s per NIC one way; 5 us per ring step; NCCL on
 16 of 132 SMs while it overlaps compute; compute at 40 % of 989 TFLOP/s; text at the preset's max_text_tokens (the
 worst case a trimmed batch reaches). Each phase hides only its own collectives. A model, not a measurement.
@@ -30,7 +30,7 @@ LAYOUTS = [  # (label, overrides)
 
 def _plans():
     from train.config import load_config
-    from train.plan import Cluster, inventory, make_plan, transformer_config
+    from tools.plan import Cluster, inventory, make_plan, transformer_config
 
     for preset in PRESETS:
         path = REPO / "configs" / f"{preset}.yaml"
@@ -50,7 +50,7 @@ def _plans():
 def _margins() -> list[str]:
     """The rows at the margin of the card for the full fine-tune, with and without activation checkpointing."""
     from train.config import load_config
-    from train.plan import GiB, USABLE_FRACTION, Cluster, inventory, make_plan, transformer_config
+    from tools.plan import GiB, USABLE_FRACTION, Cluster, inventory, make_plan, transformer_config
 
     path = REPO / "configs" / "full-fsdp-multinode.yaml"
     base = load_config(path)
@@ -78,7 +78,7 @@ def _margins() -> list[str]:
 
 
 def tables() -> str:
-    from train.plan import GiB
+    from tools.plan import GiB
 
     rows, best = [], {}
     for preset, label, batch, p in _plans():

@@ -30,7 +30,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from dataset_tools.report import Skip, SkipLog, merge_reports, write_json_atomic
+from dataset_tools.convert import check_image, merge_index_files
+from dataset_tools.report import Skip, SkipLog, merge_reports
+from train.outputs import as_stored, check_same_settings, write_json_atomic
 
 LAYOUT_VERSION = 1
 
@@ -162,23 +164,12 @@ def _part_marker(out: Path, k: int) -> Path:
     return out / "parts" / f"part_{k:05d}"
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def _check_settings(out: Path, settings: dict) -> None:
-    settings = json.loads(json.dumps(settings))  # as stored (tuples become lists)
+    settings = as_stored(settings)
     path = out / "settings.json"
     if path.is_file():
-        old = json.loads(path.read_text())
-        if old != settings:
-            a, b = _flat(old), _flat(settings)
-            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            raise ValueError(f"--out: '{out}' was written with other settings ({', '.join(diff)} differ); use "
-                             f"another --out or delete it")
+        check_same_settings(f"--out: '{out}' was written", json.loads(path.read_text()), settings,
+                            remedy="use another --out or delete it")
     else:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, settings)
@@ -237,8 +228,6 @@ def run_parts(
 
 def finalize(out: str | Path) -> dict:
     """Merge every bucket's parts into b<id>/index.json and write buckets.json and report.json. Idempotent."""
-    from dataset_tools.convert import merge_index_files
-
     out = Path(out)
     settings = json.loads((out / "settings.json").read_text())
     n = settings["src_shards"]
@@ -278,8 +267,6 @@ def image_size(sample: dict, image_key: str) -> tuple[int, int]:
     """(width, height) after EXIF rotation: the width/height columns when present, else the image header."""
     if isinstance(sample.get("width"), int) and isinstance(sample.get("height"), int):
         return sample["width"], sample["height"]
-    from dataset_tools.convert import check_image
-
     _, w, h = check_image(sample[image_key], min_size=0)
     return w, h
 

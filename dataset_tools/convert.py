@@ -43,7 +43,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from dataset_tools.report import Skip, SkipLog, merge_reports, printable, write_json_atomic
+from dataset_tools.report import Skip, SkipLog, merge_reports, printable
+from train.images import displayed_size
+from train.outputs import check_same_settings, write_json_atomic
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 FORMATS = ("JPEG", "PNG", "WEBP")
@@ -111,8 +113,6 @@ def check_image(data: bytes, *, min_size: int, check: str = "fast",
     CRC and the IEND chunk), WebP `verify()` (the RIFF length). See docs/data.md for measured costs.
     """
     from PIL import Image, UnidentifiedImageError
-
-    from train.images import displayed_size
 
     if not data:
         raise Skip("empty_file")
@@ -523,13 +523,11 @@ def _settings(source: Path, kind: str, opts: ConvertOptions, num_slices: int, wo
 
 
 def _check_same_settings(part: Path, old: dict, new: dict) -> None:
-    if old != new:
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if "options" in diff:
-            o, n = old.get("options", {}), new["options"]
-            diff = [d for d in diff if d != "options"] + sorted(k for k in n if o.get(k) != n[k])
-        raise ValueError(f"{part}: finished by an earlier run with other settings ({', '.join(diff)} differ); "
-                         f"use another --out or delete the old parts")
+    def options_inline(d: dict) -> dict:  # the message names an option by its own name (min_size), as its flag does
+        return {**{k: v for k, v in d.items() if k != "options"}, **d.get("options", {})}
+
+    check_same_settings(f"{part}: finished by an earlier run", options_inline(old), options_inline(new),
+                        remedy="use another --out or delete the old parts")
 
 
 def convert_part(

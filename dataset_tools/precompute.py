@@ -26,16 +26,20 @@ Resumable and shardable like `data convert`: one part per source shard, done par
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dataset_tools.buckets import BucketSpec, BucketWriters, assign_bucket, run_parts
+from dataset_tools.buckets import BucketSpec, BucketWriters, assign_bucket, read_index, run_parts, source_columns
 from dataset_tools.convert import check_caption
 from dataset_tools.report import Skip, SkipLog
+from train.data import image_to_tensor, resize_cover_crop
+from train.images import open_rgb
+from train.model import check_model_dir, load_vae, resolve_dtype
+from train.outputs import atomic_write
+from train.text import TextEncoder
 
 _STORE = {"fp32": (torch.float32, "float32"), "fp16": (torch.float16, "float16"), "bf16": (torch.bfloat16, "uint16")}
 
@@ -114,16 +118,12 @@ class Encoders:
     @property
     def vae(self):
         if self._vae is None:
-            from train.model import load_vae
-
             self._vae = load_vae(self.model_dir, dtype=self.dtype, device=self.device)
         return self._vae
 
     @property
     def text(self):
         if self._text is None:
-            from train.text import TextEncoder
-
             self._text = TextEncoder(self.model_dir, dtype=self.dtype, device=self.device)
         return self._text
 
@@ -156,10 +156,8 @@ def write_empty_prompt(out: Path, enc: Encoders, max_tokens: int, dtype: str) ->
         return
     (t5,), pooled, _ = enc.prompts([""], max_tokens)
     torch_dtype = _STORE[dtype][0]
-    tmp = out / f".empty_prompt.{os.getpid()}.safetensors"
-    save_file({"t5": t5.to("cpu", torch_dtype).contiguous(), "pooled": pooled[0].to("cpu", torch_dtype).contiguous()},
-              str(tmp))
-    os.replace(tmp, path)
+    tensors = {"t5": t5.to("cpu", torch_dtype).contiguous(), "pooled": pooled[0].to("cpu", torch_dtype).contiguous()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def precompute(
@@ -167,10 +165,6 @@ def precompute(
     shard_index: int = 0, num_shards: int = 1, progress_bar: bool = True,
 ) -> dict:
     """Precompute one slice of `src` into `out` (bucketed layout, dataset_tools.buckets); finalize when all done."""
-    from train.data import image_to_tensor, resize_cover_crop
-    from train.images import open_rgb
-    from train.model import check_model_dir, resolve_dtype
-
     opts = opts or PrecomputeOptions()
     model_dir = check_model_dir(model_dir, key="--model").resolve()
     out = Path(out)
@@ -241,8 +235,6 @@ def precompute(
             progress(1)
         for b in sorted(queues):
             flush(b)
-
-    from dataset_tools.buckets import read_index, source_columns
 
     src_cols = source_columns(read_index(Path(src)))
     for key, flag in ((opts.image_key, "--image-key"), (opts.caption_key, "--caption-key")):

@@ -8,11 +8,12 @@ parts into the dataset's top-level `report.json`; its format is documented in do
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from train.outputs import write_json_atomic
 
 # Reasons a sample is skipped. The names are part of report.json's format (docs/data.md).
 REASONS: dict[str, str] = {
@@ -98,13 +99,6 @@ def printable(text: str) -> str:
     """`text` as valid UTF-8: an undecodable byte in a file name (a lone surrogate in Python) becomes `\\udcff`, so
     the skip list itself cannot fail to write."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON via a temp file + rename: a reader never sees half a file (report.json marks completion)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", errors="backslashreplace")
-    os.replace(tmp, path)
 
 
 def read_skipped(path: Path, limit: int | None = None) -> list[dict]:

@@ -11,19 +11,17 @@ some of them (so caption lengths, and therefore T5 padding, vary).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
-import os
 import random
-import shutil
-import uuid
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from train.outputs import atomic_output_dir
 
 # Word lists: the caption vocabulary (the tiny model's tokenizers are trained on it, see dataset_tools/tiny_model.py).
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -176,28 +174,6 @@ def png_bytes(img: Image.Image) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------------------------ writing
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str | Path) -> Iterator[Path]:
-    """Yield a temp dir beside `out_dir`; on success it is renamed to `out_dir`, on error removed.
-
-    Refuses (ValueError) an `out_dir` that exists and is not empty; an empty one is replaced.
-    """
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out}: already exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()  # not tempfile.mkdtemp: that is mode 0700, and the result is meant to be shared
-    try:
-        yield tmp
-        if out.exists():
-            out.rmdir()  # empty (checked above); rename(2) would also replace it, but say so explicitly
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 MDS_COLUMNS = {"image": "bytes", "caption": "str", "width": "int", "height": "int", "key": "str", "attributes": "json"}

@@ -30,9 +30,13 @@ from pathlib import Path
 
 import torch
 
+from dataset_tools.seeding import seeded
 from dataset_tools.tiny_data import (
-    COLOURS, POSITIONS, SHAPES, SIZES, atomic_output_dir, caption_vocabulary, draw_sample,
+    COLOURS, POSITIONS, SHAPES, SIZES, caption_vocabulary, draw_sample,
 )
+from dataset_tools.tiny_model_flux2 import build_flux2_pipeline
+from evals.assets import bytes_to_unicode, write_eval_assets
+from train.outputs import atomic_output_dir
 
 # Model sizes: a registry, so a second size is one entry, not a new branch.
 TINY_SIZES: dict[str, dict[str, dict]] = {
@@ -137,18 +141,6 @@ def tokenizer_corpus(n_captions: int = 2000) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------- tokenizers
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable-character map (ASCII letters map to themselves)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def train_bpe_merges(corpus: list[str], *, max_merges: int = 1000) -> list[tuple[str, str]]:
     """CLIP-style BPE merges (words split as CLIP does, "</w>" on the last symbol), most frequent pair first.
 
@@ -158,7 +150,7 @@ def train_bpe_merges(corpus: list[str], *, max_merges: int = 1000) -> list[tuple
     """
     import regex
 
-    byte_map = _bytes_to_unicode()
+    byte_map = bytes_to_unicode()
     counts: Counter[str] = Counter()
     for line in corpus:
         for word in regex.findall(_CLIP_PATTERN, line.lower()):
@@ -192,7 +184,7 @@ def write_clip_tokenizer(folder: Path, corpus: list[str]) -> "CLIPTokenizer":  #
     from transformers import CLIPTokenizer
 
     merges = train_bpe_merges(corpus)
-    base = list(_bytes_to_unicode().values())
+    base = list(bytes_to_unicode().values())
     # dict.fromkeys: two merge paths can build the same string ("a bc", "ab c"); it gets one id.
     tokens = list(dict.fromkeys(base + [b + "</w>" for b in base] + [a + b for a, b in merges])) + [CLIP_BOS, CLIP_EOS]
     folder.mkdir(parents=True)
@@ -246,19 +238,6 @@ def _quiet_transformers():
 # -------------------------------------------------------------------------------------------------------------- models
 
 
-def _seeded(seed: int, build, dtype: torch.dtype = torch.float32):
-    """Build a module under its own seed, leaving the caller's global RNG untouched. Built directly in `dtype`
-    (the default dtype while it initialises), so a 0.6B bf16 model never exists in fp32."""
-    previous = torch.get_default_dtype()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        torch.set_default_dtype(dtype)
-        try:
-            return build().eval()
-        finally:
-            torch.set_default_dtype(previous)
-
-
 # Chroma's approximator (the MLP that emits every modulation vector) per size: (input channels = 4 x the timestep
 # embedding width, hidden, layers). Chroma's own is (64, 5120, 5); the tiny one keeps its shape at toy widths.
 CHROMA_APPROXIMATOR: dict[str, tuple[int, int, int]] = {"tiny": (16, 32, 2), "full-width": (64, 5120, 5),
@@ -282,7 +261,7 @@ def _t5(dims: dict, t5_tok, seed: int, torch_dtype):
         vocab_size=-(-len(t5_tok) // 8) * 8,  # >= len(tokenizer), padded like T5's 32128
         pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **dims["t5"],
     )
-    return _seeded(seed * 16 + 3, lambda: T5EncoderModel(t5_cfg), torch_dtype)
+    return seeded(seed * 16 + 3, lambda: T5EncoderModel(t5_cfg), torch_dtype)
 
 
 def _flux_pipeline(tok_dir: Path, corpus: list[str], size: str, seed: int, torch_dtype, *, guidance_embeds=False):
@@ -299,10 +278,10 @@ def _flux_pipeline(tok_dir: Path, corpus: list[str], size: str, seed: int, torch
     # Each component under its own seed: adding a component later does not change the others' weights.
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
-        transformer=_seeded(seed * 16 + 0, lambda: FluxTransformer2DModel(
+        transformer=seeded(seed * 16 + 0, lambda: FluxTransformer2DModel(
             **{**dims["transformer"], "guidance_embeds": guidance_embeds}), torch_dtype),
-        vae=_seeded(seed * 16 + 1, lambda: AutoencoderKL(**dims["vae"]), torch_dtype),
-        text_encoder=_seeded(seed * 16 + 2, lambda: CLIPTextModel(clip_cfg), torch_dtype),
+        vae=seeded(seed * 16 + 1, lambda: AutoencoderKL(**dims["vae"]), torch_dtype),
+        text_encoder=seeded(seed * 16 + 2, lambda: CLIPTextModel(clip_cfg), torch_dtype),
         text_encoder_2=_t5(dims, t5_tok, seed, torch_dtype),
         tokenizer=clip_tok,
         tokenizer_2=t5_tok,
@@ -318,30 +297,19 @@ def _chroma_pipeline(tok_dir: Path, corpus: list[str], size: str, seed: int, tor
     t5_tok = write_t5_tokenizer(tok_dir / "tokenizer", corpus)
     return ChromaPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
-        transformer=_seeded(seed * 16 + 0, lambda: ChromaTransformer2DModel(**chroma_transformer_dims(size)),
+        transformer=seeded(seed * 16 + 0, lambda: ChromaTransformer2DModel(**chroma_transformer_dims(size)),
                             torch_dtype),
-        vae=_seeded(seed * 16 + 1, lambda: AutoencoderKL(**dims["vae"]), torch_dtype),
+        vae=seeded(seed * 16 + 1, lambda: AutoencoderKL(**dims["vae"]), torch_dtype),
         text_encoder=_t5(dims, t5_tok, seed, torch_dtype),
         tokenizer=t5_tok,
     )
 
 
-def _flux2_pipeline(tok_dir: Path, corpus: list[str], size: str, seed: int, torch_dtype):
-    from dataset_tools.tiny_model_flux2 import build_flux2_pipeline
-
-    return build_flux2_pipeline(tok_dir, corpus, size, seed, torch_dtype, family="flux2")
-
-
-def _flux2_klein_pipeline(tok_dir: Path, corpus: list[str], size: str, seed: int, torch_dtype):
-    from dataset_tools.tiny_model_flux2 import build_flux2_pipeline
-
-    return build_flux2_pipeline(tok_dir, corpus, size, seed, torch_dtype, family="flux2-klein")
-
-
 # keys: train/family.py's FAMILIES, and flux-dev: FLUX.1-dev-shaped (a guidance embedder, guidance_embeds true)
 _PIPELINES = {"flux": _flux_pipeline, "chroma": _chroma_pipeline,
               "flux-dev": partial(_flux_pipeline, guidance_embeds=True),
-              "flux2": _flux2_pipeline, "flux2-klein": _flux2_klein_pipeline}
+              "flux2": partial(build_flux2_pipeline, family="flux2"),
+              "flux2-klein": partial(build_flux2_pipeline, family="flux2-klein")}
 
 
 def _check(size: str, dtype: str, family: str) -> None:
@@ -378,7 +346,5 @@ def write_tiny_model(out_dir: str | Path, *, seed: int = 0, size: str = "tiny", 
         shutil.rmtree(tmp / ".tokenizer-training")  # the pipeline saved its own copies
         # OUT_DIR/eval/ (random Inception weights for FID, a tiny CLIP for CLIP score) is written here, into `tmp`,
         # by the evals package, so it lands in the same atomic rename.
-        from evals.assets import write_eval_assets
-
         write_eval_assets(tmp, seed=seed)
     return out

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from dataset_tools.seeding import seeded
+
 WIDTH = 16  # text model hidden size; stacked features are 3 x WIDTH
 
 TRANSFORMER = dict(
@@ -117,18 +119,16 @@ def build_flux2_pipeline(tok_dir: Path, corpus: list[str], size: str, seed: int,
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
-    from dataset_tools.tiny_model import _seeded
-
     if size != "tiny":
         raise ValueError(f"--size: {family} has only the tiny size (got '{size}')")
     tok = write_tokenizer(tok_dir / "tokenizer", corpus, family)
     dev = family == "flux2"
     parts = dict(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER),
-        transformer=_seeded(seed * 16 + 0, lambda: Flux2Transformer2DModel(**TRANSFORMER, guidance_embeds=dev),
+        transformer=seeded(seed * 16 + 0, lambda: Flux2Transformer2DModel(**TRANSFORMER, guidance_embeds=dev),
                             torch_dtype),
-        vae=_seeded(seed * 16 + 1, _vae, torch_dtype),
-        text_encoder=_seeded(seed * 16 + 2, lambda: _text_model(family, len(tok), tok.pad_token_id), torch_dtype),
+        vae=seeded(seed * 16 + 1, _vae, torch_dtype),
+        text_encoder=seeded(seed * 16 + 2, lambda: _text_model(family, len(tok), tok.pad_token_id), torch_dtype),
         tokenizer=tok,
     )
     if dev:

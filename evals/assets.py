@@ -48,13 +48,23 @@ def write_random_inception(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable-character map (ASCII letters map to themselves). Our own copy:
+    transformers 5 no longer has tokenization_clip.bytes_to_unicode."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
 def _write_char_clip_tokenizer(folder: Path) -> int:
     """A character-level CLIP BPE (every byte, with and without the end-of-word mark, no merges): a valid CLIP
     vocabulary that needs no training. Returns the vocabulary size."""
-    # Our own copy of CLIP's byte map: transformers 5 no longer has tokenization_clip.bytes_to_unicode.
-    from dataset_tools.tiny_model import _bytes_to_unicode
-
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")

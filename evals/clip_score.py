@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from train.images import to_rgb
+
 
 def clip_score_from_cosines(cosines: np.ndarray | list[float]) -> float:
     """max(100 · mean(cos), 0) over image-caption pairs."""
@@ -43,8 +45,6 @@ class CLIPScorer:
     @torch.no_grad()
     def image_embeds(self, images: list) -> torch.Tensor:
         """PIL images -> (N, D) unit vectors."""
-        from train.images import to_rgb
-
         pixels = self.processor.image_processor(images=[to_rgb(im) for im in images], return_tensors="pt")
         feats = self.model.get_image_features(pixel_values=pixels["pixel_values"].to(self.device))
         return torch.nn.functional.normalize(_projected(feats).float(), dim=-1)

@@ -20,7 +20,10 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from evals.inception import inception_features, load_inception
+from train.data import resize_center_crop
 from train.images import open_rgb, to_rgb
+from train.outputs import atomic_write
 
 IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
 
@@ -61,9 +64,8 @@ class Stats:
 
     def save(self, path: Path, **meta) -> None:
         """pytorch-fid's npz layout (mu, sigma) plus n and a JSON description of what was measured."""
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, n=self.n, meta=json.dumps(meta))
-        tmp.replace(path)  # atomic: a concurrent reader sees the old file or the whole new one
+        atomic_write(path, lambda tmp: np.savez(tmp, mu=self.mu, sigma=self.sigma, n=self.n, meta=json.dumps(meta)),
+                     suffix=".npz")  # a concurrent reader sees the old file or the whole new one
 
     @staticmethod
     def load(path: Path) -> "Stats":
@@ -183,8 +185,6 @@ def stats_of_images(
 ) -> Stats:
     """Stream PIL images (any iterable) through Inception in batches; `resize_to` > 0 first centre-crops and resizes
     each image to that square size (the trainer's preprocessing)."""
-    from evals.inception import inception_features
-
     feats, batch = [], []
     bar = None
     if progress:
@@ -193,8 +193,6 @@ def stats_of_images(
         bar = tqdm(desc=progress, total=total, unit="img", dynamic_ncols=True)
     for im in images:
         if resize_to:
-            from train.data import resize_center_crop
-
             im = resize_center_crop(im, resize_to)
         batch.append(im)
         if len(batch) == batch_size:
@@ -278,8 +276,6 @@ def register(sub) -> None:
 
 def cmd_fid(a) -> None:
     import torch
-
-    from evals.inception import load_inception
 
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_inception(a.weights, device=device, key="--weights")

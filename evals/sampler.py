@@ -1,58 +1,26 @@
 """Real classifier-free guidance sampling: v = v_uncond + s·(v_cond − v_uncond), Euler over a FLUX sigma schedule.
 
 Cond and uncond run as one batch through `train.flux.predict_velocity` with the same bool T5 mask the trainer uses.
-The schedule is the model's (`SamplerSettings.schedule`, resolved by `train.inference.sampling_schedule`): FLUX.1-dev's
+The schedule is the model's (`SamplingSettings.schedule`, resolved by `train.inference.sampling_schedule`): FLUX.1-dev's
 dynamic shift for a de-distilled model, schnell's own (no shift) for schnell. The schnell baseline is
 `cfg_scale=1, steps=4` on schnell's schedule.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from train.flux import image_ids, pack_latents, predict_velocity, unpack_latents
-from train.model import normalise_latents, vae_scale_factor
-from train.objective import DEV_SCHEDULE, SamplingSchedule, sampling_sigmas
+from train.flux import image_ids, normalise_latents, pack_latents, predict_velocity, unpack_latents
+from train.inference import sampling_schedule
+from train.model import vae_scale_factor
+from train.objective import sampling_sigmas
 from train.run_dir import RunDir
+from train.sampling import SamplingSettings, run_sampling_settings
 from train.text import PromptEmbeds, TextEncoder
-
-
-@dataclass(kw_only=True)
-class SamplerSettings:
-    steps: int = 28
-    cfg_scale: float = 3.5
-    negative_prompt: str = ""
-    resolution: int = 512
-    seed: int = 0
-    max_text_tokens: int = 512
-    masked: bool = True
-    """Bool T5 padding mask in joint attention (must match how the model was trained)."""
-    visible_padding_tokens: int = 0
-    """Pads left visible after each prompt: the run's objective.visible_padding_tokens (must match training)."""
-    noise_temperature: float = 1.0
-    """Multiplies the initial noise: the sampling-side temperature (<1: smoother, less varied images)."""
-    cfg_skip_steps: int = 0
-    """No CFG for the first N steps (LibreFLUX's remedy for blur/shadows at high scales)."""
-    cfg_rescale: float = 0.0
-    """0 = off; φ in [0, 1] rescales the guided velocity's std toward the conditional one (Lin et al. 2023)."""
-    batch_size: int = 4
-    schedule: SamplingSchedule = DEV_SCHEDULE
-    """The sigma schedule (callers pass the model's: `Loaded.schedule`); FLUX.1-dev's dynamic shift by default."""
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps: must be >= 1, got {self.steps}")
-        if self.visible_padding_tokens < 0:
-            raise ValueError(f"visible_padding_tokens: must be >= 0, got {self.visible_padding_tokens}")
-        if self.noise_temperature <= 0:
-            raise ValueError(f"noise_temperature: must be > 0, got {self.noise_temperature}")
-        if not 0.0 <= self.cfg_rescale <= 1.0:
-            raise ValueError(f"cfg_rescale: must be in [0, 1], got {self.cfg_rescale}")
 
 
 def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -75,7 +43,7 @@ def denoise(
     noise: torch.Tensor,
     cond: PromptEmbeds,
     uncond: PromptEmbeds | None,
-    s: SamplerSettings,
+    s: SamplingSettings,
     *,
     latent_hw: tuple[int, int],
     dtype: torch.dtype,
@@ -116,7 +84,7 @@ def decode(vae, packed: torch.Tensor, latent_hw: tuple[int, int]) -> list[Image.
 
 @torch.no_grad()
 def generate(
-    transformer, vae, text: TextEncoder, prompts: list[str], s: SamplerSettings, *, dtype: torch.dtype
+    transformer, vae, text: TextEncoder, prompts: list[str], s: SamplingSettings, *, dtype: torch.dtype
 ) -> list[Image.Image]:
     """One image per prompt; image i uses seed s.seed + i."""
     device = vae.device  # the transformer's device; the text encoders may sit on the CPU (text_encoder_placement)
@@ -154,31 +122,19 @@ def make_grid(rows: list[list[Image.Image]], *, pad: int = 2) -> Image.Image:
     return grid
 
 
-def cfg_grid(transformer, vae, text, prompts: list[str], scales: list[float], base: SamplerSettings, *, dtype):
+def cfg_grid(transformer, vae, text, prompts: list[str], scales: list[float], base: SamplingSettings, *, dtype):
     """Rows = prompts, columns = CFG scales (same seeds across columns, so only guidance differs)."""
     cols = []
     for scale in scales:
-        s = SamplerSettings(**{**base.__dict__, "cfg_scale": scale})
+        s = base.with_cfg(scale)
         cols.append(generate(transformer, vae, text, prompts, s, dtype=dtype))
     return make_grid([[cols[j][i] for j in range(len(scales))] for i in range(len(prompts))])
 
 
 def sample_grid_for_run(transformer, frozen, cfg, *, step: int, logger, is_main: bool) -> Path | None:
     """The end-of-training grid: every rank runs the sharded transformer, rank 0 writes the PNG."""
-    from train.inference import sampling_schedule
-
     sc = cfg.sample
-    base = SamplerSettings(
-        schedule=sampling_schedule(cfg.model.path, cfg),
-        steps=sc.steps,
-        negative_prompt=sc.negative_prompt,
-        resolution=sc.resolution,
-        seed=sc.seed,
-        max_text_tokens=cfg.objective.max_text_tokens,
-        masked=cfg.objective.attention_mask,
-        visible_padding_tokens=cfg.objective.visible_padding_tokens,
-        noise_temperature=sc.noise_temperature,
-    )
+    base = run_sampling_settings(cfg, schedule=sampling_schedule(cfg.model.path, cfg))
     was_training = transformer.training
     transformer.eval()
     grid = cfg_grid(transformer, frozen.vae, frozen.text, sc.prompts, sc.cfg_scales, base, dtype=frozen.dtype)

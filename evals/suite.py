@@ -26,8 +26,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from evals.clip_score import CLIPScorer, clip_score_from_cosines
+from evals.fid import Stats, fid_from_stats, open_mds, reference_stats, source_kind
+from evals.inception import inception_features, load_inception
+from evals.report import update_run_plots
+from evals.sampler import generate, make_grid
 from train.config import _check_choice, _check_positive, apply_overrides, from_dict, load_run_config, load_yaml
+from train.inference import load_for_inference, resolve_checkpoint, text_settings
+from train.metrics import Logger
+from train.outputs import write_text_atomic
 from train.run_dir import RunDir, checkpoint_step
+from train.sampling import SamplingSettings
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "configs" / "evals"
@@ -223,8 +232,6 @@ class Target:
 
 
 def resolve_target(path: str | Path, *, key: str = "--checkpoint") -> Target:
-    from train.inference import resolve_checkpoint
-
     path = Path(path).resolve()
     ckpt, run_dir = resolve_checkpoint(path, key=key)
     if ckpt is None:
@@ -246,8 +253,6 @@ def _expand(value: str, key: str, target: Target) -> str:
 
 def resolve_paths(suite: SuiteConfig, target: Target) -> SuiteConfig:
     """A copy with placeholders expanded and every path checked; a missing one is a ValueError naming its key."""
-    from evals.fid import source_kind
-
     s = dataclasses.replace(
         suite,
         prompts=dataclasses.replace(suite.prompts),
@@ -282,8 +287,6 @@ def build_prompts(pc: PromptsConfig, num_samples: int) -> list[str]:
             raise ValueError(f"prompts.file: {pc.file} has no prompts")
         n = num_samples or len(lines)
         return [lines[i % len(lines)] for i in range(n)]
-    from evals.fid import open_mds
-
     ds = open_mds(pc.mds)
     if len(ds) == 0:
         raise ValueError(f"prompts.mds: {pc.mds} is empty")
@@ -339,8 +342,6 @@ def sample_and_measure(
     """
     from tqdm import tqdm
 
-    from evals.inception import inception_features
-
     start, stop = shard_range(len(prompts), rank, world)
     chunk = sampler_settings.batch_size * 4
     feats, cos, grid = [], [], []
@@ -387,12 +388,6 @@ def evaluate(
 ) -> dict | None:
     """Sample every setting of `suite` with `target`, measure FID / CLIP, write metrics.json and grids to
     `out_dir` (rank 0). `world > 1` splits the prompts across an initialised process group (unsharded model)."""
-    from evals.clip_score import CLIPScorer, clip_score_from_cosines
-    from evals.fid import Stats, fid_from_stats, reference_stats
-    from evals.inception import load_inception
-    from evals.sampler import SamplerSettings, generate, make_grid
-    from train.inference import load_for_inference, text_settings
-
     t_start = time.perf_counter()
     suite = resolve_paths(suite, target)  # every rank checks: a bad path fails everywhere, before any collective
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -419,19 +414,14 @@ def evaluate(
                                 schedule=None if sc.schedule == "auto" else sc.schedule, shift=sc.shift)
     schedule = loaded.schedule.describe()
 
-    def generate_fn(chunk: list[str], s: SamplerSettings):
+    def generate_fn(chunk: list[str], s: SamplingSettings):
         return generate(loaded.transformer, loaded.vae, loaded.text, chunk, s, dtype=loaded.dtype)
 
     results, grids = [], {}
     for steps, cfg in suite.settings():
         name = setting_name(steps, cfg)
-        s = SamplerSettings(
-            steps=steps, cfg_scale=cfg, negative_prompt=sc.negative_prompt, resolution=sc.resolution, seed=sc.seed,
-            max_text_tokens=max_tokens, masked=masked, noise_temperature=sc.noise_temperature,
-            visible_padding_tokens=visible_pads,
-            cfg_skip_steps=sc.cfg_skip_steps, cfg_rescale=sc.cfg_rescale, batch_size=sc.batch_size,
-            schedule=loaded.schedule,
-        )
+        s = SamplingSettings.from_source(sc, steps=steps, cfg_scale=cfg, max_text_tokens=max_tokens, masked=masked,
+                                         visible_padding_tokens=visible_pads, schedule=loaded.schedule)
         t0 = time.perf_counter()
         got = sample_and_measure(
             generate_fn, prompts, s, scorers, grid_n=suite.grid_images, rank=rank, world=world,
@@ -464,9 +454,7 @@ def evaluate(
         "fid_reference": suite.fid.reference or None, "seconds": round(time.perf_counter() - t_start, 2),
         "results": results,
     }
-    tmp = out_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    tmp.replace(out_dir / "metrics.json")
+    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     for old in out_dir.glob("grid_cfg*.png"):  # an earlier run of this suite may have had other cfg scales
         old.unlink()
     tag = f"eval/{suite_dirname(suite.name)}"
@@ -505,9 +493,6 @@ def evaluate_into_run(
     suite: SuiteConfig, checkpoint: str | Path, *, device: torch.device | None = None, rank: int = 0, world: int = 1
 ) -> dict | None:
     """Evaluate one checkpoint of a run: results to <run_dir>/evals/step_N/<suite>/, its TensorBoard, and its plots."""
-    from evals.report import update_run_plots
-    from train.metrics import Logger
-
     target = resolve_target(checkpoint)
     if target.checkpoint is None:
         raise ValueError(f"--checkpoint: {checkpoint} is a model dir, not a run checkpoint; pass --out for a report")

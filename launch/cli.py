@@ -62,29 +62,16 @@ def cmd_train(a) -> None:
 
 
 def cmd_sample(a) -> None:
-    from evals.sampler import SamplerSettings, generate
-    from train.inference import load_for_inference
-
-    from train.inference import text_settings
+    from evals.sampler import generate
+    from train.inference import load_for_inference, text_settings
+    from train.sampling import SamplingSettings
 
     loaded = load_for_inference(a.model, dtype=a.dtype, ema=a.ema, schedule=a.schedule, shift=a.shift)
     masked, visible = text_settings(a.model, loaded.config)  # a run's, or an export's, or (True, 0)
     if a.no_mask:
         masked = False
-    s = SamplerSettings(
-        steps=a.steps,
-        cfg_scale=a.cfg,
-        negative_prompt=a.negative_prompt,
-        resolution=a.resolution,
-        seed=a.seed,
-        max_text_tokens=a.max_text_tokens,
-        masked=masked,
-        visible_padding_tokens=visible,
-        noise_temperature=a.noise_temperature,
-        cfg_skip_steps=a.cfg_skip_steps,
-        cfg_rescale=a.cfg_rescale,
-        schedule=loaded.schedule,
-    )
+    s = SamplingSettings.from_source(a, cfg_scale=a.cfg, masked=masked, visible_padding_tokens=visible,
+                                     schedule=loaded.schedule)
     (image,) = generate(loaded.transformer, loaded.vae, loaded.text, [a.prompt], s, dtype=loaded.dtype)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -207,13 +194,7 @@ def _load_extensions() -> None:
     _EXTENSIONS.clear()  # main() may run more than once in a process (tests): register each subcommand once
     for module in ("dataset_tools.cli", "launch.submit_cli", "evals.cli", "launch.export_cli", "launch.describe",
                    "launch.plan_cli", "launch.prune", "launch.checkpoint_cli"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        _EXTENSIONS.append(mod.register)
+        _EXTENSIONS.append(importlib.import_module(module).register)
 
 
 def main(argv: list[str] | None = None) -> None:

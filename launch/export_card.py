@@ -14,7 +14,9 @@ import re
 from pathlib import Path
 
 from train.config import JobConfig
+from train.family import family_of_dir
 from train.objective import SamplingSchedule
+from train.sampling import run_sampling_settings
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 TEMPLATE = TEMPLATES / "masked_flux_pipeline.py"
@@ -22,8 +24,6 @@ TEMPLATE = TEMPLATES / "masked_flux_pipeline.py"
 
 def template_for(cfg: JobConfig) -> Path:
     """The run's family's pipeline template (train/family.py): masked_flux_pipeline.py or masked_chroma_pipeline.py."""
-    from train.family import family_of_dir
-
     return TEMPLATES / family_of_dir(cfg.model.path).pipeline_template
 
 
@@ -79,9 +79,10 @@ def _recipe_rows(cfg: JobConfig) -> list[tuple[str, str]]:
 
 def model_card(cfg: JobConfig, *, checkpoint: Path, step: int, ema: bool, dtype: str,
                schedule: SamplingSchedule) -> str:
-    s = cfg.sample
-    cfg_scale = next((c for c in s.cfg_scales if c > 1.0), 3.5)  # the run's first real-CFG scale in its sample grid
-    from train.family import family_of_dir
+    # the run's own sampling settings, at the first real-CFG scale of its sample grid
+    s = run_sampling_settings(cfg, schedule=schedule,
+                              cfg_scale=next((c for c in cfg.sample.cfg_scales if c > 1.0), 3.5))
+    cfg_scale = s.cfg_scale
 
     family = family_of_dir(cfg.model.path)
     stock = family.pipeline_class
@@ -92,7 +93,7 @@ def model_card(cfg: JobConfig, *, checkpoint: Path, step: int, ema: bool, dtype:
         f"It was trained without the T5 padding mask; stock `{stock}` {family.stock_mask}."
     )
     rows = "\n".join(f"| {k} | {v} |" for k, v in _recipe_rows(cfg))
-    prompt = s.prompts[0] if s.prompts else "a photo of a cat"
+    prompt = cfg.sample.prompts[0] if cfg.sample.prompts else "a photo of a cat"
     neg = s.negative_prompt
     return f"""---
 library_name: diffusers
@@ -130,8 +131,9 @@ export = "path/to/this/folder"
 pipe = DiffusionPipeline.from_pretrained(export, custom_pipeline=export, trust_remote_code=True,
                                          torch_dtype=torch.bfloat16).to("cuda")
 image = pipe("{prompt}", negative_prompt="{neg}", true_cfg_scale={cfg_scale:g}, num_inference_steps={s.steps},
-             height={s.resolution}, width={s.resolution}, cfg_skip_steps=0,
-             generator=torch.Generator().manual_seed(0)).images[0]
+             height={s.resolution}, width={s.resolution}, cfg_skip_steps={s.cfg_skip_steps},
+             cfg_rescale={s.cfg_rescale:g}, noise_temperature={s.noise_temperature:g},
+             generator=torch.Generator().manual_seed({s.seed})).images[0]
 image.save("sample.png")
 ```
 
@@ -141,7 +143,9 @@ image.save("sample.png")
 
 ```
 dedistill sample --model path/to/this/folder --prompt "{prompt}" --negative-prompt "{neg}" \\
-    --cfg {cfg_scale:g} --steps {s.steps} --resolution {s.resolution} --seed 0 --out sample.png
+    --cfg {cfg_scale:g} --steps {s.steps} --resolution {s.resolution} --seed {s.seed} \\
+    --cfg-skip-steps {s.cfg_skip_steps} --cfg-rescale {s.cfg_rescale:g} --noise-temperature {s.noise_temperature:g} \\
+    --out sample.png
 ```
 
 Same seed, settings and dtype: the same image as the pipeline above, pixel for pixel (dedistill's tests check this

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
+from train.lycoris_format import lokr_state_dict
+
 FILENAME = "lycoris_lokr.safetensors"
 
 
 def save_lycoris(transformer: torch.nn.Module, out: Path, dtype: torch.dtype, *, metadata: dict[str, str]) -> Path:
     from safetensors.torch import save_file
-
-    from train.lycoris_format import lokr_state_dict
 
     path = out / FILENAME
     save_file(lokr_state_dict(transformer, dtype), str(path), metadata={"algo": "lokr", **metadata})

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import torch
 
+from launch.bfl_keys import to_bfl, to_kohya_lora
+from train.adapters import ADAPTER_NAME, adapted_module_names
+
 BFL_FILE = "flux1-dedistill.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
 
@@ -17,8 +20,6 @@ def save_bfl(transformer: torch.nn.Module, out: Path, dtype: torch.dtype, *, ste
     """The (merged) transformer as one BFL-keyed safetensors file. Its metadata records the step and the sampling
     schedule (BFL files carry no scheduler config)."""
     from safetensors.torch import save_file
-
-    from launch.bfl_keys import to_bfl
 
     state = to_bfl({k: v.detach().to(dtype) for k, v in transformer.state_dict().items()})
     path = out / BFL_FILE
@@ -31,9 +32,6 @@ def save_kohya_lora(transformer: torch.nn.Module, out: Path, dtype: torch.dtype)
     """The run's LoRA (PEFT layers in `transformer`) in the kohya layout, scaled as trained (alpha / rank)."""
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
-
-    from launch.bfl_keys import to_kohya_lora
-    from train.adapters import ADAPTER_NAME, adapted_module_names
 
     state = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)  # "<module>.lora_A.weight", ...
     state = {k: v.detach().to(dtype) for k, v in state.items()}

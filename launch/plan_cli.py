@@ -1,5 +1,5 @@
 """`dedistill plan CONFIG [--nodes N] [--gpus-per-node G] [--gpu-mem-gib M] [--host-mem-gib H] [a.b=v ...]`: memory,
-checkpoint size, FLOPs and communication of a training config before anything is submitted (train/plan.py)."""
+checkpoint size, FLOPs and communication of a training config before anything is submitted (tools/plan.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 def cmd_plan(a) -> None:
     from launch.cli import _preset
     from train.config import load_config
-    from train.plan import Cluster, format_plan, make_plan
+    from tools.plan import Cluster, format_plan, make_plan
 
     cfg = load_config(_preset(a.config), a.overrides)
     cluster = Cluster(nodes=a.nodes, gpus_per_node=a.gpus_per_node, gpu_mem_gib=a.gpu_mem_gib,

@@ -1,7 +1,7 @@
 """Run `dedistill train` with torch.distributed's FSDP collectives wrapped to count their buffers' bytes; rank 0
 writes {"all_gather": bytes, "reduce_scatter": bytes, "all_reduce": bytes, "calls": {...}} to $COUNT_OUT.
 
-Used by tests/integration/test_plan_ranks.py to check train/plan.py's per-step communication against what FSDP2
+Used by tests/integration/test_plan_ranks.py to check tools/plan.py's per-step communication against what FSDP2
 really moves. The counts are the collective buffers (all-gather output, reduce-scatter input, all-reduce tensor), as
 the plan's are before its ring factor (S-1)/S.
 """

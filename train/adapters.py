@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from train.config import AdapterConfig
+from train.family import family_of_model
 
 ADAPTER_NAME = "default"
 _CONFIG_FIELDS = ("blocks", "single_blocks")  # index the family's two block lists, double-stream first
@@ -56,8 +57,6 @@ def target_module_names(transformer: nn.Module, cfg: AdapterConfig) -> list[str]
     `attn.to_q`, not `attn.add_q_proj`). Raises ValueError naming the config key for an out-of-range block index or a
     suffix that matches no Linear in the selected blocks.
     """
-    from train.family import family_of_model
-
     family = family_of_model(transformer)
     selected: list[tuple[str, nn.Module]] = []
     for attr, field in zip(family.block_lists, _CONFIG_FIELDS):

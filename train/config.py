@@ -430,6 +430,12 @@ class SampleConfig:
     constant (`sample.shift`)."""
     shift: float = 1.0
     """The constant shift for `sample.schedule: constant`."""
+    cfg_skip_steps: int = 0
+    """No CFG for the first N steps (as `dedistill sample --cfg-skip-steps`)."""
+    cfg_rescale: float = 0.0
+    """0 = off; φ in [0, 1] rescales the guided velocity's std toward the conditional one."""
+    batch_size: int = 4
+    """Prompts sampled together."""
     at_end: bool = True
 
     def __post_init__(self) -> None:
@@ -440,6 +446,11 @@ class SampleConfig:
         for key in ("prompts", "cfg_scales"):  # the grid has one row per prompt and one column per scale
             if not getattr(self, key):
                 raise ValueError(f"sample.{key}: empty; the sample grid needs at least one")
+        _check_positive("sample.batch_size", self.batch_size)
+        if self.cfg_skip_steps < 0:
+            raise ValueError(f"sample.cfg_skip_steps: must be >= 0, got {self.cfg_skip_steps}")
+        if not 0.0 <= self.cfg_rescale <= 1.0:
+            raise ValueError(f"sample.cfg_rescale: must be in [0, 1], got {self.cfg_rescale}")
         if self.resolution % 16:
             raise ValueError(f"sample.resolution: must be a multiple of 16, got {self.resolution}")
 

@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from train.config import DataConfig
+from train.parallelize import DistInfo, process_dist
 from train.images import open_rgb, to_rgb
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,10 @@ def _fetch(cfg: DataConfig, name: str, sub: str = "") -> Path | None:
     if cfg.remote is None:
         path = local / name
         return path if path.is_file() else None
+    # deferred: importing train.data must not import streaming (see _train_samples_class)
     from streaming.base.storage.download import CloudDownloader
+
+    from train.remote import object_absent
 
     local.mkdir(parents=True, exist_ok=True)
     # A fresh name per call: the downloader skips existing files, and an old cache must not shadow the remote.
@@ -99,20 +103,12 @@ def _fetch(cfg: DataConfig, name: str, sub: str = "") -> Path | None:
                 os.unlink(tmp)
             # Absent (a raw layout has no buckets.json) is an answer; a reset connection is not: a flaky store must
             # not turn a bucketed dataset into a "raw" one. Unreachable after the retries: the index fetch will tell.
-            if _absent(e) or attempt == cfg.download_retry:
+            if object_absent(e) or attempt == cfg.download_retry:
                 log.debug("no %s at %s: %s", name, remote, e)
                 return None
     dest = local / name
     os.replace(tmp, dest)
     return dest
-
-
-def _absent(error: Exception) -> bool:
-    """The store answered that the object does not exist (or may not be read), as opposed to a failed request."""
-    if isinstance(error, FileNotFoundError):
-        return True
-    response = getattr(error, "response", None)  # botocore ClientError
-    return isinstance(response, dict) and response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "403")
 
 
 def read_layout(cfg: DataConfig) -> dict | None:
@@ -313,30 +309,20 @@ def release_stale_shm(locals_: list[str]) -> list[int]:
     return released
 
 
-def _local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
-
-
-def _global_rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", 0))
-
-
-def fetch_indexes(cfg: DataConfig, subdirs: list[str]) -> None:
+def fetch_indexes(cfg: DataConfig, subdirs: list[str], dist: DistInfo | None = None) -> None:
     """Global rank 0 puts every stream's index.json into data.local before any rank builds the dataset (the barrier
     in `_prepare_shared_memory` follows). Streaming downloads a missing index on each node's local rank 0 and renames
     index.json.tmp into place, so nodes that share data.local (a shared file system, or several nodes of one machine)
     race on that rename, and the loser fails with FileNotFoundError (seen on the local 2-node SLURM cluster). An index
     that is there is read, not downloaded; ours is replaced atomically, under a fresh temporary name."""
-    if cfg.remote is not None and _global_rank() == 0:
+    if cfg.remote is not None and (dist or process_dist()).rank == 0:
         for sub in subdirs:
             _fetch(cfg, "index.json", sub)
 
 
-def _prepare_shared_memory(locals_: list[str]) -> None:
+def _prepare_shared_memory(locals_: list[str], dist: DistInfo) -> None:
     """Local rank 0 releases stale registrations of our cache dirs; everyone waits for it (when distributed)."""
-    if _local_rank() == 0:
+    if dist.local_rank == 0:
         release_stale_shm(locals_)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -345,12 +331,15 @@ def _prepare_shared_memory(locals_: list[str]) -> None:
 # ------------------------------------------------------------------------------------------------------ loaders
 
 
-def build_dataset(cfg: DataConfig, *, batch_size: int):
-    """A StreamingDataset yielding per-sample dicts for `Collate` (see the module docstring)."""
+def build_dataset(cfg: DataConfig, *, batch_size: int, dist: DistInfo | None = None):
+    """A StreamingDataset yielding per-sample dicts for `Collate` (see the module docstring). `dist`: this process's
+    ranks (default: the launcher's, `process_dist`)."""
+    dist = dist or process_dist()
     from streaming import Stream
 
     _check_source(cfg)
     if cfg.remote is not None and cfg.remote.startswith("s3://"):
+        # deferred like streaming itself: importing train.data must not import streaming (see _train_samples_class)
         from train.remote import install
 
         install()  # every retry under streaming's S3 reads is counted and logged
@@ -372,7 +361,7 @@ def build_dataset(cfg: DataConfig, *, batch_size: int):
     else:
         buckets = [b for b in layout["buckets"] if b["samples"]]
         if cfg.buckets or layout["kind"] == "precomputed":
-            buckets = _usable_buckets(buckets, batch_size)
+            buckets = _usable_buckets(buckets, batch_size * dist.world_size)
             kwargs["batching_method"] = "per_stream"  # every global batch from one bucket
         streams = [
             Stream(remote=None if cfg.remote is None else _join(cfg.remote, b["dir"]), local=_join(cfg.local, b["dir"]))
@@ -381,21 +370,14 @@ def build_dataset(cfg: DataConfig, *, batch_size: int):
         locals_, subdirs = [s.local for s in streams], [b["dir"] for b in buckets]
         kwargs["streams"] = streams
     if cfg.remote is not None:
-        fetch_indexes(cfg, subdirs)
-        _prepare_shared_memory(locals_)
+        fetch_indexes(cfg, subdirs, dist)
+        _prepare_shared_memory(locals_, dist)
     return _train_samples_class()(cfg=cfg, layout=layout, **kwargs)
 
 
-def _world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _usable_buckets(buckets: list[dict], batch_size: int) -> list[dict]:
+def _usable_buckets(buckets: list[dict], global_batch: int) -> list[dict]:
     """per_stream batching needs at least one full global batch from every stream (streaming raises otherwise):
     buckets smaller than that are left out, with a warning naming them."""
-    global_batch = batch_size * _world_size()
     small = [b for b in buckets if b["samples"] < global_batch]
     if small:
         log.warning("data.buckets: leaving out %d bucket(s) with fewer samples than one global batch (%d): %s",
@@ -407,15 +389,17 @@ def _usable_buckets(buckets: list[dict], batch_size: int) -> list[dict]:
     return usable
 
 
-def build_loader(cfg: DataConfig, *, batch_size: int, caption_length: Callable[[str], int] | None = None):
+def build_loader(cfg: DataConfig, *, batch_size: int, caption_length: Callable[[str], int] | None = None,
+                 dist: DistInfo | None = None):
     """StreamingDataLoader: a torch DataLoader whose state_dict() records the position in the stream; with
     `data.length_grouping`, wrapped in `LengthGroupedBatches` (same iteration and state_dict interface).
 
-    caption_length: a caption's T5 token count, for length grouping of raw shards (the trainer passes its T5
+    dist: this process's ranks (default: the launcher's, `process_dist`). caption_length: a caption's T5 token count, for length grouping of raw shards (the trainer passes its T5
     tokenizer's); precomputed shards hold the T5 states, whose length is used instead."""
     from streaming import StreamingDataLoader
 
-    dataset = build_dataset(cfg, batch_size=batch_size)
+    dist = dist or process_dist()
+    dataset = build_dataset(cfg, batch_size=batch_size, dist=dist)
     collate = Collate()
     if dataset.kind == "precomputed":
         collate = Collate(_empty_prompt(cfg), dataset.layout["precompute"]["max_text_tokens"])
@@ -427,7 +411,7 @@ def build_loader(cfg: DataConfig, *, batch_size: int, caption_length: Callable[[
         num_workers=cfg.num_workers,
         drop_last=True,
         persistent_workers=False,
-        collate_fn=Samples() if cfg.length_grouping else collate,
+        collate_fn=KeepSamplesCollate() if cfg.length_grouping else collate,
     )
     if not cfg.length_grouping:
         return loader
@@ -436,14 +420,15 @@ def build_loader(cfg: DataConfig, *, batch_size: int, caption_length: Callable[[
     else:
         def length_of(sample: dict) -> int:
             return caption_length(sample["caption"])
-    return LengthGroupedBatches(loader, window=cfg.length_window, collate=collate, length_of=length_of)
+    return LengthGroupedBatches(loader, window=cfg.length_window, collate=collate, length_of=length_of,
+                                world_size=dist.world_size)
 
 
 def _stored_t5_length(sample: dict) -> int:
     return sample["t5"].shape[0]
 
 
-class Samples:
+class KeepSamplesCollate:
     """The loader's collate under length grouping: the batch's samples as they are, regrouped and collated by
     `LengthGroupedBatches` (a mapping, so StreamingDataLoader counts its samples by the first value)."""
 
@@ -481,14 +466,15 @@ def group_by_length(samples: list[dict], *, batch_size: int, length_of: Callable
 
 
 class LengthGroupedBatches:
-    """Iterates a StreamingDataLoader (whose collate is `Samples`) `window` batches at a time, regrouped by
+    """Iterates a StreamingDataLoader (whose collate is `KeepSamplesCollate`) `window` batches at a time, regrouped by
     `group_by_length` and collated. state_dict() holds the stream position at the current window's start and how
     many of its batches were already handed out; load_state_dict() rewinds the stream there and skips them, so a
     resumed run sees exactly the batches an uninterrupted one does (any num_workers: the stream itself resumes
     at a batch boundary, as without grouping)."""
 
-    def __init__(self, loader, *, window: int, collate: Callable[[list[dict]], dict], length_of):
+    def __init__(self, loader, *, window: int, collate: Callable[[list[dict]], dict], length_of, world_size: int):
         self.loader, self.window, self.collate, self.length_of = loader, window, collate, length_of
+        self.world_size = world_size  # the stream's position is counted over all ranks
         self.dataset = loader.dataset
         self._start: int | None = None  # samples (this rank) the loader had yielded when the window began
         self._in_window = self._emitted = self._skip = 0
@@ -517,7 +503,7 @@ class LengthGroupedBatches:
             start, skip = self.loader.num_samples_yielded, 0
         else:
             start, skip = self._start, self._emitted
-        return {"stream": self.dataset.state_dict(start * _world_size(), False), "skip": skip}
+        return {"stream": self.dataset.state_dict(start * self.world_size, False), "skip": skip}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state["stream"])

@@ -151,7 +151,7 @@ class ModelFamily:
     text_layers: tuple[int, ...] = ()
     """Hidden-state indices of the text model stacked as the transformer's text features (FLUX.2); () = T5's output."""
     vae_class: str = "AutoencoderKL"
-    """The diffusers VAE class in vae/ (its latent normalisation: train.model.LATENT_NORMS)."""
+    """The diffusers VAE class in vae/ (its latent normalisation: train.flux.LATENT_NORMS)."""
     empirical_mu: bool = False
     """The model's own dynamic schedule takes mu from the image token count *and* the step count (FLUX.2's
     `compute_empirical_mu`), not FLUX.1's line through (base_seq_len, base_shift), (max_seq_len, max_shift)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from train.family import family_of_model
+from train.flux2 import denormalise_packed, normalise_packed
 from train.text import PromptEmbeds
 
 
@@ -115,3 +116,23 @@ def predict_velocity(
         transformer, x=x_t, t=t.to(dtype), t5=prompt.t5.to(dtype), pooled=prompt.pooled.to(dtype),
         key_mask=key_mask, img_ids=img_ids, txt_ids=txt_ids, **extra,
     )
+
+
+def _flux2_norm(vae, z: torch.Tensor, inverse: bool) -> torch.Tensor:
+    h, w = z.shape[-2:]
+    f = denormalise_packed if inverse else normalise_packed
+    return unpack_latents(f(vae, pack_latents(z)), h, w)
+
+
+LATENT_NORMS = {
+    # FLUX.1 / Chroma: a global shift and scale from the VAE config.
+    "AutoencoderKL": lambda vae, z, inverse: (z / vae.config.scaling_factor + vae.config.shift_factor) if inverse
+    else (z - vae.config.shift_factor) * vae.config.scaling_factor,
+    # FLUX.2: per packed channel (2x2 patch), by the VAE's BatchNorm running statistics (train/flux2.py).
+    "AutoencoderKLFlux2": _flux2_norm,
+}
+"""VAE class -> how its raw latents (B, C, H, W) are normalised for the transformer (inverse: back for decoding)."""
+
+
+def normalise_latents(vae, latents: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
+    return LATENT_NORMS[type(vae).__name__](vae, latents, inverse)

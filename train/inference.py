@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 
 from train.adapters import apply_adapter, trainable_named_parameters
 from train.checkpoint import is_complete, latest_checkpoint, safe_load
-from train.config import JobConfig, load_run_config
+from train.config import JobConfig, SCHEDULES, load_run_config
 from train.family import family_of_dir
 from train.model import load_scheduler_config, load_transformer, load_vae, resolve_dtype
 from train.objective import DEV_SCHEDULE, SamplingSchedule
@@ -79,8 +79,6 @@ def sampling_schedule(model_path: str | Path, run_config: JobConfig | None = Non
     - else a run's checkpoint: its `sample.schedule` (default dynamic: a de-distilled model samples like FLUX.1-dev).
     - else a plain diffusers dir (FLUX.1-schnell, or an export): its own scheduler config, as FluxPipeline reads it.
     """
-    from train.config import SCHEDULES
-
     kind = override or (run_config.sample.schedule if run_config is not None else "model")
     if kind not in SCHEDULES:
         raise ValueError(f"--schedule: {kind!r} is not one of {', '.join(SCHEDULES)}")

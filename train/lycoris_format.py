@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from train.adapters import ADAPTER_NAME, _tuner_layers
+
 PREFIX = "lycoris_"
 _FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
@@ -31,8 +33,6 @@ def lycoris_name(module_name: str) -> str:
 
 
 def _lokr_layers(transformer: nn.Module, key: str) -> dict[str, nn.Module]:
-    from train.adapters import ADAPTER_NAME, _tuner_layers
-
     layers = {n: m for n, m in _tuner_layers(transformer)}
     if not layers or not all(hasattr(m, "lokr_w1") for m in layers.values()):
         raise ValueError(f"{key}: the LyCORIS layout holds LoKr adapters; this model's adapter is not LoKr")
@@ -41,8 +41,6 @@ def _lokr_layers(transformer: nn.Module, key: str) -> dict[str, nn.Module]:
 
 
 def _factors(layer: nn.Module) -> dict[str, torch.Tensor]:
-    from train.adapters import ADAPTER_NAME
-
     return {f: getattr(layer, f)[ADAPTER_NAME] for f in _FACTORS if ADAPTER_NAME in getattr(layer, f)}
 
 
@@ -57,8 +55,6 @@ def _reader_scale(factors: dict[str, torch.Tensor], alpha: float | None) -> floa
 @torch.no_grad()
 def lokr_state_dict(transformer: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The adapter as LyCORIS-layout tensors whose update (as LyCORIS/ComfyUI compute it) equals ours."""
-    from train.adapters import ADAPTER_NAME
-
     out: dict[str, torch.Tensor] = {}
     for name, layer in sorted(_lokr_layers(transformer, "--format").items()):
         factors = {k: v.detach().float().clone() for k, v in _factors(layer).items()}
@@ -80,8 +76,6 @@ def load_lycoris_lokr(transformer: nn.Module, path: str | Path, *, key: str = "m
     many layers were loaded. Raises ValueError naming `key` for a missing file, a layer this model does not adapt,
     a non-LoKr layer, or factor shapes that differ from this config's."""
     from safetensors import safe_open
-
-    from train.adapters import ADAPTER_NAME
 
     path = Path(path)
     if not path.is_file() or path.suffix != ".safetensors":

@@ -171,28 +171,5 @@ def load_scheduler_config(path: str | Path) -> dict:
         raise ValueError(f"{f}: not valid JSON ({e})") from None
 
 
-def _flux2_norm(vae, z: torch.Tensor, inverse: bool) -> torch.Tensor:
-    from train.flux import pack_latents, unpack_latents
-    from train.flux2 import denormalise_packed, normalise_packed
-
-    h, w = z.shape[-2:]
-    f = denormalise_packed if inverse else normalise_packed
-    return unpack_latents(f(vae, pack_latents(z)), h, w)
-
-
-LATENT_NORMS = {
-    # FLUX.1 / Chroma: a global shift and scale from the VAE config.
-    "AutoencoderKL": lambda vae, z, inverse: (z / vae.config.scaling_factor + vae.config.shift_factor) if inverse
-    else (z - vae.config.shift_factor) * vae.config.scaling_factor,
-    # FLUX.2: per packed channel (2x2 patch), by the VAE's BatchNorm running statistics (train/flux2.py).
-    "AutoencoderKLFlux2": _flux2_norm,
-}
-"""VAE class -> how its raw latents (B, C, H, W) are normalised for the transformer (inverse: back for decoding)."""
-
-
-def normalise_latents(vae, latents: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
-    return LATENT_NORMS[type(vae).__name__](vae, latents, inverse)
-
-
 def vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)

@@ -42,15 +42,26 @@ def _free_port() -> int:
 _timeout_s = 1800.0  # the process group's, for messages (set by init_distributed)
 
 
+def _launcher_ranks() -> tuple[int, int, int, int]:
+    """(rank, world size, local rank, local world size) as torchrun sets them; a world of one without them."""
+    env = os.environ
+    return (int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
+            int(env.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def process_dist() -> DistInfo:
+    """This process's place in the job without joining a group (for code that may run before or outside
+    `init_distributed`, e.g. a data loader built in a test). The device is the CPU: only the ranks are meant."""
+    return DistInfo(*_launcher_ranks(), torch.device("cpu"))
+
+
 def init_distributed(cfg: ParallelConfig) -> DistInfo:
     """Join the torchrun process group (or make a world of one when started directly)."""
     if "RANK" not in os.environ:  # started as a plain process: a world of one, same code path
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    rank, world, local_rank, local_world = _launcher_ranks()
 
     use_cuda = torch.cuda.is_available() and cfg.dist_backend != "gloo"
     if cfg.dist_backend == "nccl" and not torch.cuda.is_available():
@@ -201,7 +212,8 @@ def parallelize_transformer(
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     if cfg.backend != "fsdp2":
-        raise ValueError(f"parallel.backend: '{cfg.backend}' is not available in this build (use fsdp2)")
+        raise ValueError(f"parallel.backend: '{cfg.backend}' does not shard through parallelize_transformer "
+                         f"(FSDP2's); its backend in train/parallel/ sets the model up")
     if activation_checkpointing:
         apply_activation_checkpointing(model, cfg.ac_policy)
     if cfg.compile_blocks:

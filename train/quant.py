@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train.family import family_of_model
+
 KINDS = ("none", "int8", "float8")
 
 
@@ -34,8 +36,6 @@ def quant_target_names(model: nn.Module) -> list[str]:
     """Full names of the frozen `nn.Linear`s inside the transformer blocks (call after the adapter is applied: an
     adapter's own Linears, LoRA's lora_A/lora_B, require grad and are left alone). The block lists come from the
     model's family row (the same names for FLUX and Chroma today)."""
-    from train.family import family_of_model
-
     prefixes = tuple(f"{attr}." for attr in family_of_model(model).block_lists)
     return [n for n, m in model.named_modules()
             if n.startswith(prefixes) and isinstance(m, nn.Linear) and not m.weight.requires_grad]

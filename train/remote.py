@@ -22,13 +22,19 @@ from streaming.base.constant import DEFAULT_TIMEOUT
 from streaming.base.storage import download as _download
 from streaming.base.storage.download import S3Downloader
 
-from train.data import _absent
-
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 RETRIES: dict[str, int] = {"botocore": 0, "s3transfer": 0, "streaming": 0}
 """Retries of this process, by layer."""
+
+
+def object_absent(error: Exception) -> bool:
+    """The store answered that the object does not exist (or may not be read), as opposed to a failed request."""
+    if isinstance(error, FileNotFoundError):
+        return True
+    response = getattr(error, "response", None)  # botocore ClientError
+    return isinstance(response, dict) and response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "403")
 
 
 def note_retry(layer: str, what: str, why: str = "") -> None:
@@ -78,7 +84,7 @@ class CountingS3Downloader(S3Downloader):
         except Exception as e:
             # streaming's retry() calls this again (data.download_retry) or gives up and raises to the loader; an
             # absent object is an answer (train.data asks for optional files), not a failed attempt
-            if urllib.parse.urlparse(str(remote)).scheme == "s3" and not _absent(e):
+            if urllib.parse.urlparse(str(remote)).scheme == "s3" and not object_absent(e):
                 note_retry("streaming", f"download of {remote} failed", _first_line(e))
             raise
 

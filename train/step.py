@@ -22,8 +22,7 @@ import torch
 
 from train import objective
 from train.config import ObjectiveConfig
-from train.flux import image_ids, pack_latents, predict_velocity
-from train.model import normalise_latents
+from train.flux import image_ids, normalise_latents, pack_latents, predict_velocity
 from train.text import PromptEmbeds, TextEncoder
 
 
@@ -58,7 +57,7 @@ def encode_images(vae, pixels: torch.Tensor, *, generator: torch.Generator) -> t
     dist = vae.encode(pixels.to(vae.device, vae.dtype, non_blocking=True)).latent_dist
     noise = _randn(dist.mean.shape, generator, dist.mean.device)
     latents = dist.mean + dist.std * noise.to(dist.mean.dtype)
-    return normalise_latents(vae, latents)  # the VAE's own normalisation (train.model.LATENT_NORMS)
+    return normalise_latents(vae, latents)  # the VAE's own normalisation (train.flux.LATENT_NORMS)
 
 
 def batch_latents(encoders: Encoders, batch: dict, *, generator: torch.Generator) -> torch.Tensor:

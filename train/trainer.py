@@ -143,8 +143,8 @@ class Trainer:
         cfg, info = self.cfg, self.info
         max_tokens = cfg.objective.max_text_tokens
         # caption_length is only called while raw data is read (length grouping), after the encoders exist below
-        self.loader = build_loader(cfg.data, batch_size=cfg.train.batch_size, caption_length=lambda caption:
-                                   self.encoders.text.token_count(caption, max_tokens=max_tokens))
+        self.loader = build_loader(cfg.data, batch_size=cfg.train.batch_size, dist=info, caption_length=lambda
+                                   caption: self.encoders.text.token_count(caption, max_tokens=max_tokens))
         # Precomputed shards carry latents and text states: the VAE, T5 and CLIP are then never loaded for training.
         self.encoders = load_encoders(cfg, info, self.dtype, load=self.loader.dataset.kind != "precomputed")
         self.teacher = build_teacher(cfg, info, self.dtype)  # the frozen base for objective.kind: teacher, else None

@@ -20,6 +20,11 @@ import sys
 import time
 from pathlib import Path
 
+from dataset_tools.tiny_data import write_tiny_data
+from evals.experiments.judge import load_judge, single_object_samples, to_tensor
+from evals.experiments.proof import evaluate, held_out_world, plot
+from evals.experiments.toy_schnell import asset_dir, load_asset_config
+
 REPO = Path(__file__).resolve().parents[2]
 DEMO_PRESET = REPO / "configs" / "demo.yaml"
 CFG_SCALES = [1.0, 2.0, 3.5, 5.0]
@@ -94,11 +99,6 @@ def before_after_grid(cells: dict, prompts: list[str], path: Path, *, steps: dic
 def run_demo(out: Path, *, nproc: int = 2, n_samples: int = 2000, n_prompts: int = 128, grid_prompts: int = 4,
              overrides: list[str] = ()) -> dict:
     import torch
-
-    from dataset_tools.tiny_data import write_tiny_data
-    from evals.experiments.judge import load_judge, single_object_samples, to_tensor
-    from evals.experiments.proof import evaluate, held_out_world, plot
-    from evals.experiments.toy_schnell import asset_dir, load_asset_config
 
     torch.set_num_threads(1)  # the proof's setting: 2 OpenMP threads on a loaded 2-core box ran slower
     t0 = time.perf_counter()

@@ -18,7 +18,7 @@ import copy
 
 import torch
 
-from evals.sampler import SamplerSettings, denoise, initial_noise
+from evals.sampler import SamplingSettings, denoise, initial_noise
 from train.flux import image_ids, pack_latents, predict_velocity
 from train.objective import DEV_SCHEDULE, sampling_sigmas
 from train.text import TextEncoder
@@ -29,7 +29,7 @@ def teacher_pairs(teacher, text: TextEncoder, prompts: list[str], *, latent_hw: 
                   cfg_scale: float, steps: int, seed: int, max_text_tokens: int, batch_size: int = 128):
     """(noise, teacher CFG sample), both packed (N, tokens, C*4): the couplings the student is straightened on."""
     h, w = latent_hw
-    s = SamplerSettings(steps=steps, cfg_scale=cfg_scale, seed=seed, max_text_tokens=max_text_tokens,
+    s = SamplingSettings(steps=steps, cfg_scale=cfg_scale, seed=seed, max_text_tokens=max_text_tokens,
                         resolution=16)  # resolution unused by denoise
     noises, samples = [], []
     for start in range(0, len(prompts), batch_size):

@@ -33,8 +33,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.config import from_dict, load_yaml, parse_yaml, to_dict
+from dataset_tools.tiny_data import iter_samples, write_tiny_data
+from dataset_tools.tiny_model import TINY_SIZES, build_tiny_pipeline
+from evals.experiments.distill import reflow, teacher_pairs
+from evals.experiments.judge import (
+    ATTRS, accuracy, full_caption, judge_images, labels_of, load_judge, save_judge, single_object_samples, to_tensor,
+    train_judge,
+)
+from evals.fid import frechet_distance
+from evals.periodic import trainer_hooks
+from evals.sampler import SamplingSettings, generate, make_grid
+from tools.prune import FitSettings
+from tools.prune_pipeline import run_prune
+from train.config import JobConfig, dump_config, from_dict, load_yaml, parse_yaml, to_dict
+from train.inference import load_for_inference, text_settings
 from train.run_dir import RunDir
+from train.trainer import train
+from train.outputs import as_stored, atomic_output_dir, check_same_settings, write_text_atomic
 
 
 @dataclass(kw_only=True)
@@ -119,13 +134,13 @@ class DistillConfig:
 
 @dataclass(kw_only=True)
 class PruneSettings:
-    """`dedistill prune`'s approximator fit (train/prune.py FitSettings) for the `pruned-chroma` recipe."""
+    """`dedistill prune`'s approximator fit (tools/prune.py FitSettings) for the `pruned-chroma` recipe."""
     steps: int = 1000
     batch_size: int = 16
     lr: float = 1e-3
 
 
-# Extra de-distillation recipes (issue 12), each a full fine-tune with the proof's budget. name -> (objective keys
+# Extra de-distillation recipes, each a full fine-tune with the proof's budget. name -> (objective keys
 # changed from the proof's LibreFLUX-style recipe, whether the student is first pruned to Chroma's architecture).
 RECIPES: dict[str, tuple[dict, bool]] = {
     "ot": ({"noise_pairing": "ot_cosine"}, False),  # Chroma's minibatch OT alone
@@ -248,22 +263,18 @@ class StageRecord:
     def claim(self, stage: str, settings: dict, outputs: list[Path]) -> dict:
         """Check `stage`'s existing outputs against `settings`, then record them (before the stage runs, so an
         interrupted stage resumes only under the same settings). Returns the settings, normalised."""
-        settings = json.loads(json.dumps(settings))
+        settings = as_stored(settings)
         present = [p for p in outputs if p.exists()]
         old = self.done.get(stage)
         if present and old != settings:
             if old is None:
                 raise ValueError(f"{present[0]}: exists, but {self.path} does not say which settings made it (an older "
                                  f"or interrupted run); delete it or use another out_dir")
-            o, n = _flat(old), _flat(settings)
-            diff = sorted(k for k in set(o) | set(n) if o.get(k) != n.get(k))
-            raise ValueError(f"{present[0]}: made by an earlier run with other settings ({', '.join(diff)} differ); "
-                             f"delete it or use another out_dir")
+            check_same_settings(f"{present[0]}: made by an earlier run", old, settings,
+                                remedy="delete it or use another out_dir")
         if old != settings:
             self.done[stage] = settings
-            tmp = self.path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(self.done, indent=2))
-            tmp.replace(self.path)
+            write_text_atomic(self.path, json.dumps(self.done, indent=2))
         return settings
 
 
@@ -327,8 +338,6 @@ def log(msg: str) -> None:
 
 def stage_world(cfg: ProofConfig, out: Path) -> dict:
     """Training shards + held-out eval set (single-object samples, full captions unseen in training)."""
-    from dataset_tools.tiny_data import write_tiny_data
-
     data = out / "data"
     if not data.exists():
         write_tiny_data(data, n=cfg.n_train, size=cfg.resolution, seed=cfg.seed)
@@ -337,9 +346,6 @@ def stage_world(cfg: ProofConfig, out: Path) -> dict:
 
 def held_out_world(cfg: ProofConfig) -> dict:
     """The training captions and the held-out eval set (the demo evaluates on the same prompts as the proof)."""
-    from dataset_tools.tiny_data import iter_samples
-    from evals.experiments.judge import full_caption, single_object_samples
-
     train_captions = {c for _, _, c, _ in iter_samples(cfg.n_train, size=8, seed=cfg.seed)}
     pool = single_object_samples(4 * cfg.eval.n_prompts, size=cfg.resolution, seed=cfg.seed + 10_000)
     held = [(img, a) for img, a in pool if full_caption(a) not in train_captions][: cfg.eval.n_prompts]
@@ -347,9 +353,6 @@ def held_out_world(cfg: ProofConfig) -> dict:
 
 
 def stage_judge(cfg: ProofConfig, out: Path, world: dict):
-    from evals.experiments.judge import (ATTRS, accuracy, judge_images, labels_of, single_object_samples, to_tensor,
-                                         train_judge, load_judge, save_judge)
-
     path = out / "judge.safetensors"
     j = cfg.judge
     test = single_object_samples(j.n_test, size=cfg.resolution, seed=cfg.seed + 20_000)
@@ -389,10 +392,6 @@ def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, fg_weight: float, fg
 def stage_vae(cfg: ProofConfig, out: Path, judge, test_x: torch.Tensor) -> tuple[Path, dict]:
     """Train the VAE; write the pipeline dir (tiny tokenizers/encoders + this VAE + a fresh transformer)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
-
-    from dataset_tools.tiny_data import atomic_output_dir, iter_samples
-    from dataset_tools.tiny_model import TINY_SIZES, build_tiny_pipeline
-    from evals.experiments.judge import judge_images, to_tensor
 
     pipe_dir = out / "pipeline"
     v = cfg.vae
@@ -458,8 +457,6 @@ def stage_vae(cfg: ProofConfig, out: Path, judge, test_x: torch.Tensor) -> tuple
 
 def _job(cfg: ProofConfig, *, run_dir: Path, model_path: Path, data: Path, budget: TrainBudget, adapter: str,
          seed: int | None = None, objective: dict | None = None):
-    from train.config import JobConfig
-
     return from_dict(JobConfig, {
         "run_dir": str(run_dir), "seed": cfg.seed if seed is None else seed,
         "model": {"path": str(model_path), "dtype": "fp32",
@@ -482,14 +479,9 @@ def run_trainer(job, nproc: int = 1) -> None:
     """The real trainer: in-process at world size 1 (env:// rendezvous on a free local port), or under torchrun."""
     import socket
 
-    from evals.periodic import trainer_hooks
-    from train.trainer import train
-
     if nproc > 1:
         import subprocess
         import sys
-
-        from train.config import dump_config
 
         Path(job.run_dir).mkdir(parents=True, exist_ok=True)
         job_yaml = Path(job.run_dir) / "proof_job.yaml"
@@ -528,8 +520,6 @@ def run_trainer(job, nproc: int = 1) -> None:
 def export_pipeline(base: Path, transformer, out: Path) -> Path:
     """A diffusers pipeline dir: `base` with its transformer replaced."""
     if not out.exists():
-        from dataset_tools.tiny_data import atomic_output_dir
-
         with atomic_output_dir(out) as tmp:
             for item in base.iterdir():
                 if item.name != "transformer":
@@ -539,8 +529,6 @@ def export_pipeline(base: Path, transformer, out: Path) -> Path:
 
 
 def load_model(path: Path):
-    from train.inference import load_for_inference
-
     # fp32 everywhere (the toy is small; also on GPU, so CPU and GPU numbers differ only by kernels)
     return load_for_inference(path, device=torch.device("cuda" if torch.cuda.is_available() else "cpu"), dtype="fp32")
 
@@ -559,8 +547,6 @@ def stage_distill(cfg: ProofConfig, out: Path, pipe_dir: Path, world: dict) -> P
     """Reflow on the teacher's CFG couplings (evals/experiments/distill.py) -> `student_pipeline/`."""
     student_dir = out / "student_pipeline"
     if not student_dir.exists():
-        from evals.experiments.distill import reflow, teacher_pairs
-
         d = cfg.distill
         teacher = load_model(out / "teacher_pipeline")
         h = w = cfg.resolution // (2 ** (len(cfg.vae.block_out_channels) - 1))
@@ -582,9 +568,6 @@ def stage_prune(cfg: ProofConfig, out: Path, student_dir: Path, world: dict) -> 
     `student_pruned/`, a ChromaPipeline dir with its prune_report.json."""
     pruned = out / "student_pruned"
     if not pruned.exists():
-        from launch.prune import run_prune
-        from train.prune import FitSettings
-
         p = cfg.prune
         report = run_prune(student_dir, pruned, world["data"], eval_resolution=cfg.resolution, dtype="fp32",
                            fit=FitSettings(steps=p.steps, batch_size=p.batch_size, lr=p.lr, seed=cfg.seed),
@@ -604,10 +587,6 @@ def evaluate(cfg: ProofConfig, models: dict[str, Path | list[Path]], judge, worl
     set's own renders, FID of an independent real set (`real_x`, the judge's test images) against them (the floor).
     Each model samples with the mask and visible padding tokens it was trained with (train.inference.text_settings).
     The grid shows each model's first path."""
-    from evals.experiments.judge import ATTRS, accuracy, judge_images, labels_of, to_tensor
-    from evals.fid import frechet_distance
-    from evals.sampler import make_grid
-
     e = cfg.eval
     prompts = world["eval_prompts"]
     labels = {k: torch.tensor([labels_of(a)[k] for _, a in world["eval"]]) for k in ATTRS}
@@ -636,11 +615,6 @@ def evaluate(cfg: ProofConfig, models: dict[str, Path | list[Path]], judge, worl
 
 def _evaluate_model(cfg: ProofConfig, name: str, seed: int, path: Path, judge, prompts: list[str], labels: dict,
                     ref: tuple, grid_rows: list | None, cells: dict | None) -> list[dict]:
-    from evals.experiments.judge import accuracy, judge_images, to_tensor
-    from evals.fid import frechet_distance
-    from evals.sampler import SamplerSettings, generate
-    from train.inference import text_settings
-
     e, rows = cfg.eval, []
     m = load_model(path)
     masked, visible = text_settings(path, m.config)
@@ -649,7 +623,7 @@ def _evaluate_model(cfg: ProofConfig, name: str, seed: int, path: Path, judge, p
         for scale in e.cfg_scales:
             for r in range(e.repeats):
                 t0 = time.time()
-                s = SamplerSettings(steps=steps, cfg_scale=scale, resolution=cfg.resolution, seed=100_000 * (r + 1),
+                s = SamplingSettings(steps=steps, cfg_scale=scale, resolution=cfg.resolution, seed=100_000 * (r + 1),
                                     max_text_tokens=cfg.max_text_tokens, batch_size=256, masked=masked,
                                     visible_padding_tokens=visible)
                 images = generate(m.transformer, m.vae, m.text, prompts, s, dtype=m.dtype)
@@ -752,8 +726,6 @@ def run(cfg: ProofConfig, *, until: str = "eval") -> dict:
     judge, judge_acc, test_x, test_y = stage_judge(cfg, out, world)
     lap("judge")
     pipe_dir, vae_stats, rec_preds = stage_vae(cfg, out, judge, test_x)
-    from evals.experiments.judge import accuracy
-
     rec_acc = accuracy(rec_preds, test_y)
     log(f"[proof] vae held-out reconstruction: {vae_stats}")
     log(f"[proof] judge on vae reconstructions: {json.dumps({k: round(v, 3) for k, v in rec_acc.items()})}")

@@ -17,6 +17,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from evals.experiments.proof import ProofConfig, load_proof_config, run
+from train.config import from_dict, to_dict
+
 ASSET = Path(__file__).resolve().parents[2] / "launch" / "assets" / "toy_schnell"
 PRESET = Path(__file__).resolve().parents[2] / "configs" / "toy-schnell.yaml"
 MAX_BYTES = 10 * 2**20  # the repo carries it: pipeline + judge stay under 10 MB
@@ -32,9 +35,6 @@ def asset_dir() -> Path:
 
 def load_asset_config():
     """The ProofConfig the shipped toy schnell was made with (world seed, resolution, judge, VAE, model dims)."""
-    from evals.experiments.proof import ProofConfig
-    from train.config import from_dict
-
     return from_dict(ProofConfig, json.loads((asset_dir() / "toy_schnell.json").read_text())["config"])
 
 
@@ -43,9 +43,6 @@ def size_bytes(path: Path) -> int:
 
 
 def build(config: str, overrides: list[str], out: Path, *, smoke: bool = False) -> dict:
-    from evals.experiments.proof import load_proof_config, run
-    from train.config import to_dict
-
     cfg = load_proof_config(config, smoke=smoke, overrides=overrides)
     res = run(cfg, until="distill")
     src = Path(cfg.out_dir)

@@ -22,9 +22,9 @@ pytestmark = pytest.mark.slow
 
 
 def _settings():
-    from evals.sampler import SamplerSettings
+    from evals.sampler import SamplingSettings
 
-    return SamplerSettings(steps=2, cfg_scale=3.0, resolution=64, seed=7, max_text_tokens=64, masked=True)
+    return SamplingSettings(steps=2, cfg_scale=3.0, resolution=64, seed=7, max_text_tokens=64, masked=True)
 
 
 def _latents(transformer, text, vae) -> torch.Tensor:

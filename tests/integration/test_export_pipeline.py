@@ -29,7 +29,7 @@ SETTINGS = dict(steps=4, cfg=3.0, skip=1, res=64, seed=5, tokens=64)
 _PIPELINE_SCRIPT = r"""
 import json, sys
 # Users do not have dedistill installed: make its packages unimportable before anything loads.
-for name in ("train", "evals", "launch", "dataset_tools"):
+for name in ("train", "tools", "evals", "launch", "dataset_tools"):
     sys.modules[name] = None
 import numpy as np, torch
 from diffusers import DiffusionPipeline, FluxPipeline

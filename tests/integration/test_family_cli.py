@@ -26,7 +26,7 @@ NEG = "blurry noisy"
 
 _PIPELINE_SCRIPT = r"""
 import json, sys
-for name in ("train", "evals", "launch", "dataset_tools"):  # users do not have dedistill installed
+for name in ("train", "tools", "evals", "launch", "dataset_tools"):  # users do not have dedistill installed
     sys.modules[name] = None
 import numpy as np, torch
 from diffusers import ChromaPipeline, DiffusionPipeline

@@ -9,7 +9,7 @@ import pytest
 
 from test_plan import REPO
 from train.config import load_config
-from train.plan import Cluster, make_plan
+from tools.plan import Cluster, make_plan
 
 
 @pytest.mark.slow

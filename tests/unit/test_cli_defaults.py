@@ -47,7 +47,7 @@ def _pairs():
     from dataset_tools.convert import ConvertOptions, convert
     from dataset_tools.inspect_mds import inspect_dataset
     from dataset_tools.precompute import PrecomputeOptions, precompute
-    from evals.sampler import SamplerSettings
+    from evals.sampler import SamplingSettings
     from launch.export import export_checkpoint
 
     convert_fn, conv_opts = _fn_defaults(convert), _dc_defaults(ConvertOptions)
@@ -64,7 +64,7 @@ def _pairs():
     pre = _dc_defaults(PrecomputeOptions)
     pairs += [("data precompute", k, pre[k]) for k in ("latents", "dtype", "max_text_tokens", "batch_size", "device",
                                                        "model_dtype", "caption_key", "image_key", "keep_image")]
-    samp = _dc_defaults(SamplerSettings)
+    samp = _dc_defaults(SamplingSettings)
     pairs += [("sample", cli, samp[lib]) for cli, lib in (
         ("cfg", "cfg_scale"), ("steps", "steps"), ("max_text_tokens", "max_text_tokens"), ("resolution", "resolution"),
         ("seed", "seed"), ("noise_temperature", "noise_temperature"), ("cfg_skip_steps", "cfg_skip_steps"),

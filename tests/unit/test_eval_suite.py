@@ -122,7 +122,7 @@ class MeanPixelScorer:
 
 
 @dataclasses.dataclass
-class FakeSettings:  # what sample_and_measure reads of SamplerSettings (importing the sampler costs seconds)
+class FakeSettings:  # what sample_and_measure reads of SamplingSettings (importing the sampler costs seconds)
     seed: int = 5
     batch_size: int = 1
 

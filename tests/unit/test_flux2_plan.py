@@ -8,7 +8,7 @@ from launch.describe import describe
 from train.config import load_config
 from train.family import FAMILIES, family_of_dir
 from train.model import build_transformer_meta
-from train.plan import REPO, Cluster, make_plan, transformer_config
+from tools.plan import REPO, Cluster, make_plan, transformer_config
 
 MODELS = REPO / "configs" / "models"
 # (dir, family, parameters, shared modulation parameters): diffusers' convert_flux2_to_diffusers.py sizes

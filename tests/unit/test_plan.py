@@ -1,4 +1,4 @@
-"""`dedistill plan` (train/plan.py): its numbers against what the code really allocates, saves and sends.
+"""`dedistill plan` (tools/plan.py): its numbers against what the code really allocates, saves and sends.
 
 - parameter, gradient, AdamW and EMA bytes: exactly those of the trainer's FSDP2 model after a step (world of one);
 - activations: within 20 % (in practice ≤ 5 %) of the bytes autograd saves in a training forward on CPU, for full
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from train.config import load_config
-from train.plan import ENCODER_PARAMS, CLIP_L, FLUX_VAE, T5_XXL, Cluster, activation_bytes, inventory, make_plan
+from tools.plan import ENCODER_PARAMS, CLIP_L, FLUX_VAE, T5_XXL, Cluster, activation_bytes, inventory, make_plan
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=3, attention_head_dim=16,
@@ -120,7 +120,7 @@ def preset_plans():
 
 
 def test_presets_plan_with_sane_verdicts(preset_plans):
-    from train.plan import format_plan
+    from tools.plan import format_plan
 
     p = preset_plans
     assert p["lora-1gpu"].verdict == "fits"

@@ -1,5 +1,5 @@
 # tier: unit
-"""`dedistill plan`'s communication time and memory margins (train/plan.py), each against its formula's inputs.
+"""`dedistill plan`'s communication time and memory margins (tools/plan.py), each against its formula's inputs.
 
 - the HSDP all-reduce runs once per optimizer step whatever `train.grad_accum` is (the code's behaviour, counted on
   a 2 x 2 gloo mesh by tests/integration/test_hsdp_accum.py); all-gathers and reduce-scatters run per micro-batch;
@@ -17,7 +17,7 @@ import pytest
 
 from dataset_tools.tiny_model import TINY_SIZES
 from train.config import load_config
-from train.plan import (
+from tools.plan import (
     FLUX1_SCHNELL_CONFIG, GiB, NCCL_RUNTIME_BYTES, USABLE_FRACTION, Cluster, activation_grad_bytes, comm_per_step,
     format_plan, gpu_memory, inventory, make_plan, sharded_collective_s, step_timing, tokens_for,
 )

@@ -1,4 +1,4 @@
-"""`dedistill prune` (issue 12 part 4): FLUX -> diffusers' ChromaTransformer2DModel / ChromaPipeline."""
+"""`dedistill prune`: FLUX -> diffusers' ChromaTransformer2DModel / ChromaPipeline."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ SCHNELL = REPO / "configs" / "models" / "flux1-schnell" / "transformer" / "confi
 
 def test_parameter_counts_at_flux1_size_on_meta():
     """11.9B -> about 8.9B: the 3.3B of modulation Linears and embedders go, a 0.3B approximator comes."""
-    from train.prune import chroma_config, modulation_count, parameter_counts
+    from tools.prune import chroma_config, modulation_count, parameter_counts
 
     config = json.loads(SCHNELL.read_text())
     c = parameter_counts(config)
@@ -27,7 +27,7 @@ def test_parameter_counts_at_flux1_size_on_meta():
     assert c["chroma"] == c["flux"] - c["dropped"] + c["approximator"]
     # the weight map covers FLUX.1's real keys and shapes (on meta: names and shapes only)
     from train.model import build_transformer_meta
-    from train.prune import build_chroma_meta, transfer_state
+    from tools.prune import build_chroma_meta, transfer_state
 
     state, dropped = transfer_state(build_transformer_meta(config).state_dict(),
                                     build_chroma_meta(chroma_config(config)))
@@ -49,7 +49,7 @@ def test_parameter_counts_at_flux1_size_on_meta():
 
 
 def _pruned(seed: int = 0):
-    from train.prune import prune_transformer
+    from tools.prune import prune_transformer
 
     flux = tiny_transformer(seed)
     chroma, dropped = prune_transformer(flux, seed=seed)
@@ -71,7 +71,7 @@ def _inputs(flux, b: int = 3, seed: int = 1):
 def test_chroma_with_flux_modulation_is_flux():
     """Every copied weight sits where Chroma reads it, and the modulation index order (single blocks, double image,
     double text, final shift/scale) is Chroma's: fed FLUX's own modulation, the Chroma forward is FLUX's."""
-    from train.prune import ForcedModulation, ModulationTarget, chroma_velocity
+    from tools.prune import ForcedModulation, ModulationTarget, chroma_velocity
 
     flux, chroma, dropped = _pruned()
     x, t5, pooled, t, ids = _inputs(flux)
@@ -94,7 +94,7 @@ def test_chroma_with_flux_modulation_is_flux():
 
 def test_caption_mean_target_is_the_average_of_the_captions():
     """mean(t) uses E[W silu(.) + b] = W E[silu(.)] + b; check it against averaging each caption's modulation."""
-    from train.prune import ModulationTarget
+    from tools.prune import ModulationTarget
 
     flux = tiny_transformer(0)
     pooled = torch.randn(7, flux.config.pooled_projection_dim, generator=torch.Generator().manual_seed(3))
@@ -106,7 +106,7 @@ def test_caption_mean_target_is_the_average_of_the_captions():
 
 
 def test_transfer_refuses_a_weight_with_no_place():
-    from train.prune import build_chroma_meta, chroma_config, transfer_state
+    from tools.prune import build_chroma_meta, chroma_config, transfer_state
 
     flux = tiny_transformer(0)
     state = flux.state_dict()
@@ -120,7 +120,7 @@ def test_transfer_refuses_a_weight_with_no_place():
 
 
 def test_guidance_distilled_flux_prunes_like_schnell():
-    from train.prune import DROPPED, chroma_config
+    from tools.prune import DROPPED, chroma_config
 
     schnell = json.loads(SCHNELL.read_text())
     assert chroma_config({**schnell, "guidance_embeds": True}) == chroma_config(schnell)
@@ -128,7 +128,7 @@ def test_guidance_distilled_flux_prunes_like_schnell():
 
 
 def test_fit_is_seeded_and_learns():
-    from train.prune import FitSettings, ModulationTarget, approximator_output, fit_approximator
+    from tools.prune import FitSettings, ModulationTarget, approximator_output, fit_approximator
 
     runs = []
     for _ in range(2):
@@ -196,7 +196,7 @@ def test_prune_cli_loads_in_chroma_pipeline(tiny_model_dir, tiny_data_dir, tmp_p
 
 
 def test_prune_refuses_before_work(tiny_model_dir, tmp_path):
-    from launch.prune import run_prune
+    from tools.prune_pipeline import run_prune
 
     out = tmp_path / "taken"
     out.mkdir()
@@ -213,7 +213,7 @@ def test_prune_refuses_before_work(tiny_model_dir, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_cuda_asked_for_without_cuda_is_refused(tiny_model_dir, tmp_path):
-    from launch.prune import run_prune
+    from tools.prune_pipeline import run_prune
 
     captions = tmp_path / "caps.txt"
     captions.write_text("a red circle\na blue square\n")
@@ -229,8 +229,8 @@ def test_cli_defaults_are_the_library_defaults():
     import inspect
 
     from launch.cli import _load_extensions, build_parser
-    from launch.prune import run_prune
-    from train.prune import FitSettings
+    from tools.prune_pipeline import run_prune
+    from tools.prune import FitSettings
 
     _load_extensions()
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["prune"]
@@ -250,7 +250,8 @@ def test_captions_default_to_the_shipped_set():
     import argparse
 
     from launch.cli import _load_extensions, build_parser
-    from launch.prune import DEFAULT_CAPTIONS, read_captions, split_captions
+    from launch.prune import DEFAULT_CAPTIONS
+    from tools.prune_pipeline import read_captions, split_captions
 
     _load_extensions()
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["prune"]

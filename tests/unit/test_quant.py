@@ -104,7 +104,7 @@ def test_training_loss_stays_within_tolerance_of_bf16(tiny_model_dir, tiny_data_
 def test_plan_counts_the_quantized_base_and_lora_24gb_fits():
     """At FLUX.1 size: int8 holds the block Linears in ~half their bf16 bytes (whole on each rank), and the shipped
     lora-24gb preset fits one 24 GB card; the same preset over a bf16 base does not."""
-    from train.plan import GiB, Cluster, make_plan
+    from tools.plan import GiB, Cluster, make_plan
 
     cfg = load_config(REPO / "configs" / "lora-24gb.yaml")
     one = Cluster(gpus_per_node=1, gpu_mem_gib=24.0)

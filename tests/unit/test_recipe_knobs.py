@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from evals.sampler import SamplerSettings, generate
+from evals.sampler import SamplingSettings, generate
 from train.config import ObjectiveConfig, load_config
 from train.inference import load_for_inference
 from train.step import Encoders, forward_backward_step
@@ -94,7 +94,7 @@ def test_ot_run_stopped_and_resumed_is_bitwise(tiny_model_dir, tiny_data_dir, tm
     assert run.config.objective.visible_padding_tokens == 1
 
     def direct(k):
-        s = SamplerSettings(steps=2, cfg_scale=3.0, resolution=64, seed=7, max_text_tokens=64, visible_padding_tokens=k)
+        s = SamplingSettings(steps=2, cfg_scale=3.0, resolution=64, seed=7, max_text_tokens=64, visible_padding_tokens=k)
         return np.asarray(generate(run.transformer, run.vae, run.text, [PROMPTS[0]], s, dtype=run.dtype)[0])
 
     cli = np.asarray(Image.open(out).convert("RGB"))
@@ -137,7 +137,7 @@ def test_visible_pad_keeps_its_t5_state_independent_of_padding(loaded):
 
 
 def _sample(loaded, tokens, k, cfg=3.0):
-    s = SamplerSettings(steps=3, cfg_scale=cfg, resolution=64, seed=7, max_text_tokens=tokens, visible_padding_tokens=k)
+    s = SamplingSettings(steps=3, cfg_scale=cfg, resolution=64, seed=7, max_text_tokens=tokens, visible_padding_tokens=k)
     (img,) = generate(loaded.transformer, loaded.vae, loaded.text, [PROMPTS[0]], s, dtype=loaded.dtype)
     return np.asarray(img)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from evals.sampler import SamplerSettings, generate
+from evals.sampler import SamplingSettings, generate
 from train.config import ObjectiveConfig
 from train.inference import load_for_inference
 from train.step import Encoders, forward_backward_step
@@ -28,7 +28,7 @@ def test_t5_states_do_not_depend_on_padding(loaded):
 
 
 def _sample(loaded, tokens, masked=True, cfg=3.0):
-    s = SamplerSettings(steps=3, cfg_scale=cfg, resolution=64, seed=7, max_text_tokens=tokens, masked=masked)
+    s = SamplingSettings(steps=3, cfg_scale=cfg, resolution=64, seed=7, max_text_tokens=tokens, masked=masked)
     (img,) = generate(loaded.transformer, loaded.vae, loaded.text, [PROMPT], s, dtype=loaded.dtype)
     return np.asarray(img)
 

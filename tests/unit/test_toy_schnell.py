@@ -38,7 +38,7 @@ def test_student_loads_and_is_cfg_blind():
     what `dedistill demo` starts from."""
     from evals.experiments.judge import ATTRS, accuracy, judge_images, labels_of, load_judge, to_tensor
     from evals.experiments.proof import held_out_world
-    from evals.sampler import SamplerSettings, generate
+    from evals.sampler import SamplingSettings, generate
     from train.inference import load_for_inference
 
     torch.set_num_threads(1)
@@ -51,7 +51,7 @@ def test_student_loads_and_is_cfg_blind():
     labels = {k: torch.tensor([labels_of(a)[k] for _, a in world["eval"]]) for k in ATTRS}
     adherence = []
     for scale in (1.0, 2.0, 3.0, 4.0, 5.0):
-        s = SamplerSettings(steps=4, cfg_scale=scale, resolution=cfg.resolution, seed=100_000,
+        s = SamplingSettings(steps=4, cfg_scale=scale, resolution=cfg.resolution, seed=100_000,
                             max_text_tokens=cfg.max_text_tokens, batch_size=64)
         images = generate(m.transformer, m.vae, m.text, world["eval_prompts"], s, dtype=m.dtype)
         adherence.append(accuracy(judge_images(judge, to_tensor(images))[1], labels)["mean"])

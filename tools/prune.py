@@ -1,4 +1,4 @@
-"""FLUX -> Chroma (issue 12 part 4): drop FLUX's per-block AdaLN modulation Linears and its time/pooled-text
+"""FLUX -> Chroma: drop FLUX's per-block AdaLN modulation Linears and its time/pooled-text
 embedders, and distil what they computed into Chroma's approximator (`distilled_guidance_layer`).
 
 FLUX modulates every block with `Linear_k(silu(temb))`, temb = timestep_embedder(t) + text_embedder(CLIP pooled):
@@ -13,7 +13,7 @@ sampled target has the same minimiser, reached through noisier gradients). Becau
 silu(temb), the mean needs no pass over the captions per Linear: E_p[W silu(T(t) + P(p)) + b] =
 W E_p[silu(T(t) + P(p))] + b, so one (B, D) mean activation per batch of timesteps feeds every Linear once.
 
-The model file stays architecture only: this module maps weights and fits; launch/prune.py reads and writes files.
+The model file stays architecture only: this module maps weights and fits; tools/prune_pipeline.py reads and writes files.
 """
 
 from __future__ import annotations
@@ -23,7 +23,14 @@ import re
 from dataclasses import dataclass
 
 import torch
+from diffusers import ChromaTransformer2DModel
+from diffusers.models.transformers.transformer_chroma import (
+    ChromaApproximator,
+    ChromaCombinedTimestepTextProjEmbeddings,
+)
 from torch import nn
+
+from train.model import build_transformer_meta
 
 APPROXIMATOR_CHANNELS = 64
 """Chroma's approximator input: 16 timestep + 16 guidance + 32 modulation-index features (`approximator_in_dim`)."""
@@ -71,8 +78,6 @@ def modulation_count(config: dict) -> int:
 
 
 def build_chroma_meta(config: dict):
-    from diffusers import ChromaTransformer2DModel
-
     with torch.device("meta"):
         return ChromaTransformer2DModel.from_config(config)
 
@@ -106,11 +111,6 @@ def transfer_state(flux_state: dict[str, torch.Tensor], chroma: nn.Module) -> tu
 def prune_transformer(flux: nn.Module, *, approximator_hidden: int | None = None, seed: int = 0):
     """Chroma transformer (on the CPU) whose blocks, embedders and projections are FLUX's tensors, and whose
     approximator is freshly initialised from `seed`. Returns (chroma, dropped FLUX names)."""
-    from diffusers.models.transformers.transformer_chroma import (
-        ChromaApproximator,
-        ChromaCombinedTimestepTextProjEmbeddings,
-    )
-
     config = chroma_config(dict(flux.config), approximator_hidden=approximator_hidden)
     chroma = build_chroma_meta(config)
     state, dropped = transfer_state(flux.state_dict(), chroma)
@@ -315,8 +315,6 @@ class ForcedModulation:
 
 def parameter_counts(flux_config: dict, *, approximator_hidden: int | None = None) -> dict:
     """Parameters of FLUX and of its pruned Chroma, both built on the meta device (nothing allocated)."""
-    from train.model import build_transformer_meta
-
     flux = build_transformer_meta(flux_config)
     chroma = build_chroma_meta(chroma_config(flux_config, approximator_hidden=approximator_hidden))
     approximator = parameter_count(chroma.distilled_guidance_layer)

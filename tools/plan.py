@@ -33,17 +33,23 @@ Units: bytes and FLOPs as plain numbers; GiB = 2^30 bytes, GB = 10^9 bytes (band
 
 from __future__ import annotations
 
-import importlib.util
+import copy
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL
+from transformers import AutoConfig, CLIPTextModel, T5EncoderModel
 
+from train.adapters import adapted_module_names, apply_adapter
 from train.config import JobConfig
-from train.mfu import FlopsModel
+from train.data import read_layout
+from train.mfu import FlopsModel, flops_model
+from train.model import build_transformer_meta
 from train.model_schema import check_transformer_config
+from train.quant import quant_target_names
 
 GiB = 2**30
 REPO = Path(__file__).resolve().parents[1]
@@ -202,10 +208,6 @@ def transformer_config(cfg: JobConfig) -> tuple[dict, str]:
 
 def inventory(config: dict, cfg: JobConfig) -> Inventory:
     """Build the transformer on meta, apply the configured adapter (on meta too), and list what each unit holds."""
-    from train.adapters import adapted_module_names, apply_adapter
-    from train.mfu import flops_model
-    from train.model import build_transformer_meta
-    from train.quant import quant_target_names
 
     model = build_transformer_meta(config, guidance=cfg.model.guidance, guidance_scale=cfg.model.guidance_scale)
     with torch.device("meta"):  # adapter weights on meta as well: a 3B-parameter LoKr must not be allocated
@@ -455,14 +457,10 @@ def encoders_loaded(cfg: JobConfig, precomputed: bool | None) -> bool:
     if precomputed is not None:
         return not precomputed
     try:
-        from train.data import read_layout
-
         layout = read_layout(cfg.data) if (cfg.data.local and Path(cfg.data.local).is_dir()) else None
     except (ValueError, OSError):
         layout = None
-    if layout is not None and layout.get("kind") == "precomputed":
-        return False
-    return True
+    return not (layout is not None and layout.get("kind") == "precomputed")
 
 
 def encoder_params(cfg: JobConfig) -> dict[str, int]:
@@ -470,9 +468,6 @@ def encoder_params(cfg: JobConfig) -> dict[str, int]:
     root = Path(cfg.model.path) if cfg.model.path else None
     if root is None or not all((root / d / "config.json").is_file() for d in ("text_encoder", "text_encoder_2", "vae")):
         return dict(ENCODER_PARAMS)
-    from diffusers import AutoencoderKL
-    from transformers import AutoConfig, CLIPTextModel, T5EncoderModel
-
     with torch.device("meta"):
         models = {"t5": T5EncoderModel(AutoConfig.from_pretrained(root / "text_encoder_2")),
                   "clip": CLIPTextModel(AutoConfig.from_pretrained(root / "text_encoder")),
@@ -481,9 +476,9 @@ def encoder_params(cfg: JobConfig) -> dict[str, int]:
 
 
 def encoder_bytes_on_gpu(cfg: JobConfig, cl: Cluster, encoders: dict[str, int], b: int) -> float:
-    """`model.text_encoder_placement` (where this build has it): device = T5 + CLIP replicated on every GPU; cpu =
+    """`model.text_encoder_placement`: device = T5 + CLIP replicated on every GPU; cpu =
     they stay in host memory; fsdp = T5 sharded over the world, CLIP replicated. The VAE is always on the device."""
-    placement = getattr(cfg.model, "text_encoder_placement", "device")
+    placement = cfg.model.text_encoder_placement
     t5 = {"device": encoders["t5"], "cpu": 0, "fsdp": math.ceil(encoders["t5"] / cl.world)}[placement]
     clip = 0 if placement == "cpu" else encoders["clip"]
     return (t5 + clip + encoders["vae"]) * b
@@ -606,11 +601,10 @@ def gpu_memory(inv: Inventory, cfg: JobConfig, cl: Cluster, tok: Tokens, *, with
 def host_ram_at_load(inv: Inventory, cfg: JobConfig, cl: Cluster, *, with_encoders: bool,
                      encoders: dict[str, int] | None = None) -> float:
     """Peak host bytes per node while the ranks load the transformer. Each rank reads the full state dict into RAM
-    and casts the trainable part to fp32 before sharding — unless this build has the sharded loader (issue #11 part 1:
-    `train/parallel/load.py`), where each rank reads only its FSDP2 shard."""
+    and casts the trainable part to fp32 before sharding — except under FSDP2, whose sharded loader
+    (`train/parallel/load.py`) has each rank read only its own shard."""
     b = compute_dtype_bytes(cfg, cl)
-    sharded = cfg.parallel.backend == "fsdp2" and importlib.util.find_spec("train.parallel.load") is not None
-    if sharded:
+    if cfg.parallel.backend == "fsdp2":
         S = shard_group(cfg, cl)
         # the shards themselves land on the GPU (in host RAM only for CPU runs); one unit's rows are in flight; a
         # new adapter's initial values are held (fp32, whole) until its shards are filled
@@ -869,7 +863,6 @@ def verdict(p: Plan) -> str:
 
 def _knob(p: Plan) -> str:
     """Try the usual knobs one at a time, cheapest first; name the first that fits."""
-    import copy
 
     cfg, cl = p.cfg, p.cluster
 
@@ -888,7 +881,7 @@ def _knob(p: Plan) -> str:
         q.memory = gpu_memory(p.inv, cfg, cl, p.tokens, with_encoders=False, encoders=p.encoders)
         if _fits(q):
             return "precompute the data (`dedistill data precompute`): the encoders then stay off the GPU"
-        if getattr(cfg.model, "text_encoder_placement", "cpu") == "device":
+        if cfg.model.text_encoder_placement == "device":
             for where in ("fsdp", "cpu"):
                 def place(c, where=where):
                     c.model.text_encoder_placement = where
