@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tiny_runs
-from evals.sampler import SamplerSettings, generate
+from evals.sampler import SamplingSettings, generate
 from train.config import load_config
 from train.inference import sampling_schedule
 from train.model import load_transformer, load_vae
@@ -90,7 +90,7 @@ def test_unguided_sampling_equals_the_klein_pipeline(model_dir):
     m = load_transformer(model_dir, dtype=torch.float32)
     vae = load_vae(model_dir, dtype=torch.float32, device=torch.device("cpu"))
     text = TextEncoder(model_dir, dtype=torch.float32, device=torch.device("cpu"))
-    s = SamplerSettings(steps=3, cfg_scale=1.0, resolution=64, seed=5, max_text_tokens=48, masked=False,
+    s = SamplingSettings(steps=3, cfg_scale=1.0, resolution=64, seed=5, max_text_tokens=48, masked=False,
                         schedule=sampling_schedule(model_dir, None))
     ours = np.asarray(generate(m, vae, text, ["a red circle"], s, dtype=torch.float32)[0]).astype(np.float32)
     from evals.sampler import initial_noise
