@@ -26,7 +26,7 @@ def _slow_save(state, *args, checkpoint_id=None, **kwargs):
     return out
 
 
-dcp.save = _slow_save  # train.checkpoint calls dcp.save through the module attribute
+dcp.save = _slow_save  # train/checkpoint/manager.py calls dcp.save through the module attribute
 state_dict_saver.save = _slow_save  # what DCP's async executor imports and calls in its thread
 
 if __name__ == "__main__":
