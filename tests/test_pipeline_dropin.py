@@ -11,6 +11,7 @@ diffusers test it mirrors. Same assertions and tolerances unless a comment says 
 import importlib.util
 import inspect
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -289,6 +290,10 @@ def test_save_load_local(pipe, family, tmp_path):
     DiffusionPipeline.from_pretrained(DIR, custom_pipeline=DIR) with the template as DIR/pipeline.py."""
     from diffusers import DiffusionPipeline
 
+    # diffusers imports every local custom pipeline as the module `diffusers_modules.local.pipeline`: drop the
+    # other family's, loaded by the same test, or it finds two pipeline classes in one module
+    for module in [m for m in sys.modules if m.startswith("diffusers_modules.local.pipeline")]:
+        del sys.modules[module]
     pipe.save_pretrained(tmp_path)
     name = "masked_flux_pipeline.py" if family == "flux" else "masked_chroma_pipeline.py"
     shutil.copy(TEMPLATES / name, tmp_path / "pipeline.py")
