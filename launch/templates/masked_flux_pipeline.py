@@ -13,8 +13,9 @@ never saw in training (the image then depends on `max_sequence_length`), and its
 A drop-in for `FluxPipeline`: it subclasses it and takes its arguments (`prompt`/`prompt_2` or lists of them,
 `prompt_embeds` + `pooled_prompt_embeds`, `negative_*`, `num_images_per_prompt`, `sigmas`, `guidance_scale`,
 `latents`, `callback_on_step_end`, `joint_attention_kwargs`, `output_type` pil / np (float32 in [0, 1], stacked) /
-pt / latent (packed), `return_dict`). Differences, all for a de-distilled model: real CFG is on by default
-(`true_cfg_scale` 3.5, and no `negative_prompt` means the empty prompt, the unconditional input the model learned);
+pt / latent (packed), `return_dict`). As in FluxPipeline, real CFG is off unless `true_cfg_scale` is set (pass
+3.5 or so: a de-distilled model wants it); unlike it, no `negative_prompt` then means the empty prompt, the
+unconditional input the model learned;
 `prompt_attention_mask` / `negative_prompt_attention_mask` (ChromaPipeline's names) carry the T5 mask of passed
 embeddings, and without them the mask is read back from the embeddings (`encode_prompt` zeroes the padding rows);
 `guidance_scale` feeds the guidance embedder only where the transformer has one (`guidance_embeds`), as in
@@ -130,7 +131,7 @@ class DedistillFluxPipeline(FluxPipeline):
         prompt_2: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         negative_prompt_2: str | list[str] | None = None,
-        true_cfg_scale: float = 3.5,
+        true_cfg_scale: float = 1.0,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 28,

@@ -11,6 +11,7 @@ diffusers test it mirrors. Same assertions and tolerances unless a comment says 
 import importlib.util
 import inspect
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -185,14 +186,14 @@ def test_sigmas(pipe):
 def test_encode_prompt_works_in_isolation(pipe, family):
     """PipelineTesterMixin.test_encode_prompt_works_in_isolation: encode_prompt on a pipeline holding only the text
     encoders, its outputs passed by name to a pipeline without them, gives the image of the prompt (here exact:
-    1e-4 in diffusers). The negative's embeddings are passed too: real CFG is on by default here, and a pipeline
-    without text encoders cannot encode the empty negative."""
+    1e-4 in diffusers), with real CFG on: the negative's embeddings are passed too (Chroma's CFG is on by default,
+    as in ChromaPipeline)."""
     components = pipe.components
     text = type(pipe)(**{k: v if "text" in k or "tokenizer" in k else None for k, v in components.items()})
     bare = type(pipe)(**{k: None if "text" in k or "tokenizer" in k else v for k, v in components.items()})
     bare.set_progress_bar_config(disable=True)
-    want = pipe(**inputs(negative_prompt="bad quality")).images
-    kw = {k: v for k, v in inputs().items() if k != "prompt"}
+    want = pipe(**inputs(negative_prompt="bad quality", true_cfg_scale=3.0)).images
+    kw = {k: v for k, v in inputs(true_cfg_scale=3.0).items() if k != "prompt"}
     if family == "flux":
         pe, pooled, _ = text.encode_prompt(PROMPT, max_sequence_length=TOKENS)
         ne, npooled, _ = text.encode_prompt("bad quality", max_sequence_length=TOKENS)
@@ -289,6 +290,10 @@ def test_save_load_local(pipe, family, tmp_path):
     DiffusionPipeline.from_pretrained(DIR, custom_pipeline=DIR) with the template as DIR/pipeline.py."""
     from diffusers import DiffusionPipeline
 
+    # diffusers imports every local custom pipeline as the module `diffusers_modules.local.pipeline`: drop the
+    # other family's, loaded by the same test, or it finds two pipeline classes in one module
+    for module in [m for m in sys.modules if m.startswith("diffusers_modules.local.pipeline")]:
+        del sys.modules[module]
     pipe.save_pretrained(tmp_path)
     name = "masked_flux_pipeline.py" if family == "flux" else "masked_chroma_pipeline.py"
     shutil.copy(TEMPLATES / name, tmp_path / "pipeline.py")
