@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from train.config import AdapterConfig, ObjectiveConfig, OptimConfig, ParallelConfig  # noqa: E402
+from train.flux import LATENT_NORMS  # noqa: E402
 from train.mfu import flops_model, mfu, peak_flops  # noqa: E402
 from train.text import PromptEmbeds  # noqa: E402
 
@@ -117,6 +118,10 @@ class LatentsAsPixels:
 
     def encode(self, latents: torch.Tensor):
         return SimpleNamespace(latent_dist=SimpleNamespace(mean=latents, std=latents.new_zeros(())))
+
+
+# normalised as AutoencoderKL's latents are (shift 0, scale 1: unchanged)
+LATENT_NORMS[LatentsAsPixels.__name__] = LATENT_NORMS["AutoencoderKL"]
 
 
 class PrecomputedText:

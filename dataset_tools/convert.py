@@ -650,22 +650,8 @@ def _quiet_streaming_logs():
         logging.disable(previous)
 
 
-def convert(
-    source: str | Path, out: str | Path, *, opts: ConvertOptions | None = None, workers: int = 1,
-    shard_index: int = 0, num_shards: int = 1, progress_bar: bool = True,
-) -> dict:
-    """Convert one slice of `source` with `workers` processes; merge when it is the only slice.
-
-    Returns {"converted", "skipped", "skipped_by_reason", "parts", "merged"}. Raises ValueError when the source
-    held samples and none converted (nothing to train on is an error; a few bad samples never are).
-    """
-    opts = opts or ConvertOptions()
-    source, out = Path(source), Path(out)
-    if workers < 1:
-        raise ValueError(f"--workers: must be >= 1, got {workers}")
-    if num_shards < 1 or not 0 <= shard_index < num_shards:
-        raise ValueError(f"--shard-index: must be in [0, --num-shards={num_shards}), got {shard_index}")
-    kind = detect_kind(source) if opts.kind == "auto" else opts.kind
+def _check_source(source: Path, out: Path, kind: str) -> None:
+    """One line naming the flag when the source cannot be read as `kind`, or when `out` lies inside it."""
     if kind != "folder" and not source.exists():
         raise ValueError(f"--source: '{source}' does not exist")
     if kind == "folder" and not source.is_dir():
@@ -676,23 +662,19 @@ def convert(
         raise ValueError(f"--source: '{source}' is not a .jsonl or .parquet manifest")
     if out.resolve() == source.resolve() or (source.is_dir() and source.resolve() in out.resolve().parents):
         raise ValueError(f"--out: '{out}' is inside the source '{source}'")
-    out.mkdir(parents=True, exist_ok=True)
 
-    note = manifest_note(source, opts) if kind == "manifest" else ""
-    settings = _settings(source, kind, opts, num_shards, workers)
-    for done in sorted(out.glob(f"part-{shard_index:05d}-*/report.json")):
-        old = json.loads(done.read_text()).get("settings", {})
-        _check_same_settings(done.parent, {k: old.get(k) for k in settings}, settings)
 
-    jobs = [dict(source=source, out=out, kind=kind, opts=opts, slice_index=shard_index, num_slices=num_shards,
-                 worker=j, workers=workers) for j in range(workers)]
-    t0 = time.perf_counter()
+def _run_workers(jobs: list[dict], out: Path, shard_index: int, *, desc: str | None) -> list[dict]:
+    """Each job's `convert_part` (in this process for one worker, else one process each) and its report; `desc`:
+    the progress bar's label, None for no bar."""
+    workers = len(jobs)
+
     def new_bar():
-        if not progress_bar:
+        if desc is None:
             return None
         from tqdm import tqdm
 
-        return tqdm(desc=f"convert {source.name}", unit=" samples", file=sys.stderr, dynamic_ncols=True)
+        return tqdm(desc=desc, unit=" samples", file=sys.stderr, dynamic_ncols=True)
 
     if workers == 1:
         bar = new_bar()
@@ -719,6 +701,38 @@ def convert(
         reports = [json.loads((out / part_name(shard_index, j) / "report.json").read_text()) for j in range(workers)]
     if bar is not None:
         bar.close()
+    return reports
+
+
+def convert(
+    source: str | Path, out: str | Path, *, opts: ConvertOptions | None = None, workers: int = 1,
+    shard_index: int = 0, num_shards: int = 1, progress_bar: bool = True,
+) -> dict:
+    """Convert one slice of `source` with `workers` processes; merge when it is the only slice.
+
+    Returns {"converted", "skipped", "skipped_by_reason", "parts", "merged"}. Raises ValueError when the source
+    held samples and none converted (nothing to train on is an error; a few bad samples never are).
+    """
+    opts = opts or ConvertOptions()
+    source, out = Path(source), Path(out)
+    if workers < 1:
+        raise ValueError(f"--workers: must be >= 1, got {workers}")
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(f"--shard-index: must be in [0, --num-shards={num_shards}), got {shard_index}")
+    kind = detect_kind(source) if opts.kind == "auto" else opts.kind
+    _check_source(source, out, kind)
+    out.mkdir(parents=True, exist_ok=True)
+
+    note = manifest_note(source, opts) if kind == "manifest" else ""
+    settings = _settings(source, kind, opts, num_shards, workers)
+    for done in sorted(out.glob(f"part-{shard_index:05d}-*/report.json")):
+        old = json.loads(done.read_text()).get("settings", {})
+        _check_same_settings(done.parent, {k: old.get(k) for k in settings}, settings)
+
+    jobs = [dict(source=source, out=out, kind=kind, opts=opts, slice_index=shard_index, num_slices=num_shards,
+                 worker=j, workers=workers) for j in range(workers)]
+    t0 = time.perf_counter()
+    reports = _run_workers(jobs, out, shard_index, desc=f"convert {source.name}" if progress_bar else None)
     elapsed = time.perf_counter() - t0
     converted = sum(r["converted"] for r in reports)
     skipped = sum(r["skipped"] for r in reports)

@@ -160,6 +160,18 @@ def write_empty_prompt(out: Path, enc: Encoders, max_tokens: int, dtype: str) ->
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
+def _caption_and_image(sample: dict, opts: PrecomputeOptions):
+    """(caption, RGB image) of a converted sample; `Skip` with the reason when either is unusable."""
+    caption = check_caption(sample.get(opts.caption_key))
+    data = sample.get(opts.image_key)
+    if not isinstance(data, (bytes, bytearray)) or not data:
+        raise Skip("empty_file", f"no bytes in column '{opts.image_key}'")
+    try:
+        return caption, open_rgb(bytes(data))
+    except Exception as e:  # PIL: OSError, SyntaxError, ValueError, ...
+        raise Skip("corrupt_image", f"{type(e).__name__}: {e}") from None
+
+
 def precompute(
     model_dir: str | Path, src: str | Path, out: str | Path, *, spec: BucketSpec, opts: PrecomputeOptions | None = None,
     shard_index: int = 0, num_shards: int = 1, progress_bar: bool = True,
@@ -213,14 +225,7 @@ def precompute(
         for s in samples:
             key = str(s.get("key", ""))
             try:
-                caption = check_caption(s.get(opts.caption_key))
-                data = s.get(opts.image_key)
-                if not isinstance(data, (bytes, bytearray)) or not data:
-                    raise Skip("empty_file", f"no bytes in column '{opts.image_key}'")
-                try:
-                    img = open_rgb(bytes(data))
-                except Exception as e:  # PIL: OSError, SyntaxError, ValueError, ...
-                    raise Skip("corrupt_image", f"{type(e).__name__}: {e}") from None
+                caption, img = _caption_and_image(s, opts)
             except Skip as e:
                 log.skip(e.reason, key=key, file=str(src), detail=e.detail)
                 progress(1)

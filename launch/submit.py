@@ -190,7 +190,7 @@ def write_job_config(cfg) -> Path:
     its own, whatever is submitted later)."""
     from train.config import dump_config
 
-    folder = Path(cfg.run_dir) / "submitit"
+    folder = RunDir(cfg.run_dir).jobs
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"job-config-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.yaml"
     tmp = path.with_name(path.name + ".tmp")

@@ -495,6 +495,82 @@ class MemoryPlan:
         return sum(self.rows.values())
 
 
+def _fsdp2_state(inv: Inventory, cfg: JobConfig, cl: Cluster, b: int, ema: bool
+                 ) -> tuple[dict[str, float], list[str], tuple[int, int]]:
+    """FSDP2's per-GPU weights, optimizer state, gathered blocks and comm buffers (and the teacher's): (rows, notes,
+    the optimizer's (local, largest single) element counts)."""
+    rows: dict[str, float] = {}
+    notes: list[str] = []
+    S = shard_group(cfg, cl)
+    frozen = sum(u.shard_numel(u.frozen, S) for u in inv.units) * b
+    train_shard = sum(u.shard_numel(u.trainable, S) for u in inv.units)
+    rows["frozen base weights (sharded)"] = frozen
+    if cfg.model.base_quant != "none":
+        rows[f"frozen base Linears {cfg.model.base_quant} (replicated)"] = sum(
+            u.quantized_bytes(b) for u in inv.units)
+    rows["trainable params fp32 (sharded)"] = 4 * train_shard
+    opt_elems = (train_shard, max((u.shard_numel([sh], S) for u in inv.units for sh in u.trainable), default=0))
+    rows["gradients fp32 (sharded)"] = 4 * train_shard
+    rows["AdamW moments fp32 (sharded)"] = 8 * train_shard
+    rows["EMA fp32 (sharded)"] = 4 * train_shard * ema
+    largest = max(u.n_frozen + u.n_trainable for u in inv.blocks)
+    largest_train = max(u.n_trainable for u in inv.blocks)
+    root = inv.units[-1]
+    root_full = (root.n_frozen + root.n_trainable) * b  # the root stays unsharded from forward to backward
+    reduce_b = 4 if cfg.parallel.reduce_dtype == "fp32" else 2
+    if cfg.parallel.reshard_after_forward:
+        # the block computing + the one prefetched (all-gather output), plus one block's unsharded gradients
+        # (compute dtype) and their reduce-scatter input (reduce dtype)
+        gathered = 2 * largest * b
+    else:  # every block stays gathered from its forward to its backward
+        gathered = sum(u.n_frozen + u.n_trainable for u in inv.blocks) * b + largest * b
+        notes.append("parallel.reshard_after_forward=false keeps every block gathered until its backward")
+    rows["unsharded blocks + comm buffers"] = gathered + root_full + largest_train * (b + reduce_b)
+    if cfg.parallel.cpu_offload:
+        host = rows.pop("trainable params fp32 (sharded)") + rows.pop("gradients fp32 (sharded)") + rows.pop(
+            "AdamW moments fp32 (sharded)") + rows.pop("frozen base weights (sharded)")
+        notes.append(f"parallel.cpu_offload: {host / GiB:.1f} GiB of sharded state per rank lives in host memory")
+    if inv.teacher:
+        # sharded like the base; its root stays gathered after its forward (as the student's), its blocks are
+        # gathered one at a time under no_grad while the student's are resharded (counted in the row above)
+        rows["frozen teacher weights (sharded)"] = sum(u.shard_numel(u.frozen, S) for u in inv.teacher) * b
+        rows["teacher root (gathered)"] = inv.teacher[-1].n_frozen * b
+        if cfg.parallel.cpu_offload:
+            notes.append("parallel.cpu_offload: the teacher's shards live in host memory too")
+            rows.pop("frozen teacher weights (sharded)")
+    return rows, notes, opt_elems
+
+
+def _deepspeed_state(inv: Inventory, cfg: JobConfig, cl: Cluster, b: int, ema: bool
+                     ) -> tuple[dict[str, float], list[str], tuple[int, int]]:
+    """DeepSpeed ZeRO-2/3's per-GPU weights, optimizer state and buckets (and the teacher's), as `_fsdp2_state`."""
+    rows: dict[str, float] = {}
+    notes: list[str] = []
+    W = cl.world
+    n_train, n_total = inv.n_trainable, inv.n_total
+    stage = cfg.parallel.zero_stage
+    bucket = 5e8  # DeepSpeed's default reduce_bucket_size (elements): deepspeed_config sets none
+    if stage == 2:
+        rows["module weights (replicated)"] = n_total * b
+    else:
+        rows["module weights (partitioned)"] = math.ceil(n_total / W) * b
+    rows["fp32 master of trainable (partitioned)"] = 4 * math.ceil(n_train / W)
+    opt_elems = (math.ceil(n_train / W), math.ceil(n_train / W))  # ZeRO's one flat partition per group
+    rows["gradients (partitioned fp32 + bf16)"] = (4 + b) * math.ceil(n_train / W)
+    rows["AdamW moments fp32 (partitioned)"] = 8 * math.ceil(n_train / W)
+    rows["EMA fp32"] = 4 * (n_train if stage == 2 else math.ceil(n_train / W)) * ema
+    comm = 2 * min(bucket, n_train) * b  # the gradient bucket and its reduce buffer
+    if stage == 3:
+        comm += min(1e9, n_total) * b  # stage3_max_live_parameters (default 1e9 elements) gathered at once
+    rows["comm buckets / gathered params"] = comm
+    if inv.teacher:
+        rows["frozen teacher weights (replicated)"] = inv.n_teacher * b
+    notes.append("DeepSpeed rows follow its default bucket sizes; not measured in this repo")
+    notes.append(f"a DeepSpeed checkpoint save gathers the full fp32 trainable state (12 B/param) into every "
+                 f"rank's host memory: {12 * n_train * cl.gpus_per_node / GiB:.0f} GiB per node")
+    return rows, notes, opt_elems
+
+
 def gpu_memory(inv: Inventory, cfg: JobConfig, cl: Cluster, tok: Tokens, *, with_encoders: bool,
                encoders: dict[str, int] | None = None) -> MemoryPlan:
     """Per-GPU bytes by component for the configured backend."""
@@ -504,69 +580,8 @@ def gpu_memory(inv: Inventory, cfg: JobConfig, cl: Cluster, tok: Tokens, *, with
     acts = activation_bytes(inv, image=tok.image, text=tok.text, batch=cfg.train.batch_size * inv.student_rows,
                             policy=ac_policy(cfg), act_bytes=b, autocast=autocast)
     ema = cfg.ema.decay > 0
-    rows: dict[str, float] = {}
-    notes: list[str] = []
-    if cfg.parallel.backend == "fsdp2":
-        S = shard_group(cfg, cl)
-        frozen = sum(u.shard_numel(u.frozen, S) for u in inv.units) * b
-        train_shard = sum(u.shard_numel(u.trainable, S) for u in inv.units)
-        rows["frozen base weights (sharded)"] = frozen
-        if cfg.model.base_quant != "none":
-            rows[f"frozen base Linears {cfg.model.base_quant} (replicated)"] = sum(
-                u.quantized_bytes(b) for u in inv.units)
-        rows["trainable params fp32 (sharded)"] = 4 * train_shard
-        opt_elems = (train_shard, max((u.shard_numel([sh], S) for u in inv.units for sh in u.trainable), default=0))
-        rows["gradients fp32 (sharded)"] = 4 * train_shard
-        rows["AdamW moments fp32 (sharded)"] = 8 * train_shard
-        rows["EMA fp32 (sharded)"] = 4 * train_shard * ema
-        largest = max(u.n_frozen + u.n_trainable for u in inv.blocks)
-        largest_train = max(u.n_trainable for u in inv.blocks)
-        root = inv.units[-1]
-        root_full = (root.n_frozen + root.n_trainable) * b  # the root stays unsharded from forward to backward
-        reduce_b = 4 if cfg.parallel.reduce_dtype == "fp32" else 2
-        if cfg.parallel.reshard_after_forward:
-            # the block computing + the one prefetched (all-gather output), plus one block's unsharded gradients
-            # (compute dtype) and their reduce-scatter input (reduce dtype)
-            gathered = 2 * largest * b
-        else:  # every block stays gathered from its forward to its backward
-            gathered = sum(u.n_frozen + u.n_trainable for u in inv.blocks) * b + largest * b
-            notes.append("parallel.reshard_after_forward=false keeps every block gathered until its backward")
-        rows["unsharded blocks + comm buffers"] = gathered + root_full + largest_train * (b + reduce_b)
-        if cfg.parallel.cpu_offload:
-            host = rows.pop("trainable params fp32 (sharded)") + rows.pop("gradients fp32 (sharded)") + rows.pop(
-                "AdamW moments fp32 (sharded)") + rows.pop("frozen base weights (sharded)")
-            notes.append(f"parallel.cpu_offload: {host / GiB:.1f} GiB of sharded state per rank lives in host memory")
-        if inv.teacher:
-            # sharded like the base; its root stays gathered after its forward (as the student's), its blocks are
-            # gathered one at a time under no_grad while the student's are resharded (counted in the row above)
-            rows["frozen teacher weights (sharded)"] = sum(u.shard_numel(u.frozen, S) for u in inv.teacher) * b
-            rows["teacher root (gathered)"] = inv.teacher[-1].n_frozen * b
-            if cfg.parallel.cpu_offload:
-                notes.append("parallel.cpu_offload: the teacher's shards live in host memory too")
-                rows.pop("frozen teacher weights (sharded)")
-    else:
-        W = cl.world
-        n_train, n_total = inv.n_trainable, inv.n_total
-        stage = cfg.parallel.zero_stage
-        bucket = 5e8  # DeepSpeed's default reduce_bucket_size (elements): deepspeed_config sets none
-        if stage == 2:
-            rows["module weights (replicated)"] = n_total * b
-        else:
-            rows["module weights (partitioned)"] = math.ceil(n_total / W) * b
-        rows["fp32 master of trainable (partitioned)"] = 4 * math.ceil(n_train / W)
-        opt_elems = (math.ceil(n_train / W), math.ceil(n_train / W))  # ZeRO's one flat partition per group
-        rows["gradients (partitioned fp32 + bf16)"] = (4 + b) * math.ceil(n_train / W)
-        rows["AdamW moments fp32 (partitioned)"] = 8 * math.ceil(n_train / W)
-        rows["EMA fp32"] = 4 * (n_train if stage == 2 else math.ceil(n_train / W)) * ema
-        comm = 2 * min(bucket, n_train) * b  # the gradient bucket and its reduce buffer
-        if stage == 3:
-            comm += min(1e9, n_total) * b  # stage3_max_live_parameters (default 1e9 elements) gathered at once
-        rows["comm buckets / gathered params"] = comm
-        if inv.teacher:
-            rows["frozen teacher weights (replicated)"] = inv.n_teacher * b
-        notes.append("DeepSpeed rows follow its default bucket sizes; not measured in this repo")
-        notes.append(f"a DeepSpeed checkpoint save gathers the full fp32 trainable state (12 B/param) into every "
-                     f"rank's host memory: {12 * n_train * cl.gpus_per_node / GiB:.0f} GiB per node")
+    state = _fsdp2_state if cfg.parallel.backend == "fsdp2" else _deepspeed_state
+    rows, notes, opt_elems = state(inv, cfg, cl, b, ema)
     rows["activations (kept for backward)"] = acts["kept"]
     rows["backward working set (recomputed block)"] = acts["recompute"]
     rows["activation gradients (one block's backward)"] = activation_grad_bytes(

@@ -21,6 +21,7 @@ the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import itertools
 import json
@@ -28,6 +29,7 @@ import logging
 import os
 import random
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -328,6 +330,30 @@ def _prepare_shared_memory(locals_: list[str], dist: DistInfo) -> None:
         torch.distributed.barrier()
 
 
+SHM_LOCK = Path("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir()) / "dedistill-streaming-prefix.lock"
+
+
+@contextmanager
+def shm_registration_turn(dist: DistInfo):
+    """streaming registers a dataset under the first shared-memory prefix that is free in /dev/shm, then creates it:
+    two jobs on one host whose local leaders do that at the same moment pick the same prefix, and the second dies
+    with FileExistsError. Local leaders take turns under a host-wide file lock while they build the dataset (the
+    other ranks only look the prefix up). Where the lock file cannot be opened (another user's, read-only), no lock."""
+    if dist.local_rank != 0:
+        yield
+        return
+    try:
+        fd = os.open(SHM_LOCK, os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 # ------------------------------------------------------------------------------------------------------ loaders
 
 
@@ -372,7 +398,8 @@ def build_dataset(cfg: DataConfig, *, batch_size: int, dist: DistInfo | None = N
     if cfg.remote is not None:
         fetch_indexes(cfg, subdirs, dist)
         _prepare_shared_memory(locals_, dist)
-    return _train_samples_class()(cfg=cfg, layout=layout, **kwargs)
+    with shm_registration_turn(dist):
+        return _train_samples_class()(cfg=cfg, layout=layout, **kwargs)
 
 
 def _usable_buckets(buckets: list[dict], global_batch: int) -> list[dict]:

@@ -597,13 +597,13 @@ def _rehash(path: Path) -> None:
 def test_swapped_and_rehashed_pickles_are_refused_by_verify_and_resume_in_one_line(tmp_path):
     import torch
 
-    from train.checkpoint import CheckpointManager, RefusedFile
+    from train.checkpoint import CheckpointStore, RefusedFile
     from train.checkpoint.verify import verify_run
     from train.config import CheckpointConfig
 
     pwned = tmp_path / "PWNED"
     # 1. a per-rank file replaced
-    manager = CheckpointManager(tmp_path / "a", CheckpointConfig(), rank=0)
+    manager = CheckpointStore(tmp_path / "a", CheckpointConfig(), rank=0)
     path = manager.save(1, {"model": {"w": torch.arange(4.0)}}, per_rank={"data": None})
     assert verify_run(tmp_path / "a")[0] == ["step_00000001  ok (size and sha256 of every file)"]
     torch.save({"rng": _Evil(pwned)}, path / "rank_00000.pt")
@@ -618,7 +618,7 @@ def test_swapped_and_rehashed_pickles_are_refused_by_verify_and_resume_in_one_li
     assert "rank_00000.pt refused, nothing loaded" in said and "\n" not in said and "weights_only" not in said
 
     # 2. a non-tensor DCP entry (the shards hold torch.save pickles of them)
-    manager = CheckpointManager(tmp_path / "b", CheckpointConfig(), rank=0)
+    manager = CheckpointStore(tmp_path / "b", CheckpointConfig(), rank=0)
     path = manager.save(1, {"model": {"w": torch.arange(4.0)}, "extra": {"note": _Evil(pwned)}}, per_rank={})
     lines, newest_bad = verify_run(tmp_path / "b")
     assert newest_bad and ".distcp (entry extra.note): refused by the safe loader" in lines[0], lines

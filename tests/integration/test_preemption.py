@@ -83,7 +83,7 @@ def test_train_sbatch_requeues_itself_on_usr1_and_leaves_sigterm_to_slurm(tmp_pa
     import os
     import time
 
-    from test_security import fake_slurm
+    from test_security_cli import fake_slurm
 
     script = tiny_runs.REPO / "slurm" / "train.sbatch"
     for sig, requeues in ((signal.SIGUSR1, 1), (signal.SIGTERM, 0)):

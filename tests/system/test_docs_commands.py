@@ -214,9 +214,9 @@ CASES: dict[str, Run | Skip | Covered] = {
         covered("tests/system/test_slurm.py::test_submit_without_slurm_ran_the_reference_locally",
                 "the suite's reference run (conftest.py) is this command on the tiny pipeline, 6 steps"),
     "dedistill plan configs/openflux.yaml --gpus-per-node 1": run(expect=r"does not fit: .*GPUs"),
-    "dedistill plan configs/flux2-dev-undistill.yaml --nodes 2 --gpus-per-node 8": run(expect=r"32\.223B[\s\S]*verdict"),
+    "dedistill plan configs/flux2-dev-undistill.yaml --nodes 2 --gpus-per-node 8": run(expect=r"32\.184B[\s\S]*verdict"),
     "dedistill plan configs/flux2-dev-undistill.yaml --nodes 2 --gpus-per-node 8 --precomputed yes":
-        run(expect=r"32\.223B[\s\S]*verdict: fits"),
+        run(expect=r"32\.184B[\s\S]*verdict: fits"),
     "dedistill plan configs/flux2-klein-base-lora.yaml --gpus-per-node 1": run(expect=r"verdict: fits"),
     "dedistill plan configs/libreflux.yaml parallel.hsdp=true --nodes 8 --gpus-per-node 8": run(expect=r"verdict"),
     "dedistill plan configs/lora-1gpu.yaml train.batch_size=1 --gpus-per-node 1 --gpu-mem-gib 24": run(expect=r"verdict"),

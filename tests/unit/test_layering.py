@@ -15,10 +15,7 @@ ABOVE_TRAIN = ("tools", "dataset_tools", "evals", "launch")
 # `python -m train` (train/__main__.py) is the torchrun entry point, a script nothing imports: it hands the command
 # line to launch's `train` command, which builds the Trainer's hooks from evals/. The library in train/ stays below.
 UPWARD_EXEMPT = {"train.__main__"}
-CYCLE_EXEMPT = [
-    # The backend package's factory builds its backends, which take its StepConfig/StepResult types.
-    {"train.parallel", "train.parallel.deepspeed", "train.parallel.fsdp2"},
-]
+CYCLE_EXEMPT: list[set[str]] = []
 
 
 def project_modules(root: Path = REPO) -> dict[str, Path]:

@@ -22,57 +22,17 @@ saves them as DTensors (sharded writes); DeepSpeed gathers each ZeRO-partitioned
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
 from train.config import ParallelConfig
+from train.parallel.backend import Backend, StepConfig, StepResult
+from train.parallel.deepspeed import DeepSpeedBackend  # imports deepspeed itself only when one is built
+from train.parallel.fsdp2 import FSDP2Backend
 from train.parallelize import DistInfo
 
-
-@dataclass(frozen=True)
-class StepResult:
-    grad_norm: torch.Tensor
-    """0-dim: the global grad norm before clipping (inf/nan when the step was skipped for it)."""
-    applied: torch.Tensor
-    """0-dim bool: False when the optimizer step was skipped (non-finite loss or gradient); every rank agrees. Both
-    stay on the device: the loop reads them in batches, at its logging and check steps (`train.sync_every`)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class StepConfig:
-    """What a backend needs to know about the step (a narrow view of TrainConfig)."""
-
-    micro_batch_size: int
-    grad_accum: int
-    grad_clip: float
-    activation_checkpointing: bool
-
-
-class Backend(Protocol):
-    name: str
-    model: torch.nn.Module
-    module: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-
-    def prepare_micro_batch(self, index: int, count: int) -> None: ...
-
-    def step(self, *, loss_finite: torch.Tensor | bool) -> StepResult: ...
-
-    def checkpoint_state(self) -> dict: ...
-
-    def load_checkpoint_state(self, state: dict) -> None: ...
-
-    def ema_tensors(self) -> list[tuple[str, torch.Tensor]]: ...
-
-    def ema_to_checkpoint(self, shadow: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
-
-    def ema_from_checkpoint(self, full: dict[str, torch.Tensor], shadow: dict[str, torch.Tensor]) -> None: ...
-
-    def count_parameters(self) -> tuple[int, int]: ...
-
-    def close(self) -> None: ...
+__all__ = ["Backend", "StepConfig", "StepResult", "build_backend"]
 
 
 def build_backend(
@@ -95,15 +55,11 @@ def build_backend(
     `replicated` (FSDP2 only): modules whose parameters stay whole on every rank (the quantized frozen base).
     """
     if cfg.backend == "fsdp2":
-        from train.parallel.fsdp2 import FSDP2Backend
-
         return FSDP2Backend(transformer, cfg, info=info, compute_dtype=compute_dtype, step=step,
                             make_optimizer=make_optimizer, materialize=materialize, replicated=replicated)
     if materialize is not None or replicated:
         raise ValueError(f"parallel.backend: {cfg.backend!r} does not load sharded (only fsdp2 does)")
     if cfg.backend == "deepspeed":
-        from train.parallel.deepspeed import DeepSpeedBackend
-
         return DeepSpeedBackend(transformer, cfg, info=info, compute_dtype=compute_dtype, step=step,
                                 make_optimizer=make_optimizer)
     raise ValueError(f"parallel.backend: {cfg.backend!r} is not one of fsdp2, deepspeed")

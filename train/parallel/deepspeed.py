@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from train.adapters import trainable_named_parameters
 from train.config import ParallelConfig
-from train.parallel import StepConfig, StepResult
+from train.parallel.backend import StepConfig, StepResult
 from train.parallelize import DistInfo, apply_activation_checkpointing
 
 

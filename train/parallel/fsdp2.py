@@ -13,7 +13,7 @@ import torch
 from train.adapters import count_parameters, trainable_named_parameters
 from train.config import ParallelConfig
 from train.optim import step_if
-from train.parallel import StepConfig, StepResult
+from train.parallel.backend import StepConfig, StepResult
 from train.parallelize import DistInfo, parallelize_transformer
 
 
