@@ -4,7 +4,7 @@ Every entry point builds it the same way, `SamplingSettings.from_source(source, 
 read by name from the entry point's own settings (a run's `sample:` config, an eval suite's `sampling:`, the
 `dedistill sample` flags), and what belongs to the model (its text mask, visible padding and sigma schedule) comes
 from the run. A knob added here therefore reaches the sampler from each entry point that names it
-(tests/test_sampling_settings.py checks that every entry point names every knob).
+(tests/unit/test_sampling_settings.py checks that every entry point names every knob).
 """
 
 from __future__ import annotations
