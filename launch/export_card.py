@@ -97,6 +97,12 @@ def model_card(cfg: JobConfig, *, checkpoint: Path, step: int, ema: bool, dtype:
         if cfg.objective.attention_mask else
         f"It was trained without the T5 padding mask; stock `{stock}` {family.stock_mask}."
     )
+    schedule_note = (
+        "FLUX.2's own: mu from the image token count and the step count (`compute_empirical_mu`), as Flux2Pipeline "
+        "and the `pipeline.py` below compute it." if schedule.empirical_mu else
+        "A de-distilled model is a multi-step flow model like FLUX.1-dev, and is sampled with dev's "
+        "resolution-dependent shift (BFL's reference sampler uses it for every FLUX.1 model except schnell; "
+        "schnell's own config, no shift, is tuned for 1-4 steps).")
     rows = "\n".join(f"| {k} | {v} |" for k, v in _recipe_rows(cfg))
     prompt = cfg.sample.prompts[0] if cfg.sample.prompts else "a photo of a cat"
     neg = s.negative_prompt
@@ -119,9 +125,7 @@ diffusers pipeline (`dedistill export --format diffusers`). It samples with **re
 {rows}
 | sampling schedule | {schedule.describe()} (`scheduler/scheduler_config.json`) |
 
-**Sampling schedule.** A de-distilled model is a multi-step flow model like FLUX.1-dev, and is sampled with dev's
-resolution-dependent shift (BFL's reference sampler uses it for every FLUX.1 model except schnell; schnell's own
-config, no shift, is tuned for 1-4 steps). This export's scheduler config says which schedule to use, so every
+**Sampling schedule.** {schedule_note} This export's scheduler config says which schedule to use, so every
 loader below reads the same one.
 
 ## Sample with CFG in diffusers
