@@ -10,7 +10,8 @@ What is stored per sample (MDS columns; `dtype` is the storage dtype, bf16 kept 
                                         states (incl. </s>), or FLUX.2's stacked hidden layers of the chat-wrapped
                                         prompt (train.text.StackedTextEncoder)
     t5_len       int                    L (so `data inspect` needs no array decode)
-    pooled       ndarray (D_clip,)      CLIP pooled output; (0,) for a family without CLIP (Chroma, FLUX.2)
+    pooled       ndarray (D_clip,)      CLIP pooled output; no column for a family without CLIP (Chroma, FLUX.2):
+                                        the loader reads it as (0,)
     caption, key, width, height, bucket (and `image`, the encoded bytes, with --keep-image)
 
 Decisions (docs/data.md has the reasoning):
@@ -43,6 +44,7 @@ from dataset_tools.report import Skip, SkipLog
 from train.data import image_to_tensor, resize_cover_crop
 from train.images import open_rgb
 from train.flux import normalise_latents, pack_latents, unpack_latents
+from train.family import family_of_dir
 from train.flux2 import bn_stats
 from train.model import check_model_dir, load_vae, resolve_dtype
 from train.outputs import atomic_write
@@ -104,10 +106,14 @@ def to_store(t: torch.Tensor, dtype: str) -> np.ndarray:
     return t.numpy()
 
 
-def columns(opts: PrecomputeOptions, dtype: str) -> dict[str, str]:
+def columns(opts: PrecomputeOptions, dtype: str, *, pooled: bool = True) -> dict[str, str]:
+    """pooled False (a family without CLIP): no `pooled` column, since MDS cannot store an array of 0 elements; the
+    loader reads its absence as the (0,) vector."""
     arr = f"ndarray:{_STORE[dtype][1]}"
     cols = {"caption": "str", "key": "str", "width": "int", "height": "int", "bucket": "int",
-            "latent_mean": arr, "t5": arr, "t5_len": "int", "pooled": arr}
+            "latent_mean": arr, "t5": arr, "t5_len": "int"}
+    if pooled:
+        cols["pooled"] = arr
     if opts.latents == "dist":
         cols["latent_std"] = arr
     if opts.keep_image:
@@ -187,6 +193,7 @@ def precompute(
     model_dtype = resolve_dtype(opts.model_dtype, device)
     dtype = opts.dtype if opts.dtype != "auto" else ("bf16" if model_dtype == torch.bfloat16 else "fp32")
     enc = Encoders(model_dir, device, model_dtype)
+    has_pooled = family_of_dir(model_dir, key="--model").clip is not None
     table = spec.table()
     from diffusers import AutoencoderKL
 
@@ -217,7 +224,9 @@ def precompute(
             for i, (s, caption, _) in enumerate(items):
                 row = {"caption": caption, "key": str(s.get("key", "")), "width": s["_w"], "height": s["_h"],
                        "bucket": b, "latent_mean": to_store(mean[i], dtype), "t5": to_store(t5[i], dtype),
-                       "t5_len": lengths[i], "pooled": to_store(pooled[i], dtype)}
+                       "t5_len": lengths[i]}
+                if has_pooled:
+                    row["pooled"] = to_store(pooled[i], dtype)
                 if opts.latents == "dist":
                     row["latent_std"] = to_store(std[i], dtype)
                 if opts.keep_image:
@@ -256,8 +265,8 @@ def precompute(
         if key not in src_cols:
             raise ValueError(f"{flag}: '{key}' is not a column of '{src}' (columns: {', '.join(src_cols)})")
     return run_parts(src, out, settings=settings, shard_index=shard_index, num_shards=num_shards,
-                     handle_part=handle_part, columns=columns(opts, dtype), progress_bar=progress_bar,
-                     desc="precompute")
+                     handle_part=handle_part, columns=columns(opts, dtype, pooled=has_pooled),
+                     progress_bar=progress_bar, desc="precompute")
 
 
 def precompute_random(
