@@ -1,11 +1,17 @@
 """`dedistill data precompute`: raw MDS shards -> VAE latents, unpadded T5 states, CLIP pooled, aspect bucket.
 
 What is stored per sample (MDS columns; `dtype` is the storage dtype, bf16 kept as its raw 16 bits in uint16):
-    latent_mean  ndarray (C, H/8, W/8)  the VAE posterior mean, already normalised: (mean - shift) * scale
-    latent_std   ndarray (C, H/8, W/8)  the posterior std * scale (only with --latents dist, the default)
-    t5           ndarray (L, D)         T5 hidden states of the L real tokens (incl. </s>), no padding
+    latent_mean  ndarray (C, H/8, W/8)  the VAE posterior mean, already normalised as the family's VAE is
+                                        (train.flux.LATENT_NORMS: FLUX.1 (mean - shift) * scale; FLUX.2 per packed
+                                        channel by the VAE's BatchNorm statistics, 32 channels)
+    latent_std   ndarray (C, H/8, W/8)  the posterior std times the normalisation's scale (only with --latents dist,
+                                        the default)
+    t5           ndarray (L, D)         the family's text features of the L real tokens, no padding: T5's hidden
+                                        states (incl. </s>), or FLUX.2's stacked hidden layers of the chat-wrapped
+                                        prompt (train.text.StackedTextEncoder)
     t5_len       int                    L (so `data inspect` needs no array decode)
-    pooled       ndarray (D_clip,)      CLIP pooled output
+    pooled       ndarray (D_clip,)      CLIP pooled output; no column for a family without CLIP (Chroma, FLUX.2):
+                                        the loader reads it as (0,)
     caption, key, width, height, bucket (and `image`, the encoded bytes, with --keep-image)
 
 Decisions (docs/data.md has the reasoning):
@@ -37,6 +43,9 @@ from dataset_tools.convert import check_caption
 from dataset_tools.report import Skip, SkipLog
 from train.data import image_to_tensor, resize_cover_crop
 from train.images import open_rgb
+from train.flux import normalise_latents, pack_latents, unpack_latents
+from train.family import family_of_dir
+from train.flux2 import bn_stats
 from train.model import check_model_dir, load_vae, resolve_dtype
 from train.outputs import atomic_write
 from train.text import TextEncoder
@@ -97,10 +106,14 @@ def to_store(t: torch.Tensor, dtype: str) -> np.ndarray:
     return t.numpy()
 
 
-def columns(opts: PrecomputeOptions, dtype: str) -> dict[str, str]:
+def columns(opts: PrecomputeOptions, dtype: str, *, pooled: bool = True) -> dict[str, str]:
+    """pooled False (a family without CLIP): no `pooled` column, since MDS cannot store an array of 0 elements; the
+    loader reads its absence as the (0,) vector."""
     arr = f"ndarray:{_STORE[dtype][1]}"
     cols = {"caption": "str", "key": "str", "width": "int", "height": "int", "bucket": "int",
-            "latent_mean": arr, "t5": arr, "t5_len": "int", "pooled": arr}
+            "latent_mean": arr, "t5": arr, "t5_len": "int"}
+    if pooled:
+        cols["pooled"] = arr
     if opts.latents == "dist":
         cols["latent_std"] = arr
     if opts.keep_image:
@@ -129,19 +142,27 @@ class Encoders:
 
     @torch.no_grad()
     def latents(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, H, W) -> normalised posterior (mean, std), each (B, C, H/8, W/8), as train.step.encode_images."""
+        """(B, 3, H, W) -> normalised posterior (mean, std), each (B, C, H/8, W/8), as train.step.encode_images.
+
+        The normalisation is affine per channel, so the std takes its scale only: mean + std * eps is then the
+        normalised draw the raw path makes (equal up to float rounding)."""
         vae = self.vae
         dist = vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        if type(vae).__name__ == "AutoencoderKLFlux2":  # per packed channel: (x - bn_mean) / bn_std
+            _, bn_std = bn_stats(vae)
+            h, w = dist.std.shape[-2:]
+            std = unpack_latents(pack_latents(dist.std) / bn_std.to(dist.std.device, dist.std.dtype), h, w)
+            return normalise_latents(vae, dist.mean), std
         scale, shift = vae.config.scaling_factor, vae.config.shift_factor
         return (dist.mean - shift) * scale, dist.std * scale
 
     @torch.no_grad()
     def prompts(self, captions: list[str], max_tokens: int) -> tuple[list[torch.Tensor], torch.Tensor, list[int]]:
-        """Unpadded T5 states [(L_i, D)], CLIP pooled (B, D_clip), lengths L_i; the batch is padded only to its
-        longest prompt (masked T5: the states do not depend on the padding)."""
+        """Unpadded text states [(L_i, D)], CLIP pooled (B, D_clip), lengths L_i; the batch is padded only to its
+        longest prompt (masked T5, or FLUX.2's causal text model padded on the right: the states do not depend on
+        the padding). The family's encoder counts the tokens as it keeps them (FLUX.2: the chat-wrapped prompt)."""
         text = self.text
-        ids = text.t5_tokenizer(captions, truncation=True, max_length=max_tokens).input_ids
-        lengths = [len(x) for x in ids]
+        lengths = [text.token_count(c, max_tokens=max_tokens) for c in captions]
         enc = text.encode(captions, max_tokens=max(lengths), masked=True)
         assert enc.mask.sum(1).tolist() == lengths, "T5 token counts disagree with the tokenizer"
         return [enc.t5[i, :n] for i, n in enumerate(lengths)], enc.pooled, lengths
@@ -184,6 +205,7 @@ def precompute(
     model_dtype = resolve_dtype(opts.model_dtype, device)
     dtype = opts.dtype if opts.dtype != "auto" else ("bf16" if model_dtype == torch.bfloat16 else "fp32")
     enc = Encoders(model_dir, device, model_dtype)
+    has_pooled = family_of_dir(model_dir, key="--model").clip is not None
     table = spec.table()
     from diffusers import AutoencoderKL
 
@@ -196,7 +218,7 @@ def precompute(
             "model": str(model_dir), "latents": opts.latents, "dtype": dtype, "model_dtype": str(model_dtype),
             "max_text_tokens": opts.max_text_tokens, "caption_key": opts.caption_key, "image_key": opts.image_key,
             "keep_image": opts.keep_image, "vae_shift_factor": vae_config.get("shift_factor"),
-            "vae_scaling_factor": vae_config.get("scaling_factor"),
+            "vae_scaling_factor": vae_config.get("scaling_factor"), "vae_class": vae_config.get("_class_name"),
         },
     }
 
@@ -214,7 +236,9 @@ def precompute(
             for i, (s, caption, _) in enumerate(items):
                 row = {"caption": caption, "key": str(s.get("key", "")), "width": s["_w"], "height": s["_h"],
                        "bucket": b, "latent_mean": to_store(mean[i], dtype), "t5": to_store(t5[i], dtype),
-                       "t5_len": lengths[i], "pooled": to_store(pooled[i], dtype)}
+                       "t5_len": lengths[i]}
+                if has_pooled:
+                    row["pooled"] = to_store(pooled[i], dtype)
                 if opts.latents == "dist":
                     row["latent_std"] = to_store(std[i], dtype)
                 if opts.keep_image:
@@ -246,8 +270,8 @@ def precompute(
         if key not in src_cols:
             raise ValueError(f"{flag}: '{key}' is not a column of '{src}' (columns: {', '.join(src_cols)})")
     return run_parts(src, out, settings=settings, shard_index=shard_index, num_shards=num_shards,
-                     handle_part=handle_part, columns=columns(opts, dtype), progress_bar=progress_bar,
-                     desc="precompute")
+                     handle_part=handle_part, columns=columns(opts, dtype, pooled=has_pooled),
+                     progress_bar=progress_bar, desc="precompute")
 
 
 def precompute_random(

@@ -3,7 +3,8 @@
 - `--format diffusers` (any adapter kind): the base transformer with the adapter merged into its weights (LoRA and
   LoKr alike; a full fine-tune is just its weights), saved with `save_pretrained`, and every other pipeline component
   (VAE, both text encoders and tokenizers, scheduler, model_index.json) copied from the run's base model dir.
-  `FluxPipeline.from_pretrained(DIR)` (`ChromaPipeline` for a Chroma run) loads it, and so does
+  `FluxPipeline.from_pretrained(DIR)` (`ChromaPipeline`, `Flux2Pipeline`, `Flux2KleinPipeline`: the run's family)
+  loads it, and so does
   `dedistill sample --model DIR`. Beside it (launch/
   export_card.py): `pipeline.py`, the masked real-CFG pipeline that `DiffusionPipeline.from_pretrained(DIR,
   custom_pipeline=DIR, trust_remote_code=True)` loads; the run's sampling schedule in `scheduler/`; a README.md card.

@@ -1,7 +1,7 @@
 """What `--format diffusers` writes beside the weights, so the export samples outside dedistill as it was trained:
 
-- `pipeline.py`: the masked real-CFG pipeline (launch/templates/masked_flux_pipeline.py, with the run's mask and
-  T5 length filled in), for `DiffusionPipeline.from_pretrained(DIR, custom_pipeline=DIR, trust_remote_code=True)`;
+- `pipeline.py`: the family's masked real-CFG pipeline (launch/templates/masked_flux_pipeline.py, or the Chroma /
+  FLUX.2 one named by its row in train/family.py, with the run's mask and text length filled in), for `DiffusionPipeline.from_pretrained(DIR, custom_pipeline=DIR, trust_remote_code=True)`;
 - `scheduler/scheduler_config.json`: the schedule the run says its model samples with (`sample.schedule`; FLUX.1-dev's
   dynamic shift by default), so FluxPipeline, the custom pipeline and `dedistill sample` all read the same one;
 - `README.md`: a model card with the base model, the recipe, the checkpoint and how to sample with CFG.
@@ -28,12 +28,17 @@ def template_for(cfg: JobConfig) -> Path:
 
 
 def pipeline_source(cfg: JobConfig) -> str:
-    """The template with the run's training-time constants written in (each line must exist exactly once)."""
+    """The template with the run's training-time constants written in (each line must exist exactly once). A
+    FLUX.2 template also gets its family's stock pipeline (its base class) and stacked text layers."""
     template = template_for(cfg)
+    family = family_of_dir(cfg.model.path)
     src = template.read_text()
-    for name, value in (("ATTENTION_MASK", cfg.objective.attention_mask),
-                        ("MAX_TEXT_TOKENS", cfg.objective.max_text_tokens),
-                        ("VISIBLE_PADDING_TOKENS", cfg.objective.visible_padding_tokens)):
+    constants = [("ATTENTION_MASK", cfg.objective.attention_mask),
+                 ("MAX_TEXT_TOKENS", cfg.objective.max_text_tokens),
+                 ("VISIBLE_PADDING_TOKENS", cfg.objective.visible_padding_tokens)]
+    if family.text_layers:
+        constants += [("STOCK_PIPELINE", family.pipeline_class), ("TEXT_LAYERS", family.text_layers)]
+    for name, value in constants:
         src, n = re.subn(rf"^{name} = .*$", f"{name} = {value!r}", src, flags=re.M)
         assert n == 1, f"{template}: expected one '{name} = ...' line"
     return src
@@ -92,6 +97,12 @@ def model_card(cfg: JobConfig, *, checkpoint: Path, step: int, ema: bool, dtype:
         if cfg.objective.attention_mask else
         f"It was trained without the T5 padding mask; stock `{stock}` {family.stock_mask}."
     )
+    schedule_note = (
+        "FLUX.2's own: mu from the image token count and the step count (`compute_empirical_mu`), as Flux2Pipeline "
+        "and the `pipeline.py` below compute it." if schedule.empirical_mu else
+        "A de-distilled model is a multi-step flow model like FLUX.1-dev, and is sampled with dev's "
+        "resolution-dependent shift (BFL's reference sampler uses it for every FLUX.1 model except schnell; "
+        "schnell's own config, no shift, is tuned for 1-4 steps).")
     rows = "\n".join(f"| {k} | {v} |" for k, v in _recipe_rows(cfg))
     prompt = cfg.sample.prompts[0] if cfg.sample.prompts else "a photo of a cat"
     neg = s.negative_prompt
@@ -114,9 +125,7 @@ diffusers pipeline (`dedistill export --format diffusers`). It samples with **re
 {rows}
 | sampling schedule | {schedule.describe()} (`scheduler/scheduler_config.json`) |
 
-**Sampling schedule.** A de-distilled model is a multi-step flow model like FLUX.1-dev, and is sampled with dev's
-resolution-dependent shift (BFL's reference sampler uses it for every FLUX.1 model except schnell; schnell's own
-config, no shift, is tuned for 1-4 steps). This export's scheduler config says which schedule to use, so every
+**Sampling schedule.** {schedule_note} This export's scheduler config says which schedule to use, so every
 loader below reads the same one.
 
 ## Sample with CFG in diffusers

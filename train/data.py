@@ -192,7 +192,8 @@ def _train_samples_class():
                     "caption": caption,
                     "latent_mean": _tensor(sample["latent_mean"], self.store_dtype),  # (C, h, w), normalised
                     "t5": _tensor(sample["t5"], self.store_dtype),  # (L, D), unpadded
-                    "pooled": _tensor(sample["pooled"], self.store_dtype),  # (D_clip,)
+                    # (D_clip,); no column without CLIP (MDS stores no 0-element array): (0,)
+                    "pooled": _tensor(sample["pooled"], self.store_dtype) if "pooled" in sample else torch.zeros(0),
                 }
                 if "latent_std" in sample:
                     out["latent_std"] = _tensor(sample["latent_std"], self.store_dtype)

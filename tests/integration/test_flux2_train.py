@@ -104,7 +104,7 @@ def test_unguided_sampling_equals_the_klein_pipeline(model_dir):
 
 def test_lora_export_loads_in_the_stock_pipeline(model_dir, tiny_data_dir, tmp_path):
     """`--format lora` of a FLUX.2 LoRA run loads with the pipeline's `load_lora_weights`, and the stock transformer
-    then predicts what the trained one (base + adapter) predicts; `--format diffusers` is refused by name."""
+    then predicts what the trained one (base + adapter) predicts (`--format diffusers`: test_flux2_export.py)."""
     from launch.export import _load_trained_transformer, export_checkpoint
     from train.flux import pack_latents, predict_velocity
     from train.inference import resolve_checkpoint
@@ -113,8 +113,6 @@ def test_lora_export_loads_in_the_stock_pipeline(model_dir, tiny_data_dir, tmp_p
     tiny_runs.train_in_process(_cfg(model_dir, tiny_data_dir, run, "lora", **{"optim.lr": 0.02,
                                                                               "train.max_steps": 2}))
     out = export_checkpoint(run, tmp_path / "lora", fmt="lora", dtype="fp32")
-    with pytest.raises(ValueError, match="--format: diffusers is not available for a flux2"):
-        export_checkpoint(run, tmp_path / "full", fmt="diffusers")
     name = "Flux2KleinPipeline" if "klein" in str(model_dir) else "Flux2Pipeline"
     pipe = getattr(diffusers, name).from_pretrained(str(model_dir))
     base = pipe.transformer
