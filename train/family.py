@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -236,27 +236,13 @@ FAMILIES: dict[str, ModelFamily] = {
         guidance_embedder="time_guidance_embed.guidance_embedder.",
         constant_guidance=_flux2_constant_guidance,
     ),
-    # FLUX.2 [klein] (4B, 9B): no guidance embedder; Base is undistilled (real CFG), the other is step-distilled.
-    # Same transformer class as [dev]; Qwen3 text model, layers 9/18/27.
-    "flux2-klein": ModelFamily(
-        name="flux2-klein",
-        transformer_class="Flux2Transformer2DModel",
-        pipeline_class="Flux2KleinPipeline",
-        t5=("text_encoder", "tokenizer"),
-        clip=None,
-        call=call_flux2,
-        block_classes=("Flux2TransformerBlock", "Flux2SingleTransformerBlock"),
-        pipeline_template="masked_flux2_pipeline.py",
-        export_formats=("diffusers", "lora"),
-        stock_mask="pads the text to 512 tokens and passes no mask: every pad reaches the image",
-        prepare=_nothing,
-        adapter_examples="to_q, to_out.0, ff.linear_in, ff.linear_out, to_qkv_mlp_proj",
-        text_layers=(9, 18, 27),
-        shared_modules=("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation"),
-        vae_class="AutoencoderKLFlux2",
-        empirical_mu=True,
-    ),
 }
+# FLUX.2 [klein] (4B, 9B): [dev]'s row but for its pipeline, its Qwen3 text layers 9/18/27 and no guidance embedder;
+# Base is undistilled (real CFG), the other is step-distilled.
+FAMILIES["flux2-klein"] = replace(
+    FAMILIES["flux2"], name="flux2-klein", pipeline_class="Flux2KleinPipeline", text_layers=(9, 18, 27),
+    guidance_embedder="", constant_guidance=None,
+)
 _BY_CLASS: dict[str, ModelFamily] = {}
 for _f in FAMILIES.values():
     _BY_CLASS.setdefault(_f.transformer_class, _f)  # the first row of a shared class: see `text_layers` above
