@@ -27,7 +27,7 @@ def main(model_dir: str, placement: str) -> None:
     if placement == "fsdp":
         from torch.distributed.tensor import DTensor
 
-        assert all(isinstance(p, DTensor) for p in text.t5.parameters()), "T5 is not (re)sharded after encoding"
+        assert all(isinstance(p, DTensor) for p in text.t5.parameters()), "the text model is not (re)sharded after encoding"
     ref = TextEncoder(model_dir, dtype=torch.float32, device=torch.device("cpu"))
     want = [ref.encode(prompts, max_tokens=64), ref.empty(max_tokens=64)]
     for g, w in zip(got, want):

@@ -40,12 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
-from transformers import AutoConfig, CLIPTextModel, T5EncoderModel
+import diffusers
+import transformers
+from transformers import AutoConfig
 
 from train.adapters import adapted_module_names, apply_adapter
 from train.config import JobConfig
 from train.data import read_layout
+from train.family import FAMILIES, ModelFamily, family_of_dir
 from train.mfu import FlopsModel, flops_model
 from train.model import build_transformer_meta
 from train.model_schema import check_transformer_config
@@ -463,25 +465,53 @@ def encoders_loaded(cfg: JobConfig, precomputed: bool | None) -> bool:
     return not (layout is not None and layout.get("kind") == "precomputed")
 
 
+def plan_family(cfg: JobConfig) -> ModelFamily:
+    """The family of `model.path`, or FLUX.1's when the path is a placeholder (as `transformer_config`)."""
+    readable = cfg.model.path and (Path(cfg.model.path) / "transformer" / "config.json").is_file()
+    return family_of_dir(cfg.model.path) if readable else FAMILIES["flux"]
+
+
 def encoder_params(cfg: JobConfig) -> dict[str, int]:
-    """Parameter counts of the frozen parts: counted on meta from model.path's configs when readable, else FLUX.1's."""
+    """Parameter counts of the frozen parts the trainer loads for raw data, counted on meta from `model.path`'s
+    component configs: `t5` is the family's text model (T5 for FLUX.1 and Chroma; Mistral3 for FLUX.2 [dev], Qwen3
+    for [klein]: the family table's `t5` slot), `clip` CLIP-L or 0, `vae` the VAE. FLUX.1's when not readable."""
+    family = plan_family(cfg)
     root = Path(cfg.model.path) if cfg.model.path else None
-    if root is None or not all((root / d / "config.json").is_file() for d in ("text_encoder", "text_encoder_2", "vae")):
+    parts = {"t5": family.t5[0], "clip": family.clip[0] if family.clip else None, "vae": "vae"}
+    if root is None or not all((root / d / "config.json").is_file() for d in parts.values() if d):
         return dict(ENCODER_PARAMS)
+    counts = {"clip": 0}
     with torch.device("meta"):
-        models = {"t5": T5EncoderModel(AutoConfig.from_pretrained(root / "text_encoder_2")),
-                  "clip": CLIPTextModel(AutoConfig.from_pretrained(root / "text_encoder")),
-                  "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae"))}
-    return {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+        for key in ("t5", "clip"):
+            if parts[key]:
+                config = AutoConfig.from_pretrained(root / parts[key])
+                counts[key] = _numel(getattr(transformers, config.architectures[0])(config))
+        vae_cls = getattr(diffusers, family.vae_class)
+        counts["vae"] = _numel(vae_cls.from_config(vae_cls.load_config(root / "vae")))
+    return counts
+
+
+def text_model_name(cfg: JobConfig) -> str:
+    """The text model's architecture as its config names it (T5EncoderModel, Mistral3ForConditionalGeneration, ...)."""
+    family = plan_family(cfg)
+    path = Path(cfg.model.path or "") / family.t5[0] / "config.json"
+    if cfg.model.path and path.is_file():
+        return (json.loads(path.read_text()).get("architectures") or ["?"])[0]
+    return "T5EncoderModel"
+
+
+def _numel(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def encoder_bytes_on_gpu(cfg: JobConfig, cl: Cluster, encoders: dict[str, int], b: int) -> float:
-    """`model.text_encoder_placement`: device = T5 + CLIP replicated on every GPU; cpu =
-    they stay in host memory; fsdp = T5 sharded over the world, CLIP replicated. The VAE is always on the device."""
+    """`model.text_encoder_placement`: device = the text model (and CLIP) replicated on every GPU; cpu = they stay in
+    host memory; fsdp = the text model sharded over the world (train/parallelize.py `shard_text_encoder`), CLIP
+    replicated. The VAE is always on the device."""
     placement = cfg.model.text_encoder_placement
-    t5 = {"device": encoders["t5"], "cpu": 0, "fsdp": math.ceil(encoders["t5"] / cl.world)}[placement]
+    text = {"device": encoders["t5"], "cpu": 0, "fsdp": math.ceil(encoders["t5"] / cl.world)}[placement]
     clip = 0 if placement == "cpu" else encoders["clip"]
-    return (t5 + clip + encoders["vae"]) * b
+    return (text + clip + encoders["vae"]) * b
 
 
 @dataclass
@@ -601,7 +631,7 @@ def gpu_memory(inv: Inventory, cfg: JobConfig, cl: Cluster, tok: Tokens, *, with
     if cfg.train.grad_accum > 1:
         notes.append("train.grad_accum > 1: the accumulated gradients stay alive through the next micro-batch's "
                      "activations (counted together)")
-    rows["frozen encoders (T5, CLIP, VAE)"] = (
+    rows["frozen encoders (text model, CLIP, VAE)"] = (
         encoder_bytes_on_gpu(cfg, cl, encoders or ENCODER_PARAMS, b) if with_encoders else 0.0)
     k = nccl_communicators(cfg, cl)
     rows[f"CUDA context + NCCL ({k} communicator{'s' if k > 1 else ''})"] = (
@@ -839,6 +869,7 @@ class Plan:
     comm: Comm
     timing: Timing
     verdict: str
+    text_model: str = "T5EncoderModel"
 
 
 def make_plan(cfg: JobConfig, cl: Cluster, *, text_tokens: int | None = None,
@@ -854,6 +885,7 @@ def make_plan(cfg: JobConfig, cl: Cluster, *, text_tokens: int | None = None,
     plan = Plan(cfg, cl, source, inv, tok, with_enc, enc, mem, host, checkpoint_bytes(inv, cfg),
                 step_flops(inv, cfg, tok), comm_per_step(inv, cfg, cl), step_timing(inv, cfg, cl, tok), "")
     plan.verdict = verdict(plan)
+    plan.text_model = text_model_name(cfg)
     return plan
 
 
@@ -960,6 +992,23 @@ def _gib(x: float) -> str:
     return f"{x / GiB:8.2f} GiB"
 
 
+def _text_model_lines(p: Plan) -> list[str]:
+    """Where the family's text model can run: FLUX.2 [dev]'s 24B Mistral3 does not fit beside a training on one card
+    whole, so the plan sizes each way the code offers (train/build.py `load_text_encoder`, dataset_tools/precompute)."""
+    b = compute_dtype_bytes(p.cfg, p.cluster)
+    n = p.encoders["t5"]
+    dtype = {2: "bf16", 4: "fp32"}[b]
+    return [
+        "",
+        f"text model {p.text_model}, {_count(n)} parameters = {n * b / GiB:.2f} GiB in {dtype} per copy",
+        f"           raw data (model.text_encoder_placement): device = a whole copy on every GPU; fsdp = "
+        f"{math.ceil(n / p.cluster.world) * b / GiB:.2f} GiB per GPU (1/{p.cluster.world}); cpu = host RAM, none on "
+        f"the GPU",
+        "           precomputed data: `dedistill data precompute` runs one copy per GPU, as an array job over many "
+        "GPUs (docs/data.md); the trainer then loads no text model",
+    ]
+
+
 def format_plan(p: Plan) -> str:
     cl, cfg, inv = p.cluster, p.cfg, p.inv
     S = shard_group(cfg, cl)
@@ -987,6 +1036,7 @@ def format_plan(p: Plan) -> str:
         lines.append(f"  note: {note}")
     if not p.with_encoders:
         lines.append("  note: precomputed data: VAE and text encoders not loaded")
+    lines += _text_model_lines(p)
     c, t = p.comm, p.timing
     link = "NVLink" if c.intra_node else "NVLink + InfiniBand ring"
     nvlink, ib = link_rates(cl)

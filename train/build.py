@@ -11,6 +11,7 @@ import torch
 
 from train.adapters import adapter_groups, apply_adapter, trainable_named_parameters
 from train.config import JobConfig
+from train.family import family_of_dir
 from train.lycoris_format import load_lycoris_lokr
 from train.model import load_transformer, load_vae, resolve_dtype
 from train.optim import build_optimizer
@@ -75,11 +76,12 @@ def build_model(cfg: JobConfig, info: DistInfo) -> tuple[Backend, torch.dtype]:
 
 
 def load_text_encoder(cfg: JobConfig, info: DistInfo, dtype: torch.dtype) -> TextEncoder:
-    """T5 + CLIP where `model.text_encoder_placement` puts them (device, cpu, or T5 sharded with FSDP2)."""
+    """The text model (+ CLIP) where `model.text_encoder_placement` puts them (device, cpu, or the text model sharded
+    with FSDP2)."""
     placement = cfg.model.text_encoder_placement
     text = TextEncoder(cfg.model.path, dtype=dtype, device=torch.device("cpu") if placement == "cpu" else info.device)
     if placement == "fsdp":
-        shard_text_encoder(text.t5, info)
+        shard_text_encoder(text.t5, info, blocks=family_of_dir(cfg.model.path).text_blocks)
     return text
 
 

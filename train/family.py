@@ -24,6 +24,7 @@ What differs, and why it is a field:
   FLUX.1-dev, Krea-dev, Kontext-dev) keeps its embedded-guidance input. `model.guidance: bypass` loads the model
   without those weights and with `guidance_embeds: false` (train/model.py), so training, sampling and every export
   see a schnell-shaped transformer; empty for a family with no such input (Chroma).
+- `text_blocks`: the text model's layer list, which `model.text_encoder_placement: fsdp` shards layer by layer.
 - `text_layers`: FLUX.2 reads hidden states of three layers of a causal text model, stacked per token; T5 families
   read the last hidden state (empty). Several families may share a transformer class (FLUX.2 [dev] and [klein] are
   both `Flux2Transformer2DModel`): a dir's `model_index.json` `_class_name` (the pipeline) then picks the row, and a
@@ -155,6 +156,9 @@ class ModelFamily:
     empirical_mu: bool = False
     """The model's own dynamic schedule takes mu from the image token count *and* the step count (FLUX.2's
     `compute_empirical_mu`), not FLUX.1's line through (base_seq_len, base_shift), (max_seq_len, max_shift)."""
+    text_blocks: str = "encoder.block"
+    """Where the text model keeps its layers: what `model.text_encoder_placement: fsdp` shards one by one (T5's
+    encoder blocks; the decoder layers of FLUX.2's Mistral3 or Qwen3)."""
     shared_modules: tuple[str, ...] = ()
     """Trunk modules outside the blocks whose output every block reads (FLUX.2's modulation, 566M at [dev] size).
     FSDP2 makes each its own unit (train/parallelize.py): gathered for its one forward at the start of the step,
@@ -230,6 +234,7 @@ FAMILIES: dict[str, ModelFamily] = {
         prepare=_nothing,
         adapter_examples="to_q, to_out.0, ff.linear_in, ff.linear_out, to_qkv_mlp_proj",
         text_layers=(10, 20, 30),
+        text_blocks="model.language_model.layers",
         shared_modules=("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation"),
         vae_class="AutoencoderKLFlux2",
         empirical_mu=True,
@@ -241,7 +246,7 @@ FAMILIES: dict[str, ModelFamily] = {
 # Base is undistilled (real CFG), the other is step-distilled.
 FAMILIES["flux2-klein"] = replace(
     FAMILIES["flux2"], name="flux2-klein", pipeline_class="Flux2KleinPipeline", text_layers=(9, 18, 27),
-    guidance_embedder="", constant_guidance=None,
+    text_blocks="model.layers", guidance_embedder="", constant_guidance=None,
 )
 _BY_CLASS: dict[str, ModelFamily] = {}
 for _f in FAMILIES.values():

@@ -252,18 +252,20 @@ def parallelize_transformer(
     return model
 
 
-def shard_text_encoder(t5: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
-    """FSDP2 over the frozen T5 encoder (`model.text_encoder_placement: fsdp`, as torchtitan shards its T5): each
-    rank keeps 1/world of it and all-gathers one block at a time while encoding. Every rank must encode the same
-    number of batches, which the step does (one encode per micro-batch, the cached empty prompt once)."""
+def shard_text_encoder(t5: torch.nn.Module, info: DistInfo, *, blocks: str = "encoder.block") -> torch.nn.Module:
+    """FSDP2 over the frozen text model (`model.text_encoder_placement: fsdp`, as torchtitan shards its T5): each
+    rank keeps 1/world of it and all-gathers one layer at a time while encoding. `blocks` is the family row's
+    `text_blocks`: T5's encoder blocks, or the decoder layers of FLUX.2's Mistral3 / Qwen3 (24B at [dev] size, which
+    fits no card beside a training whole). Every rank must encode the same number of batches, which the step does
+    (one encode per micro-batch, the cached empty prompt once)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(info.device.type, (info.world_size,), mesh_dim_names=("shard",))
-    for block in t5.encoder.block:
+    for block in t5.get_submodule(blocks):
         fully_shard(block, mesh=mesh)
     fully_shard(t5, mesh=mesh)
-    # FSDP2 keeps the root's own parameters (the 32k x 4096 embedding) gathered after forward, for the backward
+    # FSDP2 keeps the root's own parameters (T5's 32k x 4096 embedding) gathered after forward, for the backward
     # that a frozen encoder never runs: reshard them after each encode.
     t5.register_forward_hook(lambda module, args, output: module.reshard())
     return t5

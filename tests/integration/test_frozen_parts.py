@@ -88,3 +88,17 @@ def test_text_encoder_placement_encodes_the_same(tiny_model_dir, placement):
     r = tiny_runs.run(tiny_runs.torchrun_cmd(tiny_model_dir, placement,
                                              script=str(tiny_runs.REPO / "tests" / "_text_placement_check.py")))
     assert "TEXT_PLACEMENT_OK" in r.stdout, r.stdout[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["flux2", "flux2-klein"])
+def test_flux2_text_model_sharded_by_fsdp_encodes_the_same(tmp_path, family):
+    """FLUX.2's text model (Mistral3 for [dev], whose layers sit under model.language_model; Qwen3 for [klein], under
+    model.layers) sharded layer by layer over 2 gloo ranks gives the unsharded model's stacked, masked features: the
+    way a 24B [dev] encoder runs beside a training without a whole copy per GPU."""
+    from dataset_tools.tiny_model import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "model", seed=0, family=family)
+    r = tiny_runs.run(tiny_runs.torchrun_cmd(model, "fsdp",
+                                             script=str(tiny_runs.REPO / "tests" / "_text_placement_check.py")))
+    assert "TEXT_PLACEMENT_OK" in r.stdout, r.stdout[-2000:]

@@ -8,7 +8,7 @@ from launch.describe import describe
 from train.config import load_config
 from train.family import FAMILIES, family_of_dir
 from train.model import build_transformer_meta
-from tools.plan import REPO, Cluster, make_plan, transformer_config
+from tools.plan import REPO, Cluster, encoder_params, format_plan, make_plan, text_model_name, transformer_config
 
 MODELS = REPO / "configs" / "models"
 # (dir, family, parameters, shared modulation parameters): diffusers' convert_flux2_to_diffusers.py sizes
@@ -61,3 +61,62 @@ def test_describe_states_the_flux2_size(preset, params):
     text = describe(load_config(REPO / "configs" / f"{preset}.yaml", []))
     assert f"parameters: {params} in the transformer" in text
     assert "FLUX.1-schnell" not in text
+
+
+def _decoder_params(*, vocab: int, hidden: int, layers: int, inter: int, heads: int = 32, kv_heads: int = 8,
+                    head_dim: int = 128, qk_norm: bool, tied: bool) -> int:
+    """A Mistral / Qwen3 decoder counted by hand: q, k, v, o, the gated MLP and two RMSNorms per layer (Qwen3 adds
+    per-head q/k norms), the embedding, the final norm and an untied lm_head."""
+    attn = hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim + heads * head_dim * hidden
+    layer = attn + 3 * hidden * inter + 2 * hidden + (2 * head_dim if qk_norm else 0)
+    return vocab * hidden * (1 if tied else 2) + layers * layer + hidden
+
+
+def _pixtral_params(*, hidden: int = 1024, layers: int = 24, inter: int = 4096, patch: int = 14, text: int = 5120
+                    ) -> int:
+    """Mistral3's vision tower (Pixtral: patch conv, ln_pre, layers without biases) and its projector (RMSNorm, the
+    2x2 patch merger, two Linears to the text width, no biases), counted by hand."""
+    tower = 3 * patch * patch * hidden + hidden + layers * (4 * hidden * hidden + 3 * hidden * inter + 2 * hidden)
+    return tower + hidden + 4 * hidden * hidden + hidden * text + text * text
+
+
+# The text models FLUX.2 reads (configs/models/*/text_encoder/config.json): Mistral-Small-3.x 24B (vision tower
+# included: the checkpoint ships it and from_pretrained loads it), Qwen3-8B, Qwen3-4B (tied embeddings).
+TEXT_MODELS = [
+    ("flux2-dev", "Mistral3ForConditionalGeneration",
+     _decoder_params(vocab=131072, hidden=5120, layers=40, inter=32768, qk_norm=False, tied=False) + _pixtral_params()),
+    ("flux2-klein-9b", "Qwen3ForCausalLM",
+     _decoder_params(vocab=151936, hidden=4096, layers=36, inter=12288, qk_norm=True, tied=False)),
+    ("flux2-klein-4b", "Qwen3ForCausalLM",
+     _decoder_params(vocab=151936, hidden=2560, layers=36, inter=9728, qk_norm=True, tied=True)),
+]
+
+
+@pytest.mark.parametrize("name, arch, params", TEXT_MODELS)
+def test_plan_sizes_the_flux2_text_model(name, arch, params):
+    """The planner counts the family's own text model (not FLUX.1's T5 + CLIP) from the shipped configs, equal to a
+    count by hand of the published architectures: 24.01B, 8.19B, 4.02B."""
+    cfg = load_config(REPO / "configs" / "flux2-dev-undistill.yaml", [f"model.path={MODELS / name}"])
+    counts = encoder_params(cfg)
+    assert counts["t5"] == params and counts["clip"] == 0
+    assert text_model_name(cfg) == arch
+    assert 80e6 < counts["vae"] < 90e6  # AutoencoderKLFlux2: 84M
+
+
+def test_raw_data_dev_plan_places_the_24b_text_model():
+    """With raw data the 24B Mistral3 sits in each GPU's memory whole (and the verdict says to precompute), or
+    sharded 1/world by `model.text_encoder_placement=fsdp`, or in host RAM (cpu)."""
+    cluster = Cluster(nodes=2, gpus_per_node=8)
+    text, vae = TEXT_MODELS[0][2], encoder_params(load_config(REPO / "configs" / "flux2-dev-undistill.yaml", []))["vae"]
+    row = "frozen encoders (text model, CLIP, VAE)"
+    rows = {}
+    for placement in ("device", "fsdp", "cpu"):
+        cfg = load_config(REPO / "configs" / "flux2-dev-undistill.yaml", [f"model.text_encoder_placement={placement}"])
+        plan = make_plan(cfg, cluster, precomputed=False)
+        rows[placement] = plan.memory.rows[row]
+        if placement == "device":
+            assert plan.verdict.startswith("does not fit") and "precompute" in plan.verdict
+            assert "Mistral3ForConditionalGeneration, 24.011B parameters" in format_plan(plan)
+    assert rows == {"device": (text + vae) * 2, "fsdp": (-(-text // 16) + vae) * 2, "cpu": vae * 2}
+    assert make_plan(load_config(REPO / "configs" / "flux2-dev-undistill.yaml", []), cluster,
+                     precomputed=True).memory.rows[row] == 0
