@@ -47,7 +47,7 @@ from transformers import AutoConfig
 from train.adapters import adapted_module_names, apply_adapter
 from train.config import JobConfig
 from train.data import read_layout
-from train.family import FAMILIES, ModelFamily, family_of_dir
+from train.family import FAMILIES, ModelFamily, family_of_dir, family_of_model
 from train.mfu import FlopsModel, flops_model
 from train.model import build_transformer_meta
 from train.model_schema import check_transformer_config
@@ -121,7 +121,8 @@ class Cluster:
 
 @dataclass(frozen=True)
 class Unit:
-    """One FSDP2 unit (a transformer block, or the root's remaining parameters): parameter shapes by role."""
+    """One FSDP2 unit (a transformer block, a shared trunk module such as FLUX.2's modulation, or the root's
+    remaining parameters): parameter shapes by role."""
 
     name: str
     frozen: tuple[tuple[int, ...], ...]
@@ -193,7 +194,17 @@ class Inventory:
 
     @property
     def blocks(self) -> tuple[Unit, ...]:
-        return tuple(u for u in self.units if u.name != "root")
+        return tuple(u for u in self.units if u.name != "root" and not u.name.startswith(SHARED))
+
+    @property
+    def shared(self) -> tuple[Unit, ...]:
+        """The family's `shared_modules`: units of their own, gathered for their forward and again for their
+        backward like a block, never held through the step like the root."""
+        return tuple(u for u in self.units if u.name.startswith(SHARED))
+
+
+SHARED = "shared."
+"""Name prefix of a shared-module unit in the inventory."""
 
 
 def transformer_config(cfg: JobConfig) -> tuple[dict, str]:
@@ -218,6 +229,8 @@ def inventory(config: dict, cfg: JobConfig) -> Inventory:
              for p in model.get_submodule(n).parameters()}
     blocks = [(f"transformer_blocks.{i}", b) for i, b in enumerate(model.transformer_blocks)]
     blocks += [(f"single_transformer_blocks.{i}", b) for i, b in enumerate(model.single_transformer_blocks)]
+    # FLUX.2's modulation sits outside the blocks and is its own FSDP2 unit (train/parallelize.py)
+    blocks += [(SHARED + name, model.get_submodule(name)) for name in family_of_model(model).shared_modules]
     in_blocks: set[int] = set()
     units = []
     for name, block in blocks:
@@ -544,7 +557,7 @@ def _fsdp2_state(inv: Inventory, cfg: JobConfig, cl: Cluster, b: int, ema: bool
     rows["AdamW moments fp32 (sharded)"] = 8 * train_shard
     rows["EMA fp32 (sharded)"] = 4 * train_shard * ema
     largest = max(u.n_frozen + u.n_trainable for u in inv.blocks)
-    largest_train = max(u.n_trainable for u in inv.blocks)
+    largest_train = max(u.n_trainable for u in (*inv.blocks, *inv.shared))
     root = inv.units[-1]
     root_full = (root.n_frozen + root.n_trainable) * b  # the root stays unsharded from forward to backward
     reduce_b = 4 if cfg.parallel.reduce_dtype == "fp32" else 2
@@ -552,8 +565,10 @@ def _fsdp2_state(inv: Inventory, cfg: JobConfig, cl: Cluster, b: int, ema: bool
         # the block computing + the one prefetched (all-gather output), plus one block's unsharded gradients
         # (compute dtype) and their reduce-scatter input (reduce dtype)
         gathered = 2 * largest * b
+        # a shared module is gathered at the step's start beside the first block, and again in the backward's end
+        gathered = max(gathered, (largest + max((u.n_frozen + u.n_trainable for u in inv.shared), default=0)) * b)
     else:  # every block stays gathered from its forward to its backward
-        gathered = sum(u.n_frozen + u.n_trainable for u in inv.blocks) * b + largest * b
+        gathered = sum(u.n_frozen + u.n_trainable for u in (*inv.blocks, *inv.shared)) * b + largest * b
         notes.append("parallel.reshard_after_forward=false keeps every block gathered until its backward")
     rows["unsharded blocks + comm buffers"] = gathered + root_full + largest_train * (b + reduce_b)
     if cfg.parallel.cpu_offload:

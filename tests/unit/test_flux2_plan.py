@@ -120,3 +120,16 @@ def test_raw_data_dev_plan_places_the_24b_text_model():
     assert rows == {"device": (text + vae) * 2, "fsdp": (-(-text // 16) + vae) * 2, "cpu": vae * 2}
     assert make_plan(load_config(REPO / "configs" / "flux2-dev-undistill.yaml", []), cluster,
                      precomputed=True).memory.rows[row] == 0
+
+
+def test_shared_modulation_is_planned_as_its_own_units():
+    """FSDP2 makes each FLUX.2 modulation a unit of its own (gathered for its forward and again for its backward), so
+    the plan holds it out of the root, which stays gathered all step: the root holds the embedders only."""
+    cfg = load_config(REPO / "configs" / "flux2-dev-undistill.yaml", [])
+    inv = make_plan(cfg, Cluster(nodes=2, gpus_per_node=8), precomputed=True).inv
+    assert [u.name for u in inv.shared] == [f"shared.{n}" for n in FAMILIES["flux2"].shared_modules]
+    assert sum(u.n_trainable for u in inv.shared) == SIZES[0][3]
+    root = inv.units[-1]
+    assert root.name == "root" and root.n_trainable < SIZES[0][3] / 2  # embedders, norm_out, proj_out: 211M
+    assert len(inv.blocks) == 8 + 48
+    assert inv.n_total == SIZES[0][2] - dev_embedder_params()  # nothing counted twice or lost
