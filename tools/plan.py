@@ -52,6 +52,7 @@ from train.mfu import FlopsModel, flops_model
 from train.model import build_transformer_meta
 from train.model_schema import check_transformer_config
 from train.quant import quant_target_names
+from train.text import text_model_config
 
 GiB = 2**30
 REPO = Path(__file__).resolve().parents[1]
@@ -487,7 +488,8 @@ def plan_family(cfg: JobConfig) -> ModelFamily:
 def encoder_params(cfg: JobConfig) -> dict[str, int]:
     """Parameter counts of the frozen parts the trainer loads for raw data, counted on meta from `model.path`'s
     component configs: `t5` is the family's text model (T5 for FLUX.1 and Chroma; Mistral3 for FLUX.2 [dev], Qwen3
-    for [klein]: the family table's `t5` slot), `clip` CLIP-L or 0, `vae` the VAE. FLUX.1's when not readable."""
+    for [klein]: the family table's `t5` slot, as loaded: FLUX.2's without the layers past the deepest stacked one),
+    `clip` CLIP-L or 0, `vae` the VAE. FLUX.1's when not readable."""
     family = plan_family(cfg)
     root = Path(cfg.model.path) if cfg.model.path else None
     parts = {"t5": family.t5[0], "clip": family.clip[0] if family.clip else None, "vae": "vae"}
@@ -497,7 +499,9 @@ def encoder_params(cfg: JobConfig) -> dict[str, int]:
     with torch.device("meta"):
         for key in ("t5", "clip"):
             if parts[key]:
-                config = AutoConfig.from_pretrained(root / parts[key])
+                # FLUX.2 loads its text model only up to the deepest stacked layer (train/text.py)
+                config = (text_model_config(root / parts[key], family.text_layers) if key == "t5" and family.text_layers
+                          else AutoConfig.from_pretrained(root / parts[key]))
                 counts[key] = _numel(getattr(transformers, config.architectures[0])(config))
         vae_cls = getattr(diffusers, family.vae_class)
         counts["vae"] = _numel(vae_cls.from_config(vae_cls.load_config(root / "vae")))
@@ -1015,7 +1019,7 @@ def _text_model_lines(p: Plan) -> list[str]:
     dtype = {2: "bf16", 4: "fp32"}[b]
     return [
         "",
-        f"text model {p.text_model}, {_count(n)} parameters = {n * b / GiB:.2f} GiB in {dtype} per copy",
+        f"text model {p.text_model}, {_count(n)} parameters loaded = {n * b / GiB:.2f} GiB in {dtype} per copy",
         f"           raw data (model.text_encoder_placement): device = a whole copy on every GPU; fsdp = "
         f"{math.ceil(n / p.cluster.world) * b / GiB:.2f} GiB per GPU (1/{p.cluster.world}); cpu = host RAM, none on "
         f"the GPU",

@@ -161,3 +161,35 @@ def test_blocks_modulation_and_adapter_targets_come_from_the_table(loaded):
     assert "transformer_blocks.0.ff_context.linear_out" in names
     with pytest.raises(ValueError, match=r"'ff.net.0.proj' matches no module .* in a flux2 transformer"):
         target_module_names(m, AdapterConfig(kind="lora", target_modules=["to_q", "ff.net.0.proj"]))
+
+
+@pytest.mark.parametrize("name", ["flux2", "flux2-klein"])
+def test_text_model_past_the_deepest_stacked_layer_is_not_loaded(name, tmp_path):
+    """A text model deeper than the stacked layers (as the real Mistral3's 40 and Qwen3's 36 are) is loaded one layer
+    past the deepest read one, and its features still equal the stock pipeline's, which runs every layer."""
+    import shutil
+
+    import transformers
+
+    from dataset_tools.tiny_model import write_tiny_model
+
+    path = write_tiny_model(tmp_path / "model", family=name)
+    enc_dir = path / FAMILIES[name].t5[0]
+    config = transformers.AutoConfig.from_pretrained(enc_dir)
+    deep = config.get_text_config()
+    deep.num_hidden_layers = max(FAMILIES[name].text_layers) + 4
+    if getattr(deep, "layer_types", None):
+        deep.layer_types = ["full_attention"] * deep.num_hidden_layers
+    torch.manual_seed(1)
+    deeper = getattr(transformers, config.architectures[0])(config)
+    shutil.rmtree(enc_dir)
+    deeper.save_pretrained(enc_dir)
+
+    text = TextEncoder(path, dtype=torch.float32, device=torch.device("cpu"))
+    kept = text.t5.config.get_text_config().num_hidden_layers
+    assert kept == max(FAMILIES[name].text_layers) + 1
+    assert len(text.t5.get_submodule(FAMILIES[name].text_blocks)) == kept
+    pipe = getattr(diffusers, PIPELINES[name]).from_pretrained(str(path))
+    assert pipe.text_encoder.config.get_text_config().num_hidden_layers == kept + 3
+    ref = pipe.encode_prompt(PROMPTS, device="cpu", max_sequence_length=160)[0]
+    torch.testing.assert_close(text.encode(PROMPTS, max_tokens=160, masked=False).t5, ref, atol=1e-5, rtol=0)

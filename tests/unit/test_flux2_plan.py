@@ -80,23 +80,29 @@ def _pixtral_params(*, hidden: int = 1024, layers: int = 24, inter: int = 4096, 
     return tower + hidden + 4 * hidden * hidden + hidden * text + text * text
 
 
-# The text models FLUX.2 reads (configs/models/*/text_encoder/config.json): Mistral-Small-3.x 24B (vision tower
-# included: the checkpoint ships it and from_pretrained loads it), Qwen3-8B, Qwen3-4B (tied embeddings).
+# The text models FLUX.2 reads (configs/models/*/text_encoder/config.json) as the trainer loads them, up to one layer
+# past the deepest stacked one (train/text.py): Mistral-Small-3.x 24B's 31 of 40 layers, vision tower included (the
+# checkpoint ships it and from_pretrained loads it); Qwen3-8B's and Qwen3-4B's 28 of 36 (4B: tied embeddings).
 TEXT_MODELS = [
     ("flux2-dev", "Mistral3ForConditionalGeneration",
-     _decoder_params(vocab=131072, hidden=5120, layers=40, inter=32768, qk_norm=False, tied=False) + _pixtral_params()),
+     _decoder_params(vocab=131072, hidden=5120, layers=31, inter=32768, qk_norm=False, tied=False) + _pixtral_params()),
     ("flux2-klein-9b", "Qwen3ForCausalLM",
-     _decoder_params(vocab=151936, hidden=4096, layers=36, inter=12288, qk_norm=True, tied=False)),
+     _decoder_params(vocab=151936, hidden=4096, layers=28, inter=12288, qk_norm=True, tied=False)),
     ("flux2-klein-4b", "Qwen3ForCausalLM",
-     _decoder_params(vocab=151936, hidden=2560, layers=36, inter=9728, qk_norm=True, tied=True)),
+     _decoder_params(vocab=151936, hidden=2560, layers=28, inter=9728, qk_norm=True, tied=True)),
 ]
+FULL_DEPTH = {"flux2-dev": 40, "flux2-klein-9b": 36, "flux2-klein-4b": 36}
 
 
 @pytest.mark.parametrize("name, arch, params", TEXT_MODELS)
 def test_plan_sizes_the_flux2_text_model(name, arch, params):
     """The planner counts the family's own text model (not FLUX.1's T5 + CLIP) from the shipped configs, equal to a
-    count by hand of the published architectures: 24.01B, 8.19B, 4.02B."""
+    count by hand of the published architectures (24.01B, 8.19B, 4.02B at full depth) less the layers it skips."""
+    import json
+
     cfg = load_config(REPO / "configs" / "flux2-dev-undistill.yaml", [f"model.path={MODELS / name}"])
+    shipped = json.loads((MODELS / name / "text_encoder" / "config.json").read_text())
+    assert shipped.get("text_config", shipped)["num_hidden_layers"] == FULL_DEPTH[name]
     counts = encoder_params(cfg)
     assert counts["t5"] == params and counts["clip"] == 0
     assert text_model_name(cfg) == arch
@@ -104,7 +110,8 @@ def test_plan_sizes_the_flux2_text_model(name, arch, params):
 
 
 def test_raw_data_dev_plan_places_the_24b_text_model():
-    """With raw data the 24B Mistral3 sits in each GPU's memory whole (and the verdict says to precompute), or
+    """With raw data the 24B Mistral3 (19B of it loaded) sits in each GPU's memory whole (the verdict then says to
+    precompute), or
     sharded 1/world by `model.text_encoder_placement=fsdp`, or in host RAM (cpu)."""
     cluster = Cluster(nodes=2, gpus_per_node=8)
     text, vae = TEXT_MODELS[0][2], encoder_params(load_config(REPO / "configs" / "flux2-dev-undistill.yaml", []))["vae"]
@@ -116,7 +123,7 @@ def test_raw_data_dev_plan_places_the_24b_text_model():
         rows[placement] = plan.memory.rows[row]
         if placement == "device":
             assert plan.verdict.startswith("does not fit") and "precompute" in plan.verdict
-            assert "Mistral3ForConditionalGeneration, 24.011B parameters" in format_plan(plan)
+            assert "Mistral3ForConditionalGeneration, 19.010B parameters loaded" in format_plan(plan)
     assert rows == {"device": (text + vae) * 2, "fsdp": (-(-text // 16) + vae) * 2, "cpu": vae * 2}
     assert make_plan(load_config(REPO / "configs" / "flux2-dev-undistill.yaml", []), cluster,
                      precomputed=True).memory.rows[row] == 0
