@@ -398,18 +398,7 @@ def evaluate(
     masked = {"true": True, "false": False}.get(sc.mask, trained_mask)
     max_tokens = sc.max_text_tokens or (run_cfg.objective.max_text_tokens if run_cfg else 512)
 
-    scorers = Scorers(dims=suite.fid.dims, fid_batch=suite.fid.batch_size, clip_batch=suite.clip.batch_size)
-    if suite.fid.inception_weights:
-        scorers.inception = load_inception(suite.fid.inception_weights, device=device)
-    if suite.clip.model:
-        scorers.clip = CLIPScorer(suite.clip.model, device=device)
-    ref = None
-    if scorers.inception is not None and rank == 0:  # first: a bad reference fails before any sampling
-        ref = reference_stats(
-            suite.fid.reference, model=scorers.inception, weights=suite.fid.inception_weights, dims=suite.fid.dims,
-            count=suite.fid.reference_count, resize_to=sc.resolution if suite.fid.resize_reference else 0,
-            image_key=suite.fid.image_key, cache_dir=suite.fid.cache_dir or None, batch_size=suite.fid.batch_size,
-        )
+    scorers, ref = _scorers(suite, device=device, rank=rank)
     loaded = load_for_inference(target.path, device=device, dtype=sc.dtype, ema=sc.ema,
                                 schedule=None if sc.schedule == "auto" else sc.schedule, shift=sc.shift)
     schedule = loaded.schedule.describe()
@@ -444,8 +433,6 @@ def evaluate(
     if rank != 0:
         return None
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     metrics = {
         "suite": suite.name, "label": target.label, "model": str(target.path),
         "checkpoint": str(target.checkpoint) if target.checkpoint else None, "step": target.step,
@@ -454,6 +441,34 @@ def evaluate(
         "fid_reference": suite.fid.reference or None, "seconds": round(time.perf_counter() - t_start, 2),
         "results": results,
     }
+    _write_outputs(Path(out_dir), metrics, grids, suite=suite, target=target, logger=logger)
+    return metrics
+
+
+def _scorers(suite: SuiteConfig, *, device: torch.device, rank: int) -> tuple[Scorers, Stats | None]:
+    """The suite's Inception and CLIP scorers, and the FID reference statistics (rank 0 only). Built before any
+    sampling, so a bad reference fails first."""
+    sc = suite.sampling
+    scorers = Scorers(dims=suite.fid.dims, fid_batch=suite.fid.batch_size, clip_batch=suite.clip.batch_size)
+    if suite.fid.inception_weights:
+        scorers.inception = load_inception(suite.fid.inception_weights, device=device)
+    if suite.clip.model:
+        scorers.clip = CLIPScorer(suite.clip.model, device=device)
+    ref = None
+    if scorers.inception is not None and rank == 0:
+        ref = reference_stats(
+            suite.fid.reference, model=scorers.inception, weights=suite.fid.inception_weights, dims=suite.fid.dims,
+            count=suite.fid.reference_count, resize_to=sc.resolution if suite.fid.resize_reference else 0,
+            image_key=suite.fid.image_key, cache_dir=suite.fid.cache_dir or None, batch_size=suite.fid.batch_size,
+        )
+    return scorers, ref
+
+
+def _write_outputs(out_dir: Path, metrics: dict, grids: dict, *, suite: SuiteConfig, target: Target,
+                   logger=None) -> None:
+    """metrics.json, one grid per cfg scale (steps as rows), the TensorBoard scalars and images, one summary line."""
+    results = metrics["results"]
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     for old in out_dir.glob("grid_cfg*.png"):  # an earlier run of this suite may have had other cfg scales
         old.unlink()
@@ -475,7 +490,6 @@ def evaluate(
         for r in results
     )
     print(f"[dedistill] eval {target.label} ({suite.name}): {summary} -> {out_dir / 'metrics.json'}", flush=True)
-    return metrics
 
 
 def suite_dirname(name: str) -> str:

@@ -13,6 +13,7 @@ runs on the CPU in seconds.
 from __future__ import annotations
 
 import json
+from functools import partial
 import shutil
 import time
 from pathlib import Path
@@ -135,24 +136,11 @@ def run_prune(
         log(f"[prune] FLUX {counts['flux']:,} parameters -> Chroma {counts['chroma']:,} "
             f"(dropped {counts['dropped']:,} in {len(dropped)} tensors, approximator {counts['approximator']:,})")
 
-        text = TextEncoder(model, dtype=dt, device=dev)
-        pooled_fit = torch.cat([text.pooled(fit_caps[i : i + 64]) for i in range(0, len(fit_caps), 64)])
-        held = text.encode(held_caps, max_tokens=max_text_tokens, masked=True)
-        pooled_held = held.pooled
-        del text
+        pooled_fit, held = _encode_captions(model, fit_caps, held_caps, dt=dt, dev=dev, max_text_tokens=max_text_tokens)
         log(f"[prune] {len(fit_caps)} captions to fit on, {len(held_caps)} held out; device {dev}")
-
-        # The fit runs in fp32 whatever `dt`: the conditioning path (shared with `flux`) and the approximator.
-        target = ModulationTarget(flux, pooled_fit).to(dev, torch.float32)
-        chroma.time_text_embed.to(dev, torch.float32)
-        chroma.distilled_guidance_layer.to(dev, torch.float32)
-        losses = fit_approximator(chroma, target, fit, log=log)
         t_eval = torch.rand(eval_timesteps, generator=torch.Generator().manual_seed(fit.seed + 1)).to(dev)
-        held_text = target.embed_pooled(pooled_held.to(dev, torch.float32))
-        approx = approximator_error(chroma, target, t_eval, held_text)
-        approx.update(steps=fit.steps, final_mse=losses[-1])
-        exact_mean = target.mean(t_eval)  # for the floor: Chroma with the caption mean itself
-        del target
+        approx, exact_mean = _fit_and_check_approximator(flux, chroma, pooled_fit, held.pooled, t_eval, fit,
+                                                        dev=dev, log=log)
 
         # Velocity on held-out prompts and timesteps, one prompt at a time with its padding trimmed (no mask
         # needed in either model: exactly the masked forward), the same noise and x_t for both models.
@@ -162,12 +150,7 @@ def run_prune(
                           generator=gen).to(dev, dt)
         ids = image_ids(h, w, device=dev, dtype=dt)
         prompts = [held.select(torch.tensor([i])).trimmed().to(dev) for i in range(len(held_caps))]
-
-        def batch(p: PromptEmbeds) -> PromptEmbeds:
-            n = eval_timesteps
-            return PromptEmbeds(p.t5.expand(n, -1, -1), p.mask.expand(n, -1), p.pooled.expand(n, -1),
-                                p.lengths * n)
-
+        batch = partial(_repeated, n=eval_timesteps)
         with torch.no_grad():
             torch.nn.Module.to(flux, dev, dt)  # not ModelMixin.to, which warns on dtype casts (train/model.py)
             v_flux = torch.stack([predict_velocity(flux, x_t[i], t_eval, batch(p), ids).float()
@@ -197,12 +180,44 @@ def run_prune(
             velocity=velocity, device=str(dev), seconds=round(time.perf_counter() - t0, 1),
         )
         (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-
-    log(f"[prune] approximator: rel error {approx['rel_error']:.3e} vs the caption-mean modulation on "
-        f"{eval_timesteps} held-out timesteps (held-out captions' own spread around that mean: "
-        f"{approx['caption_spread_rel']:.3e})")
-    log(f"[prune] velocity vs FLUX on {len(held_caps)} held-out prompts x {eval_timesteps} timesteps: rel error "
-        f"{velocity['rel_error']:.3e} (rmse {rmse:.3e}, FLUX rms {ref_rms:.3e}; with the exact caption mean "
-        f"instead of the approximator {velocity['exact_mean_rel_error']:.3e})")
+    _log_result(report, log)
     log(str(out))
     return report
+
+
+def _encode_captions(model: Path, fit_caps: list[str], held_caps: list[str], *, dt, dev, max_text_tokens: int
+                     ) -> tuple[torch.Tensor, PromptEmbeds]:
+    """CLIP's pooled vectors of the fit captions, and the held-out captions encoded (masked); the encoders are freed."""
+    text = TextEncoder(model, dtype=dt, device=dev)
+    pooled_fit = torch.cat([text.pooled(fit_caps[i : i + 64]) for i in range(0, len(fit_caps), 64)])
+    return pooled_fit, text.encode(held_caps, max_tokens=max_text_tokens, masked=True)
+
+
+def _fit_and_check_approximator(flux, chroma, pooled_fit, pooled_held, t_eval, fit, *, dev, log
+                                ) -> tuple[dict, torch.Tensor]:
+    """Fit Chroma's approximator to FLUX's caption-mean modulation, and measure it on held-out captions and
+    timesteps: (its error report, the exact caption-mean modulation for the floor). The fit runs in fp32 whatever the
+    model dtype: the conditioning path (shared with `flux`) and the approximator."""
+    target = ModulationTarget(flux, pooled_fit).to(dev, torch.float32)
+    chroma.time_text_embed.to(dev, torch.float32)
+    chroma.distilled_guidance_layer.to(dev, torch.float32)
+    losses = fit_approximator(chroma, target, fit, log=log)
+    held_text = target.embed_pooled(pooled_held.to(dev, torch.float32))
+    approx = approximator_error(chroma, target, t_eval, held_text)
+    approx.update(steps=fit.steps, final_mse=losses[-1])
+    return approx, target.mean(t_eval)
+
+
+def _repeated(p: PromptEmbeds, *, n: int) -> PromptEmbeds:
+    """One prompt's embeddings as a batch of n rows (one per timestep)."""
+    return PromptEmbeds(p.t5.expand(n, -1, -1), p.mask.expand(n, -1), p.pooled.expand(n, -1), p.lengths * n)
+
+
+def _log_result(report: dict, log) -> None:
+    approx, v = report["approximator"], report["velocity"]
+    log(f"[prune] approximator: rel error {approx['rel_error']:.3e} vs the caption-mean modulation on "
+        f"{v['timesteps']} held-out timesteps (held-out captions' own spread around that mean: "
+        f"{approx['caption_spread_rel']:.3e})")
+    log(f"[prune] velocity vs FLUX on {v['prompts']} held-out prompts x {v['timesteps']} timesteps: rel error "
+        f"{v['rel_error']:.3e} (rmse {v['rmse']:.3e}, FLUX rms {v['reference_rms']:.3e}; with the exact caption mean "
+        f"instead of the approximator {v['exact_mean_rel_error']:.3e})")
