@@ -25,11 +25,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/dedistill demo --out $(DEMO_DIR) $(DEMO_ARGS)
 
-# `make test XDIST="-n 2 --dist loadgroup"`: two pytest-xdist workers (much of the suite waits on process starts, SLURM
-# jobs and fault timeouts; the tests on the local SLURM cluster share one worker, tests/conftest.py). Not the default:
-# two trainings that build their StreamingDataset at the same moment can pick the same /dev/shm prefix (streaming
-# checks, then creates, with a barrier in between) and one fails with FileExistsError.
-XDIST ?=
+# Two pytest-xdist workers: much of the suite waits on process starts, SLURM jobs and fault timeouts, which the other
+# worker overlaps. The tests on the local SLURM cluster share one worker (tests/conftest.py), each worker's processes
+# get an equal share of the cores (OMP_NUM_THREADS, tests/conftest.py), and two trainings that build their
+# StreamingDataset at once take turns registering /dev/shm (train/data.py). `make test XDIST=` runs in one process.
+XDIST ?= -n 2 --dist loadgroup
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(XDIST)

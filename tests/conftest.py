@@ -13,6 +13,12 @@ import pytest
 for _tier in ("unit", "integration", "system"):
     sys.path.insert(0, str(Path(__file__).resolve().parent / _tier))
 
+# Under pytest-xdist the workers share the cores: each worker, and every process its tests start (which inherit the
+# variable), runs torch on its share instead of one thread per core each, which oversubscribes the machine.
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
+
 
 def pytest_collection_modifyitems(items):
     """Under pytest-xdist (`make test XDIST="-n 2 --dist loadgroup"`) the tests on the local SLURM cluster share one
