@@ -21,7 +21,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -31,7 +31,9 @@ from evals.fid import Stats, fid_from_stats, open_mds, reference_stats, source_k
 from evals.inception import inception_features, load_inception
 from evals.report import update_run_plots
 from evals.sampler import generate, make_grid
-from train.config import _check_choice, _check_positive, apply_overrides, from_dict, load_run_config, load_yaml
+from train.config import (
+    ImageKnobs, _check_choice, _check_positive, apply_overrides, from_dict, load_run_config, load_yaml,
+)
 from train.inference import load_for_inference, resolve_checkpoint, text_settings
 from train.metrics import Logger
 from train.outputs import write_text_atomic
@@ -64,21 +66,16 @@ class SettingConfig:
 
 
 @dataclass(kw_only=True)
-class SamplingConfig:
+class SamplingConfig(ImageKnobs):
+    """An eval suite's `sampling:`: the image knobs (`train.config.ImageKnobs`), the (steps, cfg) grid, and how the
+    target is loaded."""
+
     steps: list[int] = field(default_factory=lambda: [28])
     cfg_scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.5, 5.0])
     """Every (steps, cfg) pair of the grid is one setting; cfg 1 is no guidance (one forward per step)."""
     extra: list[SettingConfig] = field(default_factory=list)
-    """Settings outside the grid, e.g. FLUX.1-schnell's own: [{steps: 4, cfg_scale: 1.0}]."""
-    negative_prompt: str = ""
-    cfg_skip_steps: int = 0
-    """No CFG for the first N steps (LibreFLUX's remedy for blur at high scales)."""
-    cfg_rescale: float = 0.0
-    noise_temperature: float = 1.0
-    resolution: int = 512
-    seed: int = 0
-    """Image i of every setting starts from the noise of seed + i: settings differ only in what they vary."""
-    batch_size: int = 4
+    """Settings outside the grid, e.g. FLUX.1-schnell's own: [{steps: 4, cfg_scale: 1.0}]. Image i of every setting
+    starts from the noise of seed + i: settings differ only in what they vary."""
     max_text_tokens: int = 0
     """0: the run's objective.max_text_tokens (512 for a model dir)."""
     mask: str = "auto"
@@ -93,21 +90,17 @@ class SamplingConfig:
     shift: float = 1.0
     """The shift of `schedule: constant`."""
 
+    section: ClassVar[str] = "sampling."
+
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.steps or not self.cfg_scales:
             raise ValueError("sampling.steps / sampling.cfg_scales: need at least one value each")
         for i, s in enumerate(self.steps):
             _check_positive(f"sampling.steps[{i}]", s)
         for i, s in enumerate(self.extra):
             _check_positive(f"sampling.extra[{i}].steps", s.steps)
-        if self.resolution % 16:
-            raise ValueError(f"sampling.resolution: must be a multiple of 16, got {self.resolution}")
-        _check_positive("sampling.batch_size", self.batch_size)
-        _check_positive("sampling.noise_temperature", self.noise_temperature)
-        _check_positive("sampling.cfg_skip_steps", self.cfg_skip_steps, allow_zero=True)
         _check_positive("sampling.max_text_tokens", self.max_text_tokens, allow_zero=True)
-        if not 0.0 <= self.cfg_rescale <= 1.0:
-            raise ValueError(f"sampling.cfg_rescale: must be in [0, 1], got {self.cfg_rescale}")
         _check_choice("sampling.mask", self.mask, ("auto", "true", "false"))
         _check_choice("sampling.dtype", self.dtype, ("auto", "fp32", "bf16"))
         _check_choice("sampling.schedule", self.schedule, ("auto", "dynamic", "model", "constant"))

@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -412,17 +412,44 @@ SCHEDULES = ("dynamic", "model", "constant")
 
 
 @dataclass(kw_only=True)
-class SampleConfig:
+class ImageKnobs:
+    """How each image of a sampling job is drawn, set by a user by the same name in a run's `sample:`, an eval
+    suite's `sampling:` and the `dedistill sample` flags: defined once here, for those configs and for
+    `train.sampling.SamplingSettings`, what the sampler takes."""
+
+    negative_prompt: str = ""
+    resolution: int = 512
+    seed: int = 0
+    """Image i starts from the noise of seed + i."""
+    noise_temperature: float = 1.0
+    """Multiplies the initial noise: the sampling-side temperature (<1: smoother, less varied images)."""
+    cfg_skip_steps: int = 0
+    """No CFG for the first N steps (LibreFLUX's remedy for blur and shadows at high scales)."""
+    cfg_rescale: float = 0.0
+    """0 = off; φ in [0, 1] rescales the guided velocity's std toward the conditional one (Lin et al. 2023)."""
+    batch_size: int = 4
+    """Prompts sampled together."""
+
+    section: ClassVar[str] = ""
+    """Where the knobs sit, for error messages (`sample.`, `sampling.`; "" for the flags)."""
+
+    def __post_init__(self) -> None:
+        where = self.section
+        if self.resolution % 16:
+            raise ValueError(f"{where}resolution: must be a multiple of 16, got {self.resolution}")
+        _check_positive(f"{where}noise_temperature", self.noise_temperature)
+        _check_positive(f"{where}cfg_skip_steps", self.cfg_skip_steps, allow_zero=True)
+        _check_unit(f"{where}cfg_rescale", self.cfg_rescale)
+        _check_positive(f"{where}batch_size", self.batch_size)
+
+
+@dataclass(kw_only=True)
+class SampleConfig(ImageKnobs):
     """The CFG grid drawn at the end of training (and by `dedistill sample`)."""
 
     prompts: list[str] = field(default_factory=lambda: ["a red circle on a white background"])
-    negative_prompt: str = ""
     cfg_scales: list[float] = field(default_factory=lambda: [1.0, 3.5])
     steps: int = 28
-    resolution: int = 512
-    seed: int = 0
-    noise_temperature: float = 1.0
-    """Scales the initial noise (<1 gives smoother, lower-variance samples)."""
     schedule: str = "dynamic"
     """The sigma schedule this run's model is sampled with (here, by `dedistill sample`/`eval` on its checkpoints,
     and written into its export's scheduler config): dynamic (FLUX.1-dev's resolution-dependent shift, what a
@@ -430,29 +457,18 @@ class SampleConfig:
     constant (`sample.shift`)."""
     shift: float = 1.0
     """The constant shift for `sample.schedule: constant`."""
-    cfg_skip_steps: int = 0
-    """No CFG for the first N steps (as `dedistill sample --cfg-skip-steps`)."""
-    cfg_rescale: float = 0.0
-    """0 = off; φ in [0, 1] rescales the guided velocity's std toward the conditional one."""
-    batch_size: int = 4
-    """Prompts sampled together."""
     at_end: bool = True
 
+    section: ClassVar[str] = "sample."
+
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_positive("sample.steps", self.steps)
-        _check_positive("sample.noise_temperature", self.noise_temperature)
         _check_choice("sample.schedule", self.schedule, SCHEDULES)
         _check_positive("sample.shift", self.shift)
         for key in ("prompts", "cfg_scales"):  # the grid has one row per prompt and one column per scale
             if not getattr(self, key):
                 raise ValueError(f"sample.{key}: empty; the sample grid needs at least one")
-        _check_positive("sample.batch_size", self.batch_size)
-        if self.cfg_skip_steps < 0:
-            raise ValueError(f"sample.cfg_skip_steps: must be >= 0, got {self.cfg_skip_steps}")
-        if not 0.0 <= self.cfg_rescale <= 1.0:
-            raise ValueError(f"sample.cfg_rescale: must be in [0, 1], got {self.cfg_rescale}")
-        if self.resolution % 16:
-            raise ValueError(f"sample.resolution: must be a multiple of 16, got {self.resolution}")
 
 
 @dataclass(kw_only=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from train.config import JobConfig
+from train.config import ImageKnobs, JobConfig
 from train.objective import DEV_SCHEDULE, SamplingSchedule
 
 USER_KNOBS = ("steps", "cfg_scale", "negative_prompt", "resolution", "seed", "noise_temperature", "cfg_skip_steps",
@@ -22,19 +22,12 @@ MODEL_KNOBS = ("masked", "visible_padding_tokens", "schedule")
 
 
 @dataclass(kw_only=True)
-class SamplingSettings:
+class SamplingSettings(ImageKnobs):
+    """One setting of a sampling job: the image knobs (`train.config.ImageKnobs`), its steps and cfg scale, and the
+    model's text handling and schedule."""
+
     steps: int = 28
     cfg_scale: float = 3.5
-    negative_prompt: str = ""
-    resolution: int = 512
-    seed: int = 0
-    noise_temperature: float = 1.0
-    """Multiplies the initial noise: the sampling-side temperature (<1: smoother, less varied images)."""
-    cfg_skip_steps: int = 0
-    """No CFG for the first N steps (LibreFLUX's remedy for blur/shadows at high scales)."""
-    cfg_rescale: float = 0.0
-    """0 = off; φ in [0, 1] rescales the guided velocity's std toward the conditional one (Lin et al. 2023)."""
-    batch_size: int = 4
     max_text_tokens: int = 512
     masked: bool = True
     """Bool T5 padding mask in joint attention (must match how the model was trained)."""
@@ -44,16 +37,11 @@ class SamplingSettings:
     """The sigma schedule (callers pass the model's: `Loaded.schedule`); FLUX.1-dev's dynamic shift by default."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.steps < 1:
             raise ValueError(f"steps: must be >= 1, got {self.steps}")
         if self.visible_padding_tokens < 0:
             raise ValueError(f"visible_padding_tokens: must be >= 0, got {self.visible_padding_tokens}")
-        if self.noise_temperature <= 0:
-            raise ValueError(f"noise_temperature: must be > 0, got {self.noise_temperature}")
-        if not 0.0 <= self.cfg_rescale <= 1.0:
-            raise ValueError(f"cfg_rescale: must be in [0, 1], got {self.cfg_rescale}")
-        if self.cfg_skip_steps < 0:
-            raise ValueError(f"cfg_skip_steps: must be >= 0, got {self.cfg_skip_steps}")
 
     @classmethod
     def from_source(cls, source, **given) -> "SamplingSettings":

@@ -113,3 +113,20 @@ def test_cli_flags_reach_the_sampler(tmp_path, monkeypatch, spy):
           "--noise-temperature", "0.5", "--cfg-skip-steps", "2", "--cfg-rescale", "0.7", "--max-text-tokens", "40"])
     # one prompt per call: the CLI has no batch size, so that knob keeps its default
     assert spy == [dataclasses.replace(expected(), batch_size=SamplingSettings().batch_size)]
+
+
+def test_image_knobs_are_defined_once():
+    """The knobs every entry point shares are one definition (`train.config.ImageKnobs`), with its checks: the run's
+    `sample:`, the suite's `sampling:` and the sampler's settings inherit them, and none redeclares one."""
+    from train.config import ImageKnobs, SampleConfig
+
+    shared = {f.name for f in dataclasses.fields(ImageKnobs)}
+    assert shared <= set(USER_KNOBS)
+    for cls, section in ((SampleConfig, "sample."), (SamplingConfig, "sampling."), (SamplingSettings, "")):
+        assert issubclass(cls, ImageKnobs)
+        own = {f.name for f in dataclasses.fields(cls) if f.name in cls.__dict__.get("__annotations__", {})}
+        assert not own & shared, (cls.__name__, own & shared)
+        with pytest.raises(ValueError, match=rf"^{section.replace('.', '[.]')}cfg_rescale: must be in \[0, 1\]"):
+            cls(cfg_rescale=1.5)
+        with pytest.raises(ValueError, match=rf"^{section.replace('.', '[.]')}resolution: must be a multiple of 16"):
+            cls(resolution=50)
