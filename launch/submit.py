@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from train.outputs import atomic_write
 from train.run_dir import RunDir, checkpoint_step
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -193,9 +194,7 @@ def write_job_config(cfg) -> Path:
     folder = RunDir(cfg.run_dir).jobs
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"job-config-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.yaml"
-    tmp = path.with_name(path.name + ".tmp")
-    dump_config(cfg, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: dump_config(cfg, tmp))
     return path
 
 

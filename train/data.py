@@ -40,6 +40,7 @@ from PIL import Image
 from train.config import DataConfig
 from train.parallelize import DistInfo, process_dist
 from train.images import open_rgb, to_rgb
+from train.outputs import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -91,26 +92,34 @@ def _fetch(cfg: DataConfig, name: str, sub: str = "") -> Path | None:
     from train.remote import object_absent
 
     local.mkdir(parents=True, exist_ok=True)
-    # A fresh name per call: the downloader skips existing files, and an old cache must not shadow the remote.
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=local)
-    os.close(fd)
-    os.unlink(tmp)
     remote = _join(cfg.remote, sub) if sub else cfg.remote
-    for attempt in range(1 + cfg.download_retry):
-        try:
-            CloudDownloader.direct_download(_join(remote, name), tmp, timeout=cfg.download_timeout)
-            break
-        except Exception as e:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            # Absent (a raw layout has no buckets.json) is an answer; a reset connection is not: a flaky store must
-            # not turn a bucketed dataset into a "raw" one. Unreachable after the retries: the index fetch will tell.
-            if object_absent(e) or attempt == cfg.download_retry:
-                log.debug("no %s at %s: %s", name, remote, e)
-                return None
+
+    def download(tmp: Path) -> None:
+        # atomic_write's temporary name is fresh per call: the downloader skips existing files, and an old cache
+        # must not shadow the remote.
+        for attempt in range(1 + cfg.download_retry):
+            try:
+                CloudDownloader.direct_download(_join(remote, name), str(tmp), timeout=cfg.download_timeout)
+                return
+            except Exception as e:
+                tmp.unlink(missing_ok=True)
+                # Absent (a raw layout has no buckets.json) is an answer; a reset connection is not: a flaky store
+                # must not turn a bucketed dataset into a "raw" one. Unreachable after the retries: the index fetch
+                # will tell.
+                if object_absent(e) or attempt == cfg.download_retry:
+                    raise _NotFetched(e) from e
+
     dest = local / name
-    os.replace(tmp, dest)
+    try:
+        atomic_write(dest, download)
+    except _NotFetched as e:
+        log.debug("no %s at %s: %s", name, remote, e.args[0])
+        return None
     return dest
+
+
+class _NotFetched(Exception):
+    """`_fetch`'s download found no file (absent, or unreachable after the retries): `_fetch` answers None."""
 
 
 def read_layout(cfg: DataConfig) -> dict | None:
