@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from train.config import DataConfig
 from train.parallelize import DistInfo, process_dist
@@ -177,7 +178,7 @@ def _train_samples_class():
     global _TrainSamples
     if _TrainSamples is not None:
         return _TrainSamples
-    from streaming import StreamingDataset
+    from streaming import StreamingDataset  # deferred: see the docstring
 
     class TrainSamples(StreamingDataset):
         """StreamingDataset yielding what the step needs from each sample (see the module docstring)."""
@@ -264,8 +265,6 @@ class Collate:
 
 
 def _empty_prompt(cfg: DataConfig) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     path = _fetch(cfg, "empty_prompt.safetensors")
     if path is None:
         raise ValueError(f"data.local: precomputed dataset '{cfg.remote or cfg.local}' has no empty_prompt.safetensors")
@@ -293,6 +292,7 @@ def release_stale_shm(locals_: list[str]) -> list[int]:
     shm_dir = Path("/dev/shm")
     if not shm_dir.is_dir():
         return []
+    # deferred: importing train.data must not import streaming (see _train_samples_class)
     from streaming.base.constant import LOCALS, SHM_TO_CLEAN
     from streaming.base.shared import SharedMemory
     from streaming.base.shared.prefix import _get_path, _unpack_locals
@@ -371,7 +371,7 @@ def build_dataset(cfg: DataConfig, *, batch_size: int, dist: DistInfo | None = N
     """A StreamingDataset yielding per-sample dicts for `Collate` (see the module docstring). `dist`: this process's
     ranks (default: the launcher's, `process_dist`)."""
     dist = dist or process_dist()
-    from streaming import Stream
+    from streaming import Stream  # deferred: importing train.data must not import streaming
 
     _check_source(cfg)
     if cfg.remote is not None and cfg.remote.startswith("s3://"):
@@ -433,7 +433,7 @@ def build_loader(cfg: DataConfig, *, batch_size: int, caption_length: Callable[[
 
     dist: this process's ranks (default: the launcher's, `process_dist`). caption_length: a caption's T5 token count, for length grouping of raw shards (the trainer passes its T5
     tokenizer's); precomputed shards hold the T5 states, whose length is used instead."""
-    from streaming import StreamingDataLoader
+    from streaming import StreamingDataLoader  # deferred: importing train.data must not import streaming
 
     dist = dist or process_dist()
     dataset = build_dataset(cfg, batch_size=batch_size, dist=dist)
