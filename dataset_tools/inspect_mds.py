@@ -147,7 +147,7 @@ def _plot(stats: dict, words: list, tokens: list, aspects: list, root: Path, pat
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after the headless backend is chosen
 
     if path is None:
         path = str(root / "inspect.png") if os.access(root, os.W_OK) else "inspect.png"

@@ -201,7 +201,7 @@ def write_clip_tokenizer(folder: Path, corpus: list[str]) -> "CLIPTokenizer":  #
 
 def write_t5_tokenizer(folder: Path, corpus: list[str]) -> "T5TokenizerFast":  # noqa: F821
     """Train a sentencepiece unigram model with T5's special ids: <pad> 0, </s> 1, <unk> 2, no <s>."""
-    from transformers import T5TokenizerFast
+    from transformers import T5TokenizerFast  # deferred: seconds to import; only the tiny model needs it
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(

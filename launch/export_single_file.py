@@ -29,7 +29,7 @@ def save_bfl(transformer: torch.nn.Module, out: Path, dtype: torch.dtype, *, ste
 
 def save_kohya_lora(transformer: torch.nn.Module, out: Path, dtype: torch.dtype) -> Path:
     """The run's LoRA (PEFT layers in `transformer`) in the kohya layout, scaled as trained (alpha / rank)."""
-    from peft.utils import get_peft_model_state_dict  # deferred: peft takes seconds to import; only this needs it
+    from peft.utils import get_peft_model_state_dict  # deferred: peft takes seconds; only a kohya LoRA needs it
 
     state = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)  # "<module>.lora_A.weight", ...
     state = {k: v.detach().to(dtype) for k, v in state.items()}

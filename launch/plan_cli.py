@@ -8,8 +8,7 @@ from train.config import load_config
 
 
 def cmd_plan(a) -> None:
-    # deferred: tools.plan imports diffusers, transformers and peft (seconds), and `dedistill --help` imports this
-    # module
+    # deferred: tools.plan imports diffusers, transformers and peft (seconds); `dedistill --help` imports this module
     from tools.plan import Cluster, format_plan, make_plan
 
     cfg = load_config(_preset(a.config), a.overrides)

@@ -213,7 +213,7 @@ def _import_submitit():
     # `#SBATCH --signal`) and in the job (its handler); the job inherits this environment. Our training processes
     # handle USR1 and TERM (an unhandled USR2 would kill them without a checkpoint).
     os.environ["SUBMITIT_PREEMPT_SIGNAL"] = "USR1"
-    import submitit
+    import submitit  # here, not at the top: after the variable above is set
     from submitit.core.job_environment import JobEnvironment
 
     JobEnvironment.USR_SIG = "USR1"  # in case submitit was imported before the variable was set

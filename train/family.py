@@ -98,7 +98,7 @@ def _no_empty_query_rows(model: torch.nn.Module) -> None:
     row attend to every key keeps it finite; its output is never read (it is a masked key for every other query,
     and text rows are dropped after the last block), so every other output is unchanged, bit for bit
     (tests/unit/test_family.py). FLUX needs nothing: its key-only mask leaves every row the image keys."""
-    # deferred: diffusers takes seconds to import; the family table is read without it (plan, describe, config)
+    # deferred: diffusers takes seconds to import; the family table is read without it (`dedistill --help` too)
     from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 
     class NoEmptyRowsProcessor(FluxAttnProcessor):
