@@ -1,16 +1,16 @@
 #!/usr/bin/env python
-"""Host memory and time to get the transformer onto the ranks: the whole-model load every rank used to do vs the
-sharded load (train/parallel/load.py), and what the frozen VAE + T5 + CLIP add when the data is not precomputed.
+"""Host memory and time to get the transformer onto the ranks: a whole-model load on every rank (the baseline) vs
+the sharded load (train/parallel/load.py), and what the frozen VAE + T5 + CLIP add when the data is not precomputed.
 
     dedistill tiny-model /tmp/mid --size mid --dtype bf16          # 0.64B transformer, written once (~1.9 GB)
     python bench/load_memory.py --model /tmp/mid --nproc 2         # torchrun, 2 gloo ranks per mode
 
 Each mode runs in fresh processes under torchrun (`--nproc` gloo ranks on this machine):
-- `whole`: the previous path: every rank `load_transformer` (all weights), adapter, then FSDP2 `fully_shard`.
-- `sharded`: the trainer's path now (`train.build.build_model`): meta -> adapter -> fully_shard -> own rows only.
+- `whole`: the baseline: every rank `load_transformer` (all weights), adapter, then FSDP2 `fully_shard`.
+- `sharded`: the trainer's path (`train.build.build_model`): meta -> adapter -> fully_shard -> own rows only.
 Per rank: seconds from the start of the load to a ready FSDP2 model, peak RSS of the process (`ru_maxrss`: the
 imports, the load and everything before it), and then, in the sharded run, the RSS the trainer would add by loading
-the VAE, T5 and CLIP (`train.build.load_encoders`), which a precomputed run no longer does. Prints a markdown table.
+the VAE, T5 and CLIP (`train.build.load_encoders`), which a precomputed run skips. Prints a markdown table.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ Times `train.objective.pair_noise` exactly as the step calls it, split into its 
 (float64 matmul over the flattened latents; on a GPU run this part runs on the GPU) and scipy's Hungarian solver
 `linear_sum_assignment` (always on the CPU). Times are wall-clock medians; "total CPU ms" is the process's CPU time
 for the whole call (all threads), the better figure on a machine whose cores are shared. Batch sizes: the presets'
-micro-batches (libreflux 1, openflux and full-fsdp-multinode 2, lora-1gpu 4) and 64 (the issue's
-reference). Prints a header and one markdown table.
+micro-batches (libreflux 1, openflux and full-fsdp-multinode 2, lora-1gpu 4) and 64 (a large
+batch, for reference). Prints a header and one markdown table.
 """
 
 from __future__ import annotations

@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from tqdm import tqdm
+
 from dataset_tools.convert import check_image, merge_index_files
 from dataset_tools.report import Skip, SkipLog, merge_reports
 from train.outputs import as_stored, check_same_settings, write_json_atomic
@@ -109,6 +111,7 @@ def read_index(src: Path) -> list[dict]:
 
 def iter_source_shard(src: Path, shard: dict) -> Iterator[dict]:
     """The samples of one MDS shard of a local dataset, in order."""
+    # deferred: streaming takes seconds to import, and `dedistill --help` imports this module
     from streaming.base.format import reader_from_json
 
     raw = shard.get("raw_data") or {}
@@ -138,6 +141,7 @@ class BucketWriters:
         self.counts: dict[int, int] = {}
 
     def write(self, bucket: int, row: dict) -> None:
+        # deferred: streaming takes seconds to import, and `dedistill --help` imports this module
         from streaming import MDSWriter
 
         w = self.writers.get(bucket)
@@ -194,8 +198,6 @@ def run_parts(
     mine = [k for k in range(len(shards)) if k % num_shards == shard_index]
     bar = None
     if progress_bar:
-        from tqdm import tqdm
-
         total = sum(shards[k]["samples"] for k in mine)
         bar = tqdm(total=total, desc=desc or out.name, unit=" samples", file=sys.stderr, dynamic_ncols=True)
     for k in mine:

@@ -6,9 +6,16 @@ Library code raises ValueError for bad input; launch/cli.py prints it as one lin
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+from dataset_tools import buckets, convert
+from dataset_tools.buckets import BucketSpec, bucket_dataset, default_step_help
+from dataset_tools.inspect_mds import inspect_dataset, render_text
+from dataset_tools.precompute import PrecomputeOptions, precompute
 
 
 def _bytes(text: str, key: str = "--shard-size") -> int:
+    # deferred: streaming takes seconds to import, and `dedistill --help` imports this module
     from streaming.base.util import bytes_to_int
 
     try:
@@ -18,13 +25,13 @@ def _bytes(text: str, key: str = "--shard-size") -> int:
 
 
 def cmd_convert(a) -> None:
-    from dataset_tools.convert import ConvertOptions, convert
-
-    opts = ConvertOptions(kind=a.kind, min_size=a.min_size, check=a.check, shard_size=_bytes(a.shard_size),
-                          caption_field=a.caption_field, path_field=a.path_field, key_field=a.key_field,
-                          max_bytes=_bytes(a.max_bytes, "--max-bytes"), max_pixels=a.max_pixels, max_side=a.max_side)
-    r = convert(a.source, a.out, opts=opts, workers=a.workers, shard_index=a.shard_index, num_shards=a.num_shards,
-                progress_bar=not a.no_progress)
+    opts = convert.ConvertOptions(
+        kind=a.kind, min_size=a.min_size, check=a.check, shard_size=_bytes(a.shard_size),
+        caption_field=a.caption_field, path_field=a.path_field, key_field=a.key_field,
+        max_bytes=_bytes(a.max_bytes, "--max-bytes"), max_pixels=a.max_pixels, max_side=a.max_side,
+    )
+    r = convert.convert(a.source, a.out, opts=opts, workers=a.workers, shard_index=a.shard_index,
+                        num_shards=a.num_shards, progress_bar=not a.no_progress)
     for note in r["notes"]:
         print(note)
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["skipped_by_reason"].items())) or "none"
@@ -37,10 +44,6 @@ def cmd_convert(a) -> None:
 
 
 def cmd_merge(a) -> None:
-    from pathlib import Path
-
-    from dataset_tools import buckets, convert
-
     root = Path(a.dir)
     if buckets.is_bucketed_output(root):
         info = buckets.finalize(root)
@@ -51,8 +54,6 @@ def cmd_merge(a) -> None:
 
 
 def cmd_bucket(a) -> None:
-    from dataset_tools.buckets import BucketSpec, bucket_dataset
-
     spec = BucketSpec(resolution=a.resolution, step=a.bucket_step, max_aspect=a.max_aspect, square=a.square)
     info = bucket_dataset(a.src, a.out, spec=spec, shard_index=a.shard_index, num_shards=a.num_shards,
                           image_key=a.image_key, progress_bar=not a.no_progress)
@@ -60,9 +61,6 @@ def cmd_bucket(a) -> None:
 
 
 def cmd_precompute(a) -> None:
-    from dataset_tools.buckets import BucketSpec
-    from dataset_tools.precompute import PrecomputeOptions, precompute
-
     spec = BucketSpec(resolution=a.resolution, step=a.bucket_step, max_aspect=a.max_aspect, square=a.square)
     opts = PrecomputeOptions(latents=a.latents, dtype=a.dtype, max_text_tokens=a.max_text_tokens,
                              batch_size=a.batch_size, device=a.device, model_dtype=a.model_dtype,
@@ -82,8 +80,6 @@ def _print_layout(out, info: dict) -> None:
 
 
 def cmd_inspect(a) -> None:
-    from dataset_tools.inspect_mds import inspect_dataset, render_text
-
     stats = inspect_dataset(a.dir, max_samples=a.max_samples, plot=a.plot)
     if a.json:
         print(json.dumps(stats, indent=2))
@@ -98,8 +94,6 @@ def _slicing(s) -> None:
 
 
 def _bucket_args(s, *, default_resolution: int | None) -> None:
-    from dataset_tools.buckets import default_step_help  # no heavy imports: --help stays instant
-
     s.add_argument("--resolution", type=int, required=default_resolution is None, default=default_resolution,
                    help="target side R: buckets hold about R*R pixels")
     s.add_argument("--bucket-step", type=int, default=None,

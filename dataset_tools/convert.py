@@ -36,6 +36,7 @@ import shutil
 import stat
 import sys
 import tarfile
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -43,8 +44,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
 from dataset_tools.report import Skip, SkipLog, merge_reports, printable
-from train.images import displayed_size
+from train.images import displayed_size, open_rgb
 from train.outputs import check_same_settings, write_json_atomic
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
@@ -112,8 +116,6 @@ def check_image(data: bytes, *, min_size: int, check: str = "fast",
     when the marker is not there, e.g. data appended after it, a full decode decides), PNG `verify()` (every chunk's
     CRC and the IEND chunk), WebP `verify()` (the RIFF length). See docs/data.md for measured costs.
     """
-    from PIL import Image, UnidentifiedImageError
-
     if not data:
         raise Skip("empty_file")
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and int.from_bytes(data[4:8], "little") + 8 > len(data):
@@ -175,10 +177,6 @@ def check_caption(raw) -> str:
 def downscale(data: bytes, fmt: str, max_side: int) -> tuple[bytes, int, int]:
     """(bytes, width, height) of the image re-encoded in its own format with its long side `max_side`: decoded as
     every stage decodes it (`train.images.open_rgb`: upright RGB), so the stored pixels are what training sees."""
-    from PIL import Image
-
-    from train.images import open_rgb
-
     img = open_rgb(data)
     scale = max_side / max(img.size)
     size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
@@ -190,8 +188,6 @@ def downscale(data: bytes, fmt: str, max_side: int) -> tuple[bytes, int, int]:
 
 def skip_of(e: Exception) -> Skip:
     """The one place that names a per-sample failure: any exception reading or checking a sample becomes a Skip."""
-    from PIL import Image
-
     if isinstance(e, Skip):
         return e
     if isinstance(e, Image.DecompressionBombError):
@@ -414,6 +410,7 @@ def _manifest_rows(path: Path, opts: ConvertOptions) -> Iterator[tuple[int, dict
                     continue
                 yield (i, row, "") if isinstance(row, dict) else (i, None, "not a JSON object")
     else:
+        # deferred: pyarrow reads .parquet manifests only, and `dedistill --help` imports this module
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(path)
@@ -446,6 +443,7 @@ def parquet_columns(schema, opts: ConvertOptions) -> tuple[list[str], list[str],
     """(columns to read, columns read as text, columns dropped) of a parquet manifest. Extra columns become the JSON
     `attributes`: dates, times, durations and decimals are kept as their text; binary columns, and nested columns
     holding binary or dates, cannot be JSON and are dropped. `convert` prints one line naming both."""
+    # deferred: pyarrow reads .parquet manifests only (see _manifest_rows)
     import pyarrow as pa
 
     def has(t, test) -> bool:
@@ -475,6 +473,7 @@ def manifest_note(source: Path, opts: ConvertOptions) -> str:
     """The line `convert` prints about a parquet manifest's extra columns that are not JSON types ("" if none)."""
     if source.suffix != ".parquet":
         return ""
+    # deferred: pyarrow reads .parquet manifests only (see _manifest_rows)
     import pyarrow.parquet as pq
 
     _, as_text, dropped = parquet_columns(pq.read_schema(source), opts)
@@ -535,6 +534,7 @@ def convert_part(
     worker: int, workers: int, progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Convert this part's samples into OUT/part-<slice>-<worker>/; returns its report. Skips a finished part."""
+    # deferred: streaming takes seconds to import, and `dedistill --help` imports this module
     from streaming import MDSWriter
 
     part = out / part_name(slice_index, worker)
@@ -619,8 +619,6 @@ def _worker_context():
     re-import torch via streaming for seconds. With threads alive (a notebook, a test session with live streaming
     loaders) a forked child can inherit a lock held mid-use and hang, so then a forkserver with this module
     preloaded: a clean, single-threaded parent to fork from, paid for once per process."""
-    import threading
-
     methods = mp.get_all_start_methods()
     if "fork" in methods and threading.active_count() == 1:
         return mp.get_context("fork")
@@ -672,8 +670,6 @@ def _run_workers(jobs: list[dict], out: Path, shard_index: int, *, desc: str | N
     def new_bar():
         if desc is None:
             return None
-        from tqdm import tqdm
-
         return tqdm(desc=desc, unit=" samples", file=sys.stderr, dynamic_ncols=True)
 
     if workers == 1:
@@ -791,6 +787,7 @@ def find_parts(root: Path) -> list[Path]:
 def merge_index_files(indexes: list[Path], root: Path) -> None:
     """streaming's merge_index into a temp dir, then an atomic rename onto root/index.json (merge_index refuses to
     overwrite, and a reader must never see a missing or half-written index)."""
+    # deferred: streaming takes seconds to import, and `dedistill --help` imports this module
     from streaming.base.util import merge_index
 
     tmp = root / f".merge-{os.getpid()}"

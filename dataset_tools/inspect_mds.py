@@ -78,6 +78,7 @@ def _summary(values: list[float]) -> dict:
 def inspect_dataset(root: str | Path, *, max_samples: int = 100_000, plot: str | None = None) -> dict:
     """Statistics of the dataset at `root` (JSON-able); writes the plots to `plot` (a PNG path), or to
     root/inspect.png when writable (else ./inspect.png) when `plot` is None; "" disables the PNG."""
+    # deferred: streaming takes seconds to import, and `dedistill --help` imports this module
     from streaming.base.format import reader_from_json
 
     root = Path(root)
@@ -142,10 +143,11 @@ def inspect_dataset(root: str | Path, *, max_samples: int = 100_000, plot: str |
 
 
 def _plot(stats: dict, words: list, tokens: list, aspects: list, root: Path, path: str | None) -> Path:
+    # deferred: matplotlib costs ~0.4 s, only the PNG needs it, and `dedistill --help` imports this module
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after the headless backend is chosen
 
     if path is None:
         path = str(root / "inspect.png") if os.access(root, os.W_OK) else "inspect.png"

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from dataset_tools.buckets import BucketSpec, BucketWriters, assign_bucket, read_index, run_parts, source_columns
 from dataset_tools.convert import check_caption
@@ -170,8 +171,6 @@ class Encoders:
 
 def write_empty_prompt(out: Path, enc: Encoders, max_tokens: int, dtype: str) -> None:
     """The empty prompt's encoding (caption dropout), once per dataset, in the storage dtype."""
-    from safetensors.torch import save_file
-
     path = out / "empty_prompt.safetensors"
     if path.is_file():
         return
@@ -207,6 +206,7 @@ def precompute(
     enc = Encoders(model_dir, device, model_dtype)
     has_pooled = family_of_dir(model_dir, key="--model").clip is not None
     table = spec.table()
+    # deferred: diffusers takes seconds to import, and `dedistill --help` imports this module
     from diffusers import AutoencoderKL
 
     vae_config = AutoencoderKL.load_config(str(model_dir / "vae"))
@@ -303,8 +303,6 @@ def precompute_random(
     gen = torch.Generator().manual_seed(seed)
 
     def handle_part(samples, writers: BucketWriters, log: SkipLog, progress) -> None:
-        from safetensors.torch import save_file
-
         out.mkdir(parents=True, exist_ok=True)
         if not (out / "empty_prompt.safetensors").is_file():
             save_file({"t5": torch.randn(1, t5_dim, generator=gen).to(_STORE[dtype][0]),

@@ -201,6 +201,7 @@ def write_tiny_data(out_dir: str | Path, *, n: int = 256, size: int = 64, seed: 
     out = Path(out_dir)
     with atomic_output_dir(out) as tmp:
         if fmt == "mds":
+            # deferred: streaming takes seconds to import; the folder format does without it
             from streaming import MDSWriter
 
             with MDSWriter(out=str(tmp), columns=MDS_COLUMNS, size_limit=_shard_size_limit(n, size)) as w:

@@ -28,6 +28,8 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
+import regex
+import sentencepiece as spm
 import torch
 
 from dataset_tools.seeding import seeded
@@ -148,8 +150,6 @@ def train_bpe_merges(corpus: list[str], *, max_merges: int = 1000) -> list[tuple
     (and possibly different vocabularies). Here ties go to the lexicographically smallest pair: same corpus, same
     files. Stops when every corpus word is a single token.
     """
-    import regex
-
     byte_map = bytes_to_unicode()
     counts: Counter[str] = Counter()
     for line in corpus:
@@ -181,6 +181,7 @@ def train_bpe_merges(corpus: list[str], *, max_merges: int = 1000) -> list[tuple
 
 def write_clip_tokenizer(folder: Path, corpus: list[str]) -> "CLIPTokenizer":  # noqa: F821
     """CLIP's files (vocab.json, merges.txt); vocabulary laid out as CLIP's: bytes, bytes</w>, merges, specials."""
+    # deferred: transformers takes seconds to import; only building the tiny model needs it
     from transformers import CLIPTokenizer
 
     merges = train_bpe_merges(corpus)
@@ -200,8 +201,7 @@ def write_clip_tokenizer(folder: Path, corpus: list[str]) -> "CLIPTokenizer":  #
 
 def write_t5_tokenizer(folder: Path, corpus: list[str]) -> "T5TokenizerFast":  # noqa: F821
     """Train a sentencepiece unigram model with T5's special ids: <pad> 0, </s> 1, <unk> 2, no <s>."""
-    import sentencepiece as spm
-    from transformers import T5TokenizerFast
+    from transformers import T5TokenizerFast  # deferred: seconds to import; only the tiny model needs it
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -225,6 +225,7 @@ def write_t5_tokenizer(folder: Path, corpus: list[str]) -> "T5TokenizerFast":  #
 
 @contextlib.contextmanager
 def _quiet_transformers():
+    # deferred: transformers takes seconds to import; only building the tiny model needs it
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
@@ -255,6 +256,7 @@ def chroma_transformer_dims(size: str) -> dict:
 
 
 def _t5(dims: dict, t5_tok, seed: int, torch_dtype):
+    # deferred: transformers takes seconds to import; only building the tiny model needs it
     from transformers import T5Config, T5EncoderModel
 
     t5_cfg = T5Config(
@@ -265,6 +267,7 @@ def _t5(dims: dict, t5_tok, seed: int, torch_dtype):
 
 
 def _flux_pipeline(tok_dir: Path, corpus: list[str], size: str, seed: int, torch_dtype, *, guidance_embeds=False):
+    # deferred: diffusers and transformers take seconds to import; only building the tiny model needs them
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -291,6 +294,7 @@ def _flux_pipeline(tok_dir: Path, corpus: list[str], size: str, seed: int, torch
 def _chroma_pipeline(tok_dir: Path, corpus: list[str], size: str, seed: int, torch_dtype):
     """ChromaPipeline's layout: T5 and its tokenizer in text_encoder/ and tokenizer/, no CLIP. The VAE and T5 are the
     FLUX tiny model's of the same seed (same seeds, same dims), only the transformer differs."""
+    # deferred: diffusers takes seconds to import; only building the tiny model needs it
     from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
     dims = TINY_SIZES[size]

@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 from dataset_tools.seeding import seeded
 
@@ -64,8 +65,8 @@ _TOKENS = {
 def write_tokenizer(folder: Path, corpus: list[str], family: str):
     """A word-level PreTrainedTokenizerFast over `corpus` (plus the system message's words) with the family's chat
     markers and template, right padding."""
+    # deferred: diffusers and transformers take seconds to import; only building the tiny model needs them
     from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials, pad, eos, template = _TOKENS[family]
@@ -87,6 +88,7 @@ def write_tokenizer(folder: Path, corpus: list[str], family: str):
 
 
 def _text_model(family: str, vocab: int, pad_id: int):
+    # deferred: transformers takes seconds to import; only building the tiny model needs it
     from transformers import (Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig,
                               Qwen3Config, Qwen3ForCausalLM)
 
@@ -105,6 +107,7 @@ def _text_model(family: str, vocab: int, pad_id: int):
 
 
 def _vae():
+    # deferred: diffusers takes seconds to import; only building the tiny model needs it
     from diffusers import AutoencoderKLFlux2
 
     vae = AutoencoderKLFlux2(**VAE)
@@ -116,6 +119,7 @@ def _vae():
 
 def build_flux2_pipeline(tok_dir: Path, corpus: list[str], size: str, seed: int, torch_dtype, *, family: str):
     """Flux2Pipeline ([dev]-shaped) or Flux2KleinPipeline (is_distilled false: the Base, real CFG)."""
+    # deferred: diffusers takes seconds to import; only building the tiny model needs it
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 

@@ -17,13 +17,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 
 def write_random_inception(path: str | Path, seed: int = 0) -> Path:
     """He-initialised convs (activations keep their scale through 40+ layers), near-identity BatchNorm."""
-    from safetensors.torch import save_file
-
-    from evals.inception import FIDInceptionV3
+    from evals.inception import FIDInceptionV3  # deferred: it imports torchvision's Inception (~2 s)
 
     path = Path(path)
     g = torch.Generator().manual_seed(seed)
@@ -77,6 +76,7 @@ def write_tiny_clip(path: str | Path, seed: int = 0, *, tokenizer_dir: str | Pat
     `tokenizer_dir`: a CLIP tokenizer to reuse (the tiny FLUX model's `tokenizer/`, whose BPE knows the tiny-data
     words); without it, a character-level one.
     """
+    # deferred: transformers takes seconds to import, and only the tiny CLIP needs it
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizerFast
 
     path = Path(path)

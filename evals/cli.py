@@ -6,10 +6,14 @@ import os
 import re
 from pathlib import Path
 
+import torch
+
+from evals import fid
+from train.config import ParallelConfig
+from train.parallelize import destroy_distributed, init_distributed
+
 
 def register(sub) -> None:
-    from evals import fid
-
     s = sub.add_parser(
         "eval", help="run an eval suite on checkpoints or model dirs (FID, CLIP score, CFG grids, plots)",
         description="Without --out, each --checkpoint must belong to a run: results go to <run_dir>/evals/step_N/<suite>/, "
@@ -37,8 +41,7 @@ def _slug(label: str, taken: set[str]) -> str:
 
 
 def cmd_eval(a) -> None:
-    import torch
-
+    # deferred: the suite loads matplotlib and the samplers (~1 s), and `dedistill --help` imports this module
     from evals.report import write_report
     from evals.suite import evaluate, evaluate_into_run, load_suite, resolve_target
 
@@ -51,9 +54,6 @@ def cmd_eval(a) -> None:
 
     rank, world, device = 0, 1, torch.device(a.device) if a.device else None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: split prompts across ranks
-        from train.config import ParallelConfig
-        from train.parallelize import init_distributed
-
         info = init_distributed(ParallelConfig())
         rank, world, device = info.rank, info.world_size, device or info.device
     try:
@@ -72,6 +72,4 @@ def cmd_eval(a) -> None:
             print(write_report(out, entries))
     finally:
         if world > 1:
-            from train.parallelize import destroy_distributed
-
             destroy_distributed()

@@ -26,6 +26,7 @@ def clip_score_from_cosines(cosines: np.ndarray | list[float]) -> float:
 
 class CLIPScorer:
     def __init__(self, path: str | Path, *, device: torch.device | str = "cpu", key: str = "clip.model"):
+        # deferred: transformers takes seconds to import; the eval suite imports this module for every suite
         from transformers import CLIPModel, CLIPProcessor
 
         path = Path(path)

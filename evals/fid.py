@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import torch
 from PIL import Image
+from tqdm import tqdm
 
 from evals.inception import inception_features, load_inception
 from train.data import resize_center_crop
@@ -30,7 +32,7 @@ IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".t
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     """d² = ||mu1 - mu2||² + Tr(S1 + S2 - 2·sqrt(S1·S2)), with pytorch-fid's handling of a singular product."""
-    from scipy import linalg
+    from scipy import linalg  # deferred: a few tenths of a second, and `dedistill --help` imports this module
 
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
@@ -103,7 +105,7 @@ def list_images(folder: Path) -> list[Path]:
 
 def open_mds(path: str | Path):
     """Random access to a local MDS dataset (no distributed sampling, no download)."""
-    from streaming import LocalDataset
+    from streaming import LocalDataset  # deferred: streaming takes seconds to import; MDS inputs alone need it
 
     return LocalDataset(local=str(path))
 
@@ -188,8 +190,6 @@ def stats_of_images(
     feats, batch = [], []
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(desc=progress, total=total, unit="img", dynamic_ncols=True)
     for im in images:
         if resize_to:
@@ -275,8 +275,6 @@ def register(sub) -> None:
 
 
 def cmd_fid(a) -> None:
-    import torch
-
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_inception(a.weights, device=device, key="--weights")
 

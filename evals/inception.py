@@ -16,8 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
+
+from train.images import to_rgb
 
 # pytorch-fid's `--dims`: which block's output (globally average-pooled) is the feature vector.
 BLOCK_INDEX_BY_DIM = {64: 0, 192: 1, 768: 2, 2048: 3}
@@ -121,8 +124,6 @@ def _is_bn_counter(key: str) -> bool:
 
 def load_inception(path: str | Path, *, device: torch.device | str = "cpu", key: str = "fid.inception_weights"):
     """FIDInceptionV3 with the weights of a safetensors file in pytorch-fid's key naming; eval mode, fp32."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{key}: file not found: {path}")
@@ -147,8 +148,6 @@ def load_inception(path: str | Path, *, device: torch.device | str = "cpu", key:
 
 def pil_to_unit(img) -> torch.Tensor:
     """PIL image -> (3, H, W) float in [0, 1] (torchvision's ToTensor, as pytorch-fid feeds the network)."""
-    from train.images import to_rgb
-
     arr = np.asarray(to_rgb(img), dtype=np.float32) / 255.0  # any mode, as every stage reads images
     return torch.from_numpy(arr).permute(2, 0, 1)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import submitit
 import torch
 
 from evals.sampler import sample_grid_for_run
@@ -67,8 +68,6 @@ def run_eval_job(suite_path: str, checkpoint: str, run_dir: str, step: int, suit
 def submit_eval(suite_path: Path, checkpoint: Path, *, run_dir: Path, step: int, suite_name: str,
                 timeout_min: int = 240):
     """One eval job through submitit; returns the submitit Job. Extend the executor parameters here."""
-    import submitit
-
     # Under SLURM (the training job's own env says so) the eval is another SLURM job; elsewhere a local process.
     # Not `which sbatch`: login nodes and test machines can have the client without a reachable cluster.
     cluster = "slurm" if "SLURM_JOB_ID" in os.environ else "local"

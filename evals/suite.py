@@ -25,6 +25,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
 from evals.clip_score import CLIPScorer, clip_score_from_cosines
 from evals.fid import Stats, fid_from_stats, open_mds, reference_stats, source_kind
@@ -307,8 +309,6 @@ def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
 def _gather(obj: Any, world: int) -> list[Any]:
     if world == 1:
         return [obj]
-    import torch.distributed as dist
-
     out: list[Any] = [None] * world
     dist.all_gather_object(out, obj)
     return out
@@ -333,8 +333,6 @@ def sample_and_measure(
     batches at a time and dropped, so memory stays flat at any num_samples. Returns on rank 0:
     {"features": (N, dims) | None, "cosines": (N,) | None, "grid": [first grid_n images]}; None on other ranks.
     """
-    from tqdm import tqdm
-
     start, stop = shard_range(len(prompts), rank, world)
     chunk = sampler_settings.batch_size * 4
     feats, cos, grid = [], [], []

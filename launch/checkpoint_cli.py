@@ -5,6 +5,7 @@ from __future__ import annotations
 
 
 def cmd_verify(a) -> None:
+    # deferred: `dedistill --help` imports every command's parser; a command's modules load only when it runs
     from train.checkpoint.verify import verify_run
 
     lines, newest_bad = verify_run(a.run_dir)

@@ -6,9 +6,12 @@ User errors (ValueError) print one line, `dedistill: error: ...`, and exit with 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
+
+from train.quiet import install as quiet_torchao_noise
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -28,12 +31,14 @@ def _preset(name_or_path: str) -> Path:
 
 
 def cmd_tiny_model(a) -> None:
+    # deferred: a command's modules load only when it runs (`--help` stays fast)
     from dataset_tools.tiny_model import write_tiny_model
 
     print(write_tiny_model(a.out_dir, seed=a.seed, size=a.size, dtype=a.dtype, family=a.family))
 
 
 def cmd_tiny_data(a) -> None:
+    # deferred: a command's modules load only when it runs (`--help` stays fast)
     from dataset_tools.tiny_data import write_tiny_data
 
     print(write_tiny_data(a.out_dir, n=a.n, size=a.size, seed=a.seed, fmt=a.format))
@@ -49,6 +54,7 @@ def absolutize_paths(cfg) -> None:
 
 
 def cmd_train(a) -> None:
+    # deferred: a command's modules load only when it runs (`--help` stays fast)
     from evals.periodic import trainer_hooks
     from train.config import load_config
     from train.trainer import train
@@ -62,6 +68,7 @@ def cmd_train(a) -> None:
 
 
 def cmd_sample(a) -> None:
+    # deferred: a command's modules load only when it runs (`--help` stays fast)
     from evals.sampler import generate
     from train.inference import load_for_inference, text_settings
     from train.sampling import SamplingSettings
@@ -82,6 +89,7 @@ def cmd_sample(a) -> None:
 def cmd_demo(a) -> None:
     """De-distill the shipped toy schnell (2-process torchrun), then student vs de-distilled across cfg (before/after
     table, results JSON, grid, CFG curves), all under `--out`: evals/experiments/demo.py."""
+    # deferred: a command's modules load only when it runs (`--help` stays fast)
     from evals.experiments.demo import run_demo
 
     run_demo(Path(a.out).resolve(), nproc=a.nproc, n_samples=a.n_samples, n_prompts=a.n_prompts,
@@ -189,8 +197,6 @@ _EXTENSIONS: list = []
 
 
 def _load_extensions() -> None:
-    import importlib
-
     _EXTENSIONS.clear()  # main() may run more than once in a process (tests): register each subcommand once
     for module in ("dataset_tools.cli", "launch.submit_cli", "evals.cli", "launch.export_cli", "launch.describe",
                    "launch.plan_cli", "launch.prune", "launch.checkpoint_cli"):
@@ -198,8 +204,6 @@ def _load_extensions() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from train.quiet import install as quiet_torchao_noise
-
     quiet_torchao_noise()  # before any subcommand imports diffusers (train/quiet.py says which two lines, and why)
     _load_extensions()
     parser = build_parser()

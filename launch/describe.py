@@ -13,6 +13,11 @@ from pathlib import Path
 
 import torch
 
+from launch.cli import _preset
+from train.adapters import adapter_groups, apply_adapter, count_parameters
+from train.config import load_config, to_dict
+from train.model import build_transformer_meta
+
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "configs" / "models" / "flux1-schnell" / "transformer" / "config.json"
 
@@ -45,10 +50,6 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 
 def describe(cfg) -> str:
-    from train.adapters import adapter_groups, apply_adapter, count_parameters
-    from train.config import to_dict
-    from train.model import build_transformer_meta
-
     config, source = transformer_config(cfg.model.path)
     transformer = build_transformer_meta(config, guidance=cfg.model.guidance, guidance_scale=cfg.model.guidance_scale)
     base = sum(p.numel() for p in transformer.parameters())
@@ -97,9 +98,6 @@ def register(sub) -> None:
 
 
 def cmd_describe(a) -> None:
-    from launch.cli import _preset
-    from train.config import load_config
-
     path = _preset(a.config)
     print(f"config: {path}" + (f" + {' '.join(a.overrides)}" if a.overrides else ""))
     print(describe(load_config(path, a.overrides)))

@@ -33,6 +33,12 @@ from pathlib import Path
 
 import torch
 
+from launch.export_lycoris import save_lycoris
+from launch.export_single_file import save_bfl, save_kohya_lora
+from train.adapters import ADAPTER_NAME, apply_adapter, merge_adapter
+from train.config import load_run_config
+from train.family import family_of_model
+from train.model import cast_model, load_transformer
 from train.run_dir import checkpoint_step
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -41,10 +47,8 @@ FORMATS = ("diffusers", "lora", "lycoris", "bfl")
 
 def _load_trained_transformer(ckpt: Path, run_dir: Path, *, ema: bool):
     """(transformer with the trained adapter/weights in fp32 on CPU, the run's config)."""
-    from train.adapters import apply_adapter
-    from train.config import load_run_config
+    # deferred: train.inference costs ~0.5 s at import, and `dedistill --help` imports this module (export_cli)
     from train.inference import check_ema, load_trainable_state
-    from train.model import load_transformer
 
     cfg = load_run_config(run_dir)
     check_ema(cfg, run_dir, ema)  # before the (slow) base model load
@@ -62,11 +66,9 @@ def _check_out(out: Path) -> None:
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, fmt: str = "diffusers", dtype: str = "bf16",
                       ema: bool = False, lora_layout: str = "peft") -> Path:
+    # deferred: these two cost ~0.5 s at import, and `dedistill --help` imports this module (export_cli)
     from launch.export_card import write_diffusers_extras
-    from train.adapters import merge_adapter
-    from train.family import family_of_model
     from train.inference import resolve_checkpoint, sampling_schedule
-    from train.model import cast_model
 
     if fmt not in FORMATS:
         raise ValueError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -99,18 +101,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, fmt: str = "di
     out.mkdir(parents=True, exist_ok=True)
     step = checkpoint_step(ckpt)
     if fmt == "lycoris":  # launch/export_lycoris.py
-        from launch.export_lycoris import save_lycoris
-
         save_lycoris(transformer, out, _DTYPES[dtype], metadata={"base_model": cfg.model.path, "step": str(step)})
     elif fmt == "lora" and lora_layout == "kohya":
-        from launch.export_single_file import save_kohya_lora
-
         save_kohya_lora(transformer, out, _DTYPES[dtype])
     elif fmt == "lora":
         _save_lora(transformer, out, _DTYPES[dtype])
     elif fmt == "bfl":
-        from launch.export_single_file import save_bfl
-
         merge_adapter(transformer)  # in fp32, then cast once
         save_bfl(transformer, out, _DTYPES[dtype], step=step, schedule=schedule)
     else:
@@ -141,10 +137,7 @@ def _copy_components(base: Path, out: Path) -> None:
 
 
 def _save_lora(transformer: torch.nn.Module, out: Path, dtype: torch.dtype) -> None:
-    from peft.utils import get_peft_model_state_dict
-
-    from train.adapters import ADAPTER_NAME
-    from train.family import family_of_model
+    from peft.utils import get_peft_model_state_dict  # deferred: peft takes seconds; only a LoRA export needs it
 
     config = transformer.peft_config[ADAPTER_NAME]
     state = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)  # "<module>.lora_A.weight", ...

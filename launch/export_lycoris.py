@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from train.lycoris_format import lokr_state_dict
 
@@ -17,8 +18,6 @@ FILENAME = "lycoris_lokr.safetensors"
 
 
 def save_lycoris(transformer: torch.nn.Module, out: Path, dtype: torch.dtype, *, metadata: dict[str, str]) -> Path:
-    from safetensors.torch import save_file
-
     path = out / FILENAME
     save_file(lokr_state_dict(transformer, dtype), str(path), metadata={"algo": "lokr", **metadata})
     return path

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from launch.bfl_keys import to_bfl, to_kohya_lora
 from train.adapters import ADAPTER_NAME, adapted_module_names
@@ -19,8 +20,6 @@ KOHYA_FILE = "lora_kohya.safetensors"
 def save_bfl(transformer: torch.nn.Module, out: Path, dtype: torch.dtype, *, step: int, schedule) -> Path:
     """The (merged) transformer as one BFL-keyed safetensors file. Its metadata records the step and the sampling
     schedule (BFL files carry no scheduler config)."""
-    from safetensors.torch import save_file
-
     state = to_bfl({k: v.detach().to(dtype) for k, v in transformer.state_dict().items()})
     path = out / BFL_FILE
     save_file(state, str(path), metadata={"format": "pt", "dedistill_step": str(step),
@@ -30,8 +29,7 @@ def save_bfl(transformer: torch.nn.Module, out: Path, dtype: torch.dtype, *, ste
 
 def save_kohya_lora(transformer: torch.nn.Module, out: Path, dtype: torch.dtype) -> Path:
     """The run's LoRA (PEFT layers in `transformer`) in the kohya layout, scaled as trained (alpha / rank)."""
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
+    from peft.utils import get_peft_model_state_dict  # deferred: peft takes seconds; only a kohya LoRA needs it
 
     state = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)  # "<module>.lora_A.weight", ...
     state = {k: v.detach().to(dtype) for k, v in state.items()}

@@ -3,10 +3,12 @@ checkpoint size, FLOPs and communication of a training config before anything is
 
 from __future__ import annotations
 
+from launch.cli import _preset
+from train.config import load_config
+
 
 def cmd_plan(a) -> None:
-    from launch.cli import _preset
-    from train.config import load_config
+    # deferred: tools.plan imports diffusers, transformers and peft (seconds); `dedistill --help` imports this module
     from tools.plan import Cluster, format_plan, make_plan
 
     cfg = load_config(_preset(a.config), a.overrides)

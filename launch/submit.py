@@ -33,6 +33,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launch.cli import _preset, absolutize_paths
+from launch.torchrun import slurm_torchrun_args, standalone_torchrun_args
+from train.config import dump_config, load_config
+from train.outputs import atomic_write
 from train.run_dir import RunDir, checkpoint_step
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -122,14 +126,13 @@ class TrainJob:
         self._proc = None
 
     def torchrun_argv(self, env=None) -> list[str]:
-        from launch.torchrun import slurm_torchrun_args, standalone_torchrun_args
-
         env = os.environ if env is None else env
         rdzv = (slurm_torchrun_args(self.nproc_per_node, env) if env.get("SLURM_JOB_ID")
                 else standalone_torchrun_args(self.nproc_per_node))
         return [sys.executable, "-u", "-m", "launch.torchrun", *rdzv, "-m", "train", self.config, *self.overrides]
 
     def __call__(self) -> dict:
+        # deferred: train.checkpoint imports torch, which this supervising process does without while training runs
         from train.checkpoint import latest_checkpoint
 
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -149,7 +152,7 @@ class TrainJob:
 
     def checkpoint(self, *args, **kwargs):
         """USR1 in the rank-0 task: let the training processes checkpoint, then hand submitit the job to requeue."""
-        import submitit
+        import submitit  # not at the top: it reads SUBMITIT_PREEMPT_SIGNAL at import, set by _import_submitit
 
         proc = self._proc
         if proc is not None and proc.poll() is None:
@@ -169,14 +172,14 @@ class TrainJob:
 
 def resolve_job(config: str, overrides: list[str]):
     """The job's config, resolved with absolute paths and validated here (errors before anything is queued)."""
-    from launch.cli import _preset, absolutize_paths
-    from train.config import load_config
+    # deferred: train.model imports torch; submitit's job process unpickles TrainJob from this module and needs none
     from train.model import check_model_dir
 
     cfg = load_config(_preset(config).resolve(), overrides)
     absolutize_paths(cfg)
     check_model_dir(cfg.model.path)
     if cfg.eval.every_steps > 0:  # an eval that could never run fails here, not hours into the job
+        # deferred: the eval suite (torch, matplotlib) loads only for a run with periodic evals
         from evals.periodic import check_suite_for_run
 
         check_suite_for_run(cfg)
@@ -188,14 +191,10 @@ def resolve_job(config: str, overrides: list[str]):
 def write_job_config(cfg) -> Path:
     """The resolved config, written where the job reads it (a new file per submission: a requeued job keeps reading
     its own, whatever is submitted later)."""
-    from train.config import dump_config
-
     folder = RunDir(cfg.run_dir).jobs
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"job-config-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.yaml"
-    tmp = path.with_name(path.name + ".tmp")
-    dump_config(cfg, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: dump_config(cfg, tmp))
     return path
 
 
@@ -214,7 +213,7 @@ def _import_submitit():
     # `#SBATCH --signal`) and in the job (its handler); the job inherits this environment. Our training processes
     # handle USR1 and TERM (an unhandled USR2 would kill them without a checkpoint).
     os.environ["SUBMITIT_PREEMPT_SIGNAL"] = "USR1"
-    import submitit
+    import submitit  # here, not at the top: after the variable above is set
     from submitit.core.job_environment import JobEnvironment
 
     JobEnvironment.USR_SIG = "USR1"  # in case submitit was imported before the variable was set
@@ -257,7 +256,7 @@ def submit_training(config: str, overrides: list[str], opts: SubmitOptions):
                          max_steps=cfg.train.max_steps)
     if cluster != "slurm":
         return executor.submit(train_job), cfg, cluster
-    from submitit.core.utils import FailedJobError, FailedSubmissionError
+    from submitit.core.utils import FailedJobError, FailedSubmissionError  # after _import_submitit (its signal)
 
     err = io.StringIO()
     try:

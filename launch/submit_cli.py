@@ -36,6 +36,7 @@ def register(sub) -> None:
 
 
 def cmd_submit(a) -> None:
+    # deferred: `dedistill --help` imports every command's parser; a command's modules load only when it runs
     from launch.submit import SubmitOptions, submit_training, wait_for
 
     opts = SubmitOptions(

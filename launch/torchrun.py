@@ -30,6 +30,9 @@ import subprocess
 import sys
 from typing import Mapping
 
+from launch.cli import _preset, print_error
+from train.config import load_config
+
 DEFAULT_RDZV_PORT_BASE = 29500
 
 
@@ -94,9 +97,6 @@ def config_max_restarts(args: list[str]) -> int | None:
         return None
     if not job:
         return None
-    from launch.cli import _preset
-    from train.config import load_config
-
     return load_config(_preset(job[0]), job[1:]).parallel.max_restarts
 
 
@@ -105,14 +105,13 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # The agent installs its own handlers when it starts the workers, for the signals in --signals-to-handle
     # (default SIGTERM,SIGINT,SIGHUP,SIGQUIT): leave SIGTERM out so the SIG_IGN above stays; Ctrl-C still stops it.
+    # Imported after the SIG_IGN above: torch takes seconds to import, and a TERM meanwhile must not kill the agent.
     from torch.distributed.run import main as torchrun_main
 
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         restarts = config_max_restarts(args)
     except ValueError as e:  # the same one-line error `dedistill train` would give, before any worker starts
-        from launch.cli import print_error
-
         print_error(e)
         raise SystemExit(2) from None
     extra = [f"--max-restarts={restarts}"] if restarts is not None else []

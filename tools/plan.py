@@ -253,7 +253,6 @@ def inventory(config: dict, cfg: JobConfig) -> Inventory:
 
 def teacher_units(config: dict) -> tuple[Unit, ...]:
     """The teacher's FSDP units: every block, then the root (its embedders, guidance embedder included), all frozen."""
-    from train.model import build_transformer_meta
 
     model = build_transformer_meta(config, guidance="keep")
     blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
@@ -914,7 +913,7 @@ def _fits(p: Plan) -> bool:
 
 def verdict(p: Plan) -> str:
     """"fits", or "does not fit: <the knob to turn>" — the first knob (cheapest first) that makes it fit."""
-    cl, cfg = p.cluster, p.cfg
+    cl = p.cluster
     problems = []
     if p.host_bytes > cl.host_mem_gib * GiB:
         problems.append(f"host RAM at load {p.host_bytes / GiB:.0f} GiB > --host-mem-gib {cl.host_mem_gib:g}")

@@ -119,6 +119,7 @@ def lokr_factor_for(name: str, cfg: AdapterConfig) -> int:
 
 def plan_lokr(transformer: nn.Module, names: list[str], cfg: AdapterConfig) -> list[LoKrLayerPlan]:
     """Per-layer factor, r, alpha and scale (see the module docstring for the LyCORIS rules they follow)."""
+    # deferred: peft takes seconds to import, and only building or reading an adapter needs it
     from peft.tuners.lokr.layer import factorization
 
     plans = []
@@ -145,6 +146,7 @@ def plan_lokr(transformer: nn.Module, names: list[str], cfg: AdapterConfig) -> l
 def _lokr_configs(plans: list[LoKrLayerPlan], cfg: AdapterConfig):
     """One peft LoKrConfig per (factor, r, alpha): peft has a single decompose_factor per config, and per-layer
     `rank_pattern` keys are regexes that peft recompiles for every layer (minutes for FLUX's 400+ layers)."""
+    # deferred: peft takes seconds to import, and only building or reading an adapter needs it
     from peft import LoKrConfig
 
     groups: dict[tuple[int, int, float], list[str]] = {}
@@ -166,6 +168,7 @@ def _lokr_configs(plans: list[LoKrLayerPlan], cfg: AdapterConfig):
 
 def _peft_configs(transformer: nn.Module, names: list[str], cfg: AdapterConfig) -> list:
     if cfg.kind == "lora":
+        # deferred: peft takes seconds to import, and only building or reading an adapter needs it
         from peft import LoraConfig
 
         return [LoraConfig(
@@ -181,6 +184,7 @@ def _peft_configs(transformer: nn.Module, names: list[str], cfg: AdapterConfig) 
 
 
 def _tuner_layers(model: nn.Module):
+    # deferred: peft takes seconds to import, and only building or reading an adapter needs it
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
@@ -228,6 +232,7 @@ def apply_adapter(transformer: nn.Module, cfg: AdapterConfig) -> nn.Module:
             for p in matched:
                 p.requires_grad_(False)
         return transformer
+    # deferred: peft takes seconds to import, and only building or reading an adapter needs it
     from peft import inject_adapter_in_model
 
     names = target_module_names(transformer, cfg)

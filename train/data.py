@@ -36,10 +36,12 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from train.config import DataConfig
 from train.parallelize import DistInfo, process_dist
 from train.images import open_rgb, to_rgb
+from train.outputs import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -91,26 +93,34 @@ def _fetch(cfg: DataConfig, name: str, sub: str = "") -> Path | None:
     from train.remote import object_absent
 
     local.mkdir(parents=True, exist_ok=True)
-    # A fresh name per call: the downloader skips existing files, and an old cache must not shadow the remote.
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=local)
-    os.close(fd)
-    os.unlink(tmp)
     remote = _join(cfg.remote, sub) if sub else cfg.remote
-    for attempt in range(1 + cfg.download_retry):
-        try:
-            CloudDownloader.direct_download(_join(remote, name), tmp, timeout=cfg.download_timeout)
-            break
-        except Exception as e:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            # Absent (a raw layout has no buckets.json) is an answer; a reset connection is not: a flaky store must
-            # not turn a bucketed dataset into a "raw" one. Unreachable after the retries: the index fetch will tell.
-            if object_absent(e) or attempt == cfg.download_retry:
-                log.debug("no %s at %s: %s", name, remote, e)
-                return None
+
+    def download(tmp: Path) -> None:
+        # atomic_write's temporary name is fresh per call: the downloader skips existing files, and an old cache
+        # must not shadow the remote.
+        for attempt in range(1 + cfg.download_retry):
+            try:
+                CloudDownloader.direct_download(_join(remote, name), str(tmp), timeout=cfg.download_timeout)
+                return
+            except Exception as e:
+                tmp.unlink(missing_ok=True)
+                # Absent (a raw layout has no buckets.json) is an answer; a reset connection is not: a flaky store
+                # must not turn a bucketed dataset into a "raw" one. Unreachable after the retries: the index fetch
+                # will tell.
+                if object_absent(e) or attempt == cfg.download_retry:
+                    raise _NotFetched(e) from e
+
     dest = local / name
-    os.replace(tmp, dest)
+    try:
+        atomic_write(dest, download)
+    except _NotFetched as e:
+        log.debug("no %s at %s: %s", name, remote, e.args[0])
+        return None
     return dest
+
+
+class _NotFetched(Exception):
+    """`_fetch`'s download found no file (absent, or unreachable after the retries): `_fetch` answers None."""
 
 
 def read_layout(cfg: DataConfig) -> dict | None:
@@ -168,7 +178,7 @@ def _train_samples_class():
     global _TrainSamples
     if _TrainSamples is not None:
         return _TrainSamples
-    from streaming import StreamingDataset
+    from streaming import StreamingDataset  # deferred: see the docstring
 
     class TrainSamples(StreamingDataset):
         """StreamingDataset yielding what the step needs from each sample (see the module docstring)."""
@@ -255,8 +265,6 @@ class Collate:
 
 
 def _empty_prompt(cfg: DataConfig) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     path = _fetch(cfg, "empty_prompt.safetensors")
     if path is None:
         raise ValueError(f"data.local: precomputed dataset '{cfg.remote or cfg.local}' has no empty_prompt.safetensors")
@@ -284,6 +292,7 @@ def release_stale_shm(locals_: list[str]) -> list[int]:
     shm_dir = Path("/dev/shm")
     if not shm_dir.is_dir():
         return []
+    # deferred: importing train.data must not import streaming (see _train_samples_class)
     from streaming.base.constant import LOCALS, SHM_TO_CLEAN
     from streaming.base.shared import SharedMemory
     from streaming.base.shared.prefix import _get_path, _unpack_locals
@@ -362,7 +371,7 @@ def build_dataset(cfg: DataConfig, *, batch_size: int, dist: DistInfo | None = N
     """A StreamingDataset yielding per-sample dicts for `Collate` (see the module docstring). `dist`: this process's
     ranks (default: the launcher's, `process_dist`)."""
     dist = dist or process_dist()
-    from streaming import Stream
+    from streaming import Stream  # deferred: importing train.data must not import streaming
 
     _check_source(cfg)
     if cfg.remote is not None and cfg.remote.startswith("s3://"):
@@ -424,7 +433,7 @@ def build_loader(cfg: DataConfig, *, batch_size: int, caption_length: Callable[[
 
     dist: this process's ranks (default: the launcher's, `process_dist`). caption_length: a caption's T5 token count, for length grouping of raw shards (the trainer passes its T5
     tokenizer's); precomputed shards hold the T5 states, whose length is used instead."""
-    from streaming import StreamingDataLoader
+    from streaming import StreamingDataLoader  # deferred: importing train.data must not import streaming
 
     dist = dist or process_dist()
     dataset = build_dataset(cfg, batch_size=batch_size, dist=dist)

@@ -99,6 +99,7 @@ def _no_empty_query_rows(model: torch.nn.Module) -> None:
     row attend to every key keeps it finite; its output is never read (it is a masked key for every other query,
     and text rows are dropped after the last block), so every other output is unchanged, bit for bit
     (tests/unit/test_family.py). FLUX needs nothing: its key-only mask leaves every row the image keys."""
+    # deferred: diffusers takes seconds to import; the family table is read without it (`dedistill --help` too)
     from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 
     class NoEmptyRowsProcessor(FluxAttnProcessor):
@@ -171,12 +172,12 @@ class ModelFamily:
         return tuple(parts + list(self.clip or ()))
 
     def transformer_cls(self):
-        import diffusers
+        import diffusers  # deferred: seconds to import, only when a model is built
 
         return getattr(diffusers, self.transformer_class)
 
     def pipeline_cls(self):
-        import diffusers
+        import diffusers  # deferred: seconds to import, only when a pipeline is built
 
         return getattr(diffusers, self.pipeline_class)
 

@@ -59,6 +59,7 @@ def flex_block_mask(key_mask: torch.Tensor):
     """(B, S) bool key mask -> a FlexAttention BlockMask over (S queries × S keys): key j is visible to every query
     of row b exactly when key_mask[b, j]. diffusers' own flex path reads a 2-D mask as a *query* mask (it views it as
     (B, 1, S, 1)), so the BlockMask is built here and passed through as is."""
+    # deferred: flex_attention imports sympy (~0.3 s), and only the flex attention backend uses it
     from torch.nn.attention.flex_attention import create_block_mask
 
     b, s = key_mask.shape

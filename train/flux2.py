@@ -60,6 +60,7 @@ def denormalise_packed(vae, packed: torch.Tensor) -> torch.Tensor:
 
 def empirical_mu(image_seq_len: int, num_steps: int) -> float:
     """FLUX.2's resolution- and step-dependent shift (the pipeline's `compute_empirical_mu`)."""
+    # deferred: diffusers takes seconds to import; train.family (and so `dedistill --help`) imports this module
     from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 
     return compute_empirical_mu(image_seq_len=image_seq_len, num_steps=num_steps)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from train.adapters import ADAPTER_NAME, _tuner_layers
@@ -75,8 +76,6 @@ def load_lycoris_lokr(transformer: nn.Module, path: str | Path, *, key: str = "m
     """Copy a LyCORIS LoKr file into the injected peft LoKr layers so their updates equal the file's; returns how
     many layers were loaded. Raises ValueError naming `key` for a missing file, a layer this model does not adapt,
     a non-LoKr layer, or factor shapes that differ from this config's."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file() or path.suffix != ".safetensors":
         raise ValueError(f"{key}: '{path}' is not a .safetensors file")

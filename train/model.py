@@ -153,7 +153,7 @@ def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def load_vae(path: str | Path, *, dtype: torch.dtype, device: torch.device):
-    import diffusers
+    import diffusers  # deferred: seconds to import, and `dedistill --help` imports this module
 
     vae_cls = getattr(diffusers, family_of_dir(path).vae_class)
     vae = vae_cls.from_pretrained(str(check_model_dir(path) / "vae"), torch_dtype=dtype)

@@ -31,8 +31,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
+from scipy.special import betaincinv
 
 from train.config import ObjectiveConfig
+from train.flux2 import empirical_mu
 
 T_EPS = 1e-5
 """Sampled timesteps are clamped to [T_EPS, 1 - T_EPS]: t = 0 or 1 exactly makes logit/cosmap weights infinite."""
@@ -115,8 +118,6 @@ def _base_median(cfg: ObjectiveConfig) -> float:
     if cfg.timestep_sampler == "logit_normal":
         return 1.0 / (1.0 + math.exp(-cfg.logit_mean))
     if cfg.timestep_sampler == "beta":
-        from scipy.special import betaincinv
-
         return float(betaincinv(cfg.beta_alpha, cfg.beta_beta, 0.5))
     raise ValueError(
         f"objective.timestep_sampler: {cfg.timestep_sampler!r} is not one of uniform, logit_normal, beta, chroma"
@@ -133,8 +134,6 @@ def _sample_base(cfg: ObjectiveConfig, n: int, generator: torch.Generator) -> to
         return torch.sigmoid(cfg.logit_mean + cfg.logit_std * z)
     if cfg.timestep_sampler == "beta":
         # torch.distributions.Beta ignores generators; inverse-CDF sampling is exact and generator-driven.
-        from scipy.special import betaincinv
-
         u = torch.rand(n, generator=generator, dtype=torch.float64, device=dev).cpu()
         return torch.from_numpy(np.asarray(betaincinv(cfg.beta_alpha, cfg.beta_beta, u.numpy()), dtype=np.float64))
     if cfg.timestep_sampler == "chroma":
@@ -212,8 +211,6 @@ def pair_noise(x0: torch.Tensor, noise: torch.Tensor, pairing: str) -> torch.Ten
     "none" returns `noise` itself (today's independent pairing, bitwise)."""
     if pairing == "none" or x0.shape[0] < 2:
         return noise
-    from scipy.optimize import linear_sum_assignment
-
     cost = pairing_cost(x0, noise, pairing).cpu().numpy()
     rows, cols = linear_sum_assignment(cost)  # rows == arange(B)
     return noise[torch.as_tensor(cols[np.argsort(rows)], device=noise.device)]
@@ -369,8 +366,6 @@ def sampling_sigmas(steps: int, image_seq_len: int, *, schedule: SamplingSchedul
         raise ValueError(f"sample.steps: must be >= 1, got {steps}")
     sigmas = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)
     if schedule.dynamic and schedule.empirical_mu:
-        from train.flux2 import empirical_mu
-
         mu = empirical_mu(image_seq_len, steps)
         sigmas = math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
     elif schedule.dynamic:

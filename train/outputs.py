@@ -17,22 +17,36 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None], *, suffix: str = "") -> None:
+def atomic_write(path: str | Path, write: Callable[[Path], None], *, suffix: str = "", fsync: bool = False) -> None:
     """`write(tmp)` writes the content to a temporary file beside `path`, which then replaces `path` at once.
-    `suffix`: the temporary name's ending, for writers that insist on one (`np.savez` adds `.npz` otherwise)."""
+    `suffix`: the temporary name's ending, for writers that insist on one (`np.savez` adds `.npz` otherwise).
+    `fsync`: the file and then its directory entry reach the disk before this returns, for a file whose presence
+    vouches for others (a checkpoint's COMPLETE marker must not survive a power loss that its shards do not)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
     try:
         write(tmp)
+        if fsync:
+            _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if fsync:
+        _fsync(path.parent)
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # O_RDONLY: a directory cannot be opened for writing, and fsync needs neither
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: str | Path, text: str, *, fsync: bool = False) -> None:
     # backslashreplace: a lone surrogate (an undecodable byte in a file name) is written escaped, never an error
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="backslashreplace"))
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="backslashreplace"), fsync=fsync)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

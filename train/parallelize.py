@@ -7,6 +7,7 @@ wrapped with `fully_shard`, so the checkpoints, the state dicts and the optimize
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import socket
 import time
@@ -16,8 +17,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from train.config import ParallelConfig
+from train.family import family_of_model
 
 
 @dataclass(frozen=True)
@@ -132,15 +136,11 @@ def all_reduce_mean(value: torch.Tensor, op: str = "all_reduce (mean)") -> torch
 
 def _blocks(model) -> list[torch.nn.Module]:
     """The units FSDP2 shards, AC checkpoints and compile compiles: the family's blocks (train/family.py)."""
-    from train.family import family_of_model
-
     return family_of_model(model).blocks(model)
 
 
 def _sac_policy():
     """Op-level selective AC: keep what is expensive to recompute (matmuls, attention), recompute the rest."""
-    from torch.utils.checkpoint import CheckpointPolicy
-
     aten = torch.ops.aten
     save = {aten.mm.default, aten.addmm.default, aten.bmm.default}
     for name in (
@@ -166,12 +166,8 @@ def apply_activation_checkpointing(model: torch.nn.Module, policy: str) -> list[
     diffusers names, so checkpoints, exports and state dicts do not depend on the policy. Blocks are counted over the
     double-stream then the single-stream list (57 for FLUX.1 and Chroma).
     """
-    from functools import partial
-
-    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
-
     every = int(policy.removeprefix("every_")) if policy.startswith("every_") else 1
-    context_fn = partial(create_selective_checkpoint_contexts, _sac_policy()) if policy == "ops" else None
+    context_fn = functools.partial(create_selective_checkpoint_contexts, _sac_policy()) if policy == "ops" else None
     chosen = []
     for i, block in enumerate(_blocks(model)):
         if i % every:
@@ -208,7 +204,7 @@ def parallelize_transformer(
     """torchtitan's order: activation checkpointing, then per-block `torch.compile`, then FSDP2 `fully_shard` on every
     block, then on the root. The parameters of the `replicated` modules (the quantized frozen base, train/quant.py)
     are FSDP2's `ignored_params`: whole on every rank, never gathered or reduced."""
-    from torch.distributed.device_mesh import init_device_mesh
+    # deferred: torch.distributed.fsdp costs ~0.5 s at import; train.data imports this module for its ranks alone
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     if cfg.backend != "fsdp2":
@@ -243,8 +239,6 @@ def parallelize_transformer(
         fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, **kwargs)
     # Modulation every block reads, outside the blocks (FLUX.2: 566M at [dev] size): a unit of its own, gathered for
     # its one forward at the start of the step and again in the backward, not held all step with the root.
-    from train.family import family_of_model
-
     for name in family_of_model(model).shared_modules:
         fully_shard(model.get_submodule(name), reshard_after_forward=True, **kwargs)
     # The root keeps its small embed/proj layers; no reshard after forward since backward needs them first.
@@ -258,8 +252,7 @@ def shard_text_encoder(t5: torch.nn.Module, info: DistInfo, *, blocks: str = "en
     `text_blocks`: T5's encoder blocks, or the decoder layers of FLUX.2's Mistral3 / Qwen3 (24B at [dev] size, which
     fits no card beside a training whole). Every rank must encode the same number of batches, which the step does
     (one encode per micro-batch, the cached empty prompt once)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard  # deferred: see parallelize_transformer
 
     mesh = init_device_mesh(info.device.type, (info.world_size,), mesh_dim_names=("shard",))
     for block in t5.get_submodule(blocks):

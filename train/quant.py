@@ -44,6 +44,7 @@ def quant_target_names(model: nn.Module) -> list[str]:
 def torchao_config(kind: str):
     """The torchao `quantize_` config for `kind`; ValueError naming the key when torchao is not installed."""
     try:
+        # deferred: torchao is optional (the [quant] extra)
         from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
     except ImportError:
         raise ValueError(f"model.base_quant: {kind} needs torchao (pip install 'dedistill[quant]'; the version is "
@@ -81,7 +82,7 @@ class QuantizedLinear(nn.Linear):
 
 def quantize_linear(linear: nn.Linear, kind: str) -> None:
     """Replace `linear`'s (real, frozen) weight by its torchao weight-only quantized form, in place."""
-    from torchao.quantization import quantize_
+    from torchao.quantization import quantize_  # deferred: optional (the [quant] extra)
 
     assert not linear.weight.is_meta and not linear.weight.requires_grad, "quantize a loaded, frozen weight"
     if linear.bias is not None:
@@ -106,8 +107,6 @@ def is_quantized(t: torch.Tensor) -> bool:
 
 def weight_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes the block Linears' weights hold in memory, quantized (data + scales) and not: {"quantized", "plain"}."""
-    from train.family import family_of_model
-
     prefixes = tuple(f"{attr}." for attr in family_of_model(model).block_lists)
     out = {"quantized": 0, "plain": 0}
     for name, m in model.named_modules():

@@ -39,8 +39,9 @@ class Encoders:
 
 
 def host_generator(generator: torch.Generator) -> torch.Generator:
-    """The generator for the per-sample scalars the host needs: `generator` itself on CPU (one stream, the historic
-    draw order), else a CPU generator seeded like it (a CUDA generator's draws would have to be read back: a sync)."""
+    """The generator for the per-sample scalars the host needs: `generator` itself on CPU (one stream: every draw
+    of a CPU run comes from the one seeded generator, in program order), else a CPU generator seeded like it (a CUDA
+    generator's draws would have to be read back: a sync)."""
     if generator.device.type == "cpu":
         return generator
     return torch.Generator().manual_seed(generator.initial_seed())
@@ -161,7 +162,7 @@ def forward_backward_step(
     (on the device: nothing here or there reads the loss on the host).
     """
     device, dtype = encoders.device, encoders.dtype
-    host = host_generator(generator)  # `generator` itself on CPU: the draw order below is the historic one
+    host = host_generator(generator)  # `generator` itself on CPU: noise and scalars share one stream, in this order
     latents = batch_latents(encoders, batch, generator=generator)  # (B, C, h, w)
     b, _, h, w = latents.shape
     x0 = pack_latents(latents.float())  # (B, h/2*w/2, C*4)

@@ -139,6 +139,7 @@ class TextEncoder:
         return super().__new__(cls)
 
     def __init__(self, path: str | Path, *, dtype: torch.dtype, device: torch.device):
+        # deferred: transformers takes seconds to import, and only loading the encoders needs it
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
         path = check_model_dir(path)
@@ -224,6 +225,7 @@ class TextEncoder:
 
 
 def _dev_chat(tokenizer, prompts: list[str]) -> list[str]:
+    # deferred: diffusers takes seconds to import, and only FLUX.2 [dev]'s prompts need it
     from diffusers.pipelines.flux2.pipeline_flux2 import SYSTEM_MESSAGE, format_input
 
     return [tokenizer.apply_chat_template(m, add_generation_prompt=False, tokenize=False)
@@ -245,7 +247,7 @@ def text_model_config(path: str | Path, layers: tuple[int, ...]):
     above it, so those are never run or loaded (19.0B of [dev]'s 24.0B text model; 6.6B of klein 9B's 8.2B). One
     layer more is kept because the last hidden state transformers returns is the final norm's output, not the layer's.
     """
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # deferred: transformers takes seconds to import (see StackedTextEncoder)
 
     config = AutoConfig.from_pretrained(str(path))
     text = config.get_text_config()
@@ -259,6 +261,7 @@ class StackedTextEncoder(TextEncoder):
     """Frozen FLUX.2 text model and tokenizer; the same interface as the T5 TextEncoder (`t5` is the text model)."""
 
     def __init__(self, path: str | Path, *, dtype: torch.dtype, device: torch.device):
+        # deferred: transformers takes seconds to import, and only loading the encoder needs it
         import transformers
         from transformers import AutoTokenizer
 

@@ -20,6 +20,12 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib
+import torch
+
+matplotlib.use("Agg")  # headless: cluster nodes and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+
 from dataset_tools.tiny_data import write_tiny_data
 from evals.experiments.judge import load_judge, single_object_samples, to_tensor
 from evals.experiments.proof import evaluate, held_out_world, plot
@@ -69,11 +75,6 @@ def table(models: dict) -> str:
 
 def before_after_grid(cells: dict, prompts: list[str], path: Path, *, steps: dict[str, int]) -> None:
     """Rows: prompts (the student's block above the de-distilled one); columns: cfg; same noise in every cell."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(steps)
     n_rows, n_cols = len(names) * len(prompts), len(CFG_SCALES)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.25 * n_cols + 3.6, 1.25 * n_rows), squeeze=False)
@@ -98,8 +99,6 @@ def before_after_grid(cells: dict, prompts: list[str], path: Path, *, steps: dic
 
 def run_demo(out: Path, *, nproc: int = 2, n_samples: int = 2000, n_prompts: int = 128, grid_prompts: int = 4,
              overrides: list[str] = ()) -> dict:
-    import torch
-
     torch.set_num_threads(1)  # the proof's setting: 2 OpenMP threads on a loaded 2-core box ran slower
     t0 = time.perf_counter()
     timings: dict[str, float] = {}

@@ -10,6 +10,8 @@ import random
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dataset_tools.tiny_data import COLOURS, POSITIONS, SHAPES, SIZES, draw_sample
@@ -121,16 +123,11 @@ def train_judge(images: torch.Tensor, labels: dict[str, torch.Tensor], *, steps:
 
 def save_judge(judge: Judge, path) -> None:
     """safetensors, with the architecture (width, feat_dim) in its metadata so `load_judge` needs nothing else."""
-    from safetensors.torch import save_file
-
     meta = {"width": str(judge.width), "feat_dim": str(judge.feat_dim)}
     save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(path), metadata=meta)
 
 
 def load_judge(path) -> Judge:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if "width" not in meta or "feat_dim" not in meta:

@@ -25,13 +25,20 @@ import argparse
 import json
 import os
 import shutil
+import socket
+import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
+from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+matplotlib.use("Agg")  # headless: cluster nodes and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
 
 from dataset_tools.tiny_data import iter_samples, write_tiny_data
 from dataset_tools.tiny_model import TINY_SIZES, build_tiny_pipeline
@@ -280,8 +287,6 @@ class StageRecord:
 
 def stage_settings(cfg: ProofConfig) -> dict[str, dict]:
     """What each stage's output depends on: its own settings and those of the stages it reads."""
-    from dataclasses import asdict
-
     def recorded(settings, added: dict) -> dict:
         """asdict(settings) less the keys added after records existed, while they hold the value that reproduces the
         old behaviour: records made before a key existed stay valid."""
@@ -391,8 +396,6 @@ def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, fg_weight: float, fg
 
 def stage_vae(cfg: ProofConfig, out: Path, judge, test_x: torch.Tensor) -> tuple[Path, dict]:
     """Train the VAE; write the pipeline dir (tiny tokenizers/encoders + this VAE + a fresh transformer)."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-
     pipe_dir = out / "pipeline"
     v = cfg.vae
     if not pipe_dir.exists():
@@ -477,12 +480,7 @@ def _job(cfg: ProofConfig, *, run_dir: Path, model_path: Path, data: Path, budge
 
 def run_trainer(job, nproc: int = 1) -> None:
     """The real trainer: in-process at world size 1 (env:// rendezvous on a free local port), or under torchrun."""
-    import socket
-
     if nproc > 1:
-        import subprocess
-        import sys
-
         Path(job.run_dir).mkdir(parents=True, exist_ok=True)
         job_yaml = Path(job.run_dir) / "proof_job.yaml"
         dump_config(job, job_yaml)
@@ -666,11 +664,6 @@ def summarise(rows: list[dict], cfg: ProofConfig) -> str:
 
 
 def plot(rows: list[dict], cfg: ProofConfig, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     models = list(dict.fromkeys(r["model"] for r in rows if r["steps"]))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for i, m in enumerate(models):

@@ -70,7 +70,7 @@ def test_tiny_bench_prints_a_consistent_table():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_full_size_bench_on_gpu():
-    """The issue's measurement, short: full FLUX.1-schnell size, LoRA and the baseline at 512²."""
+    """docs/performance.md's measurement, short: full FLUX.1-schnell size, LoRA and the baseline at 512²."""
     r = run_bench("--size", "full", "--modes", "lora,baseline", "--resolutions", "512", "--steps", "3")
     _, rows = parse_table(r.stdout)
     assert [row["mode"] for row in rows] == ["lora", "baseline"]

@@ -1,4 +1,4 @@
-"""`--format diffusers` samples outside dedistill as it was trained (issue 10, part 3).
+"""`--format diffusers` samples outside dedistill as it was trained.
 
 On a trained tiny LoKr run (one process, 8 steps):
 - the export's `pipeline.py`, loaded by diffusers' own `DiffusionPipeline.from_pretrained(DIR, custom_pipeline=DIR)`

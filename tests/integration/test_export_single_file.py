@@ -1,4 +1,4 @@
-"""Single-file formats ComfyUI / Forge users load (issue 10, part 4), proven with diffusers' own converters.
+"""Single-file formats ComfyUI / Forge users load, proven with diffusers' own converters.
 
 - `--format bfl`: diffusers' `FluxTransformer2DModel.from_single_file` (its BFL -> diffusers converter) turns our
   BFL-keyed file back into exactly the transformer we exported.

@@ -360,7 +360,7 @@ def test_link_and_device_tar_members_are_counted(tmp_path):
 @pytest.mark.timeout(60)
 def test_rerun_after_a_crash_finishes_with_the_bad_sample_counted(tmp_path):
     """A crash leaves a part with shards and index.json but no report.json; the rerun starts the part over, and the
-    sample that crashed the old converter is now a counted skip, not the same crash again."""
+    sample that crashed the first run is a counted skip, not the same crash again."""
     src = tmp_path / "src"
     src.mkdir()
     add_good(src, 3)

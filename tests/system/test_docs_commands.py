@@ -1,4 +1,4 @@
-"""Docs as tests (issue 16): every shell command README.md and docs/*.md show runs here, as a user types it.
+"""Docs as tests: every shell command README.md and docs/*.md show runs here, as a user types it.
 
 `tests/doc_commands.py` collects the commands (its docstring says what counts as one). Each has one entry in CASES,
 keyed by its text exactly as the docs show it:
@@ -19,8 +19,7 @@ keyed by its text exactly as the docs show it:
 `test_every_documented_command_is_mapped` fails when the docs show a command CASES does not know (add one line) or
 when CASES holds a command the docs no longer show (delete it), so the docs cannot drift from the tested surface.
 
-Defects that issue 16 lists and that are fixed on another branch are `xfail(strict=True)` here, naming the defect;
-the merge flips them.
+A command with a known defect is `xfail(strict=True)` with the defect named (`xfail=`), so its fix flips the case.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def test_proof_smoke_produces_the_table(tmp_path):
     # a rerun resumes: every stage's output is found, nothing retrains
     assert run(cfg)["timings_s"]["teacher"] < 5
 
-    # The old failure: smoke stages sitting where a full run looks. Put them there; the full run refuses them at once,
+    # Smoke stages sitting where a full run looks must not pass for its stages. Put them there; the full run refuses them at once,
     # naming the first stage's directory and what differs, and writes nothing.
     full_dir = tmp_path / "proof"
     shutil.copytree(out, full_dir)

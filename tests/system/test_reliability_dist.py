@@ -1,4 +1,4 @@
-"""Issue 13, parts 3 and 4: faults at cluster scale, caused for real on this machine (docs/reliability.md).
+"""Faults at cluster scale, caused for real on this machine (docs/reliability.md).
 
 - A lost worker: one of 2 gloo ranks SIGKILLs itself in the middle of a step; torchrun (`--max-restarts`) restarts
   the group, which resumes from the newest checkpoint and ends bitwise equal to the uninterrupted reference run.

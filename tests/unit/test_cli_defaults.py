@@ -1,5 +1,6 @@
 """The CLI's defaults are the library's defaults, so a test that calls a function with its defaults runs what a user
-who types no optional flag gets (issue 16: the default `--workers 1` + progress bar path had never run). Where a
+who types no optional flag gets (a path that only the CLI's defaults reach, such as `--workers 1` with the
+progress bar, is then tested too). Where a
 default could only differ on purpose, the pair is listed here and a change to either side fails."""
 
 from __future__ import annotations

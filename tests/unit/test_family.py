@@ -3,7 +3,7 @@
 On a tiny Chroma pipeline (`dedistill tiny-model --family chroma`):
 - the family is read from transformer/config.json; diffusers' ChromaPipeline loads the dir, and our loader gives its
   weights and its computed buffer (mod_proj) exactly;
-- the issue's mask finding, reproduced: changing only masked padding embeddings moves the output with stock
+- why the mask is bool: changing only masked padding embeddings moves the output with stock
   ChromaPipeline's float mask, and not at all with the same mask as bool; the masked velocity equals the velocity of
   the prompt truncated to its real (plus k visible) tokens;
 - LoRA and full fine-tuning train under FSDP2 (world size 1, in process), stopped and resumed bitwise;
@@ -93,7 +93,7 @@ def _tiny_chroma():
 
 @torch.no_grad()
 def test_float_mask_leaks_padding_and_bool_does_not():
-    """Issue 12 part 5: ChromaPipeline builds its mask in the embeddings' float dtype; the blocks multiply it into
+    """ChromaPipeline builds its mask in the embeddings' float dtype; the blocks multiply it into
     (B, 1, S, S) and SDPA adds it to the scores. Changing only the masked padding embeddings then changes the output;
     with the same mask as bool it changes nothing."""
     m = _tiny_chroma()

@@ -1,4 +1,4 @@
-"""The divergence guard (issue 13 part 5), caused for real: a precomputed MDS data set whose samples 10-15 hold NaN
+"""The divergence guard (docs/reliability.md), caused for real: a precomputed MDS data set whose samples 10-15 hold NaN
 latents (written by `dedistill data precompute`, then rewritten with MDSWriter), read in order (no shuffle), 2
 samples a step: steps 6, 7 and 8 are non-finite.
 

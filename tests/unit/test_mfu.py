@@ -14,7 +14,7 @@ FLUX1_ARCH = dict(
 
 @pytest.mark.parametrize("tokens", [1, 1024 + 97, 4096 + 512])
 def test_formula(tokens):
-    """FLOPs/sample = c·P_tok·T + 12·L·T²·h, c = 6 full / 4 adapter, with the FLUX.1 constants of the issue."""
+    """FLOPs/sample = c·P_tok·T + 12·L·T²·h, c = 6 full / 4 adapter, with FLUX.1's constants (train/mfu.py)."""
     p_tok, layers, h = 6.455e9, 57, 3072
     attention = 12 * layers * tokens**2 * h
     assert FLUX1.per_sample(tokens, full=True) == pytest.approx(6 * p_tok * tokens + attention, rel=1e-5)
@@ -30,7 +30,8 @@ def test_worked_example_in_docs():
 
 
 def test_p_tok_counted_from_the_diffusers_architecture():
-    """Count the per-token matmul weights of FluxTransformer2DModel's blocks on meta: the issue's 6.455e9."""
+    """Count the per-token matmul weights of FluxTransformer2DModel's blocks on meta: the 6.455e9 of
+    train/mfu.py's FLUX1_P_TOK."""
     from train.model import build_transformer_meta
 
     model = build_transformer_meta(FLUX1_ARCH)

@@ -4,7 +4,8 @@
 - activations: within 20 % (in practice ≤ 5 %) of the bytes autograd saves in a training forward on CPU, for full
   fine-tunes, LoRA and LoKr;
 - communication: the all-gather / reduce-scatter buffers of a 2-rank gloo training run, byte for byte;
-- every shipped preset plans without a crash and with the verdicts the issue expects.
+- every shipped preset plans without a crash and with the verdict its size implies (the three
+  sized for their GPUs fit; openflux's full fine-tune on one card does not, and says how many GPUs it needs).
 """
 
 import sys

@@ -117,7 +117,7 @@ def test_memory_margins_follow_their_inputs(inv):
 
 
 def test_activation_gradients_at_1024px_are_a_third_of_a_gigabyte_per_sample():
-    """FLUX.1's widths (hidden 3072) at 1024 px with 512 text tokens, bf16: the issue's hand estimate 0.3-0.5 GB."""
+    """FLUX.1's widths (hidden 3072) at 1024 px with 512 text tokens, bf16: a hand estimate gives 0.3-0.5 GB."""
     class Flux:
         hidden = 3072
         config = json.loads(FLUX1_SCHNELL_CONFIG.read_text())

@@ -1,4 +1,4 @@
-"""Issue 13, parts 1 and 2, each fault caused for real on a real tiny training run's DCP checkpoints.
+"""Checkpoint faults (docs/reliability.md), each caused for real on a real tiny training run's DCP checkpoints.
 
 1. A corrupt newest checkpoint (truncated `.distcp`, a flipped byte, a missing shard, garbage `.metadata`, a missing
    `rank_N.pt`): `dedistill checkpoint verify` names the file and why; resume moves it aside, says so in one line,

@@ -1,4 +1,4 @@
-"""The step with no host syncs (issue 14 part 2).
+"""The step with no host syncs: the device runs ahead of the host between read steps.
 
 - On CPU the losses and grad norms of a job that reads the device every few steps are exactly those of the same job
   read at every step (the sync-per-step loop), both computed here: floats recorded on another machine would differ

@@ -1,7 +1,7 @@
 # tier: unit
 """The Trainer, the checkpoint manager, telemetry and RunDir in process: the run layout as today's runs have it, what
-a checkpoint holds, the guard's rewind, the hooks, and a run dir written by the old loop's code path resuming
-bitwise."""
+a checkpoint holds, the guard's rewind, the hooks, and a run dir in the checkpoint format earlier releases wrote
+resuming bitwise (users' existing runs must keep resuming)."""
 
 import math
 import os
@@ -212,7 +212,8 @@ def test_the_trainer_calls_its_hooks_and_writes_todays_layout(tiny_model_dir, ti
 
 
 def _old_payload(trainer: Trainer) -> dict:
-    """What the loop assembled before the checkpoint manager existed (its `payload()`), spelled out here."""
+    """The checkpoint contents earlier releases wrote (their loop's `payload()`), spelled out here so that format is
+    tested for as long as it must resume."""
     backend = trainer.backend
     state = trainer.state
     out = {**backend.checkpoint_state(), "scheduler": trainer.scheduler.state_dict(),

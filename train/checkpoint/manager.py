@@ -41,6 +41,7 @@ from train.checkpoint.format import (
 )
 from train.config import CheckpointConfig
 from train.optim import EMA
+from train.outputs import write_text_atomic
 from train.parallel import Backend
 from train.parallelize import barrier
 from train.run_dir import RunDir
@@ -259,9 +260,8 @@ class CheckpointStore:
                 self._group = None
 
     def _mark_complete(self, path: Path, meta: dict) -> None:
-        tmp = path / (MARKER + ".tmp")
-        tmp.write_text(json.dumps(meta))
-        tmp.rename(path / MARKER)  # atomic: the marker appears whole or not at all
+        # atomic: the marker appears whole or not at all; fsync: it is durable before any older checkpoint is pruned
+        write_text_atomic(path / MARKER, json.dumps(meta), fsync=True)
 
     def _prune(self) -> None:
         complete = list_checkpoints(self.root)

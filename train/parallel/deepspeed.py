@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Callable
 
@@ -65,7 +66,7 @@ def _import_deepspeed(device: torch.device):
     # DeepSpeed picks its accelerator at import; on a CPU-only machine say so instead of letting it guess.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
     try:
-        import deepspeed
+        import deepspeed  # deferred: optional (the [deepspeed] extra), and it picks its accelerator at import
     except ImportError as e:
         raise ValueError(
             f"parallel.backend: deepspeed is not installed ({e}); pip install 'dedistill[deepspeed]' or use fsdp2"
@@ -73,8 +74,6 @@ def _import_deepspeed(device: torch.device):
     if device.type == "cpu":
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel with g++ on first use (minutes on a
         # small machine) that only its inference all-reduce uses; training collectives go through torch.distributed.
-        import importlib
-
         # (import_module: the attribute `deepspeed.comm.torch` is the torch package, shadowing the submodule)
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     return deepspeed
@@ -164,6 +163,7 @@ class DeepSpeedBackend:
         return [k for k, v in self.zero.optimizer.state[flat].items() if torch.is_tensor(v) and v.shape == flat.shape]
 
     def checkpoint_state(self) -> dict:
+        # deepspeed: optional, imported by _import_deepspeed before this backend exists
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         self._ensure_optimizer_state()
@@ -183,6 +183,7 @@ class DeepSpeedBackend:
         return {"model": model, "optim": {"state": state, "param_groups": groups}}
 
     def load_checkpoint_state(self, state: dict) -> None:
+        # deepspeed: optional, imported by _import_deepspeed before this backend exists
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         saved = state["optim"]["state"]

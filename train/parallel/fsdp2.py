@@ -9,6 +9,9 @@ import math
 from typing import Callable
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+)
 
 from train.adapters import count_parameters, trainable_named_parameters
 from train.config import ParallelConfig
@@ -75,12 +78,6 @@ class FSDP2Backend:
         return StepResult(grad_norm=grad_norm.detach(), applied=applied)
 
     def checkpoint_state(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-
         # Frozen base weights are not saved: they come from model.path again (a 12B copy per checkpoint is waste).
         opts = StateDictOptions(ignore_frozen_params=True)
         return {
@@ -89,12 +86,6 @@ class FSDP2Backend:
         }
 
     def load_checkpoint_state(self, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
         opts = StateDictOptions(ignore_frozen_params=True, strict=False)
         set_model_state_dict(self.model, state["model"], options=opts)
         set_optimizer_state_dict(self.model, self.optimizer, state["optim"], options=opts)
