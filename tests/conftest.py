@@ -20,12 +20,24 @@ if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
 
 
+SHARED_RUNS = ("slurm_cluster", "reference_run")
+"""Session fixtures that start a cluster or train a run: the tests using them share one xdist worker."""
+
+
 def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (`make test XDIST="-n 2 --dist loadgroup"`) the tests on the local SLURM cluster share one
-    worker, so the session starts one cluster; the documented commands that submit to it say so themselves."""
+    """Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`) each worker builds the fixtures its tests need, so a
+    costly fixture is built once only if the tests using it run on one worker:
+    - the tests on the local SLURM cluster and those comparing with the reference run share one worker (one cluster,
+      one reference training); the documented commands that submit to the cluster say so themselves;
+    - the tests of a module with a module-scoped fixture (a tiny training, an exported pipeline) stay together."""
     for item in items:
-        if "slurm_cluster" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
+        names = getattr(item, "fixturenames", ())
+        if any(n in names for n in SHARED_RUNS):
+            item.add_marker(pytest.mark.xdist_group("shared-runs"))
+            continue
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        if any(d.scope == "module" for fixture in defs.values() for d in fixture):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture(autouse=True)

@@ -604,7 +604,7 @@ def _params():
             if case.slow or case.slurm:
                 marks.append(pytest.mark.slow)
             if case.slurm:  # one local cluster per session: under pytest-xdist its tests share one worker
-                marks.append(pytest.mark.xdist_group("slurm"))
+                marks.append(pytest.mark.xdist_group("shared-runs"))
             if case.xfail:
                 marks.append(pytest.mark.xfail(strict=True, reason=case.xfail))
         elif isinstance(case, Covered):
