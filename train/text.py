@@ -245,7 +245,8 @@ def text_model_config(path: str | Path, layers: tuple[int, ...]):
     """The text model's config, cut to one layer past the deepest stacked one: FLUX.2 reads hidden states 10/20/30 of
     Mistral3's 40 layers (9/18/27 of Qwen3's 36), and a causal model's state after layer k does not depend on the layers
     above it, so the layers above are never run or loaded (19.0B of [dev]'s 24.0B text model is loaded; 6.6B of klein
-    9B's 8.2B). One layer more is kept because the last hidden state transformers returns is the final norm's output, not the layer's.
+    9B's 8.2B). One layer more is kept because the last hidden state transformers returns is the final norm's
+    output, not the layer's.
     """
     from transformers import AutoConfig  # deferred: transformers takes seconds to import (see StackedTextEncoder)
 
