@@ -39,7 +39,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from train.config import DataConfig
-from train.parallelize import DistInfo, process_dist
+from train.parallelize import DistInfo, barrier, process_dist
 from train.images import open_rgb, to_rgb
 from train.outputs import atomic_write
 
@@ -344,24 +344,30 @@ SHM_LOCK = Path("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir
 
 
 @contextmanager
-def shm_registration_turn(dist: DistInfo):
+def shm_registration_turn(dist: DistInfo, wait_for_leader: Callable[[], None] = barrier):
     """streaming registers a dataset under the first shared-memory prefix that is free in /dev/shm, then creates it:
     two jobs on one host whose local leaders do that at the same moment pick the same prefix, and the second dies
-    with FileExistsError. Local leaders take turns under a host-wide file lock while they build the dataset (the
-    other ranks only look the prefix up). Where the lock file cannot be opened (another user's, read-only), no lock."""
-    if dist.local_rank != 0:
-        yield
-        return
+    with FileExistsError. Local leaders take turns under a host-wide file lock while they build the dataset.
+
+    Every rank, not only the leader, computes that first free prefix before the leader registers it, and a rank
+    whose answer differs from its leader's fails ("shared memory registered does not match local leader"). So the
+    job's other ranks wait (`wait_for_leader`, a barrier of the job's ranks) until their leader holds the lock: no
+    other job registers while any of them looks. Where the lock file cannot be opened (another user's, read-only),
+    no lock, and the ranks still meet at the barrier."""
+    fd = None
+    if dist.local_rank == 0:
+        try:
+            fd = os.open(SHM_LOCK, os.O_RDONLY | os.O_CREAT, 0o666)
+        except OSError:
+            pass
+        else:
+            fcntl.flock(fd, fcntl.LOCK_EX)
     try:
-        fd = os.open(SHM_LOCK, os.O_RDONLY | os.O_CREAT, 0o666)
-    except OSError:
-        yield
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        wait_for_leader()
         yield
     finally:
-        os.close(fd)  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 # ------------------------------------------------------------------------------------------------------ loaders

@@ -42,3 +42,25 @@ def test_other_ranks_do_not_take_the_lock():
         t.start()
         t.join(5)
         assert not t.is_alive()  # rank 1 of the node only looks the prefix up: it never waits here
+
+
+def test_a_jobs_other_ranks_wait_while_another_job_registers():
+    """streaming has every rank compute the first free prefix: job A's rank 1 must not look while job B's leader is
+    registering, or it can pick the prefix B takes while A's leader picks the next one. It waits at A's barrier until
+    A's leader holds the lock."""
+    job_a = threading.Barrier(2)
+    order: list[str] = []
+
+    def rank(local_rank: int) -> None:
+        with shm_registration_turn(dist(local_rank), wait_for_leader=lambda: job_a.wait(10)):
+            order.append(f"A{local_rank} looks")
+
+    with shm_registration_turn(dist(0), wait_for_leader=lambda: None):  # job B's leader registering
+        threads = [threading.Thread(target=rank, args=(r,)) for r in (1, 0)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        order.append("B done")
+    for t in threads:
+        t.join(10)
+    assert order[0] == "B done" and sorted(order[1:]) == ["A0 looks", "A1 looks"]
