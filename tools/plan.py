@@ -484,17 +484,25 @@ def plan_family(cfg: JobConfig) -> ModelFamily:
     return family_of_dir(cfg.model.path) if readable else FAMILIES["flux"]
 
 
-def encoder_params(cfg: JobConfig) -> dict[str, int]:
-    """Parameter counts of the frozen parts the trainer loads for raw data, counted on meta from `model.path`'s
-    component configs: `t5` is the family's text model (T5 for FLUX.1 and Chroma; Mistral3 for FLUX.2 [dev], Qwen3
-    for [klein]: the family table's `t5` slot, as loaded: FLUX.2's without the layers past the deepest stacked one),
-    `clip` CLIP-L or 0, `vae` the VAE. FLUX.1's when not readable."""
+@dataclass(frozen=True)
+class FrozenParts:
+    """The frozen parts the trainer loads for raw data, as `model.path`'s component configs describe them."""
+    params: dict[str, int]
+    """Parameter counts: `t5` the family's text model (T5 for FLUX.1 and Chroma; Mistral3 for FLUX.2 [dev], Qwen3 for
+    [klein]: the family table's `t5` slot, as loaded: FLUX.2's without the layers past the deepest stacked one),
+    `clip` CLIP-L or 0, `vae` the VAE."""
+    text_model: str
+    """The text model's architecture as its config names it (T5EncoderModel, Mistral3ForConditionalGeneration, ...)."""
+
+
+def frozen_parts(cfg: JobConfig) -> FrozenParts:
+    """Counted on meta from `model.path`'s component configs, each read once; FLUX.1's when not readable."""
     family = plan_family(cfg)
     root = Path(cfg.model.path) if cfg.model.path else None
     parts = {"t5": family.t5[0], "clip": family.clip[0] if family.clip else None, "vae": "vae"}
     if root is None or not all((root / d / "config.json").is_file() for d in parts.values() if d):
-        return dict(ENCODER_PARAMS)
-    counts = {"clip": 0}
+        return FrozenParts(dict(ENCODER_PARAMS), "T5EncoderModel")
+    counts, text_model = {"clip": 0}, ""
     with torch.device("meta"):
         for key in ("t5", "clip"):
             if parts[key]:
@@ -502,18 +510,10 @@ def encoder_params(cfg: JobConfig) -> dict[str, int]:
                 config = (text_model_config(root / parts[key], family.text_layers) if key == "t5" and family.text_layers
                           else AutoConfig.from_pretrained(root / parts[key]))
                 counts[key] = _numel(getattr(transformers, config.architectures[0])(config))
+                text_model = text_model or config.architectures[0]
         vae_cls = getattr(diffusers, family.vae_class)
         counts["vae"] = _numel(vae_cls.from_config(vae_cls.load_config(root / "vae")))
-    return counts
-
-
-def text_model_name(cfg: JobConfig) -> str:
-    """The text model's architecture as its config names it (T5EncoderModel, Mistral3ForConditionalGeneration, ...)."""
-    family = plan_family(cfg)
-    path = Path(cfg.model.path or "") / family.t5[0] / "config.json"
-    if cfg.model.path and path.is_file():
-        return (json.loads(path.read_text()).get("architectures") or ["?"])[0]
-    return "T5EncoderModel"
+    return FrozenParts(counts, text_model)
 
 
 def _numel(module: torch.nn.Module) -> int:
@@ -897,13 +897,14 @@ def make_plan(cfg: JobConfig, cl: Cluster, *, text_tokens: int | None = None,
     inv = inv or inventory(config, cfg)
     tok = tokens_for(cfg, text_tokens)
     with_enc = encoders_loaded(cfg, precomputed)
-    enc = encoder_params(cfg)
+    frozen = frozen_parts(cfg)
+    enc = frozen.params
     mem = gpu_memory(inv, cfg, cl, tok, with_encoders=with_enc, encoders=enc)
     host = host_ram_at_load(inv, cfg, cl, with_encoders=with_enc, encoders=enc)
     plan = Plan(cfg, cl, source, inv, tok, with_enc, enc, mem, host, checkpoint_bytes(inv, cfg),
                 step_flops(inv, cfg, tok), comm_per_step(inv, cfg, cl), step_timing(inv, cfg, cl, tok), "")
     plan.verdict = verdict(plan)
-    plan.text_model = text_model_name(cfg)
+    plan.text_model = frozen.text_model
     return plan
 
 

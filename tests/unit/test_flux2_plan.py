@@ -8,7 +8,7 @@ from launch.describe import describe
 from train.config import load_config
 from train.family import FAMILIES, family_of_dir
 from train.model import build_transformer_meta
-from tools.plan import REPO, Cluster, encoder_params, format_plan, make_plan, text_model_name, transformer_config
+from tools.plan import REPO, Cluster, format_plan, frozen_parts, make_plan, transformer_config
 
 MODELS = REPO / "configs" / "models"
 # (dir, family, parameters, shared modulation parameters): diffusers' convert_flux2_to_diffusers.py sizes
@@ -103,9 +103,10 @@ def test_plan_sizes_the_flux2_text_model(name, arch, params):
     cfg = load_config(REPO / "configs" / "flux2-dev-undistill.yaml", [f"model.path={MODELS / name}"])
     shipped = json.loads((MODELS / name / "text_encoder" / "config.json").read_text())
     assert shipped.get("text_config", shipped)["num_hidden_layers"] == FULL_DEPTH[name]
-    counts = encoder_params(cfg)
+    frozen = frozen_parts(cfg)
+    counts = frozen.params
     assert counts["t5"] == params and counts["clip"] == 0
-    assert text_model_name(cfg) == arch
+    assert frozen.text_model == arch
     assert 80e6 < counts["vae"] < 90e6  # AutoencoderKLFlux2: 84M
 
 
@@ -114,7 +115,8 @@ def test_raw_data_dev_plan_places_the_24b_text_model():
     precompute), or
     sharded 1/world by `model.text_encoder_placement=fsdp`, or in host RAM (cpu)."""
     cluster = Cluster(nodes=2, gpus_per_node=8)
-    text, vae = TEXT_MODELS[0][2], encoder_params(load_config(REPO / "configs" / "flux2-dev-undistill.yaml", []))["vae"]
+    text = TEXT_MODELS[0][2]
+    vae = frozen_parts(load_config(REPO / "configs" / "flux2-dev-undistill.yaml", [])).params["vae"]
     row = "frozen encoders (text model, CLIP, VAE)"
     rows = {}
     for placement in ("device", "fsdp", "cpu"):
