@@ -1,4 +1,7 @@
-"""Toy "schnell": reflow distillation of a CFG teacher into a few-step, guidance-free student.
+"""The toy distilled models: "schnell" (reflow of a CFG teacher into a few-step, guidance-free student) and "dev"
+(guided distillation of the same teacher into a student that takes the CFG scale as an input).
+
+Toy "schnell":
 
 Rectified-flow reflow on teacher-CFG couplings (Liu et al. 2022, "Flow Straight and Fast"; the CFG-baked variant is
 what InstaFlow does for SD): the teacher maps noise ε to a sample x0 with real CFG over many steps; the student
@@ -10,6 +13,12 @@ the student extrapolates from a stale uncond toward an already-guided cond — t
 Why reflow rather than adversarial (schnell's LADD) or consistency distillation: it needs no discriminator and no
 extra network, its loss is the same flow-matching MSE through the same `predict_velocity`, and at this scale it
 converges in minutes.
+
+Toy "dev": Meng et al.'s guided distillation (arXiv 2210.03142, stage 1), what FLUX.1-dev is to BFL's undistilled
+model. The student is the teacher plus a guidance embedder (`guidance_embeds: true`, FluxPipeline's `guidance_scale`
+input), trained so that v_S(x_t, t, c, w) = v_T(x_t, t, ∅) + w·(v_T(x_t, t, c) − v_T(x_t, t, ∅)) on noised *data*
+latents, w ~ U(lo, hi), conditional prompts only. It still samples over many steps (it is not timestep-distilled);
+CFG reaches it through its input, and its unconditional branch is never trained.
 """
 
 from __future__ import annotations
@@ -17,10 +26,11 @@ from __future__ import annotations
 import copy
 
 import torch
+from diffusers import FluxTransformer2DModel
 
 from evals.sampler import SamplingSettings, denoise, initial_noise
 from train.flux import image_ids, pack_latents, predict_velocity
-from train.objective import DEV_SCHEDULE, sampling_sigmas
+from train.objective import DEV_SCHEDULE, cfg_combine, interpolate, sampling_sigmas
 from train.text import TextEncoder
 
 
@@ -81,3 +91,54 @@ def reflow(teacher, text: TextEncoder, prompts: list[str], noise: torch.Tensor, 
             log(f"[proof] reflow step {step + 1}/{train_steps} loss {sum(history[-20:]) / len(history[-20:]):.4f}")
     return student.eval().requires_grad_(False), history
 
+
+
+def with_guidance_embedder(teacher) -> FluxTransformer2DModel:
+    """The teacher with a guidance embedder added (`guidance_embeds: true`, FLUX.1-dev's shape). The embedder's
+    output layer starts at zero, so before training the student computes exactly what the teacher does."""
+    student = FluxTransformer2DModel.from_config({**teacher.config, "guidance_embeds": True})
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    if unexpected or not all(k.startswith("time_text_embed.guidance_embedder.") for k in missing):
+        raise RuntimeError(f"guidance embedder: unexpected state-dict difference {missing + unexpected}")
+    torch.nn.init.zeros_(student.time_text_embed.guidance_embedder.linear_2.weight)
+    torch.nn.init.zeros_(student.time_text_embed.guidance_embedder.linear_2.bias)
+    return student
+
+
+def guidance_distill(teacher, text: TextEncoder, prompts: list[str], x0: torch.Tensor, *, latent_hw: tuple[int, int],
+                     guidance: tuple[float, float], train_steps: int, batch_size: int, lr: float, seed: int,
+                     max_text_tokens: int, log=print):
+    """Toy "dev": the teacher + a guidance embedder, trained to output the teacher's real-CFG velocity at the scale
+    it is fed. `x0` (N, tokens, C*4): packed, normalised data latents of `prompts`. t ~ U(0, 1) and fresh noise
+    each step. Returns (student, loss history)."""
+    student = with_guidance_embedder(teacher).to(x0.device).train().requires_grad_(True)
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    h, w = latent_hw
+    ids = image_ids(h, w, device=x0.device, dtype=torch.float32)
+    with torch.no_grad():
+        embeds = text.encode(prompts, max_tokens=max_text_tokens)
+        empty = text.encode([""] * batch_size, max_tokens=max_text_tokens).trimmed()
+    lo, hi = guidance
+    history = []
+    for step in range(train_steps):
+        idx = torch.randint(len(x0), (batch_size,), generator=g)
+        t = torch.rand(batch_size, generator=g).to(x0.device)
+        scale = (lo + (hi - lo) * torch.rand(batch_size, generator=g)).to(x0.device)
+        x1 = x0[idx.to(x0.device)]
+        x_t = interpolate(x1, torch.randn(x1.shape, generator=g).to(x0.device), t)
+        prompt = embeds.select(idx).trimmed()
+        with torch.no_grad():  # the teacher's real CFG at each sample's scale: what dev's embedder is taught
+            target = cfg_combine(predict_velocity(teacher, x_t, t, prompt, ids).float(),
+                                 predict_velocity(teacher, x_t, t, empty, ids).float(), scale)
+        pred = predict_velocity(student, x_t, t, prompt, ids, guidance=scale).float()
+        loss = torch.nn.functional.mse_loss(pred, target)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        history.append(loss.item())
+        if (step + 1) % max(1, train_steps // 5) == 0:
+            log(f"[proof] guidance distillation step {step + 1}/{train_steps} loss "
+                f"{sum(history[-20:]) / len(history[-20:]):.4f}")
+    return student.eval().requires_grad_(False), history

@@ -11,12 +11,17 @@ directory). `--smoke` writes to `<out_dir>-smoke`, never where a full run looks:
   3. vae      AutoencoderKL (diffusers) trained on the world; reconstruction error reported. Pipeline dir = the tiny
               pipeline (tokenizers, text encoders) + this VAE + a transformer of `model` dims, in diffusers layout.
   4. teacher  `train.trainer.train`, adapter `full`, flow matching, caption dropout, masked T5 — the real trainer.
-  5. student  reflow on teacher CFG couplings (evals/experiments/distill.py), few-step, no CFG.
+  5. student  reflow on teacher CFG couplings (evals/experiments/distill.py), few-step, no CFG: the toy schnell.
+     dev      only for a `dev-*` recipe: guided distillation of the teacher into a student with a guidance
+              embedder (distill.py `guidance_distill`), the toy FLUX.1-dev.
   6. dedistill `train.trainer.train` from the student's pipeline dir: our recipe, one run per adapter kind, and one
-              full run per entry of `dedistill_recipes` (RECIPES: Chroma's OT pairing, its timestep density, and
-              the student pruned to Chroma's architecture by `dedistill prune`, de-distilled with Chroma's
-              objective), each for every seed in `dedistill_seeds`.
-  7. eval     toy FID + prompt adherence per model x steps x cfg x repeat; table, CFG curve PNG, sample grids.
+              full run per entry of `dedistill_recipes` (RECIPES: Chroma's OT pairing, its timestep density, the
+              student pruned to Chroma's architecture by `dedistill prune` and de-distilled with Chroma's objective,
+              and the toy dev de-distilled by the data or the teacher objective), each for every seed in
+              `dedistill_seeds`.
+  7. eval     toy FID + prompt adherence per model x steps x cfg x repeat; table, CFG curve PNG, sample grids. The
+              toy dev is sampled twice: bypassed with real CFG (`dev`) and fed each scale through its embedder with
+              real CFG off (`dev-embedded`).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from dataset_tools.tiny_data import iter_samples, write_tiny_data
 from dataset_tools.tiny_model import TINY_SIZES, build_tiny_pipeline
-from evals.experiments.distill import reflow, teacher_pairs
+from evals.experiments.distill import guidance_distill, reflow, teacher_pairs
 from evals.experiments.judge import (
     ATTRS, accuracy, full_caption, judge_images, labels_of, load_judge, save_judge, single_object_samples, to_tensor,
     train_judge,
@@ -53,7 +58,9 @@ from evals.sampler import SamplingSettings, generate, make_grid
 from tools.prune import FitSettings
 from tools.prune_pipeline import run_prune
 from train.config import JobConfig, dump_config, from_dict, load_yaml, parse_yaml, to_dict
+from train.flux import normalise_latents, pack_latents
 from train.inference import load_for_inference, text_settings
+from train.model import load_transformer
 from train.run_dir import RunDir
 from train.trainer import train
 from train.outputs import as_stored, atomic_output_dir, check_same_settings, write_text_atomic
@@ -147,14 +154,36 @@ class PruneSettings:
     lr: float = 1e-3
 
 
-# Extra de-distillation recipes, each a full fine-tune with the proof's budget. name -> (objective keys
-# changed from the proof's LibreFLUX-style recipe, whether the student is first pruned to Chroma's architecture).
-RECIPES: dict[str, tuple[dict, bool]] = {
-    "ot": ({"noise_pairing": "ot_cosine"}, False),  # Chroma's minibatch OT alone
-    "chroma-t": ({"timestep_sampler": "chroma"}, False),  # Chroma's timestep density alone
+@dataclass(kw_only=True)
+class DevConfig:
+    """The toy "dev" (evals/experiments/distill.py `guidance_distill`): the teacher guidance-distilled into a student
+    with a guidance embedder, for the `dev-*` recipes."""
+    guidance: list[float] = field(default_factory=lambda: [1.0, 5.0])
+    """[lo, hi]: the scales w ~ U(lo, hi) it is distilled at, and those the `dev-teacher` recipe draws (the eval's
+    CFG scales lie inside)."""
+    train_steps: int = 800
+    batch_size: int = 64
+    lr: float = 3e-4
+
+    def __post_init__(self) -> None:
+        if len(self.guidance) != 2 or not 0 <= self.guidance[0] <= self.guidance[1]:
+            raise ValueError(f"dev.guidance: needs [lo, hi] with 0 <= lo <= hi, got {self.guidance!r}")
+
+
+# Extra de-distillation recipes, each a full fine-tune with the proof's budget. name -> (objective keys changed from
+# the proof's LibreFLUX-style recipe, the model it starts from: `student` (the toy schnell), `pruned` (it, pruned to
+# Chroma's architecture) or `dev` (the toy dev)).
+RECIPES: dict[str, tuple[dict, str]] = {
+    "ot": ({"noise_pairing": "ot_cosine"}, "student"),  # Chroma's minibatch OT alone
+    "chroma-t": ({"timestep_sampler": "chroma"}, "student"),  # Chroma's timestep density alone
     # Chroma's objective (configs/chroma.yaml) on the pruned student; caption dropout stays the proof's 0.15, not
     # Chroma's 0.01, so that this row differs from the others in the model and the three Chroma choices only.
-    "pruned-chroma": ({"noise_pairing": "ot_cosine", "timestep_sampler": "chroma", "visible_padding_tokens": 1}, True),
+    "pruned-chroma": ({"noise_pairing": "ot_cosine", "timestep_sampler": "chroma", "visible_padding_tokens": 1},
+                      "pruned"),
+    # The toy dev, by the two objectives of a guidance-distilled base (docs/recipes.md): data (its embedder
+    # bypassed) and teacher (itself, embedder kept, at w ~ U(dev.guidance), the target of the student's real CFG).
+    "dev-data": ({}, "dev"),
+    "dev-teacher": ({"kind": "teacher"}, "dev"),
 }
 
 
@@ -189,6 +218,7 @@ class ProofConfig:
     """Training seeds of every de-distillation run (data order, caption dropout, timesteps, noise). The world, judge,
     VAE, teacher and student are `seed`'s: the student is the fixed input de-distillation starts from."""
     prune: PruneSettings = field(default_factory=PruneSettings)
+    dev: DevConfig = field(default_factory=DevConfig)
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     def __post_init__(self) -> None:
@@ -213,6 +243,7 @@ SMOKE = {  # seconds-long: every stage runs, numbers are meaningless
     "teacher": {"steps": 2, "batch_size": 4, "nproc": 1}, "dedistill": {"steps": 2, "batch_size": 4, "nproc": 1},
     "distill": {"n_pairs": 8, "teacher_steps": 2, "train_steps": 2, "batch_size": 4},
     "eval": {"n_prompts": 6, "repeats": 1, "grid_prompts": 2}, "prune": {"steps": 2},
+    "dev": {"train_steps": 2, "batch_size": 4},
     # one adapter and one recipe (the pruned one: the other recipes are objective keys the trainer's tests cover),
     # with the preset's seeds: every code path of the de-distillation stage, 4 runs instead of 10
     "dedistill_adapters": ["full"], "dedistill_recipes": ["pruned-chroma"],
@@ -302,13 +333,14 @@ def stage_settings(cfg: ProofConfig) -> dict[str, dict]:
     teacher = {"teacher": budget(cfg.teacher), "max_text_tokens": cfg.max_text_tokens, "pipeline": vae, "world": world}
     distill = {"distill": asdict(cfg.distill), "teacher": teacher}
     prune = {"prune": asdict(cfg.prune), "student": distill}
-    out = {"world": world, "judge": judge, "vae": vae, "teacher": teacher, "distill": distill, "prune": prune}
+    dev = {"dev": asdict(cfg.dev), "teacher": teacher}
+    out = {"world": world, "judge": judge, "vae": vae, "teacher": teacher, "distill": distill, "prune": prune,
+           "dev": dev}
     for r in dedistill_runs(cfg):
-        settings = {"dedistill": budget(cfg.dedistill), "adapter": r.adapter, "student": distill}
+        settings = {"dedistill": budget(cfg.dedistill), "adapter": r.adapter,
+                    "student": {"student": distill, "pruned": prune, "dev": dev}[r.base]}
         if r.objective:  # keys absent for the plain adapter runs: records made before recipes existed stay valid
             settings["objective"] = r.objective
-        if r.pruned:
-            settings["student"] = prune
         if r.seed != cfg.seed:
             settings["seed"] = r.seed
         out[r.run_dir] = settings
@@ -321,17 +353,19 @@ class DedistillRun:
     run_dir: str  # under out_dir; seeds other than the config's get a -seed<N> suffix
     adapter: str
     objective: dict
-    pruned: bool
+    base: str  # the model it starts from (RECIPES)
     seed: int
 
 
 def dedistill_runs(cfg: ProofConfig) -> list[DedistillRun]:
     """Every de-distillation run: each adapter with the proof's recipe, then each recipe (full), for every seed."""
-    kinds = [(a, a, {}, False) for a in cfg.dedistill_adapters]
+    kinds = [(a, a, {}, "student") for a in cfg.dedistill_adapters]
     kinds += [(r, "full", *RECIPES[r]) for r in cfg.dedistill_recipes]
-    return [DedistillRun(model=f"dedistilled-{name}", adapter=adapter, objective=objective, pruned=pruned, seed=seed,
+    guidance = {"teacher_guidance": list(cfg.dev.guidance)}  # the teacher objective draws w where dev learnt it
+    return [DedistillRun(model=f"dedistilled-{name}", adapter=adapter, base=base, seed=seed,
+                         objective={**objective, **guidance} if objective.get("kind") == "teacher" else objective,
                          run_dir=f"dedistill-{name}" + ("" if seed == cfg.seed else f"-seed{seed}"))
-            for name, adapter, objective, pruned in kinds for seed in cfg.dedistill_seeds]
+            for name, adapter, objective, base in kinds for seed in cfg.dedistill_seeds]
 
 
 def log(msg: str) -> None:
@@ -561,6 +595,31 @@ def stage_distill(cfg: ProofConfig, out: Path, pipe_dir: Path, world: dict) -> P
     return student_dir
 
 
+def stage_dev(cfg: ProofConfig, out: Path, pipe_dir: Path) -> Path:
+    """Guided distillation of the teacher (evals/experiments/distill.py) -> `dev_pipeline/`, a diffusers dir whose
+    transformer has `guidance_embeds: true`, as FLUX.1-dev's does."""
+    dev_dir = out / "dev_pipeline"
+    if not dev_dir.exists():
+        d = cfg.dev
+        teacher = load_model(out / "teacher_pipeline")
+        t0 = time.time()
+        images, captions = [], []
+        for _, im, caption, _ in iter_samples(cfg.n_train, size=cfg.resolution, seed=cfg.seed):
+            images.append(im)
+            captions.append(caption)
+        x = to_tensor(images).to(teacher.device)
+        with torch.no_grad():  # the world's training images as the transformer sees them: packed, normalised latents
+            x0 = torch.cat([pack_latents(normalise_latents(teacher.vae, teacher.vae.encode(x[i : i + 256]).latent_dist
+                                                           .mean)) for i in range(0, len(x), 256)]).float()
+        h = w = cfg.resolution // (2 ** (len(cfg.vae.block_out_channels) - 1))
+        student, _ = guidance_distill(teacher.transformer, teacher.text, captions, x0, latent_hw=(h, w),
+                                      guidance=tuple(d.guidance), train_steps=d.train_steps, batch_size=d.batch_size,
+                                      lr=d.lr, seed=cfg.seed, max_text_tokens=cfg.max_text_tokens, log=log)
+        export_pipeline(pipe_dir, student, dev_dir)
+        log(f"[proof] toy dev (guidance-distilled, w in {d.guidance}) in {time.time() - t0:.0f}s")
+    return dev_dir
+
+
 def stage_prune(cfg: ProofConfig, out: Path, student_dir: Path, world: dict) -> Path:
     """`dedistill prune` of the student (FLUX -> Chroma, the approximator fit on the world's captions) ->
     `student_pruned/`, a ChromaPipeline dir with its prune_report.json."""
@@ -579,12 +638,14 @@ def stage_prune(cfg: ProofConfig, out: Path, student_dir: Path, world: dict) -> 
 
 
 def evaluate(cfg: ProofConfig, models: dict[str, Path | list[Path]], judge, world: dict, out: Path,
-             real_x: torch.Tensor, *, cells: dict | None = None, write_grid: bool = True) -> list[dict]:
+             real_x: torch.Tensor, *, cells: dict | None = None, write_grid: bool = True,
+             embedded: frozenset[str] = frozenset()) -> list[dict]:
     """Rows of {model, seed, steps, cfg, repeat, fid, acc_*}; a model given as a list of paths (one per training
-    seed) gets rows from each, numbered by `seed` in list order. The first row is real images: adherence of the eval
-    set's own renders, FID of an independent real set (`real_x`, the judge's test images) against them (the floor).
-    Each model samples with the mask and visible padding tokens it was trained with (train.inference.text_settings).
-    The grid shows each model's first path."""
+    seed) gets rows from each, numbered by `seed` in list order. A model named in `embedded` (a guidance-distilled
+    one) is fed each scale through its guidance embedder, with real CFG off, as FluxPipeline samples FLUX.1-dev. The
+    first row is real images: adherence of the eval set's own renders, FID of an independent real set (`real_x`, the
+    judge's test images) against them (the floor). Each model samples with the mask and visible padding tokens it
+    was trained with (train.inference.text_settings). The grid shows each model's first path."""
     e = cfg.eval
     prompts = world["eval_prompts"]
     labels = {k: torch.tensor([labels_of(a)[k] for _, a in world["eval"]]) for k in ATTRS}
@@ -598,7 +659,8 @@ def evaluate(cfg: ProofConfig, models: dict[str, Path | list[Path]], judge, worl
     for name, paths in models.items():
         for seed, path in enumerate(paths if isinstance(paths, list) else [paths]):
             rows += _evaluate_model(cfg, name, seed, path, judge, prompts, labels, (ref_mu, ref_sigma),
-                                    grid_rows if seed == 0 else None, cells if seed == 0 else None)
+                                    grid_rows if seed == 0 else None, cells if seed == 0 else None,
+                                    embedded=name in embedded)
     if not write_grid:
         return rows
     # Sample grid: one row per (model, steps); columns = cfg scales x grid prompts (same noise seeds throughout).
@@ -612,16 +674,20 @@ def evaluate(cfg: ProofConfig, models: dict[str, Path | list[Path]], judge, worl
 
 
 def _evaluate_model(cfg: ProofConfig, name: str, seed: int, path: Path, judge, prompts: list[str], labels: dict,
-                    ref: tuple, grid_rows: list | None, cells: dict | None) -> list[dict]:
+                    ref: tuple, grid_rows: list | None, cells: dict | None, *, embedded: bool = False) -> list[dict]:
     e, rows = cfg.eval, []
     m = load_model(path)
     masked, visible = text_settings(path, m.config)
     for steps in e.steps:
         row_imgs = []
         for scale in e.cfg_scales:
+            if embedded:  # the embedder kept and fed `scale` (model.guidance: keep); one conditional pass per step
+                m.transformer = load_transformer(path, dtype=m.dtype, guidance="keep",
+                                                 guidance_scale=scale).to(m.device).eval().requires_grad_(False)
             for r in range(e.repeats):
                 t0 = time.time()
-                s = SamplingSettings(steps=steps, cfg_scale=scale, resolution=cfg.resolution, seed=100_000 * (r + 1),
+                s = SamplingSettings(steps=steps, cfg_scale=1.0 if embedded else scale, resolution=cfg.resolution,
+                                    seed=100_000 * (r + 1),
                                     max_text_tokens=cfg.max_text_tokens, batch_size=256, masked=masked,
                                     visible_padding_tokens=visible)
                 images = generate(m.transformer, m.vae, m.text, prompts, s, dtype=m.dtype)
@@ -700,7 +766,8 @@ def run(cfg: ProofConfig, *, until: str = "eval") -> dict:
     # Checked for every stage before any runs: a mismatch fails in a second, not after an hour of retraining.
     outputs = {"world": [out / "data"], "judge": [out / "judge.safetensors"], "vae": [out / "pipeline"],
                "teacher": [out / "teacher", out / "teacher_pipeline"], "distill": [out / "student_pipeline"],
-               "prune": [out / "student_pruned"], **{r.run_dir: [out / r.run_dir] for r in dedistill_runs(cfg)}}
+               "prune": [out / "student_pruned"], "dev": [out / "dev_pipeline"],
+               **{r.run_dir: [out / r.run_dir] for r in dedistill_runs(cfg)}}
     for stage, paths in outputs.items():
         record.claim(stage, settings[stage], paths)
 
@@ -737,19 +804,26 @@ def run(cfg: ProofConfig, *, until: str = "eval") -> dict:
 
     models = {"teacher": [out / "teacher_pipeline"], "student": [student_dir]}
     runs = dedistill_runs(cfg)
-    if any(r.pruned for r in runs):
-        models["student-pruned"] = [stage_prune(cfg, out, student_dir, world)]
+    bases = {"student": student_dir}
+    if any(r.base == "pruned" for r in runs):
+        bases["pruned"] = stage_prune(cfg, out, student_dir, world)
+        models["student-pruned"] = [bases["pruned"]]
         lap("prune")
+    if any(r.base == "dev" for r in runs):
+        bases["dev"] = stage_dev(cfg, out, pipe_dir)
+        # bypassed with real CFG (what de-distillation starts from), and as it is meant to be used: embedded scale
+        models["dev"] = models["dev-embedded"] = [bases["dev"]]
+        lap("dev")
     for r in runs:
         run_dir = out / r.run_dir
         if not RunDir(run_dir).step_dirs():
-            run_trainer(_job(cfg, run_dir=run_dir, model_path=out / "student_pruned" if r.pruned else student_dir,
+            run_trainer(_job(cfg, run_dir=run_dir, model_path=bases[r.base],
                              data=world["data"], budget=cfg.dedistill, adapter=r.adapter, seed=r.seed,
                              objective=r.objective), cfg.dedistill.nproc)
         models.setdefault(r.model, []).append(run_dir)  # one entry per seed: its rows pool seeds and repeats
         lap(r.run_dir)
 
-    rows = evaluate(cfg, models, judge, world, out, test_x)
+    rows = evaluate(cfg, models, judge, world, out, test_x, embedded=frozenset({"dev-embedded"}))
     lap("eval")
     table = summarise(rows, cfg)
     plot(rows, cfg, out / "cfg_curve.png")

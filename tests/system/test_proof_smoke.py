@@ -41,7 +41,8 @@ def test_proof_smoke_produces_the_table(tmp_path):
     results = run(cfg)
     runs = dedistill_runs(cfg)
     seeds = len(cfg.dedistill_seeds)
-    assert cfg.dedistill_recipes and seeds == 2 and any(r.pruned for r in runs)  # the preset's, kept by --smoke
+    # the preset's recipes and seeds, kept by --smoke
+    assert cfg.dedistill_recipes and seeds == 2 and any(r.base == "pruned" for r in runs)
     models = {"teacher": 1, "student": 1, "student-pruned": 1, **{r.model: seeds for r in runs}}
     rows = [r for r in results["rows"] if r["steps"]]
     # one row per model x seed x steps x cfg x repeat, each with a finite FID and adherence in [0, 1]
@@ -55,7 +56,7 @@ def test_proof_smoke_produces_the_table(tmp_path):
         assert job.seed == r.seed and job.model.adapter.kind == r.adapter
         assert all(getattr(job.objective, k) == v for k, v in r.objective.items())
         family = json.loads((Path(job.model.path) / "transformer" / "config.json").read_text())["_class_name"]
-        assert family == ("ChromaTransformer2DModel" if r.pruned else "FluxTransformer2DModel")
+        assert family == ("ChromaTransformer2DModel" if r.base == "pruned" else "FluxTransformer2DModel")
     assert json.loads((out / "student_pruned" / "prune_report.json").read_text())["parameters"]["chroma"] > 0
     for r in rows:
         assert math.isfinite(r["fid"]) and r["fid"] >= 0
@@ -101,12 +102,14 @@ def test_stage_outputs_without_a_settings_record_are_not_reused(tmp_path):
         StageRecord(tmp_path).claim("world", {"n_train": 64}, [tmp_path / "data"])
 
 
-def test_proof_cpu_starts_from_the_toy_schnell_build():
-    """configs/proof-cpu.yaml says a run can start from `python -m evals.experiments.toy_schnell`'s stages: every
-    stage up to the student must have the same recorded settings (stages.json would refuse them otherwise)."""
+@pytest.mark.parametrize("preset", ["proof-cpu", "proof-dev-cpu"])
+def test_proof_cpu_starts_from_the_toy_schnell_build(preset):
+    """configs/proof-cpu.yaml and proof-dev-cpu.yaml say a run can start from `python -m
+    evals.experiments.toy_schnell`'s stages: every stage up to the student must have the same recorded settings
+    (stages.json would refuse them otherwise)."""
     from evals.experiments.proof import stage_settings
 
-    proof, toy = (stage_settings(load_proof_config(f"configs/{n}.yaml")) for n in ("proof-cpu", "toy-schnell"))
+    proof, toy = (stage_settings(load_proof_config(f"configs/{n}.yaml")) for n in (preset, "toy-schnell"))
     assert {k: proof[k] for k in ("world", "judge", "vae", "teacher", "distill")} == \
         {k: toy[k] for k in ("world", "judge", "vae", "teacher", "distill")}
 
@@ -152,3 +155,30 @@ def test_judge_smooth_noise_fields_are_smooth_and_bounded():
     assert "smooth_noise" not in plain["judge"]["judge"]
     noisy = stage_settings(load_proof_config("configs/proof-cpu.yaml", overrides=["judge.smooth_noise=0.3"]))
     assert noisy["judge"]["judge"]["smooth_noise"] == 0.3 and noisy["vae"] == plain["vae"]
+
+
+def test_proof_dev_smoke_runs_both_objectives_on_the_toy_dev(tmp_path):
+    """configs/proof-dev-cpu.yaml: the toy dev has a guidance embedder; each objective de-distills it as its recipe
+    says (teacher: the dev itself at w ~ U(dev.guidance)) into a schnell-shaped model; the dev is evaluated both
+    bypassed with real CFG and fed each scale through its embedder."""
+    from train.inference import load_for_inference
+
+    cfg = load_proof_config("configs/proof-dev-cpu.yaml", smoke=True, overrides=[
+        f"out_dir={tmp_path / 'proof'}", "dedistill_adapters=[]", "dedistill_recipes=[dev-data,dev-teacher]",
+        "dedistill_seeds=[0]", "eval.steps=[4]"])
+    out = Path(cfg.out_dir)
+    rows = [r for r in run(cfg)["rows"] if r["steps"]]
+    dev = out / "dev_pipeline"
+    assert json.loads((dev / "transformer" / "config.json").read_text())["guidance_embeds"] is True
+    kinds = {}
+    for r in dedistill_runs(cfg):
+        job = load_run_config(out / r.run_dir)
+        assert Path(job.model.path) == dev and job.model.guidance == "bypass"
+        kinds[r.model] = job.objective.kind
+        if job.objective.kind == "teacher":
+            assert job.objective.teacher_guidance == cfg.dev.guidance
+        assert not load_for_inference(out / r.run_dir, dtype="fp32").transformer.config.guidance_embeds
+    assert kinds == {"dedistilled-dev-data": "data", "dedistilled-dev-teacher": "teacher"}
+    models = {r["model"] for r in rows}
+    assert models == {"teacher", "student", "dev", "dev-embedded", *kinds}
+    assert {r["cfg"] for r in rows if r["model"] == "dev-embedded"} == set(cfg.eval.cfg_scales)
