@@ -182,6 +182,7 @@ CASES: dict[str, Run | Skip | Covered] = {
                      expect=r"de-distilled \(28 steps\): adherence cfg 1 -> 5", slow=True),
     "python tests/doc_commands.py": run(expect=r"README.md:\d+.* make demo"),
     "make test": skip("runs the whole suite, this file included: it would recurse (.ci/run runs it)"),
+    "make test XDIST=": skip("the whole suite in one process, this file included: it would recurse"),
     # docs/testing.md
     "make test-fast": skip("runs tests/unit, which the suite this file belongs to runs as well"),
     "dedistill train configs/lora-1gpu.yaml model.path=/models/FLUX.1-schnell data.local=/data/mds":
@@ -385,6 +386,9 @@ CASES: dict[str, Run | Skip | Covered] = {
     "python -m evals.experiments.proof --config configs/proof-cpu.yaml":
         skip("about 90 min on 2 cores; --smoke (proof.md:9) runs every stage of the same code"),
     "python -m evals.experiments.proof --config configs/proof-gpu.yaml": skip("sized for one GPU (never run on CPU)"),
+    "python -m evals.experiments.proof --config configs/proof-dev-cpu.yaml":
+        skip("about 45 min on 2 cores from the toy-schnell build; test_proof_smoke.py::"
+             "test_proof_dev_smoke_runs_both_objectives_on_the_toy_dev runs every stage of it"),
     "python -m evals.experiments.proof --config configs/proof-cpu.yaml --smoke":
         covered("tests/system/test_proof_smoke.py::test_proof_smoke_produces_the_table",
                 "runs this config's --smoke stages (in process) and checks every row of its table and each stage"),
