@@ -25,13 +25,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/dedistill demo --out $(DEMO_DIR) $(DEMO_ARGS)
 
-# `make test XDIST="-n 2 --dist loadgroup"`: two pytest-xdist workers (25 min instead of about 36 on 2 cores; the
-# tests sharing a costly fixture keep to one worker and each worker gets its share of the cores, tests/conftest.py).
-# Not the default: one full run in three failed when two trainings on different workers built their StreamingDataset
-# at once. streaming has every rank pick the first free /dev/shm prefix before its local leader registers it, and a
-# non-leader rank can pick a prefix that the other job's leader takes first (train/data.py serialises the leaders
-# only).
-XDIST ?=
+# Two pytest-xdist workers by default: much of the suite waits on process starts, SLURM jobs and fault timeouts, which
+# a second worker overlaps (tests/conftest.py keeps the tests sharing a costly fixture on one worker and gives each
+# worker its share of the cores). `make test XDIST=` runs in one process.
+XDIST ?= -n 2 --dist loadgroup
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(XDIST)

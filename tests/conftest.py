@@ -25,7 +25,7 @@ SHARED_RUNS = ("slurm_cluster", "reference_run")
 
 
 def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (`make test XDIST="-n 2 --dist loadgroup"`) each worker builds the fixtures its tests need,
+    """Under pytest-xdist (`make test`'s default, `-n 2 --dist loadgroup`) each worker builds the fixtures its tests need,
     so a costly fixture is built once only if the tests using it run on one worker:
     - the tests on the local SLURM cluster and those comparing with the reference run share one worker (one cluster,
       one reference training); the documented commands that submit to the cluster say so themselves;
