@@ -25,8 +25,8 @@ SHARED_RUNS = ("slurm_cluster", "reference_run")
 
 
 def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (`make test`'s default, `-n 2 --dist loadgroup`) each worker builds the fixtures its tests need,
-    so a costly fixture is built once only if the tests using it run on one worker:
+    """Under pytest-xdist (`make test`'s default, `-n 2 --dist loadgroup`) each worker builds the fixtures its tests
+    need, so a costly fixture is built once only if the tests using it run on one worker:
     - the tests on the local SLURM cluster and those comparing with the reference run share one worker (one cluster,
       one reference training); the documented commands that submit to the cluster say so themselves;
     - the tests of a module with a module-scoped fixture (a tiny training, an exported pipeline) stay together."""
