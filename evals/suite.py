@@ -417,7 +417,7 @@ def evaluate(
         })
         grids.setdefault(cfg, []).append((steps, got["grid"]))
 
-    del loaded
+    loaded = None  # frees the model before the metrics are written (generate_fn shares this variable, so no `del`)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
