@@ -81,16 +81,21 @@ def reflow(teacher, text: TextEncoder, prompts: list[str], noise: torch.Tensor, 
         x_t = (1 - t[:, None, None]) * x1 + t[:, None, None] * eps  # (B, N, C*4)
         prompt = embeds.select(idx).trimmed()
         pred = predict_velocity(student, x_t, t, prompt, ids, masked=True).float()  # fp32 here (the toy's dtype)
-        loss = torch.nn.functional.mse_loss(pred, eps - x1)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        history.append(loss.item())
-        if (step + 1) % max(1, train_steps // 5) == 0:
-            log(f"[proof] reflow step {step + 1}/{train_steps} loss {sum(history[-20:]) / len(history[-20:]):.4f}")
+        _optimise(student, opt, torch.nn.functional.mse_loss(pred, eps - x1), history, step=step,
+                  train_steps=train_steps, what="reflow", log=log)
     return student.eval().requires_grad_(False), history
 
+
+def _optimise(model, opt, loss: torch.Tensor, history: list[float], *, step: int, train_steps: int, what: str,
+              log) -> None:
+    """One AdamW step with the gradient norm clipped at 1; logs the mean of the last 20 losses five times a run."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    history.append(loss.item())
+    if (step + 1) % max(1, train_steps // 5) == 0:
+        log(f"[proof] {what} step {step + 1}/{train_steps} loss {sum(history[-20:]) / len(history[-20:]):.4f}")
 
 
 def with_guidance_embedder(teacher) -> FluxTransformer2DModel:
@@ -132,13 +137,6 @@ def guidance_distill(teacher, text: TextEncoder, prompts: list[str], x0: torch.T
             target = cfg_combine(predict_velocity(teacher, x_t, t, prompt, ids).float(),
                                  predict_velocity(teacher, x_t, t, empty, ids).float(), scale)
         pred = predict_velocity(student, x_t, t, prompt, ids, guidance=scale).float()
-        loss = torch.nn.functional.mse_loss(pred, target)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        history.append(loss.item())
-        if (step + 1) % max(1, train_steps // 5) == 0:
-            log(f"[proof] guidance distillation step {step + 1}/{train_steps} loss "
-                f"{sum(history[-20:]) / len(history[-20:]):.4f}")
+        _optimise(student, opt, torch.nn.functional.mse_loss(pred, target), history, step=step,
+                  train_steps=train_steps, what="guidance distillation", log=log)
     return student.eval().requires_grad_(False), history

@@ -678,12 +678,14 @@ def _evaluate_model(cfg: ProofConfig, name: str, seed: int, path: Path, judge, p
     e, rows = cfg.eval, []
     m = load_model(path)
     masked, visible = text_settings(path, m.config)
+    # embedded: the embedder kept and fed each scale (model.guidance: keep), one transformer per scale, loaded once;
+    # sampled with one conditional pass per step
+    guided = {scale: load_transformer(path, dtype=m.dtype, guidance="keep", guidance_scale=scale).to(m.device)
+              .eval().requires_grad_(False) for scale in e.cfg_scales} if embedded else {}
     for steps in e.steps:
         row_imgs = []
         for scale in e.cfg_scales:
-            if embedded:  # the embedder kept and fed `scale` (model.guidance: keep); one conditional pass per step
-                m.transformer = load_transformer(path, dtype=m.dtype, guidance="keep",
-                                                 guidance_scale=scale).to(m.device).eval().requires_grad_(False)
+            m.transformer = guided.get(scale, m.transformer)
             for r in range(e.repeats):
                 t0 = time.time()
                 s = SamplingSettings(steps=steps, cfg_scale=1.0 if embedded else scale, resolution=cfg.resolution,
