@@ -1,0 +1,246 @@
+"""Ablations of the toy world's generators (docs/proof.md, "Why the generators do not bind shape and colour").
+
+The proof's teacher reads position and size from its captions but barely colour and shape. Two measurements split
+the candidate causes:
+
+- `onehot`: the teacher stage on the same images, VAE, model and budget, conditioned on the attributes themselves in
+  place of the text encoders' output. Each object is one context token (its shape, colour, position and size as
+  one-hot blocks side by side), the background one more, and the pooled vector is the main object's token. The real
+  trainer trains it from a precomputed dataset (`dedistill data precompute`'s layout), caption dropout included (the
+  empty prompt is all zeros). If this teacher draws colour and shape, the generator can and the text path is what
+  fails; if it cannot either, the generator (capacity, latent, objective) is the limit.
+- `curves`: per-attribute adherence of every checkpoint of a teacher run, text- or one-hot-conditioned: whether
+  colour and shape rise late (budget) or never (something else).
+
+    python -m evals.experiments.ablate --config configs/proof-cpu.yaml --conditioning onehot out_dir=runs/abl-onehot
+    python -m evals.experiments.ablate --config configs/proof-cpu.yaml --conditioning text out_dir=runs/abl-text
+
+Each trains the teacher stage (configs/proof-cpu.yaml's budget unless overridden, e.g. teacher.steps=1500), keeps a
+checkpoint every --every steps and writes curves_<conditioning>.{json,md} in out_dir: per-attribute adherence of each
+checkpoint at every cfg scale. The world, judge and VAE stages are the proof's (reused if out_dir holds them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from dataset_tools.buckets import BucketSpec, run_parts
+from dataset_tools.precompute import Encoders, PrecomputeOptions, columns, to_store
+from dataset_tools.tiny_data import COLOURS, POSITIONS, SHAPES, SIZES
+from evals.experiments.judge import ATTRS, accuracy, judge_images, labels_of, load_judge, to_tensor
+from evals.experiments.proof import ProofConfig, _job, held_out_world, load_model, load_proof_config, log, run, run_trainer
+from evals.sampler import SamplingSettings, decode, denoise, generate, initial_noise
+from train.flux import pack_latents
+from train.model import vae_scale_factor
+from train.run_dir import RunDir
+from train.text import PromptEmbeds
+
+# One object token: [shape | colour | position | size | object flag | background flag]; the background token sets
+# its colour in the colour block and the last flag. 7 + 12 + 9 + 2 + 2 = 32 = the tiny T5's width.
+_BLOCKS = {"shape": list(SHAPES), "colour": sorted(COLOURS), "position": list(POSITIONS), "size": sorted(SIZES)}
+_OFFSET = {}
+_n = 0
+for _k, _v in _BLOCKS.items():
+    _OFFSET[_k] = _n
+    _n += len(_v)
+OBJECT_FLAG, BACKGROUND_FLAG = _n, _n + 1
+TOKEN_DIM = _n + 2
+ONEHOT_TOKENS = 4  # up to 3 objects and the background
+ONEHOT_SCALE = 3.0  # about the per-token norm of the tiny T5's output (5.7), so the context embedder starts alike
+
+
+def onehot_tokens(attrs: dict, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """World attributes -> (context tokens (n_objects + 1, dim), pooled (dim_pooled = dim,)), both scaled."""
+    if dim < TOKEN_DIM:
+        raise ValueError(f"text width {dim} < {TOKEN_DIM}: the one-hot attribute token does not fit")
+    rows = []
+    for obj in attrs["objects"]:
+        t = torch.zeros(dim)
+        for k, values in _BLOCKS.items():
+            t[_OFFSET[k] + values.index(obj[k])] = 1.0
+        t[OBJECT_FLAG] = 1.0
+        rows.append(t)
+    bg = torch.zeros(dim)
+    bg[_OFFSET["colour"] + _BLOCKS["colour"].index(attrs["background"])] = 1.0
+    bg[BACKGROUND_FLAG] = 1.0
+    rows.append(bg)
+    tokens = torch.stack(rows) * ONEHOT_SCALE
+    return tokens, tokens[0].clone()
+
+
+def _widths(model_dir: Path) -> tuple[int, int]:
+    t5 = json.loads((model_dir / "text_encoder_2" / "config.json").read_text())["d_model"]
+    pooled = json.loads((model_dir / "text_encoder" / "config.json").read_text())["hidden_size"]
+    return t5, pooled
+
+
+def write_onehot_dataset(model_dir: Path, src: Path, out: Path, *, resolution: int, batch: int = 64) -> Path:
+    """The world's shards (`src`, with their `attributes` column) as a precomputed dataset: the VAE's latent means of
+    the images, the one-hot attribute tokens in place of T5 states, the main object's token as the pooled vector."""
+    t5_dim, pooled_dim = _widths(model_dir)
+    if pooled_dim != t5_dim:
+        raise ValueError(f"{model_dir}: the one-hot ablation needs equal T5 and CLIP widths, got {t5_dim}, {pooled_dim}")
+    enc = Encoders(model_dir, torch.device("cpu"), torch.float32)
+    spec = BucketSpec(resolution=resolution, square=True)
+    max_tokens = ONEHOT_TOKENS
+    opts = PrecomputeOptions(latents="mean", dtype="fp32", max_text_tokens=max_tokens)
+    vae_cfg = json.loads((model_dir / "vae" / "config.json").read_text())
+    settings = {
+        "kind": "precomputed", "spec": {"resolution": resolution, "square": True}, "buckets": spec.table(),
+        "precompute": {"model": str(model_dir.resolve()), "latents": "mean", "dtype": "fp32", "model_dtype": "fp32",
+                       "max_text_tokens": max_tokens, "caption_key": "caption", "image_key": "image",
+                       "keep_image": False, "vae_shift_factor": vae_cfg.get("shift_factor"),
+                       "vae_scaling_factor": vae_cfg.get("scaling_factor"), "conditioning": "onehot-attributes"},
+    }
+
+    def flush(rows: list[dict], writers) -> None:
+        pixels = to_tensor([Image.open(io.BytesIO(r["image"])).convert("RGB") for r in rows])
+        means, _ = enc.latents(pixels)
+        for r, mean in zip(rows, means):
+            tokens, pooled = onehot_tokens(r["attributes"], t5_dim)
+            writers.write(0, {"caption": r["caption"], "key": r["key"], "width": resolution, "height": resolution,
+                              "bucket": 0, "t5_len": len(tokens), "latent_mean": to_store(mean, "fp32"),
+                              "t5": to_store(tokens, "fp32"), "pooled": to_store(pooled, "fp32")})
+
+    def handle_part(samples, writers, skip_log, progress) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        empty = out / "empty_prompt.safetensors"
+        if not empty.is_file():  # caption dropout's unconditional input: no attribute at all
+            save_file({"t5": torch.zeros(1, t5_dim), "pooled": torch.zeros(pooled_dim)}, str(empty))
+        rows = []
+        for s in samples:
+            attrs = s["attributes"] if isinstance(s["attributes"], dict) else json.loads(s["attributes"])
+            rows.append({**s, "attributes": attrs})
+            if len(rows) == batch:
+                flush(rows, writers)
+                skip_log.converted += len(rows)
+                progress(len(rows))
+                rows = []
+        if rows:
+            flush(rows, writers)
+            skip_log.converted += len(rows)
+            progress(len(rows))
+
+    run_parts(src, out, settings=settings, shard_index=0, num_shards=1, handle_part=handle_part,
+              columns=columns(opts, "fp32"), progress_bar=False, desc="one-hot attributes")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- adherence curves
+
+
+def onehot_embeds(attrs: list[dict], dim: int) -> tuple[PromptEmbeds, PromptEmbeds]:
+    """(cond, uncond) for a batch of single-object eval samples: [object, background] tokens, and the empty input."""
+    pairs = [onehot_tokens(a, dim) for a in attrs]
+    t5 = torch.stack([t for t, _ in pairs])
+    n, length = t5.shape[:2]
+    cond = PromptEmbeds(t5, torch.ones(n, length, dtype=torch.bool), torch.stack([p for _, p in pairs]), (length,) * n)
+    uncond = PromptEmbeds(torch.zeros(n, 1, dim), torch.ones(n, 1, dtype=torch.bool), torch.zeros(n, dim), (1,) * n)
+    return cond, uncond
+
+
+def sample_onehot(m, attrs: list[dict], s: SamplingSettings) -> list[Image.Image]:
+    """`evals.sampler.generate` with the one-hot attribute tokens in place of the text encoders (same noise seeds)."""
+    h = w = s.resolution // vae_scale_factor(m.vae)
+    noise = torch.cat([initial_noise((1, m.vae.config.latent_channels, h, w), s.seed + j) for j in range(len(attrs))])
+    cond, uncond = onehot_embeds(attrs, m.transformer.config.joint_attention_dim)
+    packed = denoise(m.transformer, pack_latents(noise).to(m.device), cond, uncond if s.cfg_scale != 1.0 else None, s,
+                     latent_hw=(h, w), dtype=m.dtype)
+    return decode(m.vae, packed, (h, w))
+
+
+def checkpoint_curves(cfg: ProofConfig, run_dir: Path, judge, world: dict, *, onehot: bool) -> list[dict]:
+    """Per-attribute adherence of every checkpoint of `run_dir`: cfg.eval's scales, 28 steps (the largest of
+    cfg.eval.steps), cfg.eval.repeats noise seeds, on the proof's held-out prompts."""
+    labels = {k: torch.tensor([labels_of(a)[k] for _, a in world["eval"]]) for k in ATTRS}
+    attrs = [a for _, a in world["eval"]]
+    rows = []
+    for step, ckpt in RunDir(run_dir).step_dirs():
+        m = load_model(ckpt)
+        for scale in cfg.eval.cfg_scales:
+            accs = []
+            for r in range(cfg.eval.repeats):
+                s = SamplingSettings(steps=max(cfg.eval.steps), cfg_scale=scale, resolution=cfg.resolution,
+                                     seed=100_000 * (r + 1), max_text_tokens=cfg.max_text_tokens, batch_size=256)
+                images = (sample_onehot(m, attrs, s) if onehot
+                          else generate(m.transformer, m.vae, m.text, world["eval_prompts"], s, dtype=m.dtype))
+                accs.append(accuracy(judge_images(judge, to_tensor(images))[1], labels))
+            row = {"step": step, "cfg": scale, **{k: float(np.mean([a[k] for a in accs])) for k in accs[0]}}
+            rows.append(row)
+            log(f"[ablate] step {step} cfg {scale}: " + " ".join(f"{k} {v:.3f}" for k, v in row.items()
+                                                                  if k not in ("step", "cfg")))
+    return rows
+
+
+def curves_table(rows: list[dict]) -> str:
+    keys = ["mean", *ATTRS]
+    lines = ["| step | cfg | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    lines += [f"| {r['step']} | {r['cfg']:g} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------- driver
+
+
+def run_ablation(cfg: ProofConfig, *, conditioning: str, every: int) -> list[dict]:
+    """The proof's world, judge and VAE stages (reused when out_dir holds them), then a teacher with `conditioning`
+    (text: the proof's; onehot: the attribute tokens) keeping a checkpoint every `every` steps, then its curves."""
+    if conditioning not in ("text", "onehot"):
+        raise ValueError(f"--conditioning: '{conditioning}' is not one of text, onehot")
+    if every < 1:
+        raise ValueError(f"--every: must be >= 1, got {every}")
+    run(cfg, until="vae")
+    out = Path(cfg.out_dir)
+    world = {**held_out_world(cfg), "data": out / "data"}
+    data = world["data"]
+    if conditioning == "onehot":
+        data = out / "onehot_data"
+        if not (data / "buckets.json").is_file():
+            write_onehot_dataset(out / "pipeline", out / "data", data, resolution=cfg.resolution)
+    run_dir = out / f"teacher_{conditioning}"
+    if not RunDir(run_dir).step_dirs():
+        objective = {"max_text_tokens": ONEHOT_TOKENS} if conditioning == "onehot" else None
+        job = _job(cfg, run_dir=run_dir, model_path=out / "pipeline", data=data, budget=cfg.teacher, adapter="full",
+                   objective=objective)
+        job = replace(job, checkpoint=replace(job.checkpoint, every_steps=every,
+                                              keep_last=cfg.teacher.steps // every + 1))
+        t0 = time.time()
+        run_trainer(job, cfg.teacher.nproc)
+        log(f"[ablate] teacher ({conditioning}) trained in {time.time() - t0:.0f}s")
+    rows = checkpoint_curves(cfg, run_dir, load_judge(out / "judge.safetensors"), world,
+                             onehot=conditioning == "onehot")
+    (out / f"curves_{conditioning}.json").write_text(json.dumps(rows, indent=2))
+    (out / f"curves_{conditioning}.md").write_text(curves_table(rows) + "\n")
+    log(curves_table(rows))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m evals.experiments.ablate", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=None, help="a configs/proof*.yaml preset (its world, judge, VAE and teacher)")
+    p.add_argument("--conditioning", default="onehot", help="text (the proof's captions) or onehot (the attributes)")
+    p.add_argument("--every", type=int, default=250, help="keep a checkpoint every N teacher steps (the curves)")
+    p.add_argument("--smoke", action="store_true", help="the proof's --smoke sizes (for the test suite)")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. out_dir=runs/abl teacher.steps=1500")
+    a = p.parse_args(argv)
+    try:
+        run_ablation(load_proof_config(a.config, smoke=a.smoke, overrides=a.overrides), conditioning=a.conditioning,
+                     every=a.every)
+    except ValueError as e:
+        print(f"ablate: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
