@@ -190,6 +190,29 @@ def curves_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def colour_roles(cfg: ProofConfig, model_path: Path, judge, world: dict, *, cfg_scale: float = 5.0) -> dict:
+    """Does a text-conditioned model know which colour word names the object and which the background? Each held-out
+    prompt names two distinct colours. Returns, for the judge's reading of the object colour and of the background,
+    the fraction of images in which it is the colour the prompt gives that role (`right`), the colour the prompt gives
+    the other role (`swapped`), or neither. A model that reads the colour words but not their roles puts the two on
+    a par; chance is 1/12 for each."""
+    m = load_model(model_path)
+    attrs = [a for _, a in world["eval"]]
+    obj = torch.tensor([ATTRS["colour"].index(a["objects"][0]["colour"]) for a in attrs])
+    bg = torch.tensor([ATTRS["background"].index(a["background"]) for a in attrs])
+    out = {}
+    for r in range(cfg.eval.repeats):
+        s = SamplingSettings(steps=max(cfg.eval.steps), cfg_scale=cfg_scale, resolution=cfg.resolution,
+                             seed=100_000 * (r + 1), max_text_tokens=cfg.max_text_tokens, batch_size=256)
+        _, preds = judge_images(judge, to_tensor(generate(m.transformer, m.vae, m.text, world["eval_prompts"], s,
+                                                           dtype=m.dtype)))
+        for role, named, other in (("colour", obj, bg), ("background", bg, obj)):
+            got = torch.as_tensor(preds[role])
+            for k, v in (("right", (got == named).float().mean()), ("swapped", (got == other).float().mean())):
+                out.setdefault(f"{role}_{k}", []).append(float(v))
+    return {k: float(np.mean(v)) for k, v in out.items()}
+
+
 # ---------------------------------------------------------------------------------------------------------- driver
 
 
@@ -231,12 +254,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", default=None, help="a configs/proof*.yaml preset (its world, judge, VAE and teacher)")
     p.add_argument("--conditioning", default="onehot", help="text (the proof's captions) or onehot (the attributes)")
     p.add_argument("--every", type=int, default=250, help="keep a checkpoint every N teacher steps (the curves)")
+    p.add_argument("--roles", default=None, metavar="MODEL",
+                   help="only measure MODEL's colour roles (colour_roles) on the held-out prompts, at cfg 5")
     p.add_argument("--smoke", action="store_true", help="the proof's --smoke sizes (for the test suite)")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. out_dir=runs/abl teacher.steps=1500")
     a = p.parse_args(argv)
     try:
-        run_ablation(load_proof_config(a.config, smoke=a.smoke, overrides=a.overrides), conditioning=a.conditioning,
-                     every=a.every)
+        cfg = load_proof_config(a.config, smoke=a.smoke, overrides=a.overrides)
+        if a.roles:
+            judge = load_judge(Path(cfg.out_dir) / "judge.safetensors")
+            log(json.dumps(colour_roles(cfg, Path(a.roles), judge, held_out_world(cfg))))
+        else:
+            run_ablation(cfg, conditioning=a.conditioning, every=a.every)
     except ValueError as e:
         print(f"ablate: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

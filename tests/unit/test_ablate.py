@@ -12,8 +12,9 @@ from streaming import StreamingDataset
 
 from dataset_tools.tiny_data import COLOURS, POSITIONS, SHAPES, SIZES
 from evals.experiments import ablate
-from evals.experiments.judge import to_tensor
-from evals.experiments.proof import load_proof_config
+from evals.experiments.judge import judge_images, load_judge, to_tensor
+from evals.experiments.proof import held_out_world, load_model, load_proof_config, run
+from evals.sampler import SamplingSettings, generate
 from train.config import DataConfig
 from train.data import build_loader
 from train.model import load_vae
@@ -80,3 +81,27 @@ def test_driver_trains_onehot_and_reads_every_checkpoint(tmp_path):
     assert (out / "curves_onehot.md").read_text().count("\n") == 2 + len(rows)
     with pytest.raises(ValueError, match="--conditioning: 'pooled'"):
         ablate.run_ablation(cfg, conditioning="pooled", every=1)
+
+
+def test_colour_roles_counts_each_role_against_the_prompt(tmp_path):
+    """On the smoke world's untrained pipeline: the fractions equal the judge's readings of the same images compared
+    with each prompt's object colour and background, by hand."""
+    cfg = load_proof_config(None, smoke=True, overrides=[f"out_dir={tmp_path / 'abl'}", "eval.repeats=1"])
+    run(cfg, until="vae")
+    out = tmp_path / "abl-smoke"
+    judge, world = load_judge(out / "judge.safetensors"), held_out_world(cfg)
+    got = ablate.colour_roles(cfg, out / "pipeline", judge, world, cfg_scale=2.0)
+    m = load_model(out / "pipeline")
+    s = SamplingSettings(steps=max(cfg.eval.steps), cfg_scale=2.0, resolution=cfg.resolution, seed=100_000,
+                         max_text_tokens=cfg.max_text_tokens, batch_size=256)
+    _, preds = judge_images(judge, to_tensor(generate(m.transformer, m.vae, m.text, world["eval_prompts"], s,
+                                                      dtype=m.dtype)))
+    n = len(world["eval"])
+    objs = [a["objects"][0]["colour"] for _, a in world["eval"]]
+    bgs = [a["background"] for _, a in world["eval"]]
+    colours = sorted(COLOURS)
+    want = {"colour_right": sum(colours[p] == o for p, o in zip(preds["colour"], objs)) / n,
+            "colour_swapped": sum(colours[p] == b for p, b in zip(preds["colour"], bgs)) / n,
+            "background_right": sum(colours[p] == b for p, b in zip(preds["background"], bgs)) / n,
+            "background_swapped": sum(colours[p] == o for p, o in zip(preds["background"], objs)) / n}
+    assert got == pytest.approx(want)
