@@ -20,15 +20,16 @@ if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
 
 
-SHARED_RUNS = ("slurm_cluster", "reference_run")
-"""Session fixtures that start a cluster or train a run: the tests using them share one xdist worker."""
+SHARED_RUNS = ("slurm_cluster",)
+"""Session fixtures that only one worker may hold: the local SLURM cluster (one slurmctld, one state directory)."""
 
 
 def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (`make test`'s default, `-n 2 --dist loadgroup`) each worker builds the fixtures its tests
-    need, so a costly fixture is built once only if the tests using it run on one worker:
-    - the tests on the local SLURM cluster and those comparing with the reference run share one worker (one cluster,
-      one reference training); the documented commands that submit to the cluster say so themselves;
+    """Under pytest-xdist (`make test`'s default, `-n 2 --dist loadgroup`) each worker builds the session fixtures its
+    tests need, and a module's fixtures are built once only if its tests run on one worker:
+    - the tests on the local SLURM cluster share one worker (one cluster); the documented commands that submit to it
+      say so themselves. The reference run is not grouped: a worker that needs it trains its own (half a minute),
+      which costs less than holding every resume test on one worker behind the SLURM jobs;
     - the tests of a module with a module-scoped fixture (a tiny training, an exported pipeline) stay together."""
     for item in items:
         names = getattr(item, "fixturenames", ())
