@@ -389,6 +389,17 @@ CASES: dict[str, Run | Skip | Covered] = {
     "python -m evals.experiments.proof --config configs/proof-dev-cpu.yaml":
         skip("about 45 min on 2 cores from the toy-schnell build; test_proof_smoke.py::"
              "test_proof_dev_smoke_runs_both_objectives_on_the_toy_dev runs every stage of it"),
+    "python -m evals.experiments.ablate --config configs/proof-cpu.yaml --conditioning text --every 300 "
+    "out_dir=runs/abl-text teacher.steps=1500":
+        covered("tests/unit/test_ablate.py::test_driver_trains_and_reads_every_checkpoint",
+                "the same driver at the proof's --smoke sizes (about 25 min at these); it checks every checkpoint's rows"),
+    "python -m evals.experiments.ablate --config configs/proof-cpu.yaml --conditioning onehot --every 300 "
+    "out_dir=runs/abl-onehot teacher.steps=1500":
+        covered("tests/unit/test_ablate.py::test_driver_trains_and_reads_every_checkpoint",
+                "the same driver at the proof's --smoke sizes (about 20 min at these); it checks every checkpoint's rows"),
+    "python -m evals.experiments.ablate --config configs/proof-cpu.yaml --roles MODEL out_dir=...":
+        covered("tests/unit/test_ablate.py::test_colour_roles_counts_each_role_against_the_prompt",
+                "MODEL and out_dir are placeholders; that test runs colour_roles on the smoke world and recounts it"),
     "python -m evals.experiments.proof --config configs/proof-cpu.yaml --smoke":
         covered("tests/system/test_proof_smoke.py::test_proof_smoke_produces_the_table",
                 "runs this config's --smoke stages (in process) and checks every row of its table and each stage"),

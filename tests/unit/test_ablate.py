@@ -71,14 +71,17 @@ def test_onehot_dataset_reaches_the_trainer_batches(tiny_model_dir, tiny_data_di
     assert empty["t5"].shape == (1, 32) and not empty["t5"].any() and not empty["pooled"].any()
 
 
-def test_driver_trains_onehot_and_reads_every_checkpoint(tmp_path):
+@pytest.mark.parametrize("conditioning", ["onehot", "text"])
+def test_driver_trains_and_reads_every_checkpoint(tmp_path, conditioning):
     cfg = load_proof_config(None, smoke=True, overrides=[f"out_dir={tmp_path / 'abl'}", "teacher.steps=2"])
-    rows = ablate.run_ablation(cfg, conditioning="onehot", every=1)
+    rows = ablate.run_ablation(cfg, conditioning=conditioning, every=1)
     assert [(r["step"], r["cfg"]) for r in rows] == [(s, c) for s in (1, 2) for c in cfg.eval.cfg_scales]
     assert all(0 <= r[k] <= 1 for r in rows for k in ("mean", "shape", "colour", "position", "size", "background"))
     out = tmp_path / "abl-smoke"
-    assert json.loads((out / "curves_onehot.json").read_text()) == rows
-    assert (out / "curves_onehot.md").read_text().count("\n") == 2 + len(rows)
+    assert json.loads((out / f"curves_{conditioning}.json").read_text()) == rows
+    assert (out / f"curves_{conditioning}.md").read_text().count("\n") == 2 + len(rows)
+    data = out / "onehot_data"
+    assert data.is_dir() == (conditioning == "onehot")  # the text teacher trains on the world's own shards
     with pytest.raises(ValueError, match="--conditioning: 'pooled'"):
         ablate.run_ablation(cfg, conditioning="pooled", every=1)
 
