@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import xdist
+from packaging.version import Version
 
 # The suite in tiers: unit/ (in process), integration/ (the CLI, torchrun, several processes), system/ (SLURM, S3,
 # the documented commands). This folder holds what every tier shares (tiny_runs, tiny_nets, the helper scripts,
@@ -24,6 +26,7 @@ SHARED_RUNS = ("slurm_cluster",)
 """Session fixtures that only one worker may hold: the local SLURM cluster (one slurmctld, one state directory)."""
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the node ids
 def pytest_collection_modifyitems(items):
     """Under pytest-xdist (`make test`'s default, `-n 2 --dist loadgroup`) each worker builds the session fixtures its
     tests need, and a module's fixtures are built once only if its tests run on one worker:
@@ -39,6 +42,28 @@ def pytest_collection_modifyitems(items):
         defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
         if any(d.scope == "module" for fixture in defs.values() for d in fixture):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+_GROUPS_LOST = ("--dist loadgroup cannot group tests with pytest {pytest} and pytest-xdist {xdist} (pytest-xdist issue "
+                "1386: every worker would rebuild every module's fixtures); install the pins: pip install -c "
+                "constraints.txt -e '.[dev]'")
+
+
+def pytest_configure(config):
+    """On the controller, before any worker starts: refuse the pytest/pytest-xdist pair whose loadgroup is broken."""
+    if config.getoption("dist", "no") != "loadgroup" or hasattr(config, "workerinput"):
+        return
+    if Version(pytest.__version__) >= Version("9.2") and Version(xdist.__version__) <= Version("3.8.0"):
+        raise pytest.UsageError(_GROUPS_LOST.format(pytest=pytest.__version__, xdist=xdist.__version__))
+
+
+@pytest.hookimpl(trylast=True, specname="pytest_collection_modifyitems")  # after xdist's own hook
+def pytest_collection_modifyitems_check_groups(config, items):
+    """On each worker: the groups did reach the node ids (the check above is by version; this one by effect)."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    if any(any(i.iter_markers("xdist_group")) and "@" not in i.nodeid for i in items):
+        raise pytest.UsageError(_GROUPS_LOST.format(pytest=pytest.__version__, xdist=xdist.__version__))
 
 
 @pytest.fixture(autouse=True)
