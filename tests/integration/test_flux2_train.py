@@ -4,6 +4,7 @@ path), stop and resume bitwise, and sample as the stock Flux2KleinPipeline does 
 
 import dataclasses
 import os
+import shutil
 import signal
 
 import diffusers
@@ -136,8 +137,8 @@ def test_lora_export_loads_in_the_stock_pipeline(model_dir, tiny_data_dir, tmp_p
 
 @pytest.mark.slow
 def test_flux2_trains_under_torchrun_and_resumes_bitwise(model_dir, tiny_data_dir, tmp_path):
-    """2 gloo ranks under torchrun (the blocks and the shared modulation sharded): 4 straight steps equal 2 steps,
-    a stop, and a resumed run to 4, bitwise."""
+    """2 gloo ranks under torchrun (the blocks and the shared modulation sharded): 4 straight steps equal a run
+    resumed to 4 from the straight run's step-2 checkpoint, in a fresh run dir, bitwise."""
     kind = "full" if "klein" in str(model_dir) else "lokr"
 
     def over(run, steps):
@@ -147,8 +148,12 @@ def test_flux2_trains_under_torchrun_and_resumes_bitwise(model_dir, tiny_data_di
                  "optim.schedule": "constant", "optim.warmup_steps": 0}
         return [f"{k}={v}" for k, v in items.items()]
 
-    tiny_runs.run(tiny_runs.torchrun_cmd(tiny_runs.CONFIG, *over(tmp_path / "straight", 4)))
-    tiny_runs.run(tiny_runs.torchrun_cmd(tiny_runs.CONFIG, *over(tmp_path / "resumed", 2)))
-    tiny_runs.run(tiny_runs.torchrun_cmd(tiny_runs.CONFIG, *over(tmp_path / "resumed", 4)))
-    state = tiny_runs.assert_same_state(tiny_runs.ckpt(tmp_path / "straight", 4), tiny_runs.ckpt(tmp_path / "resumed", 4))
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    tiny_runs.run(tiny_runs.torchrun_cmd(tiny_runs.CONFIG, *over(straight, 4)))
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(straight / "config.yaml", resumed / "config.yaml")
+    shutil.copytree(tiny_runs.ckpt(straight, 2), tiny_runs.ckpt(resumed, 2))
+    r = tiny_runs.run(tiny_runs.torchrun_cmd(tiny_runs.CONFIG, *over(resumed, 4)))
+    assert "resumed from" in r.stdout and "step_00000002" in r.stdout, r.stdout[-2000:]
+    state = tiny_runs.assert_same_state(tiny_runs.ckpt(straight, 4), tiny_runs.ckpt(resumed, 4))
     assert any(k.startswith("model.") for k in state)
