@@ -234,15 +234,18 @@ CASES: dict[str, Run | Skip | Covered] = {
                                    "launch.torchrun restart and timeout paths on 2 gloo ranks"),
     "sbatch slurm/train.sbatch": skip("a fragment in prose: the script the sbatch lines here submit"),
     "dedistill export --checkpoint /shared/runs/lora --out /shared/exports/x-lora-kohya --format lora --lora-layout "
-    "kohya": run(creates=("{tmp}/out/shared/exports/x-lora-kohya/lora_kohya.safetensors",)),
+    "kohya": covered("tests/integration/test_export_single_file.py::test_cli_kohya_lora_loads_in_diffusers_like_the_peft_lora",
+                     "runs this export on a LoRA run and loads the file with diffusers' load_lora_weights"),
     "dedistill export --checkpoint /shared/runs/x --out /shared/exports/x-bfl --format bfl":
-        run(paths={"/shared/runs/x": "{run}"}, creates=("{tmp}/out/shared/exports/x-bfl/flux1-dedistill.safetensors",)),
+        covered("tests/integration/test_export_single_file.py::test_cli_bfl_file_is_the_diffusers_export_in_bfl_keys",
+                "runs this export on a run dir and checks every key against the diffusers export (README.md's bfl "
+                "line runs too)"),
     "python bench/masked_vs_stock.py --out /tmp/masked_vs_stock":
         skip("about 10 min (a 100-step run, then both pipelines); tests/integration/test_export_pipeline.py makes the same "
              "comparison on an 8-step run"),
     "dedistill export --checkpoint /shared/runs/libreflux-8n --out /shared/exports/libreflux-lycoris --format lycoris":
-        run(paths={"/shared/runs/libreflux-8n": "{run}"},
-            creates=("{tmp}/out/shared/exports/libreflux-lycoris/lycoris_lokr.safetensors",)),
+        covered("tests/integration/test_lycoris_format_cli.py::test_lycoris_export_loads_with_create_lycoris_from_weights",
+                "runs this export on a LoKr run and loads it with LyCORIS (README.md's lycoris line runs too)"),
 
     "dedistill submit configs/libreflux.yaml --nodes 8 --gpus-per-node 8 model.path=... data.remote=... "
     "data.local=...":
@@ -264,7 +267,8 @@ CASES: dict[str, Run | Skip | Covered] = {
     "dedistill export --checkpoint /shared/runs/x/checkpoints/step_00016000 --out /shared/exports/x --format diffusers":
         run(creates=("{tmp}/out/shared/exports/x/model_index.json",)),
     "dedistill export --checkpoint /shared/runs/lora --out /shared/exports/x-lora --format lora":
-        run(creates=("{tmp}/out/shared/exports/x-lora/pytorch_lora_weights.safetensors",)),
+        covered("tests/integration/test_export_single_file.py::test_cli_kohya_lora_loads_in_diffusers_like_the_peft_lora",
+                "runs this export on a LoRA run and loads the file with diffusers' load_lora_weights"),
     "cp -r /datasets/FLUX.1-schnell /shared/models/": skip("copies the user's own model download; nothing to copy here"),
     "jid=$(sbatch --parsable --array=0-63 slurm/convert_array.sbatch --source /shared/data/raw --out /shared/mds)":
         skip("the same as cluster.md:45 with 64 slices instead of 32"),
@@ -279,7 +283,9 @@ CASES: dict[str, Run | Skip | Covered] = {
                 + WHY_LIBREFLUX,
             creates=("{tmp}/shared/runs/libreflux-8n/checkpoints/step_00000002/COMPLETE",)),
     "dedistill export --checkpoint /shared/runs/libreflux-8n --out /shared/exports/libreflux --format diffusers":
-        run(paths={"/shared/runs/libreflux-8n": "{run}"}, creates=("{tmp}/out/shared/exports/libreflux/transformer",)),
+        covered("tests/integration/test_photos.py::test_photos_through_the_cli_with_its_defaults",
+                "exports a run dir with this command's defaults and checks the bf16 weights and the pipeline index "
+                "(README.md's diffusers line runs too)"),
     "python tests/slurm_cluster.py start": skip("the `slurm_cluster` fixture runs this (LocalSlurmCluster.start/stop)"),
     "export SLURM_CONF=...": skip("sets the value `python tests/slurm_cluster.py start` printed"),
     "python tests/slurm_cluster.py stop BASE": skip("the `slurm_cluster` fixture runs this (LocalSlurmCluster.stop)"),
@@ -463,7 +469,8 @@ CASES: dict[str, Run | Skip | Covered] = {
     'add_k_proj, add_v_proj, to_add_out, ff.net.0.proj, ff.net.2, ff_context.net.0.proj, ff_context.net.2, '
     'proj_mlp, proj_out, norm1.linear, norm1_context.linear]\'': run(expect=r"factor 1"),
     "dedistill export --checkpoint runs/tiny-cpu --out demo/export-lycoris --format lycoris --dtype fp32":
-        run(paths={"runs/tiny-cpu": "{run}"}, creates=("{tmp}/out/demo/export-lycoris/lycoris_lokr.safetensors",)),
+        covered("tests/integration/test_lycoris_format_cli.py::test_lycoris_export_loads_with_create_lycoris_from_weights",
+                "runs this export (--format lycoris --dtype fp32) on a LoKr run and loads it with LyCORIS"),
     "dedistill train configs/tiny-cpu.yaml model.path=demo/model ...": skip("a fragment: names the quickstart's "
                                                                             "LoKr run, run above"),
     "dedistill train configs/tiny-cpu.yaml model.path=demo/model data.local=demo/data run_dir=demo/run-from-lycoris "
