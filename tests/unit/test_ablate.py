@@ -66,7 +66,8 @@ def test_onehot_dataset_reaches_the_trainer_batches(tiny_model_dir, tiny_data_di
         assert torch.equal(batch["t5"][i, :n].float(), want) and torch.equal(batch["pooled"][i].float(), pooled)
         pixels = to_tensor([Image.open(io.BytesIO(row["image"])).convert("RGB")])
         mean = (vae.encode(pixels).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
-        torch.testing.assert_close(batch["latent_mean"][i].float(), mean[0], atol=1e-5, rtol=1e-5)
+        # the writer encodes 64 images per call: batched convolutions round differently from this single image's
+        torch.testing.assert_close(batch["latent_mean"][i].float(), mean[0], atol=1e-4, rtol=1e-4)
     empty = load_file(str(out / "empty_prompt.safetensors"))  # caption dropout's input: no attribute at all
     assert empty["t5"].shape == (1, 32) and not empty["t5"].any() and not empty["pooled"].any()
 
