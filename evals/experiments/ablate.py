@@ -27,7 +27,7 @@ import io
 import json
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -93,25 +93,27 @@ def write_onehot_dataset(model_dir: Path, src: Path, out: Path, *, resolution: i
         raise ValueError(f"{model_dir}: the one-hot ablation needs equal T5 and CLIP widths, got {t5_dim}, {pooled_dim}")
     enc = Encoders(model_dir, torch.device("cpu"), torch.float32)
     spec = BucketSpec(resolution=resolution, square=True)
-    max_tokens = ONEHOT_TOKENS
-    opts = PrecomputeOptions(latents="mean", dtype="fp32", max_text_tokens=max_tokens)
+    opts = PrecomputeOptions(latents="mean", dtype="fp32", max_text_tokens=ONEHOT_TOKENS)
     vae_cfg = json.loads((model_dir / "vae" / "config.json").read_text())
-    settings = {
-        "kind": "precomputed", "spec": {"resolution": resolution, "square": True}, "buckets": spec.table(),
-        "precompute": {"model": str(model_dir.resolve()), "latents": "mean", "dtype": "fp32", "model_dtype": "fp32",
-                       "max_text_tokens": max_tokens, "caption_key": "caption", "image_key": "image",
-                       "keep_image": False, "vae_shift_factor": vae_cfg.get("shift_factor"),
+    settings = {  # the layout `dedistill data precompute` writes, so the trainer's loader reads it as its own
+        "kind": "precomputed", "spec": asdict(spec), "buckets": spec.table(),
+        "precompute": {"model": str(model_dir.resolve()), "latents": opts.latents, "dtype": opts.dtype,
+                       "model_dtype": "fp32", "max_text_tokens": opts.max_text_tokens, "caption_key": opts.caption_key,
+                       "image_key": opts.image_key, "keep_image": opts.keep_image,
+                       "vae_shift_factor": vae_cfg.get("shift_factor"),
                        "vae_scaling_factor": vae_cfg.get("scaling_factor"), "conditioning": "onehot-attributes"},
     }
 
-    def flush(rows: list[dict], writers) -> None:
+    def flush(rows: list[dict], writers, skip_log, progress) -> None:
         pixels = to_tensor([Image.open(io.BytesIO(r["image"])).convert("RGB") for r in rows])
         means, _ = enc.latents(pixels)
         for r, mean in zip(rows, means):
-            tokens, pooled = onehot_tokens(r["attributes"], t5_dim)
+            tokens, pooled = onehot_tokens(r["attributes"], t5_dim)  # MDS decodes the json column to a dict
             writers.write(0, {"caption": r["caption"], "key": r["key"], "width": resolution, "height": resolution,
-                              "bucket": 0, "t5_len": len(tokens), "latent_mean": to_store(mean, "fp32"),
-                              "t5": to_store(tokens, "fp32"), "pooled": to_store(pooled, "fp32")})
+                              "bucket": 0, "t5_len": len(tokens), "latent_mean": to_store(mean, opts.dtype),
+                              "t5": to_store(tokens, opts.dtype), "pooled": to_store(pooled, opts.dtype)})
+        skip_log.converted += len(rows)
+        progress(len(rows))
 
     def handle_part(samples, writers, skip_log, progress) -> None:
         out.mkdir(parents=True, exist_ok=True)
@@ -120,20 +122,15 @@ def write_onehot_dataset(model_dir: Path, src: Path, out: Path, *, resolution: i
             save_file({"t5": torch.zeros(1, t5_dim), "pooled": torch.zeros(pooled_dim)}, str(empty))
         rows = []
         for s in samples:
-            attrs = s["attributes"] if isinstance(s["attributes"], dict) else json.loads(s["attributes"])
-            rows.append({**s, "attributes": attrs})
+            rows.append(s)
             if len(rows) == batch:
-                flush(rows, writers)
-                skip_log.converted += len(rows)
-                progress(len(rows))
+                flush(rows, writers, skip_log, progress)
                 rows = []
         if rows:
-            flush(rows, writers)
-            skip_log.converted += len(rows)
-            progress(len(rows))
+            flush(rows, writers, skip_log, progress)
 
     run_parts(src, out, settings=settings, shard_index=0, num_shards=1, handle_part=handle_part,
-              columns=columns(opts, "fp32"), progress_bar=False, desc="one-hot attributes")
+              columns=columns(opts, opts.dtype), progress_bar=False, desc="one-hot attributes")
     return out
 
 
@@ -160,6 +157,12 @@ def sample_onehot(m, attrs: list[dict], s: SamplingSettings) -> list[Image.Image
     return decode(m.vae, packed, (h, w))
 
 
+def _eval_settings(cfg: ProofConfig, cfg_scale: float, repeat: int) -> SamplingSettings:
+    """The proof's eval sampling (its largest step count, its noise seed for `repeat`) at `cfg_scale`."""
+    return SamplingSettings(steps=max(cfg.eval.steps), cfg_scale=cfg_scale, resolution=cfg.resolution,
+                            seed=100_000 * (repeat + 1), max_text_tokens=cfg.max_text_tokens, batch_size=256)
+
+
 def checkpoint_curves(cfg: ProofConfig, run_dir: Path, judge, world: dict, *, onehot: bool) -> list[dict]:
     """Per-attribute adherence of every checkpoint of `run_dir`: cfg.eval's scales, 28 steps (the largest of
     cfg.eval.steps), cfg.eval.repeats noise seeds, on the proof's held-out prompts."""
@@ -171,8 +174,7 @@ def checkpoint_curves(cfg: ProofConfig, run_dir: Path, judge, world: dict, *, on
         for scale in cfg.eval.cfg_scales:
             accs = []
             for r in range(cfg.eval.repeats):
-                s = SamplingSettings(steps=max(cfg.eval.steps), cfg_scale=scale, resolution=cfg.resolution,
-                                     seed=100_000 * (r + 1), max_text_tokens=cfg.max_text_tokens, batch_size=256)
+                s = _eval_settings(cfg, scale, r)
                 images = (sample_onehot(m, attrs, s) if onehot
                           else generate(m.transformer, m.vae, m.text, world["eval_prompts"], s, dtype=m.dtype))
                 accs.append(accuracy(judge_images(judge, to_tensor(images))[1], labels))
@@ -202,10 +204,9 @@ def colour_roles(cfg: ProofConfig, model_path: Path, judge, world: dict, *, cfg_
     bg = torch.tensor([ATTRS["background"].index(a["background"]) for a in attrs])
     out = {}
     for r in range(cfg.eval.repeats):
-        s = SamplingSettings(steps=max(cfg.eval.steps), cfg_scale=cfg_scale, resolution=cfg.resolution,
-                             seed=100_000 * (r + 1), max_text_tokens=cfg.max_text_tokens, batch_size=256)
-        _, preds = judge_images(judge, to_tensor(generate(m.transformer, m.vae, m.text, world["eval_prompts"], s,
-                                                           dtype=m.dtype)))
+        images = generate(m.transformer, m.vae, m.text, world["eval_prompts"], _eval_settings(cfg, cfg_scale, r),
+                          dtype=m.dtype)
+        _, preds = judge_images(judge, to_tensor(images))
         for role, named, other in (("colour", obj, bg), ("background", bg, obj)):
             got = torch.as_tensor(preds[role])
             for k, v in (("right", (got == named).float().mean()), ("swapped", (got == other).float().mean())):
@@ -225,8 +226,8 @@ def run_ablation(cfg: ProofConfig, *, conditioning: str, every: int) -> list[dic
         raise ValueError(f"--every: must be >= 1, got {every}")
     run(cfg, until="vae")
     out = Path(cfg.out_dir)
-    world = {**held_out_world(cfg), "data": out / "data"}
-    data = world["data"]
+    world = held_out_world(cfg)
+    data = out / "data"
     if conditioning == "onehot":
         data = out / "onehot_data"
         if not (data / "buckets.json").is_file():
