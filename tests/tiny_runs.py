@@ -7,6 +7,7 @@ killed, requeued or run on another backend can be compared with one uninterrupte
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,6 +77,15 @@ def train_in_process(cfg, on_checkpoint=None):
 
 def ckpt(run_dir, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+
+
+def started_from(src_run, run_dir, step: int) -> Path:
+    """`run_dir` as `src_run` left it at `step`: its config and that one checkpoint, so the next start resumes there."""
+    run_dir = Path(run_dir)
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(Path(src_run) / "config.yaml", run_dir / "config.yaml")
+    shutil.copytree(ckpt(src_run, step), ckpt(run_dir, step))
+    return run_dir
 
 
 def trainable_state(path) -> dict[str, torch.Tensor]:

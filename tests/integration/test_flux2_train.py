@@ -4,7 +4,6 @@ path), stop and resume bitwise, and sample as the stock Flux2KleinPipeline does 
 
 import dataclasses
 import os
-import shutil
 import signal
 
 import diffusers
@@ -150,9 +149,7 @@ def test_flux2_trains_under_torchrun_and_resumes_bitwise(model_dir, tiny_data_di
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     tiny_runs.run(tiny_runs.torchrun_cmd(tiny_runs.CONFIG, *over(straight, 4)))
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copy(straight / "config.yaml", resumed / "config.yaml")
-    shutil.copytree(tiny_runs.ckpt(straight, 2), tiny_runs.ckpt(resumed, 2))
+    tiny_runs.started_from(straight, resumed, 2)
     r = tiny_runs.run(tiny_runs.torchrun_cmd(tiny_runs.CONFIG, *over(resumed, 4)))
     assert "resumed from" in r.stdout and "step_00000002" in r.stdout, r.stdout[-2000:]
     state = tiny_runs.assert_same_state(tiny_runs.ckpt(straight, 4), tiny_runs.ckpt(resumed, 4))

@@ -7,7 +7,6 @@ uninterrupted one. Catches the shape, rope and width bugs the tiny dims hide.
 Costly on CPU (fp32 compute: CPUs without AVX512-BF16 emulate bf16 matmuls; the FSDP all-gathers of a 3072-wide block
 go through gloo; about 3 GB of RAM per rank): several minutes on 2 shared cores, not the minute a GPU box takes."""
 
-import shutil
 import subprocess
 import sys
 
@@ -58,9 +57,7 @@ def test_full_width_lokr_step_checkpoint_and_bitwise_resume(full_width, tmp_path
 
     # resume from a's step-1 checkpoint in a fresh run dir; step 2 must be a's step 2, bit for bit
     b = tmp_path / "b"
-    (b / "checkpoints").mkdir(parents=True)
-    shutil.copy(a / "config.yaml", b / "config.yaml")
-    shutil.copytree(tiny_runs.ckpt(a, 1), tiny_runs.ckpt(b, 1))
+    tiny_runs.started_from(a, b, 1)
     r = _train(model, data, b, steps=2)
     assert "resumed from" in r.stdout and "step_00000001" in r.stdout
     tiny_runs.assert_same_state(tiny_runs.ckpt(a, 2), tiny_runs.ckpt(b, 2))

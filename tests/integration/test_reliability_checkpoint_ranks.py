@@ -125,9 +125,7 @@ def test_two_ranks_disk_full_both_stop_with_the_path_no_hang(small_disk, tiny_mo
     extra = {"checkpoint.async_save": async_save}
     # the run as its first two steps leave it: the reference run's step-2 checkpoint (the same job, bitwise; the async
     # save writes the same bytes, test_async_checkpoint.py) and its config
-    (run_dir / "checkpoints").mkdir(parents=True)
-    shutil.copy(reference_run / "config.yaml", run_dir / "config.yaml")
-    shutil.copytree(tiny_runs.ckpt(reference_run, 2), tiny_runs.ckpt(run_dir, 2))
+    tiny_runs.started_from(reference_run, run_dir, 2)
     filler = fill(small_disk, leave=1_200_000)  # both rank files and part of the shards
     r = tiny_runs.run(tiny_runs.torchrun_cmd(tiny_runs.CONFIG, *tiny_runs.overrides(
         tiny_model_dir, tiny_data_dir, run_dir, **extra)), check=False, timeout=300)
