@@ -11,7 +11,6 @@ from pathlib import Path
 from dataset_tools import buckets, convert
 from dataset_tools.buckets import BucketSpec, bucket_dataset, default_step_help
 from dataset_tools.inspect_mds import inspect_dataset, render_text
-from dataset_tools.precompute import PrecomputeOptions, precompute
 
 
 def _bytes(text: str, key: str = "--shard-size") -> int:
@@ -61,6 +60,9 @@ def cmd_bucket(a) -> None:
 
 
 def cmd_precompute(a) -> None:
+    # deferred: precompute imports torch and the model code (seconds); `dedistill --help` imports this module
+    from dataset_tools.precompute import PrecomputeOptions, precompute
+
     spec = BucketSpec(resolution=a.resolution, step=a.bucket_step, max_aspect=a.max_aspect, square=a.square)
     opts = PrecomputeOptions(latents=a.latents, dtype=a.dtype, max_text_tokens=a.max_text_tokens,
                              batch_size=a.batch_size, device=a.device, model_dtype=a.model_dtype,

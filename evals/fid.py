@@ -22,7 +22,6 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from evals.inception import inception_features, load_inception
 from train.data import resize_center_crop
 from train.images import open_rgb, to_rgb
 from train.outputs import atomic_write
@@ -187,6 +186,9 @@ def stats_of_images(
 ) -> Stats:
     """Stream PIL images (any iterable) through Inception in batches; `resize_to` > 0 first centre-crops and resizes
     each image to that square size (the trainer's preprocessing)."""
+    # deferred: evals.inception imports torchvision (~1.3 s per process); only a run that computes FID pays it
+    from evals.inception import inception_features
+
     feats, batch = [], []
     bar = None
     if progress:
@@ -276,6 +278,8 @@ def register(sub) -> None:
 
 def cmd_fid(a) -> None:
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from evals.inception import load_inception  # deferred: torchvision's import, see stats_of_images
+
     model = load_inception(a.weights, device=device, key="--weights")
 
     def stats_of(p: str, which: str) -> Stats:

@@ -30,7 +30,6 @@ from tqdm import tqdm
 
 from evals.clip_score import CLIPScorer, clip_score_from_cosines
 from evals.fid import Stats, fid_from_stats, open_mds, reference_stats, source_kind
-from evals.inception import inception_features, load_inception
 from evals.report import update_run_plots
 from evals.sampler import generate, make_grid
 from train.config import (
@@ -333,6 +332,9 @@ def sample_and_measure(
     batches at a time and dropped, so memory stays flat at any num_samples. Returns on rank 0:
     {"features": (N, dims) | None, "cosines": (N,) | None, "grid": [first grid_n images]}; None on other ranks.
     """
+    # deferred: evals.inception imports torchvision (~1.3 s per process); a suite without FID never needs it
+    from evals.inception import inception_features
+
     start, stop = shard_range(len(prompts), rank, world)
     chunk = sampler_settings.batch_size * 4
     feats, cos, grid = [], [], []
@@ -442,6 +444,8 @@ def _scorers(suite: SuiteConfig, *, device: torch.device, rank: int) -> tuple[Sc
     sc = suite.sampling
     scorers = Scorers(dims=suite.fid.dims, fid_batch=suite.fid.batch_size, clip_batch=suite.clip.batch_size)
     if suite.fid.inception_weights:
+        from evals.inception import load_inception  # deferred: torchvision's import, see the sampling loop
+
         scorers.inception = load_inception(suite.fid.inception_weights, device=device)
     if suite.clip.model:
         scorers.clip = CLIPScorer(suite.clip.model, device=device)

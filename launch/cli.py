@@ -192,20 +192,32 @@ def build_parser() -> argparse.ArgumentParser:
 # Commands whose key=value overrides may come before or after their options (registered by other packages).
 _INTERMIXED = ("submit", "eval")
 
-# Other packages register their subcommands here (data, submit, eval, fid, export) without editing this file's body.
+# Other packages register their subcommands here (data, submit, eval, fid, export, ...) without editing this file's
+# body: command -> the module whose `register(sub)` adds it. main() imports only the module of the command it runs (a
+# training rank does not pay for the eval or export code's imports); `--help` and unknown commands import them all.
+_EXTENSION_MODULES = {
+    "data": "dataset_tools.cli", "submit": "launch.submit_cli", "eval": "evals.cli", "fid": "evals.cli",
+    "export": "launch.export_cli", "describe": "launch.describe", "plan": "launch.plan_cli", "prune": "launch.prune",
+    "checkpoint": "launch.checkpoint_cli",
+}
+_BUILTIN = ("tiny-model", "tiny-data", "train", "sample", "demo")
 _EXTENSIONS: list = []
 
 
-def _load_extensions() -> None:
+def _load_extensions(command: str | None = None) -> None:
+    """Register the extension that adds `command`; every extension when `command` is None or unknown."""
     _EXTENSIONS.clear()  # main() may run more than once in a process (tests): register each subcommand once
-    for module in ("dataset_tools.cli", "launch.submit_cli", "evals.cli", "launch.export_cli", "launch.describe",
-                   "launch.plan_cli", "launch.prune", "launch.checkpoint_cli"):
+    if command in _BUILTIN:
+        return
+    modules = [_EXTENSION_MODULES[command]] if command in _EXTENSION_MODULES else _EXTENSION_MODULES.values()
+    for module in dict.fromkeys(modules):
         _EXTENSIONS.append(importlib.import_module(module).register)
 
 
 def main(argv: list[str] | None = None) -> None:
     quiet_torchao_noise()  # before any subcommand imports diffusers (train/quiet.py says which two lines, and why)
-    _load_extensions()
+    words = sys.argv[1:] if argv is None else argv
+    _load_extensions(next((w for w in words if not w.startswith("-")), None))  # the top level has no option values
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
