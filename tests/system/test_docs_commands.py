@@ -3,8 +3,10 @@
 `tests/doc_commands.py` collects the commands (its docstring says what counts as one). Each has one entry in CASES,
 keyed by its text exactly as the docs show it:
 
-- `run(...)`: run it with bash in a scratch checkout (symlinks to this repo's top-level files, so `configs/...`,
-  `slurm/...` and relative outputs such as `runs/x` or `cat.png` resolve there), with the documented flags and
+- `run(...)`: run it in a scratch checkout (symlinks to this repo's top-level files, so `configs/...`,
+  `slurm/...` and relative outputs such as `runs/x` or `cat.png` resolve there): with bash, or, when it is one plain
+  `dedistill` command of IN_PROCESS, through launch.cli.main in the test process (what the console script calls,
+  without a new Python importing torch and diffusers for each of some thirty commands), with the documented flags and
   defaults. Only paths change, by the PATHS table (and a case's own `paths`): a doc path becomes a session fixture
   (the tiny pipeline, tiny data, the photo folder, a tiny run), and every `--out X` becomes `<tmp>/out/X`. An
   optional `[...]` group of a synopsis is left out (the user who types the synopsis gets the defaults). Anything
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -373,7 +376,9 @@ CASES: dict[str, Run | Skip | Covered] = {
     "python bench/gpu_session.py --list": covered("tests/integration/test_gpu_session.py::test_list_mode_prints_every_command",
                                                   "the same command; it checks one line per planned step"),
     "GPU_WHEELS=none bash bench/gpu_session.sh --dry --only bench-512-sync-debug --out /tmp/gpu_dry":
-        run(slow=True, creates=("{tmp}/out/tmp/gpu_dry/gpu_results.md",)),
+        covered("tests/integration/test_gpu_session.py::test_dry_run_writes_the_results_table",
+                "the same script in the same --dry mode, every step (bench-512-sync-debug among them must end ok), "
+                "and it checks the results table"),
     "python bench/ot_pairing.py --tiny": covered("tests/integration/test_recipe_knobs_bench.py::test_ot_bench_tiny_runs",
                                                  "the same command (2 repeats) and checks its rows"),
     "python bench/ot_pairing.py": skip("1-2 min of batch-64 assignments at FLUX latent sizes; --tiny above runs the "
@@ -482,7 +487,8 @@ CASES: dict[str, Run | Skip | Covered] = {
     # docs/reliability.md
     "dedistill checkpoint verify runs/libreflux": run(expect=r"step_00000002  ok \(size and sha256 of every file\)"),
     # docs/scaling.md
-    "python bench/scaling.py": run(expect=r"efficiency", slow=True),
+    "python bench/scaling.py": covered("tests/unit/test_plan.py::test_scaling_doc_is_generated",
+                                       "the script prints tables(); that test compares tables() with the docs"),
     "dedistill demo train.max_steps=600": skip("continues the 300-step demo in ./demo to 600 (minutes); the `make "
                                                "demo` case runs the command and its override syntax"),
 }
@@ -666,10 +672,16 @@ def test_documented_command_runs(text, request, tmp_path):
         sd = load_file(Path(request.getfixturevalue("tiny_model_dir")) / "eval" / "inception.safetensors")
         torch.save(sd, cwd / "pt_inception-2015-12-05-6726825d.pth")
     where = ", ".join(doc.locations)
-    r = subprocess.run(["bash", "-c", cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=case.timeout)
-    out = r.stdout + r.stderr
-    report = f"{where}: `{text}`\nran: {cmd}\nexit {r.returncode}\n--- output (tail)\n{out[-5000:]}"
-    assert r.returncode == 0, report
+    argv = None if cluster is not None else in_process_argv(cmd)
+    if argv is not None:
+        returncode, out = run_in_process(argv, cwd, request.getfixturevalue("capfd"),
+                                         request.getfixturevalue("monkeypatch"))
+    else:
+        r = subprocess.run(["bash", "-c", cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=case.timeout)
+        returncode, out = r.returncode, r.stdout + r.stderr
+    how = "ran in process:" if argv is not None else "ran:"
+    report = f"{where}: `{text}`\n{how} {cmd}\nexit {returncode}\n--- output (tail)\n{out[-5000:]}"
+    assert returncode == 0, report
     assert "Traceback (most recent call last)" not in out, report
     if cluster is not None:  # every job the command submitted (array tasks, dependants) must end COMPLETED
         states = _wait_for_new_jobs(cluster, before, timeout=case.timeout)
@@ -685,6 +697,50 @@ def test_documented_command_runs(text, request, tmp_path):
         assert found, f"{report}\nmissing afterwards: {path}"
     for path in case.absent:
         assert not (cwd / fill(path, values)).exists(), f"{report}\nshould not exist afterwards: {path}"
+
+
+# `dedistill` subcommands a case runs in the test process, through launch.cli.main (what the console script calls):
+# each would otherwise start a Python that imports torch and diffusers again (5-8 s of CPU apiece) to do a second's
+# work. `train` runs as tiny_runs.train_in_process runs it (a world of one; the environment it exports is restored).
+# Not here: eval (its own process group and CUDA device choice), submit (SLURM), `--help` (that case is the test of
+# the console script itself) and everything under torchrun or bash syntax.
+IN_PROCESS = ("data", "describe", "plan", "export", "checkpoint", "prune", "sample", "fid", "tiny-data", "tiny-model",
+              "train")
+SHELL = re.compile(r"[$`;|&<>(){}*?~\[\]\\]")
+
+
+def in_process_argv(cmd: str) -> list[str] | None:
+    """`cmd` as the argv of an IN_PROCESS subcommand, or None when it needs bash (a prelude, several lines, an
+    environment assignment, quoting bash would expand or any other shell syntax) or another command."""
+    unquoted = re.sub(r"'[^']*'|\"[^\"$`\\]*\"", "", cmd)
+    if "\n" in cmd or SHELL.search(unquoted):
+        return None
+    words = shlex.split(cmd)
+    if len(words) < 2 or words[0] != "dedistill" or words[1] not in IN_PROCESS:
+        return None
+    return words[1:]
+
+
+def run_in_process(argv: list[str], cwd: Path, capfd, monkeypatch) -> tuple[int, str]:
+    """Exit status and output of `dedistill ARGV` run by launch.cli.main in `cwd`, as the console script runs it."""
+    import traceback
+
+    from launch.cli import main
+
+    monkeypatch.chdir(cwd)
+    saved = dict(os.environ)  # init_distributed exports RANK/WORLD_SIZE/...: later tests must not see a world of one
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Exception:  # noqa: BLE001 - reported as the process would print it
+        code, _ = 1, sys.stderr.write(traceback.format_exc())
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    out = capfd.readouterr()
+    return code, out.out + out.err
 
 
 def _free_port() -> int:
