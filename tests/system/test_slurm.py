@@ -169,10 +169,9 @@ def test_submit_and_export_cli_surface():
     """The options docs/cluster.md and DESIGN.md promise (a rename must update them)."""
     import argparse
 
-    from launch.cli import _EXTENSIONS, _load_extensions, build_parser
+    from launch.cli import _load_extensions, build_parser
 
-    if not _EXTENSIONS:
-        _load_extensions()
+    _load_extensions()  # every subcommand (a command run in this process before may have registered only its own)
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     options = {name: {o for a in p._actions for o in a.option_strings} for name, p in sub.choices.items()}
     assert {"--nodes", "--gpus-per-node", "--nproc-per-node", "--partition", "--time", "--account", "--qos", "--name",
