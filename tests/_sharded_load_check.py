@@ -1,9 +1,12 @@
 """Test helper (run under torchrun by tests/integration/test_sharded_load.py): the trainer's sharded load, gathered, against a
 plain `FluxTransformer2DModel.from_pretrained` (base weights) and the unsharded load + adapter (adapter weights).
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/_sharded_load_check.py MODEL_DIR [a.b=v ...]
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/_sharded_load_check.py MODEL_DIR \
+        [a.b=v ...] [-- a.b=v ...]
 
-Rank 0 prints `SHARDED_LOAD_OK <n tensors> <max local rows>` when every gathered tensor is bitwise equal.
+Each `--`-separated group of overrides is one check in the same process group (one launch, not one per setting).
+Rank 0 prints `SHARDED_LOAD_OK <group> <n tensors> <max local rows> <max full rows>` when every gathered tensor of that
+group's model is bitwise equal.
 """
 
 import sys
@@ -21,9 +24,18 @@ from train.parallelize import destroy_distributed, init_distributed
 REPO = Path(__file__).resolve().parents[1]
 
 
-def main(model_dir: str, *overrides: str) -> None:
-    cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", [f"model.path={model_dir}", *overrides])
-    info = init_distributed(cfg.parallel)
+def main(model_dir: str, *args: str) -> None:
+    groups, info = [[]], None
+    for a in args:
+        groups[-1:] = [groups[-1], []] if a == "--" else [[*groups[-1], a]]
+    for i, overrides in enumerate(groups):
+        cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", [f"model.path={model_dir}", *overrides])
+        info = info or init_distributed(cfg.parallel)
+        check(model_dir, cfg, info, label=str(i))
+    destroy_distributed()
+
+
+def check(model_dir: str, cfg, info, *, label: str) -> None:
     torch.manual_seed(cfg.seed)
     backend, dtype = build_model(cfg, info)
     named = dict(backend.model.named_parameters())
@@ -45,8 +57,7 @@ def main(model_dir: str, *overrides: str) -> None:
             want = want.float() if t.dtype == torch.float32 else want
             assert t.dtype == want.dtype and torch.equal(t, want), f"{n}: sharded load differs"
         full = max(t.shape[0] for t in gathered.values() if t.dim())
-        print(f"SHARDED_LOAD_OK {len(gathered)} {local_rows} {full}", flush=True)
-    destroy_distributed()
+        print(f"SHARDED_LOAD_OK {label} {len(gathered)} {local_rows} {full}", flush=True)
 
 
 if __name__ == "__main__":

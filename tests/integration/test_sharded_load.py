@@ -8,20 +8,25 @@ import tiny_runs
 from train.parallel.load import SafetensorsIndex, fill_sharded, file_key
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("overrides", [
+SETTINGS = [
     ["model.adapter.kind=lokr"],
     ["model.adapter.kind=lora", "model.dtype=bf16"],
     ["model.adapter.kind=full"],
-])
-def test_sharded_load_on_two_ranks_equals_from_pretrained(tiny_model_dir, overrides):
-    """2 gloo ranks: the gathered weights are bitwise `from_pretrained`'s (base) and the unsharded path's (adapter
-    init), and each rank held only about half of every weight."""
-    r = tiny_runs.run(tiny_runs.torchrun_cmd(tiny_model_dir, *overrides,
+]
+
+
+@pytest.mark.slow
+def test_sharded_load_on_two_ranks_equals_from_pretrained(tiny_model_dir):
+    """2 gloo ranks, each of SETTINGS in one launch: the gathered weights are bitwise `from_pretrained`'s (base) and the
+    unsharded path's (adapter init), and each rank held only about half of every weight."""
+    groups = [a for i, s in enumerate(SETTINGS) for a in ([] if i == 0 else ["--"]) + s]
+    r = tiny_runs.run(tiny_runs.torchrun_cmd(tiny_model_dir, *groups,
                                              script=str(tiny_runs.REPO / "tests" / "_sharded_load_check.py")))
-    line = next(x for x in r.stdout.splitlines() if x.startswith("SHARDED_LOAD_OK"))
-    _, n, local_rows, full_rows = line.split()
-    assert int(n) > 100 and int(local_rows) == -(-int(full_rows) // 2)  # torch.chunk's split of dim 0
+    lines = [x.split() for x in r.stdout.splitlines() if x.startswith("SHARDED_LOAD_OK")]
+    assert [x[1] for x in lines] == [str(i) for i in range(len(SETTINGS))], r.stdout[-3000:]
+    for _, group, n, local_rows, full_rows in lines:
+        assert int(n) > 100, SETTINGS[int(group)]
+        assert int(local_rows) == -(-int(full_rows) // 2), SETTINGS[int(group)]  # torch.chunk's split of dim 0
 
 
 def test_read_rows_matches_safetensors(tmp_path):
