@@ -82,23 +82,16 @@ def test_precomputed_run_loads_them_for_inline_eval_and_end_grid_then_frees_them
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("placement", ["cpu", "fsdp"])
-def test_text_encoder_placement_encodes_the_same(tiny_model_dir, placement):
-    """2 gloo ranks: T5 + CLIP placed on the CPU or with T5 sharded by FSDP2 give the unsharded encoder's states."""
-    r = tiny_runs.run(tiny_runs.torchrun_cmd(tiny_model_dir, placement,
-                                             script=str(tiny_runs.REPO / "tests" / "_text_placement_check.py")))
-    assert "TEXT_PLACEMENT_OK" in r.stdout, r.stdout[-2000:]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("family", ["flux2", "flux2-klein"])
-def test_flux2_text_model_sharded_by_fsdp_encodes_the_same(tmp_path, family):
-    """FLUX.2's text model (Mistral3 for [dev], whose layers sit under model.language_model; Qwen3 for [klein], under
-    model.layers) sharded layer by layer over 2 gloo ranks gives the unsharded model's stacked, masked features: the
-    way a 24B [dev] encoder runs beside a training without a whole copy per GPU."""
+def test_text_encoder_placement_encodes_the_same(tiny_model_dir, tmp_path):
+    """2 gloo ranks, one launch for every case: T5 + CLIP placed on the CPU or with T5 sharded by FSDP2 give the
+    unsharded encoder's states; and FLUX.2's text model (Mistral3 for [dev], whose layers sit under
+    model.language_model; Qwen3 for [klein], under model.layers) sharded layer by layer gives the unsharded model's
+    stacked, masked features: the way a 24B [dev] encoder runs beside a training without a whole copy per GPU."""
     from dataset_tools.tiny_model import write_tiny_model
 
-    model = write_tiny_model(tmp_path / "model", seed=0, family=family)
-    r = tiny_runs.run(tiny_runs.torchrun_cmd(model, "fsdp",
+    cases = [(tiny_model_dir, "cpu"), (tiny_model_dir, "fsdp")]
+    cases += [(write_tiny_model(tmp_path / family, seed=0, family=family), "fsdp") for family in ("flux2", "flux2-klein")]
+    r = tiny_runs.run(tiny_runs.torchrun_cmd(*(x for case in cases for x in case),
                                              script=str(tiny_runs.REPO / "tests" / "_text_placement_check.py")))
-    assert "TEXT_PLACEMENT_OK" in r.stdout, r.stdout[-2000:]
+    done = [int(x.split()[1]) for x in r.stdout.splitlines() if x.startswith("TEXT_PLACEMENT_OK")]
+    assert done == list(range(len(cases))), r.stdout[-2000:]
