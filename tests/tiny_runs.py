@@ -152,11 +152,17 @@ def kill_tree(proc: subprocess.Popen) -> None:
 def pipeline_and_sample_images(export: Path, script: str, settings: dict, prompts: list[str], neg: str,
                                out: Path) -> dict:
     """{name: uint8 image} for an export: what `script` (run in a fresh process, no repo on the path: it saves
-    custom_*/stock_* .npy files into `out`) writes, and ours_<i> from `dedistill sample` on the same settings."""
+    custom_*/stock_* .npy files into `out`) writes, and ours_<i> from `dedistill sample` on the same settings.
+
+    `dedistill sample` runs in this process, through the console script's function (launch.cli.main), on one thread
+    as the script's process does (env(): OMP_NUM_THREADS=1), so the two are computed alike; the pipeline script needs
+    its own process, one where dedistill cannot be imported."""
     import json
 
     import numpy as np
     from PIL import Image
+
+    from launch.cli import main
 
     s = settings
     args = {"settings": s, "prompts": prompts, "neg": neg, "dir": str(out)}
@@ -167,9 +173,13 @@ def pipeline_and_sample_images(export: Path, script: str, settings: dict, prompt
     got = {p.stem: np.load(p) for p in out.glob("*.npy")}
     for i, prompt in enumerate(prompts):
         png = out / f"ours_{i}.png"
-        run([sys.executable, "-m", "launch", "sample", "--model", str(export), "--prompt", prompt,
-             "--negative-prompt", neg, "--cfg", str(s["cfg"]), "--cfg-skip-steps", str(s["skip"]),
-             "--steps", str(s["steps"]), "--resolution", str(s["res"]), "--seed", str(s["seed"]),
-             "--max-text-tokens", str(s["tokens"]), "--dtype", "fp32", "--out", str(png)])
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            main(["sample", "--model", str(export), "--prompt", prompt, "--negative-prompt", neg, "--cfg", str(s["cfg"]),
+                  "--cfg-skip-steps", str(s["skip"]), "--steps", str(s["steps"]), "--resolution", str(s["res"]),
+                  "--seed", str(s["seed"]), "--max-text-tokens", str(s["tokens"]), "--dtype", "fp32", "--out", str(png)])
+        finally:
+            torch.set_num_threads(threads)
         got[f"ours_{i}"] = np.asarray(Image.open(png).convert("RGB"))
     return got
