@@ -101,3 +101,24 @@ def test_progress_bars_are_on_by_default_in_the_cli_and_the_library(command):
 
     fn = {"data convert": convert, "data bucket": bucket_dataset, "data precompute": precompute}[command]
     assert _cli_defaults(command)["no_progress"] is False and _fn_defaults(fn)["progress_bar"] is True
+
+
+def test_each_subcommand_is_registered_by_the_module_the_table_names():
+    """launch/cli.py's `_EXTENSION_MODULES` (what main() imports for one command) names, for every command, the module
+    that registers it; a built-in command loads no extension, and no command or an unknown one loads them all."""
+    from launch import cli
+
+    def registered(command):
+        cli._load_extensions(command)
+        sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+        return set(sub.choices) - set(cli._BUILTIN)
+
+    everything = registered(None)
+    assert everything == set(cli._EXTENSION_MODULES) and registered("no-such-command") == everything
+    for command, module in cli._EXTENSION_MODULES.items():
+        assert command in registered(command), (command, module)
+        assert registered(command) == {c for c, m in cli._EXTENSION_MODULES.items() if m == module}
+    assert registered("train") == set()
+    cli._load_extensions(None)
+    top = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(top.choices) == set(cli._BUILTIN) | everything  # no command outside the two tables
