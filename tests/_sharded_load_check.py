@@ -27,15 +27,18 @@ REPO = Path(__file__).resolve().parents[1]
 def main(model_dir: str, *args: str) -> None:
     groups, info = [[]], None
     for a in args:
-        groups[-1:] = [groups[-1], []] if a == "--" else [[*groups[-1], a]]
+        if a == "--":
+            groups.append([])
+        else:
+            groups[-1].append(a)
     for i, overrides in enumerate(groups):
         cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", [f"model.path={model_dir}", *overrides])
         info = info or init_distributed(cfg.parallel)
-        check(model_dir, cfg, info, label=str(i))
+        check(model_dir, cfg, info, group=i)
     destroy_distributed()
 
 
-def check(model_dir: str, cfg, info, *, label: str) -> None:
+def check(model_dir: str, cfg, info, *, group: int) -> None:
     torch.manual_seed(cfg.seed)
     backend, dtype = build_model(cfg, info)
     named = dict(backend.model.named_parameters())
@@ -57,7 +60,7 @@ def check(model_dir: str, cfg, info, *, label: str) -> None:
             want = want.float() if t.dtype == torch.float32 else want
             assert t.dtype == want.dtype and torch.equal(t, want), f"{n}: sharded load differs"
         full = max(t.shape[0] for t in gathered.values() if t.dim())
-        print(f"SHARDED_LOAD_OK {label} {len(gathered)} {local_rows} {full}", flush=True)
+        print(f"SHARDED_LOAD_OK {group} {len(gathered)} {local_rows} {full}", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -61,18 +62,25 @@ def train(model, data, run_dir, *, nproc: int = 2, **extra) -> subprocess.Comple
     return run(torchrun_cmd(CONFIG, *overrides(model, data, run_dir, **extra), nproc=nproc))
 
 
-def train_in_process(cfg, on_checkpoint=None):
-    """`dedistill train` in this process (the trainer with the hooks the CLI hands it), restoring the environment
-    after: init_distributed exports RANK/WORLD_SIZE/..., and later tests must not see a world of one."""
-    from evals.periodic import trainer_hooks
-    from train.trainer import train
-
+@contextmanager
+def environment_kept():
+    """The environment as it was before the block: a training in this process runs init_distributed, which exports
+    RANK/WORLD_SIZE/..., and later tests must not see a world of one."""
     saved = dict(os.environ)
     try:
-        return train(cfg, trainer_hooks(cfg, on_checkpoint=on_checkpoint))
+        yield
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def train_in_process(cfg, on_checkpoint=None):
+    """`dedistill train` in this process (the trainer with the hooks the CLI hands it), the environment kept."""
+    from evals.periodic import trainer_hooks
+    from train.trainer import train
+
+    with environment_kept():
+        return train(cfg, trainer_hooks(cfg, on_checkpoint=on_checkpoint))
 
 
 def ckpt(run_dir, step: int) -> Path:

@@ -19,7 +19,7 @@ SETTINGS = [
 def test_sharded_load_on_two_ranks_equals_from_pretrained(tiny_model_dir):
     """2 gloo ranks, each of SETTINGS in one launch: the gathered weights are bitwise `from_pretrained`'s (base) and the
     unsharded path's (adapter init), and each rank held only about half of every weight."""
-    groups = [a for i, s in enumerate(SETTINGS) for a in ([] if i == 0 else ["--"]) + s]
+    groups = [a for s in SETTINGS for a in ["--", *s]][1:]  # s0 -- s1 -- s2
     r = tiny_runs.run(tiny_runs.torchrun_cmd(tiny_model_dir, *groups,
                                              script=str(tiny_runs.REPO / "tests" / "_sharded_load_check.py")))
     lines = [x.split() for x in r.stdout.splitlines() if x.startswith("SHARDED_LOAD_OK")]

@@ -39,6 +39,7 @@ from pathlib import Path
 import pytest
 
 from doc_commands import collect
+from tiny_runs import environment_kept
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -728,17 +729,15 @@ def run_in_process(argv: list[str], cwd: Path, capfd, monkeypatch) -> tuple[int,
     from launch.cli import main
 
     monkeypatch.chdir(cwd)
-    saved = dict(os.environ)  # init_distributed exports RANK/WORLD_SIZE/...: later tests must not see a world of one
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except Exception:  # noqa: BLE001 - reported as the process would print it
-        code, _ = 1, sys.stderr.write(traceback.format_exc())
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    code = 0
+    with environment_kept():
+        try:
+            main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except Exception:  # noqa: BLE001 - reported as the process would print it
+            sys.stderr.write(traceback.format_exc())
+            code = 1
     out = capfd.readouterr()
     return code, out.out + out.err
 
