@@ -30,7 +30,6 @@ from tqdm import tqdm
 
 from evals.clip_score import CLIPScorer, clip_score_from_cosines
 from evals.fid import Stats, fid_from_stats, open_mds, reference_stats, source_kind
-from evals.report import update_run_plots
 from evals.sampler import generate, make_grid
 from train.config import (
     ImageKnobs, _check_choice, _check_positive, apply_overrides, from_dict, load_run_config, load_yaml,
@@ -513,5 +512,9 @@ def evaluate_into_run(
         logger.close()
     if rank == 0:
         (eval_dir(target.run_dir, target.step, suite.name) / "error.txt").unlink(missing_ok=True)  # a rerun succeeded
+        # deferred: matplotlib costs a quarter second to import, and every training process imports this module
+        # for its periodic-eval hooks, plots or not
+        from evals.report import update_run_plots
+
         update_run_plots(target.run_dir)
     return metrics
