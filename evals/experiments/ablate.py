@@ -9,6 +9,10 @@ the candidate causes:
   trainer trains it from a precomputed dataset (`dedistill data precompute`'s layout), caption dropout included (the
   empty prompt is all zeros). If this teacher draws colour and shape, the generator can and the text path is what
   fails; if it cannot either, the generator (capacity, latent, objective) is the limit.
+- `words` / `words-roles`: the same, with one token per attribute *word* instead of one per object (`word_tokens`):
+  the text path as an order-free transformer sees it, with the colour words' roles left ambiguous or told apart.
+  Between `words` and `onehot`, they say how much of the text teacher's loss is binding a colour word to its role
+  and how much binding an object's words to each other.
 - `curves`: per-attribute adherence of every checkpoint of a teacher run, text- or one-hot-conditioned: whether
   colour and shape rise late (budget) or never (something else).
 
@@ -27,8 +31,10 @@ import io
 import json
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -79,21 +85,68 @@ def onehot_tokens(attrs: dict, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, tokens[0].clone()
 
 
+# The text path without its order: one token per attribute word, in a vocabulary shared by both colour roles, so a
+# colour word says nothing of whether it names an object or the background, nor which object's shape it goes with.
+# FLUX gives text tokens no position (their rope ids are 0), so this is what the transformer sees of a caption whose
+# encoder does not mix its words. "words-roles" sets a flag on the background's colour word (the word "background"
+# merged into it): the roles are told apart, the objects' attributes still are not bound to each other.
+_WORD_BLOCKS = ("shape", "colour", "position", "size")
+ROLE_FLAG = _n
+WORD_TOKENS = 3 * len(_WORD_BLOCKS) + 1  # up to 3 objects, 4 words each, and the background's colour
+
+
+def word_tokens(attrs: dict, dim: int, *, roles: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """World attributes -> (one token per attribute word (4 n_objects + 1, dim), pooled: their sum / sqrt(n), a bag of
+    words that binds nothing either), scaled as `onehot_tokens`."""
+    if dim <= ROLE_FLAG:
+        raise ValueError(f"text width {dim} < {ROLE_FLAG + 1}: the one-hot word token does not fit")
+    rows = []
+    for obj in attrs["objects"]:
+        for k in _WORD_BLOCKS:
+            t = torch.zeros(dim)
+            t[_OFFSET[k] + _BLOCKS[k].index(obj[k])] = 1.0
+            rows.append(t)
+    bg = torch.zeros(dim)
+    bg[_OFFSET["colour"] + _BLOCKS["colour"].index(attrs["background"])] = 1.0
+    bg[ROLE_FLAG] = 1.0 if roles else 0.0
+    rows.append(bg)
+    tokens = torch.stack(rows) * ONEHOT_SCALE
+    return tokens, tokens.sum(0) / len(rows) ** 0.5
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """A conditioning that replaces the text encoders: attributes -> (context tokens, pooled), at most `max_tokens`."""
+
+    make: Callable[[dict, int], tuple[torch.Tensor, torch.Tensor]]
+    max_tokens: int
+
+
+TOKENS = {
+    "onehot": Tokens(onehot_tokens, ONEHOT_TOKENS),
+    "words": Tokens(partial(word_tokens, roles=False), WORD_TOKENS),
+    "words-roles": Tokens(partial(word_tokens, roles=True), WORD_TOKENS),
+}
+CONDITIONINGS = ("text", *TOKENS)
+
+
 def _widths(model_dir: Path) -> tuple[int, int]:
     t5 = json.loads((model_dir / "text_encoder_2" / "config.json").read_text())["d_model"]
     pooled = json.loads((model_dir / "text_encoder" / "config.json").read_text())["hidden_size"]
     return t5, pooled
 
 
-def write_onehot_dataset(model_dir: Path, src: Path, out: Path, *, resolution: int, batch: int = 64) -> Path:
+def write_onehot_dataset(model_dir: Path, src: Path, out: Path, *, resolution: int, batch: int = 64,
+                         conditioning: str = "onehot") -> Path:
     """The world's shards (`src`, with their `attributes` column) as a precomputed dataset: the VAE's latent means of
-    the images, the one-hot attribute tokens in place of T5 states, the main object's token as the pooled vector."""
+    the images, `TOKENS[conditioning]`'s tokens in place of T5 states and its pooled vector in place of CLIP's."""
+    tokens_of = TOKENS[conditioning]
     t5_dim, pooled_dim = _widths(model_dir)
     if pooled_dim != t5_dim:
         raise ValueError(f"{model_dir}: the one-hot ablation needs equal T5 and CLIP widths, got {t5_dim}, {pooled_dim}")
     enc = Encoders(model_dir, torch.device("cpu"), torch.float32)
     spec = BucketSpec(resolution=resolution, square=True)
-    opts = PrecomputeOptions(latents="mean", dtype="fp32", max_text_tokens=ONEHOT_TOKENS)
+    opts = PrecomputeOptions(latents="mean", dtype="fp32", max_text_tokens=tokens_of.max_tokens)
     vae_cfg = json.loads((model_dir / "vae" / "config.json").read_text())
     settings = {  # the layout `dedistill data precompute` writes, so the trainer's loader reads it as its own
         "kind": "precomputed", "spec": asdict(spec), "buckets": spec.table(),
@@ -101,14 +154,15 @@ def write_onehot_dataset(model_dir: Path, src: Path, out: Path, *, resolution: i
                        "model_dtype": "fp32", "max_text_tokens": opts.max_text_tokens, "caption_key": opts.caption_key,
                        "image_key": opts.image_key, "keep_image": opts.keep_image,
                        "vae_shift_factor": vae_cfg.get("shift_factor"),
-                       "vae_scaling_factor": vae_cfg.get("scaling_factor"), "conditioning": "onehot-attributes"},
+                       "vae_scaling_factor": vae_cfg.get("scaling_factor"),
+                       "conditioning": f"{conditioning}-attributes"},
     }
 
     def flush(rows: list[dict], writers, skip_log, progress) -> None:
         pixels = to_tensor([Image.open(io.BytesIO(r["image"])).convert("RGB") for r in rows])
         means, _ = enc.latents(pixels)
         for r, mean in zip(rows, means):
-            tokens, pooled = onehot_tokens(r["attributes"], t5_dim)  # MDS decodes the json column to a dict
+            tokens, pooled = tokens_of.make(r["attributes"], t5_dim)  # MDS decodes the json column to a dict
             writers.write(0, {"caption": r["caption"], "key": r["key"], "width": resolution, "height": resolution,
                               "bucket": 0, "t5_len": len(tokens), "latent_mean": to_store(mean, opts.dtype),
                               "t5": to_store(tokens, opts.dtype), "pooled": to_store(pooled, opts.dtype)})
@@ -130,16 +184,17 @@ def write_onehot_dataset(model_dir: Path, src: Path, out: Path, *, resolution: i
             flush(rows, writers, skip_log, progress)
 
     run_parts(src, out, settings=settings, shard_index=0, num_shards=1, handle_part=handle_part,
-              columns=columns(opts, opts.dtype), progress_bar=False, desc="one-hot attributes")
+              columns=columns(opts, opts.dtype), progress_bar=False, desc=f"{conditioning} attributes")
     return out
 
 
 # ------------------------------------------------------------------------------------------------- adherence curves
 
 
-def onehot_embeds(attrs: list[dict], dim: int) -> tuple[PromptEmbeds, PromptEmbeds]:
-    """(cond, uncond) for a batch of single-object eval samples: [object, background] tokens, and the empty input."""
-    pairs = [onehot_tokens(a, dim) for a in attrs]
+def onehot_embeds(attrs: list[dict], dim: int, conditioning: str = "onehot") -> tuple[PromptEmbeds, PromptEmbeds]:
+    """(cond, uncond) for a batch of single-object eval samples: their `TOKENS[conditioning]` tokens (of equal count:
+    one object each), and the empty input."""
+    pairs = [TOKENS[conditioning].make(a, dim) for a in attrs]
     t5 = torch.stack([t for t, _ in pairs])
     n, length = t5.shape[:2]
     cond = PromptEmbeds(t5, torch.ones(n, length, dtype=torch.bool), torch.stack([p for _, p in pairs]), (length,) * n)
@@ -147,11 +202,11 @@ def onehot_embeds(attrs: list[dict], dim: int) -> tuple[PromptEmbeds, PromptEmbe
     return cond, uncond
 
 
-def sample_onehot(m, attrs: list[dict], s: SamplingSettings) -> list[Image.Image]:
-    """`evals.sampler.generate` with the one-hot attribute tokens in place of the text encoders (same noise seeds)."""
+def sample_onehot(m, attrs: list[dict], s: SamplingSettings, conditioning: str = "onehot") -> list[Image.Image]:
+    """`evals.sampler.generate` with `TOKENS[conditioning]` in place of the text encoders (same noise seeds)."""
     h = w = s.resolution // vae_scale_factor(m.vae)
     noise = torch.cat([initial_noise((1, m.vae.config.latent_channels, h, w), s.seed + j) for j in range(len(attrs))])
-    cond, uncond = onehot_embeds(attrs, m.transformer.config.joint_attention_dim)
+    cond, uncond = onehot_embeds(attrs, m.transformer.config.joint_attention_dim, conditioning)
     packed = denoise(m.transformer, pack_latents(noise).to(m.device), cond, uncond if s.cfg_scale != 1.0 else None, s,
                      latent_hw=(h, w), dtype=m.dtype)
     return decode(m.vae, packed, (h, w))
@@ -163,7 +218,7 @@ def _eval_settings(cfg: ProofConfig, cfg_scale: float, repeat: int) -> SamplingS
                             seed=100_000 * (repeat + 1), max_text_tokens=cfg.max_text_tokens, batch_size=256)
 
 
-def checkpoint_curves(cfg: ProofConfig, run_dir: Path, judge, world: dict, *, onehot: bool) -> list[dict]:
+def checkpoint_curves(cfg: ProofConfig, run_dir: Path, judge, world: dict, *, conditioning: str) -> list[dict]:
     """Per-attribute adherence of every checkpoint of `run_dir`: cfg.eval's scales, 28 steps (the largest of
     cfg.eval.steps), cfg.eval.repeats noise seeds, on the proof's held-out prompts."""
     labels = {k: torch.tensor([labels_of(a)[k] for _, a in world["eval"]]) for k in ATTRS}
@@ -175,7 +230,7 @@ def checkpoint_curves(cfg: ProofConfig, run_dir: Path, judge, world: dict, *, on
             accs = []
             for r in range(cfg.eval.repeats):
                 s = _eval_settings(cfg, scale, r)
-                images = (sample_onehot(m, attrs, s) if onehot
+                images = (sample_onehot(m, attrs, s, conditioning) if conditioning in TOKENS
                           else generate(m.transformer, m.vae, m.text, world["eval_prompts"], s, dtype=m.dtype))
                 accs.append(accuracy(judge_images(judge, to_tensor(images))[1], labels))
             row = {"step": step, "cfg": scale, **{k: float(np.mean([a[k] for a in accs])) for k in accs[0]}}
@@ -219,22 +274,23 @@ def colour_roles(cfg: ProofConfig, model_path: Path, judge, world: dict, *, cfg_
 
 def run_ablation(cfg: ProofConfig, *, conditioning: str, every: int) -> list[dict]:
     """The proof's world, judge and VAE stages (reused when out_dir holds them), then a teacher with `conditioning`
-    (text: the proof's; onehot: the attribute tokens) keeping a checkpoint every `every` steps, then its curves."""
-    if conditioning not in ("text", "onehot"):
-        raise ValueError(f"--conditioning: '{conditioning}' is not one of text, onehot")
+    (text: the proof's; else `TOKENS[conditioning]`) keeping a checkpoint every `every` steps, then its curves."""
+    if conditioning not in CONDITIONINGS:
+        raise ValueError(f"--conditioning: '{conditioning}' is not one of {', '.join(CONDITIONINGS)}")
     if every < 1:
         raise ValueError(f"--every: must be >= 1, got {every}")
     run(cfg, until="vae")
     out = Path(cfg.out_dir)
     world = held_out_world(cfg)
     data = out / "data"
-    if conditioning == "onehot":
-        data = out / "onehot_data"
+    if conditioning in TOKENS:
+        data = out / f"{conditioning}_data"
         if not (data / "buckets.json").is_file():
-            write_onehot_dataset(out / "pipeline", out / "data", data, resolution=cfg.resolution)
+            write_onehot_dataset(out / "pipeline", out / "data", data, resolution=cfg.resolution,
+                                 conditioning=conditioning)
     run_dir = out / f"teacher_{conditioning}"
     if not RunDir(run_dir).step_dirs():
-        objective = {"max_text_tokens": ONEHOT_TOKENS} if conditioning == "onehot" else None
+        objective = {"max_text_tokens": TOKENS[conditioning].max_tokens} if conditioning in TOKENS else None
         job = _job(cfg, run_dir=run_dir, model_path=out / "pipeline", data=data, budget=cfg.teacher, adapter="full",
                    objective=objective)
         job = replace(job, checkpoint=replace(job.checkpoint, every_steps=every,
@@ -243,7 +299,7 @@ def run_ablation(cfg: ProofConfig, *, conditioning: str, every: int) -> list[dic
         run_trainer(job, cfg.teacher.nproc)
         log(f"[ablate] teacher ({conditioning}) trained in {time.time() - t0:.0f}s")
     rows = checkpoint_curves(cfg, run_dir, load_judge(out / "judge.safetensors"), world,
-                             onehot=conditioning == "onehot")
+                             conditioning=conditioning)
     (out / f"curves_{conditioning}.json").write_text(json.dumps(rows, indent=2))
     (out / f"curves_{conditioning}.md").write_text(curves_table(rows) + "\n")
     log(curves_table(rows))
@@ -253,7 +309,8 @@ def run_ablation(cfg: ProofConfig, *, conditioning: str, every: int) -> list[dic
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m evals.experiments.ablate", description=__doc__.splitlines()[0])
     p.add_argument("--config", default=None, help="a configs/proof*.yaml preset (its world, judge, VAE and teacher)")
-    p.add_argument("--conditioning", default="onehot", help="text (the proof's captions) or onehot (the attributes)")
+    p.add_argument("--conditioning", default="onehot", help="text (the proof's captions), onehot (a token per object), words (a token per attribute word) "
+                   "or words-roles (words, the background's colour word flagged)")
     p.add_argument("--every", type=int, default=250, help="keep a checkpoint every N teacher steps (the curves)")
     p.add_argument("--roles", default=None, metavar="MODEL",
                    help="only measure MODEL's colour roles (colour_roles) on the held-out prompts, at cfg 5")

@@ -409,6 +409,15 @@ CASES: dict[str, Run | Skip | Covered] = {
     "out_dir=runs/abl-onehot teacher.steps=1500":
         covered("tests/unit/test_ablate.py::test_driver_trains_and_reads_every_checkpoint",
                 "the same driver at the proof's --smoke sizes (about 20 min at these); it checks every checkpoint's rows"),
+    "python -m evals.experiments.ablate --config configs/proof-cpu.yaml --conditioning words --every 500 "
+    "out_dir=runs/abl-words teacher.steps=1500 model.num_attention_heads=8":
+        covered("tests/unit/test_ablate.py::test_driver_trains_and_reads_every_checkpoint",
+                "the same driver with word tokens at the proof's --smoke sizes (about 10 min at these)"),
+    "python -m evals.experiments.ablate --config configs/proof-cpu.yaml --conditioning words-roles --every 500 "
+    "out_dir=runs/abl-words-roles teacher.steps=1500 model.num_attention_heads=8":
+        covered("tests/unit/test_ablate.py::test_word_tokens_are_one_per_word_and_bind_nothing_but_the_role_flag",
+                "the words run with the background's colour word flagged; that test checks the flag is the only "
+                "difference, the driver test runs the words path (about 10 min at these sizes)"),
     "python -m evals.experiments.ablate --config configs/proof-cpu.yaml --roles MODEL out_dir=...":
         covered("tests/unit/test_ablate.py::test_colour_roles_counts_each_role_against_the_prompt",
                 "MODEL and out_dir are placeholders; that test runs colour_roles on the smoke world and recounts it"),

@@ -48,6 +48,31 @@ def test_tokens_name_every_attribute_once():
         ablate.onehot_tokens(attrs, 16)
 
 
+@pytest.mark.parametrize("roles", [False, True], ids=["words", "words-roles"])
+def test_word_tokens_are_one_per_word_and_bind_nothing_but_the_role_flag(roles):
+    attrs = {"objects": [{"shape": "star", "colour": "red", "position": "top left", "size": "large"},
+                         {"shape": "ring", "colour": "blue", "position": "center", "size": "small"}],
+             "background": "red"}
+    tokens, pooled = ablate.word_tokens(attrs, 32, roles=roles)
+    assert tokens.shape == (9, 32) and ablate.WORD_TOKENS == 13
+    blocks = (("shape", list(SHAPES)), ("colour", sorted(COLOURS)), ("position", list(POSITIONS)),
+              ("size", sorted(SIZES)))
+    words = set()
+    for i, t in enumerate(tokens):  # each token is one word: a single block set, and nothing says whose it is
+        assert t.count_nonzero() == 1 + (roles and i == len(tokens) - 1) and t.max() == ablate.ONEHOT_SCALE
+        at = 0
+        for k, values in blocks:
+            if t[at:at + len(values)].any():
+                words.add((k, values[int(t[at:at + len(values)].argmax())]))
+            at += len(values)
+    assert words == {(k, o[k]) for o in attrs["objects"] for k in ("shape", "colour", "position", "size")}
+    # the object's "red" and the background's "red" are the same token unless the role is flagged
+    assert torch.equal(tokens[1], tokens[-1]) != roles
+    assert tokens[-1, ablate.ROLE_FLAG] == (ablate.ONEHOT_SCALE if roles else 0)
+    assert torch.allclose(pooled, tokens.sum(0) / 3.0)  # a bag of words: 9 tokens, sqrt(9)
+    assert ablate.TOKENS["words-roles" if roles else "words"].max_tokens == ablate.WORD_TOKENS
+
+
 def test_onehot_dataset_reaches_the_trainer_batches(tiny_model_dir, tiny_data_dir, tmp_path):
     out = ablate.write_onehot_dataset(tiny_model_dir, tiny_data_dir, tmp_path / "onehot", resolution=64)
     layout = json.loads((out / "buckets.json").read_text())
@@ -72,7 +97,7 @@ def test_onehot_dataset_reaches_the_trainer_batches(tiny_model_dir, tiny_data_di
     assert empty["t5"].shape == (1, 32) and not empty["t5"].any() and not empty["pooled"].any()
 
 
-@pytest.mark.parametrize("conditioning", ["onehot", "text"])
+@pytest.mark.parametrize("conditioning", ["onehot", "text", "words"])
 def test_driver_trains_and_reads_every_checkpoint(tmp_path, conditioning):
     cfg = load_proof_config(None, smoke=True, overrides=[f"out_dir={tmp_path / 'abl'}", "teacher.steps=2"])
     rows = ablate.run_ablation(cfg, conditioning=conditioning, every=1)
@@ -81,8 +106,12 @@ def test_driver_trains_and_reads_every_checkpoint(tmp_path, conditioning):
     out = tmp_path / "abl-smoke"
     assert json.loads((out / f"curves_{conditioning}.json").read_text()) == rows
     assert (out / f"curves_{conditioning}.md").read_text().count("\n") == 2 + len(rows)
-    data = out / "onehot_data"
-    assert data.is_dir() == (conditioning == "onehot")  # the text teacher trains on the world's own shards
+    data = out / f"{conditioning}_data"
+    assert data.is_dir() == (conditioning != "text")  # the text teacher trains on the world's own shards
+    if conditioning == "words":  # the writer wrote word tokens, as many as the world's captions have words
+        layout = json.loads((data / "buckets.json").read_text())
+        assert layout["precompute"]["max_text_tokens"] == ablate.WORD_TOKENS
+        assert layout["precompute"]["conditioning"] == "words-attributes"
     with pytest.raises(ValueError, match="--conditioning: 'pooled'"):
         ablate.run_ablation(cfg, conditioning="pooled", every=1)
 
