@@ -66,6 +66,11 @@ ONEHOT_TOKENS = 4  # up to 3 objects and the background
 ONEHOT_SCALE = 3.0  # about the per-token norm of the tiny T5's output (5.7), so the context embedder starts alike
 
 
+def _slot(block: str, value: str) -> int:
+    """The index of `value`'s one-hot entry in `block` (shape, colour, position or size)."""
+    return _OFFSET[block] + _BLOCKS[block].index(value)
+
+
 def onehot_tokens(attrs: dict, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """World attributes -> (context tokens (n_objects + 1, dim), pooled (dim_pooled = dim,)), both scaled."""
     if dim < TOKEN_DIM:
@@ -73,12 +78,12 @@ def onehot_tokens(attrs: dict, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows = []
     for obj in attrs["objects"]:
         t = torch.zeros(dim)
-        for k, values in _BLOCKS.items():
-            t[_OFFSET[k] + values.index(obj[k])] = 1.0
+        for k in _BLOCKS:
+            t[_slot(k, obj[k])] = 1.0
         t[OBJECT_FLAG] = 1.0
         rows.append(t)
     bg = torch.zeros(dim)
-    bg[_OFFSET["colour"] + _BLOCKS["colour"].index(attrs["background"])] = 1.0
+    bg[_slot("colour", attrs["background"])] = 1.0
     bg[BACKGROUND_FLAG] = 1.0
     rows.append(bg)
     tokens = torch.stack(rows) * ONEHOT_SCALE
@@ -104,10 +109,10 @@ def word_tokens(attrs: dict, dim: int, *, roles: bool) -> tuple[torch.Tensor, to
     for obj in attrs["objects"]:
         for k in _WORD_BLOCKS:
             t = torch.zeros(dim)
-            t[_OFFSET[k] + _BLOCKS[k].index(obj[k])] = 1.0
+            t[_slot(k, obj[k])] = 1.0
             rows.append(t)
     bg = torch.zeros(dim)
-    bg[_OFFSET["colour"] + _BLOCKS["colour"].index(attrs["background"])] = 1.0
+    bg[_slot("colour", attrs["background"])] = 1.0
     bg[ROLE_FLAG] = 1.0 if roles else 0.0
     rows.append(bg)
     tokens = torch.stack(rows) * ONEHOT_SCALE
@@ -136,14 +141,15 @@ def _widths(model_dir: Path) -> tuple[int, int]:
     return t5, pooled
 
 
-def write_onehot_dataset(model_dir: Path, src: Path, out: Path, *, resolution: int, batch: int = 64,
-                         conditioning: str = "onehot") -> Path:
+def write_token_dataset(model_dir: Path, src: Path, out: Path, *, conditioning: str, resolution: int,
+                        batch: int = 64) -> Path:
     """The world's shards (`src`, with their `attributes` column) as a precomputed dataset: the VAE's latent means of
     the images, `TOKENS[conditioning]`'s tokens in place of T5 states and its pooled vector in place of CLIP's."""
     tokens_of = TOKENS[conditioning]
     t5_dim, pooled_dim = _widths(model_dir)
     if pooled_dim != t5_dim:
-        raise ValueError(f"{model_dir}: the one-hot ablation needs equal T5 and CLIP widths, got {t5_dim}, {pooled_dim}")
+        raise ValueError(f"{model_dir}: the attribute-token ablation needs equal T5 and CLIP widths, "
+                         f"got {t5_dim}, {pooled_dim}")
     enc = Encoders(model_dir, torch.device("cpu"), torch.float32)
     spec = BucketSpec(resolution=resolution, square=True)
     opts = PrecomputeOptions(latents="mean", dtype="fp32", max_text_tokens=tokens_of.max_tokens)
@@ -191,7 +197,7 @@ def write_onehot_dataset(model_dir: Path, src: Path, out: Path, *, resolution: i
 # ------------------------------------------------------------------------------------------------- adherence curves
 
 
-def onehot_embeds(attrs: list[dict], dim: int, conditioning: str = "onehot") -> tuple[PromptEmbeds, PromptEmbeds]:
+def token_embeds(attrs: list[dict], dim: int, conditioning: str) -> tuple[PromptEmbeds, PromptEmbeds]:
     """(cond, uncond) for a batch of single-object eval samples: their `TOKENS[conditioning]` tokens (of equal count:
     one object each), and the empty input."""
     pairs = [TOKENS[conditioning].make(a, dim) for a in attrs]
@@ -202,11 +208,11 @@ def onehot_embeds(attrs: list[dict], dim: int, conditioning: str = "onehot") -> 
     return cond, uncond
 
 
-def sample_onehot(m, attrs: list[dict], s: SamplingSettings, conditioning: str = "onehot") -> list[Image.Image]:
+def sample_tokens(m, attrs: list[dict], s: SamplingSettings, conditioning: str) -> list[Image.Image]:
     """`evals.sampler.generate` with `TOKENS[conditioning]` in place of the text encoders (same noise seeds)."""
     h = w = s.resolution // vae_scale_factor(m.vae)
     noise = torch.cat([initial_noise((1, m.vae.config.latent_channels, h, w), s.seed + j) for j in range(len(attrs))])
-    cond, uncond = onehot_embeds(attrs, m.transformer.config.joint_attention_dim, conditioning)
+    cond, uncond = token_embeds(attrs, m.transformer.config.joint_attention_dim, conditioning)
     packed = denoise(m.transformer, pack_latents(noise).to(m.device), cond, uncond if s.cfg_scale != 1.0 else None, s,
                      latent_hw=(h, w), dtype=m.dtype)
     return decode(m.vae, packed, (h, w))
@@ -230,7 +236,7 @@ def checkpoint_curves(cfg: ProofConfig, run_dir: Path, judge, world: dict, *, co
             accs = []
             for r in range(cfg.eval.repeats):
                 s = _eval_settings(cfg, scale, r)
-                images = (sample_onehot(m, attrs, s, conditioning) if conditioning in TOKENS
+                images = (sample_tokens(m, attrs, s, conditioning) if conditioning in TOKENS
                           else generate(m.transformer, m.vae, m.text, world["eval_prompts"], s, dtype=m.dtype))
                 accs.append(accuracy(judge_images(judge, to_tensor(images))[1], labels))
             row = {"step": step, "cfg": scale, **{k: float(np.mean([a[k] for a in accs])) for k in accs[0]}}
@@ -286,8 +292,8 @@ def run_ablation(cfg: ProofConfig, *, conditioning: str, every: int) -> list[dic
     if conditioning in TOKENS:
         data = out / f"{conditioning}_data"
         if not (data / "buckets.json").is_file():
-            write_onehot_dataset(out / "pipeline", out / "data", data, resolution=cfg.resolution,
-                                 conditioning=conditioning)
+            write_token_dataset(out / "pipeline", out / "data", data, conditioning=conditioning,
+                                resolution=cfg.resolution)
     run_dir = out / f"teacher_{conditioning}"
     if not RunDir(run_dir).step_dirs():
         objective = {"max_text_tokens": TOKENS[conditioning].max_tokens} if conditioning in TOKENS else None
@@ -309,8 +315,9 @@ def run_ablation(cfg: ProofConfig, *, conditioning: str, every: int) -> list[dic
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m evals.experiments.ablate", description=__doc__.splitlines()[0])
     p.add_argument("--config", default=None, help="a configs/proof*.yaml preset (its world, judge, VAE and teacher)")
-    p.add_argument("--conditioning", default="onehot", help="text (the proof's captions), onehot (a token per object), words (a token per attribute word) "
-                   "or words-roles (words, the background's colour word flagged)")
+    p.add_argument("--conditioning", default="onehot",
+                   help="text (the proof's captions), onehot (a token per object), words (a token per attribute word) "
+                        "or words-roles (words, the background's colour word flagged)")
     p.add_argument("--every", type=int, default=250, help="keep a checkpoint every N teacher steps (the curves)")
     p.add_argument("--roles", default=None, metavar="MODEL",
                    help="only measure MODEL's colour roles (colour_roles) on the held-out prompts, at cfg 5")

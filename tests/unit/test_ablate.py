@@ -74,7 +74,8 @@ def test_word_tokens_are_one_per_word_and_bind_nothing_but_the_role_flag(roles):
 
 
 def test_onehot_dataset_reaches_the_trainer_batches(tiny_model_dir, tiny_data_dir, tmp_path):
-    out = ablate.write_onehot_dataset(tiny_model_dir, tiny_data_dir, tmp_path / "onehot", resolution=64)
+    out = ablate.write_token_dataset(tiny_model_dir, tiny_data_dir, tmp_path / "onehot", conditioning="onehot",
+                                     resolution=64)
     layout = json.loads((out / "buckets.json").read_text())
     assert layout["kind"] == "precomputed" and layout["precompute"]["max_text_tokens"] == ablate.ONEHOT_TOKENS
     loader = build_loader(DataConfig(local=str(out), resolution=64, shuffle=False), batch_size=4)
