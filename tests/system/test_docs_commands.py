@@ -17,6 +17,9 @@ keyed by its text exactly as the docs show it:
 - `skip(why)`: not run, with the reason (network downloads, shell set-up lines, GPU-only sizes, recursion).
 - `covered(test, why)`: not run here because the named test already runs the same command (or the same script in
   the same mode) and checks more of its output; `test_covering_tests_exist` fails when that test is gone.
+- `same_as(command, why)`: not run here because another documented command, run here, does everything this one does
+  (the same job with more options, or this line as its prelude); `test_same_as_names_a_command_that_runs` fails when
+  that command is no longer a `run` case.
 
 `test_every_documented_command_is_mapped` fails when the docs show a command CASES does not know (add one line) or
 when CASES holds a command the docs no longer show (delete it), so the docs cannot drift from the tested surface.
@@ -89,6 +92,17 @@ class Covered:
 
 def covered(test: str, why: str) -> Covered:
     return Covered(test, why)
+
+
+@dataclass(frozen=True)
+class SameAs:
+    command: str
+    """The CASES key of the documented command that runs instead (a `run` case)."""
+    why: str
+
+
+def same_as(command: str, why: str) -> SameAs:
+    return SameAs(command, why)
 
 
 # ---------------------------------------------------------------------------------------------------- path mapping
@@ -173,9 +187,19 @@ NO_NETWORK = "downloads from the internet, which the suite has no access to (and
 GPU_FULL = "FLUX.1-schnell size (12B) needs a GPU with 80 GB; the same code runs here as `--tiny` (performance.md:12)"
 
 
+# cluster.md's full 8-node LibreFLUX job; the README's shorter sbatch line is the same job with fewer options.
+SBATCH_LIBREFLUX_8N = (
+    "sbatch --nodes 8 --gpus-per-node 8 --cpus-per-task 64 --time 24:00:00 --partition gpu --job-name libreflux "
+    "slurm/train.sbatch configs/libreflux.yaml model.path=/shared/models/FLUX.1-schnell data.remote=/shared/mds "
+    "data.local=/local/nvme/mds-cache run_dir=/shared/runs/libreflux-8n parallel.hsdp=true train.batch_size=1 "
+    "eval.mode=job")
+ARRAY_CONVERT_32 = ("jid=$(sbatch --parsable --array=0-31 slurm/convert_array.sbatch --source /shared/data/raw "
+                    "--out /shared/mds)")
+
+
 # ------------------------------------------------------------------------------------------------------------ cases
 
-CASES: dict[str, Run | Skip | Covered] = {
+CASES: dict[str, Run | Skip | Covered | SameAs] = {
     # README.md
     "make demo": run(replace=(("make demo", "make demo STAMP= BIN={bin} DEMO_DIR={tmp}/out/demo "
                                             "DEMO_ARGS='--n-samples 64 --n-prompts 8 train.max_steps=4'"),),
@@ -199,10 +223,8 @@ CASES: dict[str, Run | Skip | Covered] = {
     'dedistill sample --model runs/libreflux --prompt "a cat" --cfg 3.5 --steps 28 --out cat.png': run(),
     "sbatch --nodes 8 --gpus-per-node 8 slurm/train.sbatch configs/libreflux.yaml model.path=... data.remote=... "
     "data.local=...":
-        run(slurm=True, replace=SLURM_8X8, append=LIBREFLUX_ON_CPU, why=WHY_SLURM + "; " + WHY_LIBREFLUX,
-            paths={"data.local=...": "data.local={tmp}/mds-cache", "data.remote=...": "data.remote={photo_b}"},
-            slow=True,
-            creates=("runs/libreflux/checkpoints/step_00000002/COMPLETE",)),
+        same_as(SBATCH_LIBREFLUX_8N, "cluster.md's sbatch line submits this job (slurm/train.sbatch, libreflux.yaml, "
+                "data.remote streamed into a data.local cache) with more options: HSDP, a run_dir, a partition"),
     "dedistill export --checkpoint runs/libreflux --out exports/libreflux --format diffusers":
         run(creates=("{tmp}/out/exports/libreflux/transformer",)),
     "dedistill plan configs/libreflux.yaml --nodes 8 --gpus-per-node 8": run(expect=r"verdict: fits"),
@@ -253,18 +275,20 @@ CASES: dict[str, Run | Skip | Covered] = {
 
     "dedistill submit configs/libreflux.yaml --nodes 8 --gpus-per-node 8 model.path=... data.remote=... "
     "data.local=...":
-        run(slurm=True, replace=SLURM_8X8, append=LIBREFLUX_ON_CPU, why=WHY_SLURM + "; " + WHY_LIBREFLUX,
-            paths={"data.local=...": "data.local={tmp}/mds-cache", "data.remote=...": "data.remote={photo_b}"},
-            slow=True, expect=r"slurm job \d+",
-            creates=("runs/libreflux/checkpoints/step_00000002/COMPLETE",)),
+        covered("tests/system/test_slurm.py::test_dedistill_submit_preempted_resumes_bitwise",
+                "runs `dedistill submit CONFIG --nodes 2 a.b=...` on the local SLURM cluster (submitit -> launch.torchrun "
+                "on both nodes), then preempts and resumes it bitwise; libreflux.yaml itself runs on that cluster in "
+                "cluster.md's sbatch line"),
     "cd /shared/$USER": skip(NOT_RUN_SHELL),
     "git clone <repo> dedistill && cd dedistill": skip(NOT_RUN_SHELL),
     "module load python/3.11 cuda/12.4": skip(NOT_RUN_SHELL),
     "make install": skip("creates .venv and installs ~7 GB of pinned packages: the environment this suite runs in"),
     ". .venv/bin/activate": skip(NOT_RUN_SHELL),
     "dedistill --help": run(expect=r"usage: dedistill"),
-    "jid=$(sbatch --parsable --array=0-31 slurm/convert_array.sbatch --source /shared/data/raw --out /shared/mds)":
-        run(slurm=True, replace=ARRAY_2, why=WHY_ARRAY, slow=True),
+    ARRAY_CONVERT_32:
+        same_as('sbatch --dependency=afterok:$jid --wrap "dedistill data merge /shared/mds"',
+                "the merge line runs this array job as its prelude (its $jid), and waits for every task to end "
+                "COMPLETED"),
     'sbatch --dependency=afterok:$jid --wrap "dedistill data merge /shared/mds"':
         run(slurm=True, replace=ARRAY_2, why="(its prelude, cluster.md:45) " + WHY_ARRAY,
             creates=("{tmp}/out/shared/mds/index.json",), slow=True),
@@ -276,10 +300,7 @@ CASES: dict[str, Run | Skip | Covered] = {
     "cp -r /datasets/FLUX.1-schnell /shared/models/": skip("copies the user's own model download; nothing to copy here"),
     "jid=$(sbatch --parsable --array=0-63 slurm/convert_array.sbatch --source /shared/data/raw --out /shared/mds)":
         skip("the same as cluster.md:45 with 64 slices instead of 32"),
-    "sbatch --nodes 8 --gpus-per-node 8 --cpus-per-task 64 --time 24:00:00 --partition gpu --job-name libreflux "
-    "slurm/train.sbatch configs/libreflux.yaml model.path=/shared/models/FLUX.1-schnell data.remote=/shared/mds "
-    "data.local=/local/nvme/mds-cache run_dir=/shared/runs/libreflux-8n parallel.hsdp=true train.batch_size=1 "
-    "eval.mode=job":
+    SBATCH_LIBREFLUX_8N:
         run(slurm=True, replace=(("--nodes 8 --gpus-per-node 8 --cpus-per-task 64", "--nodes 2 --cpus-per-task 1"),
                                  ("--partition gpu", "--partition debug")),
             append=LIBREFLUX_ON_CPU, paths={"/shared/mds": "{photo_b}"}, slow=True,
@@ -647,6 +668,8 @@ def _params():
                 marks.append(pytest.mark.xfail(strict=True, reason=case.xfail))
         elif isinstance(case, Covered):
             marks.append(pytest.mark.skip(reason=f"run by {case.test}: {case.why}"))
+        elif isinstance(case, SameAs):
+            marks.append(pytest.mark.skip(reason=f"run as `{case.command[:60]}...`: {case.why}"))
         else:
             marks.append(pytest.mark.skip(reason=case.why))
         where = DOC_COMMANDS[text].locations[0] if text in DOC_COMMANDS else "stale"
@@ -778,9 +801,26 @@ def test_covering_tests_exist():
             assert re.search(rf"^def {name}\(", (REPO / path).read_text(), re.M), f"{text}: {case.test} is gone"
 
 
+def _program(cmd: str) -> tuple[str, list[str]]:
+    """The program and the scripts/configs a command runs: what two commands must share to be the same job."""
+    words = shlex.split(cmd)
+    return words[0], [w for w in words if w.startswith(("slurm/", "configs/", "bench/"))]
+
+
+def test_same_as_names_a_command_that_runs():
+    """A `same_as` command names a documented command that this file runs: one that runs this line as its prelude, or
+    the same program over the same script and config."""
+    for text, case in CASES.items():
+        if isinstance(case, SameAs):
+            assert isinstance(CASES.get(case.command), Run), (text, case.command)
+            assert case.command in DOC_COMMANDS, f"{text}: `{case.command}` is not in the docs any more"
+            assert text in DOC_COMMANDS[case.command].prelude or _program(text) == _program(case.command), (
+                text, case.command)
+
+
 def test_skips_and_changes_say_why():
     for text, case in CASES.items():
-        if isinstance(case, (Skip, Covered)):
+        if isinstance(case, (Skip, Covered, SameAs)):
             assert len(case.why) > 15, text
         elif case.replace or case.append:
             assert case.why, text
