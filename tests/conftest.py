@@ -1,11 +1,14 @@
-"""Shared fixtures. The tiny pipeline and dataset are written once per session (both deterministic for a seed)."""
+"""Shared fixtures. The tiny pipeline and dataset are written once per session (both deterministic for a seed), and
+once for all pytest-xdist workers (`built_once`)."""
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import xdist
+from filelock import FileLock
 from packaging.version import Version
 
 # The suite in tiers: unit/ (in process), integration/ (the CLI, torchrun, several processes), system/ (SLURM, S3,
@@ -37,8 +40,8 @@ def pytest_collection_modifyitems(items):
     """Under pytest-xdist (`make test`'s default, `-n 2 --dist loadgroup`) each worker builds the session fixtures its
     tests need, and a module's fixtures are built once only if its tests run on one worker:
     - the tests on the local SLURM cluster share one worker (one cluster); the documented commands that submit to it
-      say so themselves. The reference run is not grouped: a worker that needs it trains its own (half a minute),
-      which costs less than holding every resume test on one worker behind the SLURM jobs;
+      say so themselves. The reference run is not grouped (that would hold every resume test on one worker behind the
+      SLURM jobs): the first worker that needs it trains it, and the other reuses it (`built_once`);
     - the tests of a module with a module-scoped fixture (a tiny training, an exported pipeline) stay together."""
     for item in items:
         names = getattr(item, "fixturenames", ())
@@ -84,12 +87,30 @@ def _environ_restored():
         os.environ.update(saved)
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)` once per test session, however many pytest-xdist workers need it: the first worker builds it
+    in the session's shared temp root while holding a file lock, the others wait for the lock and reuse the result
+    (pytest-xdist's documented recipe). For deterministic fixtures that tests only read: before, each worker wrote
+    and trained its own copy of the same bytes. Without xdist it is an ordinary session fixture."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return build(tmp_path_factory.mktemp(name))
+    root = tmp_path_factory.getbasetemp().parent
+    done = root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.is_file():  # no earlier worker finished it (one that failed left no marker: build it again)
+            folder = root / name
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            done.write_text(str(build(folder)))
+    return Path(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A random tiny FLUX pipeline in diffusers layout (`dedistill tiny-model`, seed 0)."""
     from dataset_tools.tiny_model import write_tiny_model
 
-    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+    return built_once(tmp_path_factory, "tiny-model", lambda d: write_tiny_model(d / "model", seed=0))
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +126,7 @@ def tiny_data_dir(tmp_path_factory):
     """128 procedural 64 px samples as MDS shards (`dedistill tiny-data`, seed 0)."""
     from dataset_tools.tiny_data import write_tiny_data
 
-    return write_tiny_data(tmp_path_factory.mktemp("tiny") / "data", n=128, size=64, seed=0)
+    return built_once(tmp_path_factory, "tiny-data", lambda d: write_tiny_data(d / "data", n=128, size=64, seed=0))
 
 
 @pytest.fixture(scope="session")
@@ -113,17 +134,19 @@ def reference_run(tiny_model_dir, tiny_data_dir, tmp_path_factory):
     """The uninterrupted tiny run every resume/backend test compares with: 2 gloo ranks, FSDP2, 6 steps, a checkpoint
     every 2 (tests/tiny_runs.py). Started with `dedistill submit --cluster local` (submitit's local executor ->
     launch.torchrun --standalone), the path users without SLURM take; the tests that compare plain torchrun runs
-    with it bitwise also check that this path trains exactly the same job."""
-    import sys
-
+    with it bitwise also check that this path trains exactly the same job. Trained once per session (tests copy it
+    before they resume from it)."""
     import tiny_runs
 
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    cmd = [sys.executable, "-m", "launch", "submit", str(tiny_runs.CONFIG), "--cluster", "local",
-           "--nproc-per-node", "2", *tiny_runs.overrides(tiny_model_dir, tiny_data_dir, run_dir)]
-    r = tiny_runs.run(cmd)
-    assert "local job" in r.stdout and "'finished': True" in r.stdout, r.stdout[-2000:]
-    return run_dir
+    def build(folder: Path) -> Path:
+        run_dir = folder / "run"
+        cmd = [sys.executable, "-m", "launch", "submit", str(tiny_runs.CONFIG), "--cluster", "local",
+               "--nproc-per-node", "2", *tiny_runs.overrides(tiny_model_dir, tiny_data_dir, run_dir)]
+        r = tiny_runs.run(cmd)
+        assert "local job" in r.stdout and "'finished': True" in r.stdout, r.stdout[-2000:]
+        return run_dir
+
+    return built_once(tmp_path_factory, "reference", build)
 
 
 @pytest.fixture(scope="session")
@@ -132,12 +155,15 @@ def tiny_lora_run(tiny_model_dir, tiny_data_dir, tmp_path_factory):
     from zero, no EMA. The LoRA export tests and the docs' `--format lora` commands read it: one training for all."""
     import tiny_runs
 
-    run_dir = tmp_path_factory.mktemp("lora") / "run"
-    tiny_runs.run([sys.executable, "-m", "train", str(tiny_runs.CONFIG),
-                   *tiny_runs.overrides(tiny_model_dir, tiny_data_dir, run_dir, steps=4, **{
-                       "model.adapter.kind": "lora", "model.adapter.rank": 4, "model.adapter.alpha": 8.0,
-                       "optim.lr": 0.02, "ema.decay": 0.0})])
-    return run_dir
+    def build(folder: Path) -> Path:
+        run_dir = folder / "run"
+        tiny_runs.run([sys.executable, "-m", "train", str(tiny_runs.CONFIG),
+                       *tiny_runs.overrides(tiny_model_dir, tiny_data_dir, run_dir, steps=4, **{
+                           "model.adapter.kind": "lora", "model.adapter.rank": 4, "model.adapter.alpha": 8.0,
+                           "optim.lr": 0.02, "ema.decay": 0.0})])
+        return run_dir
+
+    return built_once(tmp_path_factory, "lora", build)
 
 
 @pytest.fixture(scope="session")
