@@ -134,6 +134,10 @@ def test_two_ranks_disk_full_both_stop_with_the_path_no_hang(small_disk, tiny_mo
     assert len(errors) == 2, r.stderr[-4000:]  # each rank says it, in one line, naming the path
     assert all(f"'{tiny_runs.ckpt(run_dir, 4)}'" in e and "No space left" in e for e in errors), errors
     assert dir_names(run_dir / "checkpoints") == ["step_00000002"] and check(tiny_runs.ckpt(run_dir, 2)) is None
+    if async_save == "true":
+        # the failed async save left what the sync one leaves (asserted above): the restart below is the same
+        # resume from step 2, and test_async_checkpoint.py shows async saves write the sync run's bytes
+        return
     filler.unlink()
     tiny_runs.train(tiny_model_dir, tiny_data_dir, run_dir, **extra)
     tiny_runs.assert_same_state(tiny_runs.ckpt(reference_run, 6), tiny_runs.ckpt(run_dir, 6))
