@@ -27,7 +27,7 @@ matplotlib.use("Agg")  # headless: cluster nodes and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from dataset_tools.tiny_data import write_tiny_data
-from evals.experiments.judge import load_judge, single_object_samples, to_tensor
+from evals.experiments.judge import ATTRS, load_judge, single_object_samples, to_tensor
 from evals.experiments.proof import evaluate, held_out_world, plot
 from evals.experiments.toy_schnell import asset_dir, load_asset_config
 
@@ -70,6 +70,20 @@ def table(models: dict) -> str:
         for steps, v in m["steps"].items():
             lines.append(f"| {name} | {steps} | " + " | ".join(f"{a:.3f}" for a in v["adherence"]) + " | "
                          + " | ".join(f"{f:.0f}" for f in v["fid"]) + " |")
+    return "\n".join(lines)
+
+
+def attribute_table(models: dict) -> str:
+    """Per attribute (the judge's five, with their chance level), each model's adherence at cfg 1 -> its highest cfg:
+    what the one-number table averages away, e.g. whether colour comes back with CFG or only position does."""
+    lo, hi = CFG_SCALES[0], CFG_SCALES[-1]
+    head = "| model | steps | " + " | ".join(f"{k} (chance {1 / len(v):.3f})" for k, v in ATTRS.items()) + " |"
+    lines = [f"Per attribute, cfg {lo:g} -> {hi:g}:", "", head, "|---|---|" + "---|" * len(ATTRS)]
+    for name, m in models.items():
+        for steps, v in m["steps"].items():
+            per = v["per_attribute"]
+            lines.append(f"| {name} | {steps} | " + " | ".join(f"{per[k][0]:.3f} → {per[k][-1]:.3f}" for k in ATTRS)
+                         + " |")
     return "\n".join(lines)
 
 
@@ -146,7 +160,7 @@ def run_demo(out: Path, *, nproc: int = 2, n_samples: int = 2000, n_prompts: int
         "load_average": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
     }
     (out / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    log("\n" + table(models))
+    log("\n" + table(models) + "\n\n" + attribute_table(models))
     for name, steps in (("student", "4"), ("de-distilled", "28")):
         a = models[name]["steps"][steps]["adherence"]
         log(f"[demo] {name} ({steps} steps): adherence cfg 1 -> 5: {a[0]:.3f} -> {a[-1]:.3f} ({a[-1] - a[0]:+.3f})")
