@@ -290,7 +290,7 @@ CASES: dict[str, Run | Skip | Covered | SameAs] = {
                 "the merge line runs this array job as its prelude (its $jid), and waits for every task to end "
                 "COMPLETED"),
     'sbatch --dependency=afterok:$jid --wrap "dedistill data merge /shared/mds"':
-        run(slurm=True, replace=ARRAY_2, why="(its prelude, cluster.md:45) " + WHY_ARRAY,
+        run(slurm=True, replace=ARRAY_2, why="(its prelude, the 32-task array line) " + WHY_ARRAY,
             creates=("{tmp}/out/shared/mds/index.json",), slow=True),
     "dedistill export --checkpoint /shared/runs/x/checkpoints/step_00016000 --out /shared/exports/x --format diffusers":
         run(creates=("{tmp}/out/shared/exports/x/model_index.json",)),
@@ -299,7 +299,7 @@ CASES: dict[str, Run | Skip | Covered | SameAs] = {
                 "runs this export on a LoRA run and loads the file with diffusers' load_lora_weights"),
     "cp -r /datasets/FLUX.1-schnell /shared/models/": skip("copies the user's own model download; nothing to copy here"),
     "jid=$(sbatch --parsable --array=0-63 slurm/convert_array.sbatch --source /shared/data/raw --out /shared/mds)":
-        skip("the same as cluster.md:45 with 64 slices instead of 32"),
+        skip("the same as the 32-task array line (run as the merge line's prelude) with 64 slices instead of 32"),
     SBATCH_LIBREFLUX_8N:
         run(slurm=True, replace=(("--nodes 8 --gpus-per-node 8 --cpus-per-task 64", "--nodes 2 --cpus-per-task 1"),
                                  ("--partition gpu", "--partition debug")),
