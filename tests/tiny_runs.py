@@ -83,6 +83,20 @@ def train_in_process(cfg, on_checkpoint=None):
         return train(cfg, trainer_hooks(cfg, on_checkpoint=on_checkpoint))
 
 
+def cli(*argv) -> None:
+    """`dedistill ARGV` in this process, the environment kept: the CLI's own parsing and code, without the ~6 s of
+    imports (torch, diffusers, transformers) a fresh interpreter pays again. For tests whose subject is what a command
+    writes; the tests about processes (torchrun, signals, exit codes of a real start) keep their subprocess."""
+    from launch.cli import main
+
+    with environment_kept():
+        try:
+            main([str(a) for a in argv])
+        except SystemExit as e:
+            if e.code:
+                raise AssertionError(f"dedistill {' '.join(map(str, argv[:3]))} ... exited with {e.code}") from None
+
+
 def ckpt(run_dir, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
 

@@ -9,8 +9,6 @@
 """
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -48,19 +46,13 @@ def _image(loaded) -> np.ndarray:
     return np.asarray(img, dtype=np.int16)
 
 
-def _export(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch", "export", *map(str, args)], cwd=tiny_runs.REPO,
-                          env=tiny_runs.env(), capture_output=True, text=True, timeout=300)
-
-
 def test_lokr_merged_diffusers_export_samples_like_the_checkpoint(reference_run, tmp_path):
     from diffusers import FluxPipeline
 
     from train.inference import load_for_inference
 
     ckpt, out = tiny_runs.ckpt(reference_run, tiny_runs.STEPS), tmp_path / "export"
-    r = _export("--checkpoint", ckpt, "--out", out, "--format", "diffusers", "--dtype", "fp32")
-    assert r.returncode == 0, r.stderr[-3000:]
+    tiny_runs.cli("export", "--checkpoint", ckpt, "--out", out, "--format", "diffusers", "--dtype", "fp32")
 
     pipe = FluxPipeline.from_pretrained(str(out), torch_dtype=torch.float32)
     names = [n for n, _ in pipe.transformer.named_parameters()]

@@ -59,11 +59,9 @@ def export(tiny_model_dir, tiny_data_dir, tmp_path_factory):
     """(trained run dir, its --format diffusers export in fp32)."""
     base = tmp_path_factory.mktemp("export_pipeline")
     run_dir, out = base / "run", base / "export"
-    tiny_runs.run([sys.executable, "-m", "train", str(tiny_runs.CONFIG),
-                   *tiny_runs.overrides(tiny_model_dir, tiny_data_dir, run_dir, steps=8,
-                                        **{"optim.lr": 0.01, "ema.decay": 0.0})])
-    tiny_runs.run([sys.executable, "-m", "launch", "export", "--checkpoint", str(run_dir), "--out", str(out),
-                   "--format", "diffusers", "--dtype", "fp32"])
+    tiny_runs.cli("train", tiny_runs.CONFIG, *tiny_runs.overrides(tiny_model_dir, tiny_data_dir, run_dir, steps=8,
+                                                                 **{"optim.lr": 0.01, "ema.decay": 0.0}))
+    tiny_runs.cli("export", "--checkpoint", run_dir, "--out", out, "--format", "diffusers", "--dtype", "fp32")
     return run_dir, out
 
 

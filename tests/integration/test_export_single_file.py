@@ -12,7 +12,6 @@ checks the CLI end to end: its BFL file is `to_bfl` of its diffusers export, and
 the part diffusers can read at tiny width) loads in diffusers like its PEFT LoRA.
 """
 
-import sys
 
 import pytest
 import torch
@@ -146,17 +145,15 @@ DOUBLE_TARGETS = ("[to_q, to_k, to_v, to_out.0, add_q_proj, add_k_proj, add_v_pr
 def lora_run(tiny_model_dir, tiny_data_dir, tmp_path_factory):
     """A 4-step LoRA run on the double blocks (diffusers reads kohya single-block LoRA only at FLUX.1 width)."""
     run_dir = tmp_path_factory.mktemp("single_file") / "run"
-    tiny_runs.run([sys.executable, "-m", "train", str(tiny_runs.CONFIG),
-                   *tiny_runs.overrides(tiny_model_dir, tiny_data_dir, run_dir, steps=4, **{
-                       "model.adapter.kind": "lora", "model.adapter.rank": 4, "model.adapter.alpha": 8.0,
-                       "model.adapter.single_blocks": "[]", "model.adapter.target_modules": DOUBLE_TARGETS,
-                       "optim.lr": 0.02, "ema.decay": 0.0})])
+    tiny_runs.cli("train", tiny_runs.CONFIG, *tiny_runs.overrides(tiny_model_dir, tiny_data_dir, run_dir, steps=4, **{
+        "model.adapter.kind": "lora", "model.adapter.rank": 4, "model.adapter.alpha": 8.0,
+        "model.adapter.single_blocks": "[]", "model.adapter.target_modules": DOUBLE_TARGETS, "optim.lr": 0.02,
+        "ema.decay": 0.0}))
     return tiny_runs.ckpt(run_dir, 4)
 
 
 def _export(ckpt, out, *args):
-    tiny_runs.run([sys.executable, "-m", "launch", "export", "--checkpoint", str(ckpt), "--out", str(out),
-                   "--dtype", "fp32", *args])
+    tiny_runs.cli("export", "--checkpoint", ckpt, "--out", out, "--dtype", "fp32", *args)
     return out
 
 

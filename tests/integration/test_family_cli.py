@@ -3,7 +3,6 @@ ChromaPipeline, its pipeline.py draws `dedistill sample`'s image pixel for pixel
 it is measured, and the LoRA export loads in ChromaPipeline (the in-process checks: tests/unit/test_family.py)."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -55,8 +54,7 @@ for i, prompt in enumerate(args["prompts"]):
 @pytest.fixture(scope="module")
 def export(lora_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("chroma_export") / "export"
-    tiny_runs.run([sys.executable, "-m", "launch", "export", "--checkpoint", str(lora_run), "--out", str(out),
-                   "--format", "diffusers", "--dtype", "fp32"])
+    tiny_runs.cli("export", "--checkpoint", lora_run, "--out", out, "--format", "diffusers", "--dtype", "fp32")
     return out
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 `dedistill export --format lycoris` loads with LyCORIS' create_lycoris_from_weights (the in-process checks:
 tests/unit/test_lycoris_format.py)."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,12 +16,11 @@ from lycoris import create_lycoris_from_weights  # noqa: E402
 
 def _train_lokr(model_dir, data_dir, run_dir, steps, **extra):
     over = {"ema.decay": 0.0, **extra}
-    return tiny_runs.run([sys.executable, "-m", "train", str(tiny_runs.CONFIG),
-                          *tiny_runs.overrides(model_dir, data_dir, run_dir, steps=steps, **over)])
+    tiny_runs.cli("train", tiny_runs.CONFIG, *tiny_runs.overrides(model_dir, data_dir, run_dir, steps=steps, **over))
 
 
 @pytest.mark.slow
-def test_training_starts_from_a_lycoris_file(tiny_model_dir, tiny_data_dir, tmp_path):
+def test_training_starts_from_a_lycoris_file(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
     from train.config import load_config
     from train.model import load_transformer
 
@@ -35,10 +32,12 @@ def test_training_starts_from_a_lycoris_file(tiny_model_dir, tiny_data_dir, tmp_
     expected = lycoris_deltas(net)
 
     run_dir = tmp_path / "run"
-    r = _train_lokr(tiny_model_dir, tiny_data_dir, run_dir, 1, **{"model.adapter.init_from": path, "optim.lr": 1e-12,
-                                                                  "optim.warmup_steps": 0})
-    assert f"init_from {path}: {len(names)} LoKr layers" in r.stdout
-    assert "effective scale" in r.stdout
+    capsys.readouterr()
+    _train_lokr(tiny_model_dir, tiny_data_dir, run_dir, 1, **{"model.adapter.init_from": path, "optim.lr": 1e-12,
+                                                              "optim.warmup_steps": 0})
+    out = capsys.readouterr().out
+    assert f"init_from {path}: {len(names)} LoKr layers" in out
+    assert "effective scale" in out
     # after one step at lr 1e-12 the checkpoint's adapter still is the file's update
     from train.inference import load_for_inference
 
@@ -62,10 +61,7 @@ def test_lycoris_export_loads_with_create_lycoris_from_weights(tiny_model_dir, t
         "model.adapter.alpha": 2.0, "optim.lr": 0.02,
         "model.adapter.lokr_factor_pattern": '{"transformer_blocks.0.ff*": 1}'})
     ckpt, out = tiny_runs.ckpt(run_dir, 3), tmp_path / "export"
-    r = subprocess.run([sys.executable, "-m", "launch", "export", "--checkpoint", str(ckpt), "--out", str(out),
-                        "--format", "lycoris", "--dtype", "fp32"], cwd=tiny_runs.REPO, env=tiny_runs.env(),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    tiny_runs.cli("export", "--checkpoint", ckpt, "--out", out, "--format", "lycoris", "--dtype", "fp32")
     path = out / "lycoris_lokr.safetensors"
     with safe_open(str(path), "pt") as f:
         keys = list(f.keys())
