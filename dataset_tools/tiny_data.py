@@ -5,8 +5,9 @@ Every attribute a caption can mention is recoverable from the pixels: objects si
 apart. The first object is the main one; its colour, shape, position and size are always drawn, the caption may omit
 some of them (so caption lengths, and therefore T5 padding, vary).
 
-`write_tiny_data` writes MDS shards (the training format) or a folder of `{key}.png` + `{key}.txt` + `{key}.json`
-(the input format of `dedistill data convert`).
+`WorldSpec` varies the world (object counts, which colours each role takes, how often captions name the
+background); its defaults are the world above. `write_tiny_data` writes MDS shards (the training format) or a folder
+of `{key}.png` + `{key}.txt` + `{key}.json` (the input format of `dedistill data convert`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import io
 import json
 import math
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -55,7 +57,40 @@ PREFIXES: tuple[str, ...] = ("", "", "", "a picture of", "an image of", "a simpl
 ADJECTIVES: tuple[str, ...] = ("bright", "plain", "simple")  # optional, before the colour; carry no attribute
 FILLER_WORDS: tuple[str, ...] = ("a", "an", "at", "in", "on", "the", "and", "background", "of")
 
+# `WorldSpec.palettes: split`: objects take these colours and backgrounds the others, so a colour word names one
+# role. The split keeps every object colour distinct from every background colour at a glance (no yellow on white).
+OBJECT_COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
+BACKGROUND_COLOURS: tuple[str, ...] = ("white", "black", "pink", "cyan", "brown", "gray")
+
 _SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: clean edges even at 64 px
+PALETTES = ("shared", "split")
+
+
+@dataclass(kw_only=True)
+class WorldSpec:
+    """What the world draws. The defaults are the world every shipped artefact was made in (same samples for a seed).
+
+    A caption names each colour word in one role only with `palettes: split`, and needs no binding of words across
+    objects with `objects: [1]`: the two bindings docs/proof.md measured the random tiny T5 to miss."""
+
+    objects: list[int] = field(default_factory=lambda: [1, 1, 2, 3])
+    """Object counts, one drawn uniformly per sample (the default: one object half of the time, two or three else)."""
+    palettes: str = "shared"
+    """shared: objects and background take any distinct colours of COLOURS | split: objects OBJECT_COLOURS,
+    backgrounds BACKGROUND_COLOURS."""
+    background_named: float = 0.5
+    """How often a caption names the background (always with 3 objects, as before)."""
+
+    def __post_init__(self) -> None:
+        if self.palettes not in PALETTES:
+            raise ValueError(f"world.palettes: '{self.palettes}' is not one of {', '.join(PALETTES)}")
+        if not self.objects or any(not 1 <= n <= 3 for n in self.objects):
+            raise ValueError(f"world.objects: counts must be 1, 2 or 3 (at least one), got {self.objects}")
+        if not 0.0 <= self.background_named <= 1.0:
+            raise ValueError(f"world.background_named: must be in [0, 1], got {self.background_named}")
+
+
+DEFAULT_WORLD = WorldSpec()
 
 
 def caption_vocabulary() -> list[str]:
@@ -122,15 +157,19 @@ def _object_phrase(r: random.Random, obj: dict, *, with_size: bool, with_positio
     return phrase
 
 
-def draw_sample(rng: random.Random | np.random.Generator, size: int) -> tuple[Image.Image, str, dict]:
-    """One (RGB image of side `size`, caption, attributes) sample.
+def draw_sample(rng: random.Random | np.random.Generator, size: int,
+                world: WorldSpec = DEFAULT_WORLD) -> tuple[Image.Image, str, dict]:
+    """One (RGB image of side `size`, caption, attributes) sample of `world`.
 
     attributes = {"objects": [{"shape", "colour", "position", "size"}, ...], "background": colour}; objects[0] is
     the main one (always mentioned first in the caption).
     """
     r = _as_random(rng)
-    n = r.choice((1, 1, 2, 3))
-    colours = r.sample(sorted(COLOURS), n + 1)  # distinct: every object is separable from the others and the background
+    n = r.choice(world.objects)
+    if world.palettes == "shared":
+        colours = r.sample(sorted(COLOURS), n + 1)  # distinct: each object separable from the others and the background
+    else:
+        colours = [*r.sample(OBJECT_COLOURS, n), r.choice(BACKGROUND_COLOURS)]
     positions = r.sample(list(POSITIONS), n)  # distinct grid cells: objects never overlap
     objects = [
         {"shape": r.choice(SHAPES), "colour": colours[i], "position": positions[i], "size": r.choice(sorted(SIZES))}
@@ -152,7 +191,7 @@ def draw_sample(rng: random.Random | np.random.Generator, size: int) -> tuple[Im
     phrases = [_object_phrase(r, objects[0], with_size=r.random() < 0.8, with_position=r.random() < 0.8)]
     phrases += [_object_phrase(r, o, with_size=r.random() < 0.5, with_position=r.random() < 0.6) for o in objects[1:]]
     caption = phrases[0] if n == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    if r.random() < 0.5 or n == 3:
+    if r.random() < world.background_named or n == 3:
         caption += f" on {_article(background)} {background} background"
     prefix = r.choice(PREFIXES)
     if prefix:
@@ -160,10 +199,11 @@ def draw_sample(rng: random.Random | np.random.Generator, size: int) -> tuple[Im
     return img, caption, {"objects": objects, "background": background}
 
 
-def iter_samples(n: int, *, size: int = 64, seed: int = 0) -> Iterator[tuple[str, Image.Image, str, dict]]:
-    """(key, image, caption, attributes) for samples 0..n-1; sample i depends only on (seed, i)."""
+def iter_samples(n: int, *, size: int = 64, seed: int = 0,
+                 world: WorldSpec = DEFAULT_WORLD) -> Iterator[tuple[str, Image.Image, str, dict]]:
+    """(key, image, caption, attributes) for samples 0..n-1; sample i depends only on (seed, i, world)."""
     for i in range(n):
-        img, caption, attrs = draw_sample(random.Random(f"{seed}/{i}"), size)
+        img, caption, attrs = draw_sample(random.Random(f"{seed}/{i}"), size, world)
         yield f"{i:06d}", img, caption, attrs
 
 
@@ -186,7 +226,8 @@ def _shard_size_limit(n: int, size: int) -> int:
     return max(1 << 12, n * approx_sample // 4)
 
 
-def write_tiny_data(out_dir: str | Path, *, n: int = 256, size: int = 64, seed: int = 0, fmt: str = "mds") -> Path:
+def write_tiny_data(out_dir: str | Path, *, n: int = 256, size: int = 64, seed: int = 0, fmt: str = "mds",
+                    world: WorldSpec = DEFAULT_WORLD) -> Path:
     """Write `n` procedural samples of side `size` as MDS shards (`fmt="mds"`) or an image folder (`fmt="folder"`).
 
     MDS columns: MDS_COLUMNS; `image` holds the PNG bytes as encoded (the data pipeline decodes them itself).
@@ -205,11 +246,11 @@ def write_tiny_data(out_dir: str | Path, *, n: int = 256, size: int = 64, seed: 
             from streaming import MDSWriter
 
             with MDSWriter(out=str(tmp), columns=MDS_COLUMNS, size_limit=_shard_size_limit(n, size)) as w:
-                for key, img, caption, attrs in iter_samples(n, size=size, seed=seed):
+                for key, img, caption, attrs in iter_samples(n, size=size, seed=seed, world=world):
                     w.write({"image": png_bytes(img), "caption": caption, "width": img.width,
                              "height": img.height, "key": key, "attributes": attrs})
         else:
-            for key, img, caption, attrs in iter_samples(n, size=size, seed=seed):
+            for key, img, caption, attrs in iter_samples(n, size=size, seed=seed, world=world):
                 (tmp / f"{key}.png").write_bytes(png_bytes(img))
                 (tmp / f"{key}.txt").write_text(caption)
                 (tmp / f"{key}.json").write_text(json.dumps(attrs, sort_keys=True) + "\n")

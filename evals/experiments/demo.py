@@ -122,7 +122,7 @@ def run_demo(out: Path, *, nproc: int = 2, n_samples: int = 2000, n_prompts: int
     if not (model / "model_index.json").is_file():
         shutil.copytree(asset / "pipeline", model, dirs_exist_ok=True)
     if not (data / "index.json").is_file():  # the world the student was distilled on (same seed, the first n)
-        write_tiny_data(data, n=n_samples, size=cfg.resolution, seed=cfg.seed)
+        write_tiny_data(data, n=n_samples, size=cfg.resolution, seed=cfg.seed, world=cfg.world)
     timings["setup"] = round(time.perf_counter() - t0, 1)
 
     t = time.perf_counter()
@@ -142,7 +142,8 @@ def run_demo(out: Path, *, nproc: int = 2, n_samples: int = 2000, n_prompts: int
     world = held_out_world(cfg)
     judge = load_judge(asset / "judge.safetensors")
     # FID floor: an independent set of real renders (the judge's test seed) against the eval prompts' renders
-    real_x = to_tensor([im for im, _ in single_object_samples(n_prompts, size=cfg.resolution, seed=cfg.seed + 20_000)])
+    real_x = to_tensor([im for im, _ in single_object_samples(n_prompts, size=cfg.resolution, seed=cfg.seed + 20_000,
+                                                                  world=cfg.world)])
     cells: dict = {}
     rows = evaluate(cfg, {"student": model, "de-distilled": run}, judge, world, out, real_x, cells=cells,
                     write_grid=False)

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dataset_tools.tiny_data import COLOURS, POSITIONS, SHAPES, SIZES, draw_sample
+from dataset_tools.tiny_data import COLOURS, DEFAULT_WORLD, POSITIONS, SHAPES, SIZES, WorldSpec, draw_sample
 
 ATTRS: dict[str, list[str]] = {
     "shape": list(SHAPES),
@@ -41,11 +41,15 @@ def full_caption(attrs: dict) -> str:
     return f"a {o['size']} {o['colour']} {o['shape']} {where} on {'an' if bg[0] in 'aeiou' else 'a'} {bg} background"
 
 
-def single_object_samples(n: int, *, size: int, seed: int) -> list[tuple[np.ndarray, dict]]:
-    """n world samples with exactly one object (the only case where 'the main object' is visible in pixels)."""
+def single_object_samples(n: int, *, size: int, seed: int,
+                          world: WorldSpec = DEFAULT_WORLD) -> list[tuple[np.ndarray, dict]]:
+    """n samples of `world` with exactly one object (the only case where 'the main object' is visible in pixels)."""
+    if 1 not in world.objects:
+        raise ValueError(f"world.objects: {world.objects} has no single-object samples, which the judge and the eval "
+                         f"prompts need; include 1")
     out, i = [], 0
     while len(out) < n:
-        img, _, attrs = draw_sample(random.Random(f"{seed}/{i}"), size)
+        img, _, attrs = draw_sample(random.Random(f"{seed}/{i}"), size, world)
         i += 1
         if len(attrs["objects"]) == 1:
             out.append((np.asarray(img), attrs))

@@ -45,7 +45,7 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 matplotlib.use("Agg")  # headless: cluster nodes and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from dataset_tools.tiny_data import iter_samples, write_tiny_data
+from dataset_tools.tiny_data import WorldSpec, iter_samples, write_tiny_data
 from dataset_tools.tiny_model import TINY_SIZES, build_tiny_pipeline
 from evals.experiments.distill import guidance_distill, reflow, teacher_pairs
 from evals.experiments.judge import (
@@ -205,6 +205,9 @@ class ProofConfig:
     n_train: int = 4000
     max_text_tokens: int = 64
     threads: int = 2
+    world: WorldSpec = field(default_factory=WorldSpec)
+    """What the world stage draws (dataset_tools/tiny_data.py); the judge always learns the default world, which
+    holds every other one's samples."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     model: ModelDims = field(default_factory=ModelDims)
@@ -232,6 +235,9 @@ class ProofConfig:
                 raise ValueError(f"dedistill_recipes: '{r}' is not one of {', '.join(RECIPES)}")
         if not self.dedistill_seeds or len(set(self.dedistill_seeds)) != len(self.dedistill_seeds):
             raise ValueError(f"dedistill_seeds: must be distinct and at least one, got {self.dedistill_seeds}")
+        if 1 not in self.world.objects:
+            raise ValueError(f"world.objects: {self.world.objects} has no single-object samples, which the eval "
+                             f"prompts are; include 1")
 
 
 SMOKE = {  # seconds-long: every stage runs, numbers are meaningless
@@ -327,6 +333,8 @@ def stage_settings(cfg: ProofConfig) -> dict[str, dict]:
         return recorded(b, {"nproc": 1})
 
     world = {"n_train": cfg.n_train, "resolution": cfg.resolution, "seed": cfg.seed}
+    if drawn := recorded(cfg.world, asdict(WorldSpec())):  # absent for the default world: its records stay valid
+        world["world"] = drawn
     judge = {"judge": recorded(cfg.judge, {"smooth_noise": 0}), "resolution": cfg.resolution, "seed": cfg.seed}
     vae = {"vae": recorded(cfg.vae, {"fg_weight": 0, "fg_dilate": 0}),
            "model": asdict(cfg.model), **world}
@@ -379,14 +387,14 @@ def stage_world(cfg: ProofConfig, out: Path) -> dict:
     """Training shards + held-out eval set (single-object samples, full captions unseen in training)."""
     data = out / "data"
     if not data.exists():
-        write_tiny_data(data, n=cfg.n_train, size=cfg.resolution, seed=cfg.seed)
+        write_tiny_data(data, n=cfg.n_train, size=cfg.resolution, seed=cfg.seed, world=cfg.world)
     return {"data": data, **held_out_world(cfg)}
 
 
 def held_out_world(cfg: ProofConfig) -> dict:
     """The training captions and the held-out eval set (the demo evaluates on the same prompts as the proof)."""
-    train_captions = {c for _, _, c, _ in iter_samples(cfg.n_train, size=8, seed=cfg.seed)}
-    pool = single_object_samples(4 * cfg.eval.n_prompts, size=cfg.resolution, seed=cfg.seed + 10_000)
+    train_captions = {c for _, _, c, _ in iter_samples(cfg.n_train, size=8, seed=cfg.seed, world=cfg.world)}
+    pool = single_object_samples(4 * cfg.eval.n_prompts, size=cfg.resolution, seed=cfg.seed + 10_000, world=cfg.world)
     held = [(img, a) for img, a in pool if full_caption(a) not in train_captions][: cfg.eval.n_prompts]
     return {"train_captions": sorted(train_captions), "eval": held, "eval_prompts": [full_caption(a) for _, a in held]}
 
@@ -443,7 +451,8 @@ def stage_vae(cfg: ProofConfig, out: Path, judge, test_x: torch.Tensor) -> tuple
                 v.block_out_channels) % 8 == 0 else 4, sample_size=cfg.resolution,
             use_quant_conv=False, use_post_quant_conv=False,
         )
-        x = to_tensor([im for _, im, _, _ in iter_samples(cfg.n_train, size=cfg.resolution, seed=cfg.seed)])
+        x = to_tensor([im for _, im, _, _ in iter_samples(cfg.n_train, size=cfg.resolution, seed=cfg.seed,
+                                                          world=cfg.world)])
         opt = torch.optim.AdamW(vae.parameters(), lr=v.lr)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=v.lr, total_steps=v.steps)
         g = torch.Generator().manual_seed(cfg.seed)
@@ -604,7 +613,7 @@ def stage_dev(cfg: ProofConfig, out: Path, pipe_dir: Path) -> Path:
         teacher = load_model(out / "teacher_pipeline")
         t0 = time.time()
         images, captions = [], []
-        for _, im, caption, _ in iter_samples(cfg.n_train, size=cfg.resolution, seed=cfg.seed):
+        for _, im, caption, _ in iter_samples(cfg.n_train, size=cfg.resolution, seed=cfg.seed, world=cfg.world):
             images.append(im)
             captions.append(caption)
         x = to_tensor(images).to(teacher.device)

@@ -439,6 +439,12 @@ CASES: dict[str, Run | Skip | Covered | SameAs] = {
         covered("tests/unit/test_ablate.py::test_word_tokens_are_one_per_word_and_bind_nothing_but_the_role_flag",
                 "the words run with the background's colour word flagged; that test checks the flag is the only "
                 "difference, the driver test runs the words path (about 10 min at these sizes)"),
+    "python -m evals.experiments.ablate --config configs/proof-cpu.yaml --conditioning text --every 500 "
+    "out_dir=runs/abl-text-split1 teacher.steps=1500 model.num_attention_heads=8 world.palettes=split "
+    "'world.objects=[1]'":
+        covered("tests/unit/test_ablate.py::test_driver_trains_and_reads_every_checkpoint",
+                "its text case is this run in this world at the proof's --smoke sizes (about 25 min at these); it "
+                "checks the world's shards and the stages that record the world"),
     "python -m evals.experiments.ablate --config configs/proof-cpu.yaml --roles MODEL out_dir=...":
         covered("tests/unit/test_ablate.py::test_colour_roles_counts_each_role_against_the_prompt",
                 "MODEL and out_dir are placeholders; that test runs colour_roles on the smoke world and recounts it"),

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from streaming import StreamingDataset
+from streaming import LocalDataset, StreamingDataset
 
 from dataset_tools.tiny_data import COLOURS, POSITIONS, SHAPES, SIZES
 from evals.experiments import ablate
@@ -100,7 +100,9 @@ def test_onehot_dataset_reaches_the_trainer_batches(tiny_model_dir, tiny_data_di
 
 @pytest.mark.parametrize("conditioning", ["onehot", "text", "words"])
 def test_driver_trains_and_reads_every_checkpoint(tmp_path, conditioning):
-    cfg = load_proof_config(None, smoke=True, overrides=[f"out_dir={tmp_path / 'abl'}", "teacher.steps=2"])
+    """The text run in the split-palette one-object world (docs/proof.md's next text run), the others in the default."""
+    world = ["world.palettes=split", "world.objects=[1]"] if conditioning == "text" else []
+    cfg = load_proof_config(None, smoke=True, overrides=[f"out_dir={tmp_path / 'abl'}", "teacher.steps=2", *world])
     rows = ablate.run_ablation(cfg, conditioning=conditioning, every=1)
     assert [(r["step"], r["cfg"]) for r in rows] == [(s, c) for s in (1, 2) for c in cfg.eval.cfg_scales]
     assert all(0 <= r[k] <= 1 for r in rows for k in ("mean", "shape", "colour", "position", "size", "background"))
@@ -109,6 +111,11 @@ def test_driver_trains_and_reads_every_checkpoint(tmp_path, conditioning):
     assert (out / f"curves_{conditioning}.md").read_text().count("\n") == 2 + len(rows)
     data = out / f"{conditioning}_data"
     assert data.is_dir() == (conditioning != "text")  # the text teacher trains on the world's own shards
+    if world:  # the world stage drew it, and the stages that read the world recorded it
+        ds = LocalDataset(local=str(out / "data"))
+        assert all(len(ds[i]["attributes"]["objects"]) == 1 for i in range(len(ds)))
+        stages = json.loads((out / "stages.json").read_text())
+        assert stages["vae"]["world"] == {"objects": [1], "palettes": "split"} == stages["teacher"]["world"]["world"]
     if conditioning == "words":  # the writer wrote word tokens, as many as the world's captions have words
         layout = json.loads((data / "buckets.json").read_text())
         assert layout["precompute"]["max_text_tokens"] == ablate.WORD_TOKENS

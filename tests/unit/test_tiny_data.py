@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataset_tools.tiny_data import COLOURS, POSITIONS, SHAPES, SIZES, draw_sample, iter_samples, write_tiny_data
+from dataset_tools.tiny_data import (
+    BACKGROUND_COLOURS, COLOURS, OBJECT_COLOURS, POSITIONS, SHAPES, SIZES, WorldSpec, draw_sample, iter_samples,
+    write_tiny_data,
+)
 
 
 def read_mds(path):
@@ -107,3 +110,62 @@ def test_refusals(tmp_path):
     with pytest.raises(ValueError, match="fmt"):
         write_tiny_data(tmp_path / "other", n=4, fmt="tar")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_the_default_world_is_the_one_the_shipped_toy_was_made_in():
+    """Seed 0's first samples, as every shipped artefact (the toy schnell, run E) drew them: a WorldSpec option must
+    leave the default world's random draws alone. Python's Mersenne Twister with a string seed is the same on every
+    machine, so these are not floats from another box."""
+    first = [(c, a) for _, _, c, a in iter_samples(3, size=8, seed=0)]
+    assert first == [
+        ("an image of a large pink cross at the bottom left and a large orange square on a white background",
+         {"objects": [{"shape": "cross", "colour": "pink", "position": "bottom left", "size": "large"},
+                      {"shape": "square", "colour": "orange", "position": "bottom", "size": "large"}],
+          "background": "white"}),
+        ("a large yellow circle at the top left, a red triangle at the right and a large orange ring at the bottom "
+         "right on a gray background",
+         {"objects": [{"shape": "circle", "colour": "yellow", "position": "top left", "size": "large"},
+                      {"shape": "triangle", "colour": "red", "position": "right", "size": "large"},
+                      {"shape": "ring", "colour": "orange", "position": "bottom right", "size": "large"}],
+          "background": "gray"}),
+        ("a small purple star at the bottom and a small black circle",
+         {"objects": [{"shape": "star", "colour": "purple", "position": "bottom", "size": "small"},
+                      {"shape": "circle", "colour": "black", "position": "top", "size": "small"}],
+          "background": "pink"}),
+    ]
+    counts = [len(a["objects"]) for _, _, _, a in iter_samples(2000, size=8, seed=0)]
+    assert abs(counts.count(1) / 2000 - 0.5) < 0.04 and {2, 3} <= set(counts)
+
+
+def test_split_palettes_one_object_world():
+    """`palettes: split` gives each colour word one role (objects OBJECT_COLOURS, backgrounds BACKGROUND_COLOURS,
+    together all of COLOURS); `objects: [1]` draws one object; `background_named: 1` names the background always.
+    The pixels still show every attribute."""
+    assert set(OBJECT_COLOURS).isdisjoint(BACKGROUND_COLOURS) and {*OBJECT_COLOURS, *BACKGROUND_COLOURS} == set(COLOURS)
+    world = WorldSpec(objects=[1], palettes="split", background_named=1.0)
+    seen_objects, seen_backgrounds = set(), set()
+    for _, img, caption, attrs in iter_samples(300, size=64, seed=1, world=world):
+        (obj,) = attrs["objects"]
+        assert obj["colour"] in OBJECT_COLOURS and attrs["background"] in BACKGROUND_COLOURS
+        assert caption.endswith(f" {attrs['background']} background")
+        px = np.asarray(img)
+        assert tuple(px[0, 0]) == COLOURS[attrs["background"]]
+        col, row = POSITIONS[obj["position"]]
+        centre = tuple(px[int((row + 0.5) * 64 / 3), int((col + 0.5) * 64 / 3)])
+        assert centre == (COLOURS[attrs["background"]] if obj["shape"] == "ring" else COLOURS[obj["colour"]])
+        seen_objects.add(obj["colour"])
+        seen_backgrounds.add(attrs["background"])
+    assert seen_objects == set(OBJECT_COLOURS) and seen_backgrounds == set(BACKGROUND_COLOURS)
+    never = WorldSpec(background_named=0.0, objects=[1, 2])
+    assert not any("background" in c for _, _, c, _ in iter_samples(100, size=8, seed=0, world=never))
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"palettes": "pastel"}, r"^world.palettes: 'pastel' is not one of shared, split$"),
+    ({"objects": [0, 1]}, r"^world.objects: counts must be 1, 2 or 3 \(at least one\), got \[0, 1\]$"),
+    ({"objects": []}, r"^world.objects: counts must be 1, 2 or 3"),
+    ({"background_named": 1.5}, r"^world.background_named: must be in \[0, 1\], got 1.5$"),
+])
+def test_world_spec_refuses_bad_values(over, message):
+    with pytest.raises(ValueError, match=message):
+        WorldSpec(**over)

@@ -1,0 +1,28 @@
+"""The proof's world settings (`world.*`, dataset_tools/tiny_data.WorldSpec): which stages they reach and which they
+leave alone, in process (the stages themselves run in tests/system/test_proof_smoke.py)."""
+
+import pytest
+
+from dataset_tools.tiny_data import BACKGROUND_COLOURS, OBJECT_COLOURS
+from evals.experiments.proof import held_out_world, load_proof_config, stage_settings
+
+
+def test_world_settings_reach_every_stage_that_reads_the_world():
+    """`world.*` (dataset_tools/tiny_data.WorldSpec) is part of the world, VAE and teacher records, not the judge's
+    (it learns the default world, which holds every other one's samples); the default world adds no key, so the
+    stages.json of runs made before it existed stay valid. The eval prompts follow the world."""
+    base = stage_settings(load_proof_config("configs/proof-cpu.yaml"))
+    assert "world" not in base["world"]
+    over = ["world.objects=[1]", "world.palettes=split", "eval.n_prompts=16"]
+    split = stage_settings(load_proof_config("configs/proof-cpu.yaml", overrides=over))
+    assert split["world"]["world"] == {"objects": [1], "palettes": "split"}
+    assert split["judge"] == base["judge"]
+    for stage in ("vae", "teacher", "distill"):
+        assert split[stage] != base[stage], stage
+    world = held_out_world(load_proof_config("configs/proof-cpu.yaml", overrides=over))
+    assert len(world["eval"]) == 16
+    for prompt, (_, attrs) in zip(world["eval_prompts"], world["eval"]):
+        assert attrs["objects"][0]["colour"] in OBJECT_COLOURS and attrs["background"] in BACKGROUND_COLOURS
+        assert prompt.endswith(f"{attrs['background']} background")
+    with pytest.raises(ValueError, match=r"^world.objects: \[2, 3\] has no single-object samples"):
+        load_proof_config("configs/proof-cpu.yaml", overrides=["world.objects=[2,3]"])
