@@ -795,6 +795,12 @@ def run(cfg: ProofConfig, *, until: str = "eval") -> dict:
     log(f"[proof] world: {cfg.n_train} training samples, {len(world['eval_prompts'])} held-out eval prompts")
     lap("world")
     judge, judge_acc, test_x, test_y = stage_judge(cfg, out, world)
+    if cfg.world != WorldSpec():
+        # the VAE's check and toy FID's real renders are this world's: the judge's test set is the default world's
+        # (the same images when the world is the default), and a VAE trained on another world never saw them
+        test = single_object_samples(cfg.judge.n_test, size=cfg.resolution, seed=cfg.seed + 20_000, world=cfg.world)
+        test_x = to_tensor([im for im, _ in test])
+        test_y = {k: torch.tensor([labels_of(a)[k] for _, a in test]) for k in ATTRS}
     lap("judge")
     pipe_dir, vae_stats, rec_preds = stage_vae(cfg, out, judge, test_x)
     rec_acc = accuracy(rec_preds, test_y)
