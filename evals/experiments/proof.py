@@ -399,12 +399,19 @@ def held_out_world(cfg: ProofConfig) -> dict:
     return {"train_captions": sorted(train_captions), "eval": held, "eval_prompts": [full_caption(a) for _, a in held]}
 
 
+def held_out_renders(cfg: ProofConfig, world: WorldSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Single-object renders of `world` at the judge's test seed, and their labels."""
+    test = single_object_samples(cfg.judge.n_test, size=cfg.resolution, seed=cfg.seed + 20_000, world=world)
+    return to_tensor([im for im, _ in test]), {k: torch.tensor([labels_of(a)[k] for _, a in test]) for k in ATTRS}
+
+
 def stage_judge(cfg: ProofConfig, out: Path, world: dict):
+    """The judge, its accuracy on the default world's held-out renders (the world it learns), and the held-out renders
+    of `cfg.world` (the VAE's check and toy FID's real images: a VAE trained on another world never saw the default's;
+    for the default world they are the same images)."""
     path = out / "judge.safetensors"
     j = cfg.judge
-    test = single_object_samples(j.n_test, size=cfg.resolution, seed=cfg.seed + 20_000)
-    test_x = to_tensor([im for im, _ in test])
-    test_y = {k: torch.tensor([labels_of(a)[k] for _, a in test]) for k in ATTRS}
+    test_x, test_y = held_out_renders(cfg, WorldSpec())
     if path.exists():
         judge = load_judge(path)
     else:
@@ -420,6 +427,8 @@ def stage_judge(cfg: ProofConfig, out: Path, world: dict):
     _, preds = judge_images(judge, test_x)
     acc = accuracy(preds, test_y)
     log(f"[proof] judge held-out accuracy on real images: {json.dumps({k: round(v, 3) for k, v in acc.items()})}")
+    if cfg.world != WorldSpec():
+        test_x, test_y = held_out_renders(cfg, cfg.world)
     return judge, acc, test_x, test_y
 
 
@@ -795,12 +804,6 @@ def run(cfg: ProofConfig, *, until: str = "eval") -> dict:
     log(f"[proof] world: {cfg.n_train} training samples, {len(world['eval_prompts'])} held-out eval prompts")
     lap("world")
     judge, judge_acc, test_x, test_y = stage_judge(cfg, out, world)
-    if cfg.world != WorldSpec():
-        # the VAE's check and toy FID's real renders are this world's: the judge's test set is the default world's
-        # (the same images when the world is the default), and a VAE trained on another world never saw them
-        test = single_object_samples(cfg.judge.n_test, size=cfg.resolution, seed=cfg.seed + 20_000, world=cfg.world)
-        test_x = to_tensor([im for im, _ in test])
-        test_y = {k: torch.tensor([labels_of(a)[k] for _, a in test]) for k in ATTRS}
     lap("judge")
     pipe_dir, vae_stats, rec_preds = stage_vae(cfg, out, judge, test_x)
     rec_acc = accuracy(rec_preds, test_y)
