@@ -151,15 +151,17 @@ def reference_run(tiny_model_dir, tiny_data_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_lora_run(tiny_model_dir, tiny_data_dir, tmp_path_factory):
-    """A 4-step LoRA run in one process (`dedistill train`, in the test process): rank 4, alpha 8, lr 0.02 so the B matrices move well away
-    from zero, no EMA. The LoRA export tests and the docs' `--format lora` commands read it: one training for all."""
+    """A 4-step LoRA run in one process (`dedistill train`, in the test process): rank 4, alpha 8, lr 0.02 so the B
+    matrices move well away from zero, no EMA. The LoRA export tests and the docs' `--format lora` commands read it:
+    one training for all."""
     import tiny_runs
 
     def build(folder: Path) -> Path:
         run_dir = folder / "run"
-        tiny_runs.cli("train", tiny_runs.CONFIG, *tiny_runs.overrides(tiny_model_dir, tiny_data_dir, run_dir, steps=4, **{
-            "model.adapter.kind": "lora", "model.adapter.rank": 4, "model.adapter.alpha": 8.0, "optim.lr": 0.02,
-            "ema.decay": 0.0}))
+        over = {"model.adapter.kind": "lora", "model.adapter.rank": 4, "model.adapter.alpha": 8.0, "optim.lr": 0.02,
+                "ema.decay": 0.0}
+        tiny_runs.cli("train", tiny_runs.CONFIG, *tiny_runs.overrides(tiny_model_dir, tiny_data_dir, run_dir, steps=4,
+                                                                       **over))
         return run_dir
 
     return built_once(tmp_path_factory, "lora", build)

@@ -6,8 +6,8 @@ uninterrupted one. Catches the shape, rope and width bugs the tiny dims hide.
 
 One rank (FSDP2 at world size 1, the same code path): what a width can break is the model, the adapter and the
 checkpoint's shapes, none of which depend on the world size, and how tensors shard across ranks is what the 2-rank
-tiny runs test (the reference run, the fault and resume tests). At 2 gloo ranks this test took 3.5 min of the suite's 17, most of
-it the FSDP all-gathers of 2 GB of fp32 weights per step through gloo, for nothing a width adds.
+tiny runs test (the reference run, the fault and resume tests). At 2 gloo ranks this test took 3.5 min of the
+suite's 17, most of it the FSDP all-gathers of 2 GB of fp32 weights per step through gloo, for nothing a width adds.
 Costly on CPU all the same (fp32 compute: CPUs without AVX512-BF16 emulate bf16 matmuls; about 3 GB of RAM)."""
 
 import subprocess

@@ -31,20 +31,9 @@ STEP6 = "step_00000006"
 
 
 def cli(*argv: str, capsys) -> tuple[int, str, str]:
-    """`dedistill ...` in this process: exit status, stdout, stderr (the environment restored after, as
-    tiny_runs.train_in_process does: a training run exports RANK/WORLD_SIZE)."""
-    from launch.cli import main
-
-    saved = dict(os.environ)
+    """`dedistill ...` in this process (tiny_runs.cli_status): exit status, stdout, stderr."""
     capsys.readouterr()
-    try:
-        main(list(argv))
-        rc = 0
-    except SystemExit as e:
-        rc = int(e.code or 0)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    rc = tiny_runs.cli_status(*argv)
     out = capsys.readouterr()
     return rc, out.out, out.err
 
