@@ -13,6 +13,8 @@ the candidate causes:
   the text path as an order-free transformer sees it, with the colour words' roles left ambiguous or told apart.
   Between `words` and `onehot`, they say how much of the text teacher's loss is binding a colour word to its role
   and how much binding an object's words to each other.
+- `t5-only` / `pooled-only`: the captions through the real text encoders, with CLIP's pooled vector zeroed or the
+  T5 tokens replaced by one zero token: which of FLUX's two text inputs carries what the teacher learns.
 - `curves`: per-attribute adherence of every checkpoint of a teacher run, text- or one-hot-conditioned: whether
   colour and shape rise late (budget) or never (something else).
 
@@ -132,7 +134,34 @@ TOKENS = {
     "words": Tokens(partial(word_tokens, roles=False), WORD_TOKENS),
     "words-roles": Tokens(partial(word_tokens, roles=True), WORD_TOKENS),
 }
-CONDITIONINGS = ("text", *TOKENS)
+
+
+# The text path with one of its two inputs taken away: the captions through the real text encoders, then CLIP's
+# pooled vector zeroed (`t5-only`: the caption reaches the transformer only as T5 tokens, through the context embedder
+# and joint attention) or the T5 tokens replaced by one zero token (`pooled-only`: only through the pooled projection
+# into every block's modulation). Zeros rather than absence, so the model keeps every layer: a zero input carries the
+# same nothing for every caption (the embedders' biases). The empty prompt (caption dropout, CFG's unconditional
+# branch) loses the same part.
+TEXT_PARTS = {"t5-only": "t5", "pooled-only": "pooled"}
+CONDITIONINGS = ("text", *TOKENS, *TEXT_PARTS)
+PRECOMPUTED = (*TOKENS, *TEXT_PARTS)
+"""The conditionings the teacher trains on from a precomputed dataset (`<conditioning>_data` in out_dir)."""
+
+
+def keep_part(e: PromptEmbeds, keep: str) -> PromptEmbeds:
+    """`e` with only `keep` ("t5" or "pooled", `TEXT_PARTS`' values) left; the other part zeroed."""
+    if keep == "t5":
+        return replace(e, pooled=torch.zeros_like(e.pooled))
+    n, dim = e.t5.shape[0], e.t5.shape[-1]
+    return PromptEmbeds(e.t5.new_zeros(n, 1, dim), torch.ones(n, 1, dtype=torch.bool, device=e.mask.device),
+                        e.pooled, (1,) * n)
+
+
+def max_tokens_of(conditioning: str, text_tokens: int) -> int:
+    """The context length a precomputed conditioning trains with (`text_tokens`: the proof's `max_text_tokens`)."""
+    if conditioning in TOKENS:
+        return TOKENS[conditioning].max_tokens
+    return text_tokens if TEXT_PARTS[conditioning] == "t5" else 1
 
 
 def _widths(model_dir: Path) -> tuple[int, int]:
@@ -142,17 +171,21 @@ def _widths(model_dir: Path) -> tuple[int, int]:
 
 
 def write_token_dataset(model_dir: Path, src: Path, out: Path, *, conditioning: str, resolution: int,
-                        batch: int = 64) -> Path:
+                        text_tokens: int = 64, batch: int = 64) -> Path:
     """The world's shards (`src`, with their `attributes` column) as a precomputed dataset: the VAE's latent means of
-    the images, `TOKENS[conditioning]`'s tokens in place of T5 states and its pooled vector in place of CLIP's."""
-    tokens_of = TOKENS[conditioning]
+    the images and, in place of T5 states and CLIP's pooled vector, `TOKENS[conditioning]`'s tokens and pooled
+    vector, or (`TEXT_PARTS`) the text encoders' own output of each caption (at most `text_tokens` T5 tokens) with
+    one part zeroed."""
     t5_dim, pooled_dim = _widths(model_dir)
-    if pooled_dim != t5_dim:
+    if conditioning in TOKENS and pooled_dim != t5_dim:
         raise ValueError(f"{model_dir}: the attribute-token ablation needs equal T5 and CLIP widths, "
                          f"got {t5_dim}, {pooled_dim}")
     enc = Encoders(model_dir, torch.device("cpu"), torch.float32)
     spec = BucketSpec(resolution=resolution, square=True)
-    opts = PrecomputeOptions(latents="mean", dtype="fp32", max_text_tokens=tokens_of.max_tokens)
+    # the text parts keep the posterior's std, so the trainer draws each latent as from the world's own shards (the
+    # text run's); the attribute tokens' runs were made with the mean, and stay so
+    opts = PrecomputeOptions(latents="mean" if conditioning in TOKENS else "dist", dtype="fp32",
+                             max_text_tokens=max_tokens_of(conditioning, text_tokens))
     vae_cfg = json.loads((model_dir / "vae" / "config.json").read_text())
     settings = {  # the layout `dedistill data precompute` writes, so the trainer's loader reads it as its own
         "kind": "precomputed", "spec": asdict(spec), "buckets": spec.table(),
@@ -161,25 +194,45 @@ def write_token_dataset(model_dir: Path, src: Path, out: Path, *, conditioning: 
                        "image_key": opts.image_key, "keep_image": opts.keep_image,
                        "vae_shift_factor": vae_cfg.get("shift_factor"),
                        "vae_scaling_factor": vae_cfg.get("scaling_factor"),
-                       "conditioning": f"{conditioning}-attributes"},
+                       "conditioning": f"{conditioning}-attributes" if conditioning in TOKENS else conditioning},
     }
+
+    def encode(rows: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(context tokens (L_i, D), pooled (D,)) per row."""
+        if conditioning in TOKENS:  # MDS decodes the json column to a dict
+            return [TOKENS[conditioning].make(r["attributes"], t5_dim) for r in rows]
+        e = text_part([r["caption"] for r in rows])
+        return [(e.t5[i, :n], e.pooled[i]) for i, n in enumerate(e.lengths)]
+
+    def text_part(captions: list[str]) -> PromptEmbeds:
+        t5, pooled, lengths = enc.prompts(captions, opts.max_text_tokens)
+        padded = torch.nn.utils.rnn.pad_sequence(t5, batch_first=True)
+        mask = torch.arange(padded.shape[1])[None] < torch.tensor(lengths)[:, None]
+        return keep_part(PromptEmbeds(padded, mask, pooled, lengths), TEXT_PARTS[conditioning])
 
     def flush(rows: list[dict], writers, skip_log, progress) -> None:
         pixels = to_tensor([Image.open(io.BytesIO(r["image"])).convert("RGB") for r in rows])
-        means, _ = enc.latents(pixels)
-        for r, mean in zip(rows, means):
-            tokens, pooled = tokens_of.make(r["attributes"], t5_dim)  # MDS decodes the json column to a dict
-            writers.write(0, {"caption": r["caption"], "key": r["key"], "width": resolution, "height": resolution,
-                              "bucket": 0, "t5_len": len(tokens), "latent_mean": to_store(mean, opts.dtype),
-                              "t5": to_store(tokens, opts.dtype), "pooled": to_store(pooled, opts.dtype)})
+        means, stds = enc.latents(pixels)
+        for r, mean, std, (tokens, pooled) in zip(rows, means, stds, encode(rows)):
+            row = {"caption": r["caption"], "key": r["key"], "width": resolution, "height": resolution, "bucket": 0,
+                   "t5_len": len(tokens), "latent_mean": to_store(mean, opts.dtype), "t5": to_store(tokens, opts.dtype),
+                   "pooled": to_store(pooled, opts.dtype)}
+            if opts.latents == "dist":
+                row["latent_std"] = to_store(std, opts.dtype)
+            writers.write(0, row)
         skip_log.converted += len(rows)
         progress(len(rows))
 
     def handle_part(samples, writers, skip_log, progress) -> None:
         out.mkdir(parents=True, exist_ok=True)
         empty = out / "empty_prompt.safetensors"
-        if not empty.is_file():  # caption dropout's unconditional input: no attribute at all
-            save_file({"t5": torch.zeros(1, t5_dim), "pooled": torch.zeros(pooled_dim)}, str(empty))
+        if not empty.is_file():  # caption dropout's unconditional input: no attribute at all, or the empty caption's
+            if conditioning in TOKENS:
+                t5, pooled = torch.zeros(1, t5_dim), torch.zeros(pooled_dim)
+            else:
+                e = text_part([""])
+                t5, pooled = e.t5[0, :e.lengths[0]], e.pooled[0]
+            save_file({"t5": t5.contiguous(), "pooled": pooled.contiguous()}, str(empty))
         rows = []
         for s in samples:
             rows.append(s)
@@ -190,7 +243,7 @@ def write_token_dataset(model_dir: Path, src: Path, out: Path, *, conditioning: 
             flush(rows, writers, skip_log, progress)
 
     run_parts(src, out, settings=settings, shard_index=0, num_shards=1, handle_part=handle_part,
-              columns=columns(opts, opts.dtype), progress_bar=False, desc=f"{conditioning} attributes")
+              columns=columns(opts, opts.dtype), progress_bar=False, desc=f"{conditioning} conditioning")
     return out
 
 
@@ -210,9 +263,24 @@ def token_embeds(attrs: list[dict], dim: int, conditioning: str) -> tuple[Prompt
 
 def sample_tokens(m, attrs: list[dict], s: SamplingSettings, conditioning: str) -> list[Image.Image]:
     """`evals.sampler.generate` with `TOKENS[conditioning]` in place of the text encoders (same noise seeds)."""
-    h = w = s.resolution // vae_scale_factor(m.vae)
-    noise = torch.cat([initial_noise((1, m.vae.config.latent_channels, h, w), s.seed + j) for j in range(len(attrs))])
     cond, uncond = token_embeds(attrs, m.transformer.config.joint_attention_dim, conditioning)
+    return _sample(m, cond, uncond, s)
+
+
+def sample_text_part(m, prompts: list[str], s: SamplingSettings, conditioning: str) -> list[Image.Image]:
+    """`evals.sampler.generate` with the prompts' and the empty prompt's encodings reduced to `TEXT_PARTS[conditioning]`
+    (same noise seeds, same encoders)."""
+    enc = {"max_tokens": s.max_text_tokens, "masked": s.masked}
+    keep = TEXT_PARTS[conditioning]
+    cond = keep_part(m.text.encode(prompts, **enc), keep)
+    uncond = keep_part(m.text.encode([s.negative_prompt] * len(prompts), **enc), keep)
+    return _sample(m, cond, uncond, s)
+
+
+def _sample(m, cond: PromptEmbeds, uncond: PromptEmbeds, s: SamplingSettings) -> list[Image.Image]:
+    h = w = s.resolution // vae_scale_factor(m.vae)
+    noise = torch.cat([initial_noise((1, m.vae.config.latent_channels, h, w), s.seed + j)
+                       for j in range(cond.t5.shape[0])])
     packed = denoise(m.transformer, pack_latents(noise).to(m.device), cond, uncond if s.cfg_scale != 1.0 else None, s,
                      latent_hw=(h, w), dtype=m.dtype)
     return decode(m.vae, packed, (h, w))
@@ -236,8 +304,12 @@ def checkpoint_curves(cfg: ProofConfig, run_dir: Path, judge, world: dict, *, co
             accs = []
             for r in range(cfg.eval.repeats):
                 s = _eval_settings(cfg, scale, r)
-                images = (sample_tokens(m, attrs, s, conditioning) if conditioning in TOKENS
-                          else generate(m.transformer, m.vae, m.text, world["eval_prompts"], s, dtype=m.dtype))
+                if conditioning in TOKENS:
+                    images = sample_tokens(m, attrs, s, conditioning)
+                elif conditioning in TEXT_PARTS:
+                    images = sample_text_part(m, world["eval_prompts"], s, conditioning)
+                else:
+                    images = generate(m.transformer, m.vae, m.text, world["eval_prompts"], s, dtype=m.dtype)
                 accs.append(accuracy(judge_images(judge, to_tensor(images))[1], labels))
             row = {"step": step, "cfg": scale, **{k: float(np.mean([a[k] for a in accs])) for k in accs[0]}}
             rows.append(row)
@@ -280,7 +352,8 @@ def colour_roles(cfg: ProofConfig, model_path: Path, judge, world: dict, *, cfg_
 
 def run_ablation(cfg: ProofConfig, *, conditioning: str, every: int) -> list[dict]:
     """The proof's world, judge and VAE stages (reused when out_dir holds them), then a teacher with `conditioning`
-    (text: the proof's; else `TOKENS[conditioning]`) keeping a checkpoint every `every` steps, then its curves."""
+    (text: the proof's; else from a precomputed dataset of `TOKENS[conditioning]` or `TEXT_PARTS[conditioning]`)
+    keeping a checkpoint every `every` steps, then its curves."""
     if conditioning not in CONDITIONINGS:
         raise ValueError(f"--conditioning: '{conditioning}' is not one of {', '.join(CONDITIONINGS)}")
     if every < 1:
@@ -289,14 +362,15 @@ def run_ablation(cfg: ProofConfig, *, conditioning: str, every: int) -> list[dic
     out = Path(cfg.out_dir)
     world = held_out_world(cfg)
     data = out / "data"
-    if conditioning in TOKENS:
+    if conditioning in PRECOMPUTED:
         data = out / f"{conditioning}_data"
         if not (data / "buckets.json").is_file():
             write_token_dataset(out / "pipeline", out / "data", data, conditioning=conditioning,
-                                resolution=cfg.resolution)
+                                resolution=cfg.resolution, text_tokens=cfg.max_text_tokens)
     run_dir = out / f"teacher_{conditioning}"
     if not RunDir(run_dir).step_dirs():
-        objective = {"max_text_tokens": TOKENS[conditioning].max_tokens} if conditioning in TOKENS else None
+        objective = ({"max_text_tokens": max_tokens_of(conditioning, cfg.max_text_tokens)}
+                     if conditioning in PRECOMPUTED else None)
         job = _job(cfg, run_dir=run_dir, model_path=out / "pipeline", data=data, budget=cfg.teacher, adapter="full",
                    objective=objective)
         job = replace(job, checkpoint=replace(job.checkpoint, every_steps=every,
@@ -316,8 +390,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m evals.experiments.ablate", description=__doc__.splitlines()[0])
     p.add_argument("--config", default=None, help="a configs/proof*.yaml preset (its world, judge, VAE and teacher)")
     p.add_argument("--conditioning", default="onehot",
-                   help="text (the proof's captions), onehot (a token per object), words (a token per attribute word) "
-                        "or words-roles (words, the background's colour word flagged)")
+                   help="text (the proof's captions), onehot (a token per object), words (a token per attribute word), "
+                        "words-roles (words, the background's colour word flagged), t5-only (the captions, CLIP's "
+                        "pooled vector zeroed) or pooled-only (the captions, T5's tokens zeroed)")
     p.add_argument("--every", type=int, default=250, help="keep a checkpoint every N teacher steps (the curves)")
     p.add_argument("--roles", default=None, metavar="MODEL",
                    help="only measure MODEL's colour roles (colour_roles) on the held-out prompts, at cfg 5")

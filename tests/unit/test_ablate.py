@@ -18,6 +18,7 @@ from evals.sampler import SamplingSettings, generate
 from train.config import DataConfig
 from train.data import build_loader
 from train.model import load_vae
+from train.text import TextEncoder
 
 
 def _decode(token: torch.Tensor) -> dict:
@@ -98,7 +99,60 @@ def test_onehot_dataset_reaches_the_trainer_batches(tiny_model_dir, tiny_data_di
     assert empty["t5"].shape == (1, 32) and not empty["t5"].any() and not empty["pooled"].any()
 
 
-@pytest.mark.parametrize("conditioning", ["onehot", "text", "words"])
+@pytest.mark.parametrize("conditioning", ["t5-only", "pooled-only"])
+def test_text_part_dataset_is_the_encoders_output_less_one_part(tiny_model_dir, tiny_data_dir, tmp_path, conditioning):
+    """The trainer's batches hold each caption's own T5 states and CLIP pooled vector (as the text encoders give them
+    for that caption alone), with the other part zeroed; the posterior's std is kept, so latents are drawn as on the
+    raw path; the empty prompt (caption dropout) loses the same part."""
+    out = ablate.write_token_dataset(tiny_model_dir, tiny_data_dir, tmp_path / conditioning,
+                                     conditioning=conditioning, resolution=64, text_tokens=64)
+    layout = json.loads((out / "buckets.json").read_text())
+    t5_only = conditioning == "t5-only"
+    assert layout["precompute"]["latents"] == "dist" and layout["precompute"]["conditioning"] == conditioning
+    assert layout["precompute"]["max_text_tokens"] == (64 if t5_only else 1)
+    batch = next(iter(build_loader(DataConfig(local=str(out), resolution=64, shuffle=False), batch_size=4)))
+    assert "latent_std" in batch
+    text = TextEncoder(tiny_model_dir, dtype=torch.float32, device=torch.device("cpu"))
+    for i, caption in enumerate(batch["caption"]):
+        e = text.encode([caption], max_tokens=64, masked=True)
+        n = int(batch["t5_mask"][i].sum())
+        if t5_only:
+            assert n == e.lengths[0]
+            torch.testing.assert_close(batch["t5"][i, :n].float(), e.t5[0, :n], atol=1e-5, rtol=1e-5)
+            assert not batch["pooled"][i].any()
+        else:
+            assert n == 1 and not batch["t5"][i, :1].any()
+            torch.testing.assert_close(batch["pooled"][i].float(), e.pooled[0], atol=1e-5, rtol=1e-5)
+    empty, e = load_file(str(out / "empty_prompt.safetensors")), text.encode([""], max_tokens=64, masked=True)
+    if t5_only:
+        torch.testing.assert_close(empty["t5"], e.t5[0, :e.lengths[0]], atol=1e-5, rtol=1e-5)
+        assert not empty["pooled"].any()
+    else:
+        assert empty["t5"].shape == (1, 32) and not empty["t5"].any()
+        torch.testing.assert_close(empty["pooled"], e.pooled[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("conditioning", ["t5-only", "pooled-only"])
+def test_text_part_sampling_reads_only_its_part(tiny_model_dir, conditioning):
+    """With one part zeroed, the embedder of the other part only adds its bias: changing that embedder's weights
+    leaves every image as it was (with real CFG, so the empty prompt's branch too), while full-text sampling does
+    change. The part that is kept still reaches the model: two prompts give different images."""
+    m = load_model(tiny_model_dir)
+    prompts = ["a small red circle at the top left", "a large blue square at the bottom right"]
+    s = SamplingSettings(steps=2, cfg_scale=3.0, resolution=64, seed=5, max_text_tokens=64)
+    zeroed = (m.transformer.time_text_embed.text_embedder.linear_1 if conditioning == "t5-only"
+              else m.transformer.context_embedder)
+    part = lambda: to_tensor(ablate.sample_text_part(m, prompts, s, conditioning))  # noqa: E731
+    full = lambda: to_tensor(generate(m.transformer, m.vae, m.text, prompts, s, dtype=m.dtype))  # noqa: E731
+    before_part, before_full = part(), full()
+    assert not torch.equal(before_part[0], before_part[1])
+    with torch.no_grad():
+        zeroed.weight.mul_(-2.0)
+    assert torch.equal(part(), before_part)
+    assert not torch.equal(full(), before_full)
+
+
+@pytest.mark.parametrize("conditioning", ["onehot", "text", "words", "pooled-only"])
 def test_driver_trains_and_reads_every_checkpoint(tmp_path, conditioning):
     """The text run in the split-palette one-object world (docs/proof.md's next text run), the others in the default."""
     world = ["world.palettes=split", "world.objects=[1]"] if conditioning == "text" else []
