@@ -51,6 +51,13 @@ def pytest_collection_modifyitems(items):
         defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
         if any(d.scope == "module" for fixture in defs.values() for d in fixture):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # The modules holding `slow` (multi-process) tests first: xdist hands out work in collection order, so the long
+        # tests start while every worker is busy with one, and the many short in-process tests fill the workers' ends
+        # instead of one long test running alone at the end. A module stays whole (its fixtures are built once), and
+        # the sort is stable, so every worker collects the same order.
+        slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+        items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)
 
 
 _GROUPS_LOST = ("--dist loadgroup cannot group tests with pytest {pytest} and pytest-xdist {xdist} (pytest-xdist issue "
