@@ -445,6 +445,24 @@ CASES: dict[str, Run | Skip | Covered | SameAs] = {
         covered("tests/unit/test_ablate.py::test_driver_trains_and_reads_every_checkpoint",
                 "its text case is this run in this world at the proof's --smoke sizes (about 25 min at these); it "
                 "checks the world's shards and the stages that record the world"),
+    "python -m evals.experiments.ablate --config configs/proof-cpu.yaml --conditioning t5-only --every 750 "
+    "out_dir=runs/abl-t5-split1 teacher.steps=1500 model.num_attention_heads=8 world.palettes=split "
+    "'world.objects=[1]'":
+        covered("tests/unit/test_ablate.py::test_text_part_dataset_is_the_encoders_output_less_one_part",
+                "that test checks the t5-only dataset against the encoders, test_text_part_sampling_reads_only_its_part "
+                "its sampling, and the driver test runs the pooled-only path end to end at --smoke sizes (this run "
+                "is about 25 min)"),
+    "python -m evals.experiments.ablate --config configs/proof-cpu.yaml --conditioning pooled-only --every 750 "
+    "out_dir=runs/abl-pooled-split1 teacher.steps=1500 model.num_attention_heads=8 world.palettes=split "
+    "'world.objects=[1]'":
+        covered("tests/unit/test_ablate.py::test_driver_trains_and_reads_every_checkpoint",
+                "its pooled-only case is this run at the proof's --smoke sizes (about 25 min at these)"),
+    "python -m evals.experiments.ablate --config configs/proof-cpu.yaml --conditioning text --every 750 "
+    "out_dir=runs/abl-nodrop-split1 teacher.steps=1500 model.num_attention_heads=8 world.palettes=split "
+    "'world.objects=[1]' teacher.caption_dropout=0":
+        covered("tests/unit/test_ablate.py::test_driver_trains_and_reads_every_checkpoint",
+                "its text case is this run in this world at the proof's --smoke sizes, with the preset's caption "
+                "dropout (a teacher.* override like teacher.steps=2 there; about 25 min at these sizes)"),
     "python -m evals.experiments.ablate --config configs/proof-cpu.yaml --roles MODEL out_dir=...":
         covered("tests/unit/test_ablate.py::test_colour_roles_counts_each_role_against_the_prompt",
                 "MODEL and out_dir are placeholders; that test runs colour_roles on the smoke world and recounts it"),
