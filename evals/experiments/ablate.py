@@ -173,9 +173,9 @@ def _widths(model_dir: Path) -> tuple[int, int]:
 def write_token_dataset(model_dir: Path, src: Path, out: Path, *, conditioning: str, resolution: int,
                         text_tokens: int = 64, batch: int = 64) -> Path:
     """The world's shards (`src`, with their `attributes` column) as a precomputed dataset: the VAE's latent means of
-    the images (and, for `TEXT_PARTS`, their stds) and, in place of T5 states and CLIP's pooled vector, `TOKENS[conditioning]`'s tokens and pooled
-    vector, or (`TEXT_PARTS`) the text encoders' own output of each caption (at most `text_tokens` T5 tokens) with
-    one part zeroed."""
+    the images (and, for `TEXT_PARTS`, their stds) and, in place of T5 states and CLIP's pooled vector,
+    `TOKENS[conditioning]`'s tokens and pooled vector, or (`TEXT_PARTS`) the text encoders' own output of each caption
+    (at most `text_tokens` T5 tokens) with one part zeroed."""
     t5_dim, pooled_dim = _widths(model_dir)
     if conditioning in TOKENS and pooled_dim != t5_dim:
         raise ValueError(f"{model_dir}: the attribute-token ablation needs equal T5 and CLIP widths, "
