@@ -28,6 +28,11 @@ def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
 
 
+def batch_noise(n: int, shape: tuple[int, ...], first_seed: int, temperature: float = 1.0) -> torch.Tensor:
+    """(n, *shape) noise, image j from seed first_seed + j (`initial_noise`), times the sampling noise temperature."""
+    return torch.cat([initial_noise((1, *shape), first_seed + j) for j in range(n)]) * temperature
+
+
 def _guide(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float, rescale: float) -> torch.Tensor:
     v = v_uncond + scale * (v_cond - v_uncond)
     if rescale > 0:
@@ -96,9 +101,7 @@ def generate(
     images: list[Image.Image] = []
     for start in range(0, len(prompts), s.batch_size):
         chunk = prompts[start : start + s.batch_size]
-        noise = torch.cat(
-            [initial_noise((1, channels, h, w), s.seed + start + j) for j in range(len(chunk))]
-        ) * s.noise_temperature
+        noise = batch_noise(len(chunk), (channels, h, w), s.seed + start, s.noise_temperature)
         enc = {"max_tokens": s.max_text_tokens, "masked": s.masked, "visible_padding": s.visible_padding_tokens}
         cond = text.encode(chunk, **enc)
         uncond = None

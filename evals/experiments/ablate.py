@@ -48,7 +48,7 @@ from dataset_tools.precompute import Encoders, PrecomputeOptions, columns, to_st
 from dataset_tools.tiny_data import COLOURS, POSITIONS, SHAPES, SIZES
 from evals.experiments.judge import ATTRS, accuracy, judge_images, labels_of, load_judge, to_tensor
 from evals.experiments.proof import ProofConfig, _job, held_out_world, load_model, load_proof_config, log, run, run_trainer
-from evals.sampler import SamplingSettings, decode, denoise, generate, initial_noise
+from evals.sampler import SamplingSettings, batch_noise, decode, denoise, generate
 from train.flux import pack_latents
 from train.model import vae_scale_factor
 from train.run_dir import RunDir
@@ -279,8 +279,7 @@ def sample_text_part(m, prompts: list[str], s: SamplingSettings, conditioning: s
 
 def _sample(m, cond: PromptEmbeds, uncond: PromptEmbeds, s: SamplingSettings) -> list[Image.Image]:
     h = w = s.resolution // vae_scale_factor(m.vae)
-    noise = torch.cat([initial_noise((1, m.vae.config.latent_channels, h, w), s.seed + j)
-                       for j in range(cond.t5.shape[0])])
+    noise = batch_noise(cond.t5.shape[0], (m.vae.config.latent_channels, h, w), s.seed, s.noise_temperature)
     packed = denoise(m.transformer, pack_latents(noise).to(m.device), cond, uncond if s.cfg_scale != 1.0 else None, s,
                      latent_hw=(h, w), dtype=m.dtype)
     return decode(m.vae, packed, (h, w))

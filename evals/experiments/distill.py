@@ -28,7 +28,7 @@ import copy
 import torch
 from diffusers import FluxTransformer2DModel
 
-from evals.sampler import SamplingSettings, denoise, initial_noise
+from evals.sampler import SamplingSettings, batch_noise, denoise
 from train.flux import image_ids, pack_latents, predict_velocity
 from train.objective import DEV_SCHEDULE, cfg_combine, interpolate, sampling_sigmas
 from train.text import TextEncoder
@@ -44,8 +44,7 @@ def teacher_pairs(teacher, text: TextEncoder, prompts: list[str], *, latent_hw: 
     noises, samples = [], []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        noise = pack_latents(torch.cat([initial_noise((1, channels, h, w), seed + start + j)
-                                        for j in range(len(chunk))])).to(text.device)
+        noise = pack_latents(batch_noise(len(chunk), (channels, h, w), seed + start)).to(text.device)
         cond = text.encode(chunk, max_tokens=max_text_tokens)
         uncond = text.encode([""] * len(chunk), max_tokens=max_text_tokens)
         x0 = denoise(teacher, noise, cond, uncond, s, latent_hw=latent_hw, dtype=torch.float32)
