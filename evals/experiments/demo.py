@@ -27,7 +27,8 @@ matplotlib.use("Agg")  # headless: cluster nodes and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from dataset_tools.tiny_data import write_tiny_data
-from evals.experiments.judge import ATTRS, load_judge, single_object_samples, to_tensor
+from dataset_tools.tiny_data import DEFAULT_WORLD, WorldSpec
+from evals.experiments.judge import ATTRS, chance, load_judge, single_object_samples, to_tensor
 from evals.experiments.proof import evaluate, held_out_world, plot
 from evals.experiments.toy_schnell import asset_dir, load_asset_config
 
@@ -73,11 +74,13 @@ def table(models: dict) -> str:
     return "\n".join(lines)
 
 
-def attribute_table(models: dict) -> str:
-    """Per attribute (the judge's five, with their chance level), each model's adherence at cfg 1 -> its highest cfg:
-    what the one-number table averages away, e.g. whether colour comes back with CFG or only position does."""
+def attribute_table(models: dict, world: WorldSpec = DEFAULT_WORLD) -> str:
+    """Per attribute (the judge's five, with their chance level in `world`), each model's adherence at cfg 1 -> its
+    highest cfg: what the one-number table averages away, e.g. whether colour comes back with CFG or only position
+    does."""
     lo, hi = CFG_SCALES[0], CFG_SCALES[-1]
-    head = "| model | steps | " + " | ".join(f"{k} (chance {1 / len(v):.3f})" for k, v in ATTRS.items()) + " |"
+    p = chance(world)
+    head = "| model | steps | " + " | ".join(f"{k} (chance {p[k]:.3f})" for k in ATTRS) + " |"
     lines = [f"Per attribute, cfg {lo:g} -> {hi:g}:", "", head, "|---|---|" + "---|" * len(ATTRS)]
     for name, m in models.items():
         for steps, v in m["steps"].items():
@@ -157,15 +160,17 @@ def run_demo(out: Path, *, nproc: int = 2, n_samples: int = 2000, n_prompts: int
     results = {
         "cfg": CFG_SCALES, "steps": STEPS, "n_prompts": len(world["eval_prompts"]), "models": models,
         "real_images": {"adherence": round(real["acc_mean"], 4), "fid_floor": round(real["fid"], 2)},
-        "chance_adherence": 0.184, "training_overrides": list(overrides), "nproc": nproc, "timings_s": timings,
+        "chance_adherence": round(chance(cfg.world)["mean"], 4), "training_overrides": list(overrides), "nproc": nproc,
+        "timings_s": timings,
         "load_average": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
     }
     (out / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    log("\n" + table(models) + "\n\n" + attribute_table(models))
+    log("\n" + table(models) + "\n\n" + attribute_table(models, cfg.world))
     for name, steps in (("student", "4"), ("de-distilled", "28")):
         a = models[name]["steps"][steps]["adherence"]
         log(f"[demo] {name} ({steps} steps): adherence cfg 1 -> 5: {a[0]:.3f} -> {a[-1]:.3f} ({a[-1] - a[0]:+.3f})")
-    log(f"[demo] real images: adherence {real['acc_mean']:.3f}, FID floor {real['fid']:.0f}; chance adherence 0.184")
+    log(f"[demo] real images: adherence {real['acc_mean']:.3f}, FID floor {real['fid']:.0f}; chance adherence "
+        f"{results['chance_adherence']:.3f}")
     log(f"[demo] finished in {timings['total']:.0f} s (setup {timings['setup']:.0f}, de-distill "
         f"{timings['dedistill']:.0f}, eval {timings['eval']:.0f}); load average {os.getloadavg()[0]:.1f}\n"
         f"  toy schnell (student) : {model}\n  toy world (MDS)       : {data}\n  de-distill run        : {run}\n"

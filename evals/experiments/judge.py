@@ -14,7 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dataset_tools.tiny_data import COLOURS, DEFAULT_WORLD, POSITIONS, SHAPES, SIZES, WorldSpec, draw_sample
+from dataset_tools.tiny_data import (BACKGROUND_COLOURS, COLOURS, DEFAULT_WORLD, OBJECT_COLOURS, POSITIONS, SHAPES, SIZES,
+                                     WorldSpec, draw_sample)
 
 ATTRS: dict[str, list[str]] = {
     "shape": list(SHAPES),
@@ -23,6 +24,16 @@ ATTRS: dict[str, list[str]] = {
     "size": sorted(SIZES),
     "background": sorted(COLOURS),
 }
+
+
+def chance(world: WorldSpec = DEFAULT_WORLD) -> dict[str, float]:
+    """The judge's accuracy per attribute (and their mean) for a guess uniform over what `world` draws: the heads read
+    all 12 colours, but a split-palette world draws an object's colour and a background from 6 each."""
+    n = {k: len(v) for k, v in ATTRS.items()}
+    if world.palettes == "split":
+        n["colour"], n["background"] = len(OBJECT_COLOURS), len(BACKGROUND_COLOURS)
+    out = {k: 1.0 / v for k, v in n.items()}
+    return {**out, "mean": sum(out.values()) / len(out)}
 
 
 def labels_of(attrs: dict) -> dict[str, int]:

@@ -17,6 +17,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+
 from evals.experiments.proof import ProofConfig, load_proof_config, run
 from train.config import from_dict, to_dict
 
@@ -42,6 +44,16 @@ def size_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def to_bf16(folder: Path) -> None:
+    """Rewrite a model folder's safetensors in bf16, as BFL ships FLUX.1-schnell: the loaders cast to `model.dtype` on
+    load, and the hidden-128 student is 7.2 MB in fp32, over what the repo carries with the VAE and encoders."""
+    from safetensors.torch import load_file, save_file
+
+    for f in sorted(folder.glob("*.safetensors")):
+        state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(f).items()}
+        save_file(state, f, metadata={"format": "pt"})
+
+
 def build(config: str, overrides: list[str], out: Path, *, smoke: bool = False) -> dict:
     cfg = load_proof_config(config, smoke=smoke, overrides=overrides)
     res = run(cfg, until="distill")
@@ -49,6 +61,7 @@ def build(config: str, overrides: list[str], out: Path, *, smoke: bool = False) 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src / "student_pipeline", tmp / "pipeline")
+    to_bf16(tmp / "pipeline" / "transformer")
     shutil.copy2(src / "judge.safetensors", tmp / "judge.safetensors")
     info = {
         "command": "python -m evals.experiments.toy_schnell " + " ".join(sys.argv[1:]),
@@ -56,7 +69,7 @@ def build(config: str, overrides: list[str], out: Path, *, smoke: bool = False) 
         "config": to_dict(cfg),
         "sanity": {k: res[k] for k in ("judge_heldout_accuracy", "vae", "judge_accuracy_on_vae_reconstructions")},
         "timings_s": res["timings_s"],
-        "torch": __import__("torch").__version__,
+        "torch": torch.__version__,
     }
     (tmp / "toy_schnell.json").write_text(json.dumps(info, indent=2) + "\n")
     n = size_bytes(tmp)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from doc_commands import collect
+from dataset_tools.tiny_data import WorldSpec
 from evals.experiments.demo import CFG_SCALES, REPO, STEPS, attribute_table, results_by_model, train_command
 from evals.experiments.judge import ATTRS
 
@@ -70,3 +71,8 @@ def test_attribute_table_reads_cfg_1_to_the_highest_cfg_for_each_attribute():
     cells = [c.strip() for c in row.strip("|").split("|")][2:]
     lo, hi = CFG_SCALES[0], CFG_SCALES[-1]
     assert cells == [f"{_acc(a, 1, 1, lo):.3f} → {_acc(a, 1, 1, hi):.3f}" for a in range(len(ATTRS))]
+    # a split-palette world draws each colour role from 6 words: chance 1/6 there, the heads still read 12
+    split = attribute_table(results_by_model(_rows()), WorldSpec(palettes="split", objects=[1])).splitlines()
+    header = next(line for line in split if line.startswith("| model |"))
+    assert "colour (chance 0.167)" in header and "background (chance 0.167)" in header
+    assert "shape (chance 0.143)" in header

@@ -4,7 +4,7 @@ leave alone, in process (the stages themselves run in tests/system/test_proof_sm
 import pytest
 
 from dataset_tools.tiny_data import BACKGROUND_COLOURS, OBJECT_COLOURS
-from evals.experiments.proof import held_out_world, load_proof_config, stage_settings
+from evals.experiments.proof import held_out_world, load_proof_config, stage_settings, vae_world
 
 
 def test_world_settings_reach_every_stage_that_reads_the_world():
@@ -26,3 +26,21 @@ def test_world_settings_reach_every_stage_that_reads_the_world():
         assert prompt.endswith(f"{attrs['background']} background")
     with pytest.raises(ValueError, match=r"^world.objects: \[2, 3\] has no single-object samples"):
         load_proof_config("configs/proof-cpu.yaml", overrides=["world.objects=[2,3]"])
+
+
+def test_vae_objects_draw_the_vae_images_only():
+    """`vae.objects` sets the object counts of the VAE's training images alone: it is part of the VAE's record (and so of
+    every stage after it) but not the world's, whose data and eval prompts stay the world's own; unset, it adds no
+    key, so older VAE records stay valid. A count outside 1-3 is a one-line error naming the key."""
+    over = ["world.objects=[1]", "world.palettes=split"]
+    one = stage_settings(load_proof_config("configs/proof-cpu.yaml", overrides=over))
+    assert "objects" not in one["vae"]["vae"]
+    mixed = stage_settings(load_proof_config("configs/proof-cpu.yaml", overrides=[*over, "vae.objects=[1,1,2,3]"]))
+    assert mixed["vae"]["vae"]["objects"] == [1, 1, 2, 3]
+    assert mixed["world"] == one["world"] and mixed["judge"] == one["judge"]
+    assert mixed["vae"] != one["vae"] and mixed["teacher"] != one["teacher"]
+    cfg = load_proof_config("configs/proof-cpu.yaml", overrides=[*over, "vae.objects=[1,1,2,3]"])
+    assert vae_world(cfg).objects == [1, 1, 2, 3] and vae_world(cfg).palettes == "split"
+    assert cfg.world.objects == [1]
+    with pytest.raises(ValueError, match=r"^vae.objects: counts must be 1, 2 or 3 \(at least one\), got \[4\]$"):
+        load_proof_config("configs/proof-cpu.yaml", overrides=["vae.objects=[4]"])
