@@ -142,14 +142,20 @@ TOKENS = {
 # into every block's modulation). Zeros rather than absence, so the model keeps every layer: a zero input carries the
 # same nothing for every caption (the embedders' biases). The empty prompt (caption dropout, CFG's unconditional
 # branch) loses the same part.
-TEXT_PARTS = {"t5-only": "t5", "pooled-only": "pooled"}
+TEXT_PARTS = {"t5-only": "t5", "pooled-only": "pooled", "text-mean": "both"}
 CONDITIONINGS = ("text", *TOKENS, *TEXT_PARTS)
 PRECOMPUTED = (*TOKENS, *TEXT_PARTS)
 """The conditionings the teacher trains on from a precomputed dataset (`<conditioning>_data` in out_dir)."""
+MEAN_LATENTS = (*TOKENS, "text-mean")
+"""Those trained on the VAE posterior's mean; the others draw a fresh latent from the posterior each time, as the text
+run's raw shards do. `text-mean` is the text run (both encoders' output) on the mean: the attribute-token runs were
+made so, and it separates what they gain from their tokens and what from the noise-free latent target."""
 
 
 def keep_part(e: PromptEmbeds, keep: str) -> PromptEmbeds:
-    """`e` with only `keep` ("t5" or "pooled", `TEXT_PARTS`' values) left; the other part zeroed."""
+    """`e` with only `keep` ("t5" or "pooled", `TEXT_PARTS`' values) left, the other part zeroed; "both": `e`."""
+    if keep == "both":
+        return e
     if keep == "t5":
         return replace(e, pooled=torch.zeros_like(e.pooled))
     n, dim = e.t5.shape[0], e.t5.shape[-1]
@@ -161,7 +167,7 @@ def max_tokens_of(conditioning: str, text_tokens: int) -> int:
     """The context length a precomputed conditioning trains with (`text_tokens`: the proof's `max_text_tokens`)."""
     if conditioning in TOKENS:
         return TOKENS[conditioning].max_tokens
-    return text_tokens if TEXT_PARTS[conditioning] == "t5" else 1
+    return 1 if TEXT_PARTS[conditioning] == "pooled" else text_tokens
 
 
 def _widths(model_dir: Path) -> tuple[int, int]:
@@ -183,8 +189,8 @@ def write_token_dataset(model_dir: Path, src: Path, out: Path, *, conditioning: 
     enc = Encoders(model_dir, torch.device("cpu"), torch.float32)
     spec = BucketSpec(resolution=resolution, square=True)
     # the text parts keep the posterior's std, so the trainer draws each latent as from the world's own shards (the
-    # text run's); the attribute tokens' runs were made with the mean, and stay so
-    opts = PrecomputeOptions(latents="mean" if conditioning in TOKENS else "dist", dtype="fp32",
+    # text run's); the attribute tokens' runs were made with the mean, and stay so (MEAN_LATENTS)
+    opts = PrecomputeOptions(latents="mean" if conditioning in MEAN_LATENTS else "dist", dtype="fp32",
                              max_text_tokens=max_tokens_of(conditioning, text_tokens))
     vae_cfg = json.loads((model_dir / "vae" / "config.json").read_text())
     settings = {  # the layout `dedistill data precompute` writes, so the trainer's loader reads it as its own

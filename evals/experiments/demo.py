@@ -94,7 +94,8 @@ def before_after_grid(cells: dict, prompts: list[str], path: Path, *, steps: dic
     """Rows: prompts (the student's block above the de-distilled one); columns: cfg; same noise in every cell."""
     names = list(steps)
     n_rows, n_cols = len(names) * len(prompts), len(CFG_SCALES)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.25 * n_cols + 3.6, 1.25 * n_rows), squeeze=False)
+    cell = 1.6  # inches at dpi 100: each 64 px image drawn at 160 px, large enough to see an object's shape
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell * n_cols + 3.6, cell * n_rows), squeeze=False)
     for b, name in enumerate(names):
         for i, prompt in enumerate(prompts):
             for j, c in enumerate(CFG_SCALES):
@@ -103,13 +104,13 @@ def before_after_grid(cells: dict, prompts: list[str], path: Path, *, steps: dic
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if b * len(prompts) + i == 0:
-                    ax.set_title(f"cfg {c:g}", fontsize=9)
+                    ax.set_title(f"cfg {c:g}", fontsize=10)
                 if j == 0:
-                    ax.set_ylabel(f"{name}, {steps[name]} st.", fontsize=7)
+                    ax.set_ylabel(f"{name}, {steps[name]} st.", fontsize=8)
                 if j == n_cols - 1:
-                    ax.text(1.08, 0.5, prompt.replace(" on ", "\non "), transform=ax.transAxes, fontsize=6.5,
+                    ax.text(1.08, 0.5, prompt.replace(" on ", "\non "), transform=ax.transAxes, fontsize=8,
                             va="center")
-    fig.subplots_adjust(left=0.06, right=0.62, top=0.95, bottom=0.02, wspace=0.05, hspace=0.08)
+    fig.subplots_adjust(left=0.05, right=0.66, top=0.96, bottom=0.01, wspace=0.04, hspace=0.06)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

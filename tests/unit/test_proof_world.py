@@ -11,9 +11,10 @@ def test_world_settings_reach_every_stage_that_reads_the_world():
     """`world.*` (dataset_tools/tiny_data.WorldSpec) is part of the world, VAE and teacher records, not the judge's
     (it learns the default world, which holds every other one's samples); the default world adds no key, so the
     stages.json of runs made before it existed stay valid. The eval prompts follow the world."""
-    base = stage_settings(load_proof_config("configs/proof-cpu.yaml"))
+    default = ["world.objects=[1,1,2,3]", "world.palettes=shared", "vae.objects=null"]  # the shipped toy's before issue 22
+    base = stage_settings(load_proof_config("configs/proof-cpu.yaml", overrides=default))
     assert "world" not in base["world"]
-    over = ["world.objects=[1]", "world.palettes=split", "eval.n_prompts=16"]
+    over = [*default, "world.objects=[1]", "world.palettes=split", "eval.n_prompts=16"]
     split = stage_settings(load_proof_config("configs/proof-cpu.yaml", overrides=over))
     assert split["world"]["world"] == {"objects": [1], "palettes": "split"}
     assert split["judge"] == base["judge"]
@@ -32,7 +33,7 @@ def test_vae_objects_draw_the_vae_images_only():
     """`vae.objects` sets the object counts of the VAE's training images alone: it is part of the VAE's record (and so of
     every stage after it) but not the world's, whose data and eval prompts stay the world's own; unset, it adds no
     key, so older VAE records stay valid. A count outside 1-3 is a one-line error naming the key."""
-    over = ["world.objects=[1]", "world.palettes=split"]
+    over = ["world.objects=[1]", "world.palettes=split", "vae.objects=null"]
     one = stage_settings(load_proof_config("configs/proof-cpu.yaml", overrides=over))
     assert "objects" not in one["vae"]["vae"]
     mixed = stage_settings(load_proof_config("configs/proof-cpu.yaml", overrides=[*over, "vae.objects=[1,1,2,3]"]))
@@ -44,3 +45,14 @@ def test_vae_objects_draw_the_vae_images_only():
     assert cfg.world.objects == [1]
     with pytest.raises(ValueError, match=r"^vae.objects: counts must be 1, 2 or 3 \(at least one\), got \[4\]$"):
         load_proof_config("configs/proof-cpu.yaml", overrides=["vae.objects=[4]"])
+
+
+@pytest.mark.parametrize("preset", ["toy-schnell", "proof-cpu", "proof-dev-cpu", "proof-gpu"])
+def test_presets_draw_the_rebuilt_world(preset):
+    """Issue 22 part 2: every toy preset draws the world the ablations chose (docs/proof.md): split palettes (a colour
+    word names one role) and one object per image (nothing to bind across objects), its VAE trained on three objects
+    per image (a one-object VAE lost shape), and a transformer of hidden 128 (hidden 64 did not bind colour or size)."""
+    cfg = load_proof_config(f"configs/{preset}.yaml")
+    assert cfg.world.palettes == "split" and cfg.world.objects == [1]
+    assert cfg.vae.objects == [3] and vae_world(cfg).palettes == "split"
+    assert cfg.model.num_attention_heads * cfg.model.attention_head_dim == 128

@@ -23,6 +23,27 @@ def test_shipped_files_are_safetensors_under_10_mb():
     assert info["config"]["seed"] == 0
 
 
+def test_asset_is_the_rebuilt_world_and_preset():
+    """Issue 22 part 2: the shipped build is configs/toy-schnell.yaml's, in the split-palette one-object world, with a
+    hidden-128 transformer stored in bf16 (as BFL ships schnell; the loaders cast it to `model.dtype`)."""
+    from safetensors import safe_open
+
+    from evals.experiments.proof import load_proof_config, stage_settings
+    from evals.experiments.toy_schnell import PRESET
+
+    asset, cfg = asset_dir(), load_asset_config()
+    assert cfg.world.palettes == "split" and cfg.world.objects == [1] and cfg.vae.objects == [3]
+    preset = load_proof_config(str(PRESET))
+    shipped, wanted = stage_settings(cfg), stage_settings(preset)
+    assert {k: shipped[k] for k in ("world", "judge", "vae", "teacher", "distill")} == \
+        {k: wanted[k] for k in ("world", "judge", "vae", "teacher", "distill")}
+    with safe_open(asset / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors", "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == {"BF16"}, dtypes
+    t = json.loads((asset / "pipeline" / "transformer" / "config.json").read_text())
+    assert t["num_attention_heads"] * t["attention_head_dim"] == 128
+
+
 def test_asset_is_package_data():
     """An installed (non-editable) `dedistill` carries the asset: pyproject lists it as package data of `launch`."""
     import tomllib
@@ -34,7 +55,7 @@ def test_asset_is_package_data():
 
 @torch.no_grad()
 def test_student_loads_and_is_cfg_blind():
-    """Through `train.inference.load_for_inference`: real CFG (1..5) leaves the 4-step student's adherence flat,
+    """Through `train.inference.load_for_inference`: real CFG (1..5) does not lift the 4-step student's adherence,
     what `dedistill demo` starts from."""
     from evals.experiments.judge import ATTRS, accuracy, judge_images, labels_of, load_judge, to_tensor
     from evals.experiments.proof import held_out_world
@@ -56,6 +77,8 @@ def test_student_loads_and_is_cfg_blind():
         images = generate(m.transformer, m.vae, m.text, world["eval_prompts"], s, dtype=m.dtype)
         adherence.append(accuracy(judge_images(judge, to_tensor(images))[1], labels)["mean"])
     print("student adherence at cfg 1..5:", np.round(adherence, 3))
-    # Flat within noise: 64 prompts x 5 attributes, the same noise in every cell (docs/proof.md, "The shipped toy
-    # schnell", has the measured values). A teacher's adherence rises by about 0.1 over this range.
-    assert max(adherence) - min(adherence) <= 0.06, adherence
+    # As FLUX.1-schnell: the student reads its prompts unguided (CFG baked in), and real CFG adds nothing beyond the
+    # noise of 64 prompts x 5 attributes (the same noise in every cell) or hurts (docs/proof.md, "The shipped toy
+    # schnell", has the measured values; its teacher gains from cfg 1 to its best cfg).
+    assert adherence[0] >= 0.7, adherence
+    assert max(adherence[1:]) <= adherence[0] + 0.03, adherence
