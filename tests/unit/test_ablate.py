@@ -99,32 +99,40 @@ def test_onehot_dataset_reaches_the_trainer_batches(tiny_model_dir, tiny_data_di
     assert empty["t5"].shape == (1, 32) and not empty["t5"].any() and not empty["pooled"].any()
 
 
-@pytest.mark.parametrize("conditioning", ["t5-only", "pooled-only"])
+@pytest.mark.parametrize("conditioning", ["t5-only", "pooled-only", "text-mean"])
 def test_text_part_dataset_is_the_encoders_output_less_one_part(tiny_model_dir, tiny_data_dir, tmp_path, conditioning):
     """The trainer's batches hold each caption's own T5 states and CLIP pooled vector (as the text encoders give them
     for that caption alone), with the other part zeroed; the posterior's std is kept, so latents are drawn as on the
-    raw path; the empty prompt (caption dropout) loses the same part."""
+    raw path; the empty prompt (caption dropout) loses the same part. `text-mean` keeps both parts and drops the std:
+    the text run on the posterior's mean."""
     out = ablate.write_token_dataset(tiny_model_dir, tiny_data_dir, tmp_path / conditioning,
                                      conditioning=conditioning, resolution=64, text_tokens=64)
     layout = json.loads((out / "buckets.json").read_text())
-    t5_only = conditioning == "t5-only"
-    assert layout["precompute"]["latents"] == "dist" and layout["precompute"]["conditioning"] == conditioning
-    assert layout["precompute"]["max_text_tokens"] == (64 if t5_only else 1)
+    t5_only, both = conditioning == "t5-only", conditioning == "text-mean"
+    assert layout["precompute"]["latents"] == ("mean" if both else "dist")
+    assert layout["precompute"]["conditioning"] == conditioning
+    assert layout["precompute"]["max_text_tokens"] == (1 if conditioning == "pooled-only" else 64)
     batch = next(iter(build_loader(DataConfig(local=str(out), resolution=64, shuffle=False), batch_size=4)))
-    assert "latent_std" in batch
+    assert ("latent_std" in batch) != both
     text = TextEncoder(tiny_model_dir, dtype=torch.float32, device=torch.device("cpu"))
     for i, caption in enumerate(batch["caption"]):
         e = text.encode([caption], max_tokens=64, masked=True)
         n = int(batch["t5_mask"][i].sum())
-        if t5_only:
+        if t5_only or both:
             assert n == e.lengths[0]
             torch.testing.assert_close(batch["t5"][i, :n].float(), e.t5[0, :n], atol=1e-5, rtol=1e-5)
-            assert not batch["pooled"][i].any()
+            if both:
+                torch.testing.assert_close(batch["pooled"][i].float(), e.pooled[0], atol=1e-5, rtol=1e-5)
+            else:
+                assert not batch["pooled"][i].any()
         else:
             assert n == 1 and not batch["t5"][i, :1].any()
             torch.testing.assert_close(batch["pooled"][i].float(), e.pooled[0], atol=1e-5, rtol=1e-5)
     empty, e = load_file(str(out / "empty_prompt.safetensors")), text.encode([""], max_tokens=64, masked=True)
-    if t5_only:
+    if both:
+        torch.testing.assert_close(empty["t5"], e.t5[0, :e.lengths[0]], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(empty["pooled"], e.pooled[0], atol=1e-5, rtol=1e-5)
+    elif t5_only:
         torch.testing.assert_close(empty["t5"], e.t5[0, :e.lengths[0]], atol=1e-5, rtol=1e-5)
         assert not empty["pooled"].any()
     else:
