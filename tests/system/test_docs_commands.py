@@ -463,6 +463,16 @@ CASES: dict[str, Run | Skip | Covered | SameAs] = {
         covered("tests/unit/test_ablate.py::test_driver_trains_and_reads_every_checkpoint",
                 "its text case is this run in this world at the proof's --smoke sizes, with the preset's caption "
                 "dropout (a teacher.* override like teacher.steps=2 there; about 25 min at these sizes)"),
+    "python -m evals.experiments.ablate --config configs/proof-cpu.yaml --conditioning text --every 1500 "
+    "out_dir=runs/t-lr2":
+        covered("tests/unit/test_ablate.py::test_driver_trains_and_reads_every_checkpoint",
+                "its text case is this run at the proof's --smoke sizes (about 20 min on one core at these); the "
+                "shipped toy schnell's teacher"),
+    "python -m evals.experiments.ablate --config configs/proof-cpu.yaml --conditioning text-mean --every 1500 "
+    "out_dir=runs/tm-split1":
+        covered("tests/unit/test_ablate.py::test_text_part_dataset_is_the_encoders_output_less_one_part",
+                "that test checks the text-mean dataset (both encoders' output, the posterior mean) against the "
+                "encoders; its sampling is the text run's, which the driver test runs (this run is about 15 min)"),
     "python -m evals.experiments.ablate --config configs/proof-cpu.yaml --roles MODEL out_dir=...":
         covered("tests/unit/test_ablate.py::test_colour_roles_counts_each_role_against_the_prompt",
                 "MODEL and out_dir are placeholders; that test runs colour_roles on the smoke world and recounts it"),
@@ -483,9 +493,6 @@ CASES: dict[str, Run | Skip | Covered | SameAs] = {
                      "{tmp}/out/runs/ts-asset/toy_schnell.json"), expect=r"\[toy-schnell\] .*ts-asset: [\d.]+ MB", slow=True),
     "python -m evals.experiments.toy_schnell": skip("rebuilds the shipped toy schnell (~50 min on 2 idle cores); "
                                                     "`--smoke` (proof.md) runs every stage of it"),
-    "python -m evals.experiments.proof --config configs/toy-schnell.yaml --until vae threads=2":
-        skip("the shipped build's judge and VAE stages at full size (~30 min on 2 cores); the toy-schnell --smoke "
-             "case runs the same stages in seconds"),
     "python -m evals.experiments.proof --config configs/toy-schnell.yaml --until vae out_dir=runs/vae-candidate "
     "vae.lr=1e-3 threads=2":
         skip("a VAE candidate at full size (22 min on 2 cores, more with the judge); the toy-schnell --smoke case "
