@@ -479,6 +479,10 @@ CASES: dict[str, Run | Skip | Covered | SameAs] = {
     "python -m evals.experiments.proof --config configs/proof-cpu.yaml --smoke":
         covered("tests/system/test_proof_smoke.py::test_proof_smoke_produces_the_table",
                 "runs this config's --smoke stages (in process) and checks every row of its table and each stage"),
+    "python -m evals.experiments.proof --config configs/proof-cpu.yaml out_dir=runs/proof-F "
+    "'dedistill_adapters=[full,lokr]'":
+        skip("run F: the full CPU proof from the toy-schnell build's stages, about 60 min on 2 cores; the --smoke "
+             "case runs every stage of it (LoKr's de-distillation as the trainer's own LoKr tests do)"),
     "python -m evals.experiments.proof --config configs/proof-cpu.yaml teacher.steps=3000 out_dir=runs/x":
         skip("the full CPU proof with overrides: ~90 min, like proof.md:7"),
     # docs/quickstart.md
