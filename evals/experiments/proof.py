@@ -45,7 +45,7 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 matplotlib.use("Agg")  # headless: cluster nodes and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from dataset_tools.tiny_data import WorldSpec, iter_samples, write_tiny_data
+from dataset_tools.tiny_data import WorldSpec, check_object_counts, iter_samples, write_tiny_data
 from dataset_tools.tiny_model import TINY_SIZES, build_tiny_pipeline
 from evals.experiments.distill import guidance_distill, reflow, teacher_pairs
 from evals.experiments.judge import (
@@ -114,8 +114,8 @@ class VAEConfig:
         if self.fg_weight < 0 or self.fg_dilate < 0:
             key = "fg_weight" if self.fg_weight < 0 else "fg_dilate"
             raise ValueError(f"vae.{key}: must be >= 0, got {getattr(self, key)}")
-        if self.objects is not None and (not self.objects or any(not 1 <= n <= 3 for n in self.objects)):
-            raise ValueError(f"vae.objects: counts must be 1, 2 or 3 (at least one), got {self.objects}")
+        if self.objects is not None:
+            check_object_counts("vae.objects", self.objects)
 
 
 @dataclass(kw_only=True)
