@@ -29,6 +29,7 @@ import logging
 import os
 import random
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -362,12 +363,81 @@ def shm_registration_turn(dist: DistInfo, wait_for_leader: Callable[[], None] = 
             pass
         else:
             fcntl.flock(fd, fcntl.LOCK_EX)
+        release_half_freed_prefix()
     try:
         wait_for_leader()
         yield
     finally:
         if fd is not None:
             os.close(fd)  # releases the lock
+
+
+HALF_FREED_WAIT_S = 5.0  # how long a dataset's own teardown gets to finish before its leftovers are unlinked
+
+
+def _prefix_streaming_picks() -> int:
+    """The prefix streaming's `get_shm_prefix` registers next: for each of its segment names, the first prefix whose
+    segment is absent from /dev/shm and that has no file lock in this process's temp dir; the largest of those.
+    streaming's own scan (`_check_and_find`) stats each prefix in turn, 0.4 s on a host where thousands of file locks
+    have piled up (streaming never removes them); this reads each directory once (tests/unit/test_shm_turn.py checks
+    it against streaming's)."""
+    from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, SHM_TO_CLEAN
+    from streaming.base.shared.prefix import _get_path
+
+    segments = set(os.listdir("/dev/shm"))
+    try:
+        locks = set(os.listdir(tempfile.gettempdir()))
+    except OSError:
+        locks = set()
+
+    def free(prefix: int, name: str) -> bool:
+        return (_get_path(prefix, name) not in segments and _get_path(prefix, BARRIER_FILELOCK) not in locks
+                and _get_path(prefix, CACHE_FILELOCK) not in locks)
+
+    return max(next(p for p in itertools.count() if free(p, name)) for name in SHM_TO_CLEAN)
+
+
+def release_half_freed_prefix(wait_s: float | None = None) -> list[int]:
+    """Called by a local leader holding the registration lock. streaming picks, for each of its segment names, the
+    first prefix where that segment is absent (and that has no file lock in this process's temp dir), registers the
+    largest of those by creating `<prefix>_locals`, and dies with FileExistsError when that segment is there: the
+    prefix belongs to a dataset that is half torn down (atexit unlinks `locals` last; a killed job's resource tracker
+    unlinks in any order) and whose file lock this process cannot see (it never iterated, or its job had a private
+    /tmp, as SLURM gives). A teardown finishes within a moment, so wait for it; a `locals` that outlives the wait has
+    no owner left, and that prefix's leftovers are unlinked. Returns the prefixes released."""
+    shm_dir = Path("/dev/shm")
+    if not shm_dir.is_dir():
+        return []
+    from streaming.base.constant import LOCALS, SHM_TO_CLEAN
+    from streaming.base.shared.prefix import _get_path
+
+    deadline = time.monotonic() + (HALF_FREED_WAIT_S if wait_s is None else wait_s)
+    released = []
+    while (shm_dir / _get_path(prefix := _prefix_streaming_picks(), LOCALS)).exists():
+        if time.monotonic() < deadline:
+            time.sleep(0.05)
+            continue
+        for name in SHM_TO_CLEAN:
+            try:
+                os.unlink(shm_dir / _get_path(prefix, name))
+            except FileNotFoundError:
+                pass
+        log.warning("released half-freed streaming shared memory %d (its owner exited mid-cleanup)", prefix)
+        released.append(prefix)
+    return released
+
+
+def mark_prefix_used(prefix: int) -> None:
+    """Create the temp-dir file lock streaming creates when a dataset is first iterated, for one built now: streaming
+    skips a prefix whose file lock exists, so a dataset that is never iterated (or not yet) is not picked by another
+    while its teardown is half done."""
+    from streaming.base.constant import BARRIER_FILELOCK
+    from streaming.base.shared.prefix import _get_path
+
+    try:
+        Path(tempfile.gettempdir(), _get_path(prefix, BARRIER_FILELOCK)).touch()
+    except OSError:  # a read-only temp dir: streaming itself would fail there first
+        pass
 
 
 # ------------------------------------------------------------------------------------------------------ loaders
@@ -415,7 +485,9 @@ def build_dataset(cfg: DataConfig, *, batch_size: int, dist: DistInfo | None = N
         fetch_indexes(cfg, subdirs, dist)
         _prepare_shared_memory(locals_, dist)
     with shm_registration_turn(dist):
-        return _train_samples_class()(cfg=cfg, layout=layout, **kwargs)
+        dataset = _train_samples_class()(cfg=cfg, layout=layout, **kwargs)
+        mark_prefix_used(dataset._shm_prefix_int)
+        return dataset
 
 
 def _usable_buckets(buckets: list[dict], global_batch: int) -> list[dict]:

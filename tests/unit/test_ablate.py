@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from streaming import LocalDataset, StreamingDataset
+from mds_read import open_mds
+from streaming import LocalDataset
 
 from dataset_tools.tiny_data import COLOURS, POSITIONS, SHAPES, SIZES
 from evals.experiments import ablate
@@ -81,7 +82,7 @@ def test_onehot_dataset_reaches_the_trainer_batches(tiny_model_dir, tiny_data_di
     assert layout["kind"] == "precomputed" and layout["precompute"]["max_text_tokens"] == ablate.ONEHOT_TOKENS
     loader = build_loader(DataConfig(local=str(out), resolution=64, shuffle=False), batch_size=4)
     batch = next(iter(loader))
-    src = StreamingDataset(local=str(tiny_data_dir), shuffle=False, batch_size=1)
+    src = open_mds(tiny_data_dir)
     vae = load_vae(tiny_model_dir, dtype=torch.float32, device=torch.device("cpu"))
     for i, caption in enumerate(batch["caption"]):  # one bucket, unshuffled: the source's order
         row = src[i]

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mds_read import open_mds
+
 from dataset_tools.convert import ConvertOptions, check_image, convert, merge, part_of
 from dataset_tools.report import Skip
 
@@ -96,9 +98,7 @@ def test_folder_counts_every_defect_exactly(tmp_path):
     assert ("good00", "duplicate_key") in listed
     assert all(Path(e["file"]).name.startswith(Path(e["key"]).name) for e in report["skipped_samples"])
 
-    from streaming import StreamingDataset
-
-    ds = StreamingDataset(local=str(out), shuffle=False, batch_size=1)
+    ds = open_mds(out)
     samples = {ds[i]["key"]: ds[i] for i in range(len(ds))}
     assert len(samples) == n_good
     s = samples["withjson"]
@@ -206,11 +206,9 @@ def test_slices_are_disjoint_cover_the_source_and_merge(tmp_path):
     report = merge(out)
     assert report["skipped_by_reason"] == expected  # duplicates are caught across slices: same key, same part
 
-    from streaming import StreamingDataset
-
     keys = []
     for d in (tmp_path / "whole", out):
-        ds = StreamingDataset(local=str(d), shuffle=False, batch_size=1)
+        ds = open_mds(d)
         keys.append(sorted(ds[i]["key"] for i in range(len(ds))))
     assert keys[0] == keys[1] and len(set(keys[1])) == n_good
     # The assignment is a pure function of the key.

@@ -5,15 +5,14 @@ import json
 import pytest
 from PIL import Image
 
+from mds_read import read_mds
+
 from dataset_tools.buckets import BucketSpec, bucket_dataset
 from dataset_tools.inspect_mds import inspect_dataset, render_text
 
 
 def _all_samples(path):
-    from streaming import StreamingDataset
-
-    ds = StreamingDataset(local=str(path), shuffle=False, batch_size=1)
-    return [ds[i] for i in range(len(ds))]
+    return read_mds(path)
 
 
 def test_inspect_raw(tiny_data_dir, tmp_path):

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from mds_read import open_mds
+
 from dataset_tools.buckets import BucketSpec, assign_bucket
 from dataset_tools.precompute import PrecomputeOptions, precompute, to_store
 from train.config import DataConfig, ObjectiveConfig
@@ -92,9 +94,7 @@ def test_precomputed_loss_equals_raw_loss(precomputed_square, tiny_data_dir, fro
 
 def test_stored_text_states_are_unpadded_and_match_the_encoder(precomputed_square, frozen_and_transformer):
     frozen, _ = frozen_and_transformer
-    from streaming import StreamingDataset
-
-    ds = StreamingDataset(local=str(precomputed_square / "b000"), shuffle=False, batch_size=1)
+    ds = open_mds(precomputed_square / "b000")
     samples = [ds[i] for i in range(8)]
     enc = frozen.text.encode([s["caption"] for s in samples], max_tokens=512, masked=True)
     for i, s in enumerate(samples):

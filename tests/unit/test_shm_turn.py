@@ -4,7 +4,9 @@ FileExistsError."""
 
 import threading
 import time
+from pathlib import Path
 
+import pytest
 import torch
 
 from train.data import shm_registration_turn
@@ -64,3 +66,87 @@ def test_a_jobs_other_ranks_wait_while_another_job_registers():
     for t in threads:
         t.join(10)
     assert order[0] == "B done" and sorted(order[1:]) == ["A0 looks", "A1 looks"]
+
+
+def _leftovers(prefix: int) -> list[str]:
+    """Two prefixes as torn-down datasets leave them (a killed job's resource tracker unlinks in any order): at
+    `prefix` only `barrier`, at `prefix + 1` only `locals`. streaming then finds `locals` free at `prefix` and `barrier`
+    free at `prefix + 1`, takes the larger, and creates `locals` there."""
+    from multiprocessing import shared_memory
+
+    from streaming.base.constant import BARRIER, LOCALS
+    from streaming.base.shared.prefix import _get_path
+
+    names = [_get_path(prefix, BARRIER), _get_path(prefix + 1, LOCALS)]
+    for name in names:
+        shm = shared_memory.SharedMemory(name, create=True, size=16)
+        shm.close()
+    return names
+
+
+def _streaming_scan() -> int:
+    """streaming's own choice, by its own scan (what `get_shm_prefix` computes before registering)."""
+    from streaming.base.constant import SHM_TO_CLEAN
+    from streaming.base.shared.prefix import _check_and_find
+
+    return max(_check_and_find([], [None], name) for name in SHM_TO_CLEAN)
+
+
+def _unlink(names: list[str]) -> None:
+    for name in names:
+        Path("/dev/shm", name).unlink(missing_ok=True)
+
+
+def test_a_half_freed_prefix_is_released_when_it_outlives_the_wait(tmp_path):
+    """The CI failure (FileExistsError '/003941_locals'). Held under the lock, as a local leader would, so no other
+    test's dataset registers meanwhile."""
+    from streaming.base.shared.prefix import get_shm_prefix
+    from streaming.base.world import World
+
+    from train.data import _prefix_streaming_picks, release_half_freed_prefix
+
+    with shm_registration_turn(dist(0), wait_for_leader=lambda: None):
+        prefix = _prefix_streaming_picks()
+        names = _leftovers(prefix)
+        try:
+            assert _prefix_streaming_picks() == prefix + 1 == _streaming_scan()
+            with pytest.raises(FileExistsError):  # what streaming does on its own
+                get_shm_prefix([str(tmp_path)], [None], World.detect())
+            t0 = time.monotonic()
+            assert release_half_freed_prefix(wait_s=0.3) == [prefix + 1]
+            assert time.monotonic() - t0 >= 0.3  # its owner's teardown got the wait first
+            assert not Path("/dev/shm", names[1]).exists()
+            assert _prefix_streaming_picks() == prefix + 1  # and now registers there
+        finally:
+            _unlink(names)
+
+
+def test_a_prefix_whose_teardown_finishes_is_left_to_its_owner():
+    from train.data import _prefix_streaming_picks, release_half_freed_prefix
+
+    with shm_registration_turn(dist(0), wait_for_leader=lambda: None):
+        names = _leftovers(_prefix_streaming_picks())
+        finisher = threading.Timer(0.2, lambda: _unlink(names[1:]))
+        finisher.start()
+        try:
+            t0 = time.monotonic()
+            assert release_half_freed_prefix(wait_s=10) == []
+            assert 0.2 <= time.monotonic() - t0 < 10
+        finally:
+            finisher.join()
+            _unlink(names)
+
+
+def test_a_built_dataset_marks_its_prefix_before_it_is_iterated(tiny_data_dir):
+    """streaming only skips a prefix whose temp-dir file lock exists, and creates that lock on first iteration: a
+    dataset built and not yet iterated must not look free to the next job while it is torn down."""
+    import tempfile
+
+    from streaming.base.constant import BARRIER_FILELOCK
+    from streaming.base.shared.prefix import _get_path
+
+    from train.config import DataConfig
+    from train.data import build_dataset
+
+    ds = build_dataset(DataConfig(local=str(tiny_data_dir), resolution=64, shuffle=False), batch_size=1)
+    assert Path(tempfile.gettempdir(), _get_path(ds._shm_prefix_int, BARRIER_FILELOCK)).exists()

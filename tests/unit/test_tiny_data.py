@@ -8,19 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mds_read import read_mds
+
 from dataset_tools.tiny_data import (
     BACKGROUND_COLOURS, COLOURS, OBJECT_COLOURS, POSITIONS, SHAPES, SIZES, WorldSpec, draw_sample, iter_samples,
     write_tiny_data,
 )
-
-
-def read_mds(path):
-    from streaming import StreamingDataset
-    from streaming.base.util import clean_stale_shared_memory
-
-    clean_stale_shared_memory()
-    ds = StreamingDataset(local=str(path), shuffle=False, batch_size=1)
-    return [ds[i] for i in range(len(ds))]
 
 
 def test_mds_shards_read_back(tiny_data_dir, tiny_model_dir):
