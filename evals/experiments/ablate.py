@@ -47,8 +47,11 @@ from dataset_tools.buckets import BucketSpec, run_parts
 from dataset_tools.precompute import Encoders, PrecomputeOptions, columns, to_store
 from dataset_tools.tiny_data import COLOURS, POSITIONS, SHAPES, SIZES
 from evals.experiments.judge import ATTRS, accuracy, judge_images, labels_of, load_judge, to_tensor
-from evals.experiments.proof import ProofConfig, _job, held_out_world, load_model, load_proof_config, log, run, run_trainer
+from evals.experiments.proof import (
+    ProofConfig, _job, held_out_world, load_model, load_proof_config, log, run, run_trainer, trained,
+)
 from evals.sampler import SamplingSettings, batch_noise, decode, denoise, generate
+from train.checkpoint.format import list_checkpoints
 from train.flux import pack_latents
 from train.model import vae_scale_factor
 from train.run_dir import RunDir
@@ -303,7 +306,7 @@ def checkpoint_curves(cfg: ProofConfig, run_dir: Path, judge, world: dict, *, co
     labels = {k: torch.tensor([labels_of(a)[k] for _, a in world["eval"]]) for k in ATTRS}
     attrs = [a for _, a in world["eval"]]
     rows = []
-    for step, ckpt in RunDir(run_dir).step_dirs():
+    for step, ckpt in list_checkpoints(RunDir(run_dir).checkpoints):
         m = load_model(ckpt)
         for scale in cfg.eval.cfg_scales:
             accs = []
@@ -373,7 +376,7 @@ def run_ablation(cfg: ProofConfig, *, conditioning: str, every: int) -> list[dic
             write_token_dataset(out / "pipeline", out / "data", data, conditioning=conditioning,
                                 resolution=cfg.resolution, text_tokens=cfg.max_text_tokens)
     run_dir = out / f"teacher_{conditioning}"
-    if not RunDir(run_dir).step_dirs():
+    if not trained(run_dir, cfg.teacher.steps):
         objective = ({"max_text_tokens": max_tokens_of(conditioning, cfg.max_text_tokens)}
                      if conditioning in PRECOMPUTED else None)
         job = _job(cfg, run_dir=run_dir, model_path=out / "pipeline", data=data, budget=cfg.teacher, adapter="full",

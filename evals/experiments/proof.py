@@ -61,6 +61,7 @@ from train.config import JobConfig, dump_config, from_dict, load_yaml, parse_yam
 from train.flux import normalise_latents, pack_latents
 from train.inference import load_for_inference, text_settings
 from train.model import load_transformer
+from train.checkpoint.format import list_checkpoints
 from train.run_dir import RunDir
 from train.trainer import train
 from train.outputs import as_stored, atomic_output_dir, check_same_settings, write_text_atomic
@@ -542,6 +543,13 @@ def _job(cfg: ProofConfig, *, run_dir: Path, model_path: Path, data: Path, budge
     })
 
 
+def trained(run_dir: Path, steps: int) -> bool:
+    """Whether `run_dir` holds a complete checkpoint at `steps` or later. A run stopped before that (a signal, a
+    lost session) is not trained: `run_trainer` on it resumes from its latest checkpoint, as the trainer does."""
+    done = list_checkpoints(RunDir(run_dir).checkpoints)
+    return bool(done) and done[-1][0] >= steps
+
+
 def run_trainer(job, nproc: int = 1) -> None:
     """The real trainer: in-process at world size 1 (env:// rendezvous on a free local port), or under torchrun."""
     if nproc > 1:
@@ -848,7 +856,7 @@ def run(cfg: ProofConfig, *, until: str = "eval") -> dict:
         lap("dev")
     for r in runs:
         run_dir = out / r.run_dir
-        if not RunDir(run_dir).step_dirs():
+        if not trained(run_dir, cfg.dedistill.steps):
             run_trainer(_job(cfg, run_dir=run_dir, model_path=bases[r.base],
                              data=world["data"], budget=cfg.dedistill, adapter=r.adapter, seed=r.seed,
                              objective=r.objective), cfg.dedistill.nproc)

@@ -187,6 +187,20 @@ def test_driver_trains_and_reads_every_checkpoint(tmp_path, conditioning):
         ablate.run_ablation(cfg, conditioning="pooled", every=1)
 
 
+def test_driver_resumes_a_teacher_stopped_before_its_steps(tmp_path):
+    """A teacher run that holds checkpoints short of teacher.steps (a stopped or lost session; here one trained to 2
+    of now 3 steps) is trained on from its latest checkpoint, not read as finished."""
+    over = [f"out_dir={tmp_path / 'abl'}"]
+    ablate.run_ablation(load_proof_config(None, smoke=True, overrides=[*over, "teacher.steps=2"]),
+                        conditioning="onehot", every=1)
+    ckpts = tmp_path / "abl-smoke" / "teacher_onehot" / "checkpoints"
+    before = {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()}
+    cfg = load_proof_config(None, smoke=True, overrides=[*over, "teacher.steps=3"])
+    rows = ablate.run_ablation(cfg, conditioning="onehot", every=1)
+    assert [(r["step"], r["cfg"]) for r in rows] == [(s, c) for s in (1, 2, 3) for c in cfg.eval.cfg_scales]
+    assert {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir() if p.name in before} == before  # resumed
+
+
 def test_colour_roles_counts_each_role_against_the_prompt(tmp_path):
     """On the smoke world's untrained pipeline: the fractions equal the judge's readings of the same images compared
     with each prompt's object colour and background, by hand."""
