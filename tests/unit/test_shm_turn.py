@@ -137,16 +137,52 @@ def test_a_prefix_whose_teardown_finishes_is_left_to_its_owner():
             _unlink(names)
 
 
+def _locks(prefix: int) -> list[Path]:
+    import tempfile
+
+    from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK
+    from streaming.base.shared.prefix import _get_path
+
+    return [Path(tempfile.gettempdir(), _get_path(prefix, n)) for n in (BARRIER_FILELOCK, CACHE_FILELOCK)]
+
+
 def test_a_built_dataset_marks_its_prefix_before_it_is_iterated(tiny_data_dir):
     """streaming only skips a prefix whose temp-dir file lock exists, and creates that lock on first iteration: a
     dataset built and not yet iterated must not look free to the next job while it is torn down."""
-    import tempfile
-
-    from streaming.base.constant import BARRIER_FILELOCK
-    from streaming.base.shared.prefix import _get_path
-
     from train.config import DataConfig
     from train.data import build_dataset
 
     ds = build_dataset(DataConfig(local=str(tiny_data_dir), resolution=64, shuffle=False), batch_size=1)
-    assert Path(tempfile.gettempdir(), _get_path(ds._shm_prefix_int, BARRIER_FILELOCK)).exists()
+    assert _locks(ds._shm_prefix_int)[0].exists()
+
+
+@pytest.mark.parametrize("iterate", [False, True])
+def test_a_process_leaves_no_file_lock_or_segment_behind(tiny_data_dir, tmp_path, iterate):
+    """streaming never removes its temp-dir file locks and skips every prefix that has one: without cleanup each run
+    of the suite left ~300 in /tmp, and every dataset after scanned past all of them. At exit, once streaming has
+    unlinked the segments, the process removes its prefixes' locks. (Its own TMPDIR: other workers' locks in /tmp
+    come and go meanwhile.)"""
+    import os
+    import subprocess
+    import sys
+
+    from streaming.base.constant import LOCALS
+    from streaming.base.shared.prefix import _get_path, _unpack_locals
+
+    repo = Path(__file__).resolve().parents[2]
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    code = (f"from train.config import DataConfig\nfrom train.data import build_loader\n"
+            f"loader = build_loader(DataConfig(local={str(tiny_data_dir)!r}, resolution=64, shuffle=False), "
+            f"batch_size=1)\n" + ("next(iter(loader))\n" if iterate else "")
+            + "import os, tempfile\nprint(sorted(os.listdir(tempfile.gettempdir())))\n"
+            + "print(loader.dataset._shm_prefix_int)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(repo), "TMPDIR": str(tmp)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    prefix = int(r.stdout.split()[-1])
+    assert f"{prefix:06}_barrier_filelock" in r.stdout  # it had a lock while it lived ...
+    assert not [p.name for p in tmp.iterdir() if p.name.endswith("_filelock")]  # ... and removed it at exit
+    locals_ = Path("/dev/shm", _get_path(prefix, LOCALS))
+    if locals_.exists():  # another worker's dataset may have taken the freed prefix since: not ours
+        assert str(tiny_data_dir) not in _unpack_locals(locals_.read_bytes())[0]
