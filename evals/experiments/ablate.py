@@ -124,6 +124,14 @@ def word_tokens(attrs: dict, dim: int, *, roles: bool) -> tuple[torch.Tensor, to
     return tokens, tokens.sum(0) / len(rows) ** 0.5
 
 
+def without_pooled(made: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`words-nopool`: the word tokens with a zero pooled vector. Every conditioning that taught shape (one-hot, words)
+    also put the shape into the pooled vector, which modulates every block; the captions' pooled vector (the random
+    tiny CLIP's) barely carries it. This says whether the tokens alone, through joint attention, teach shape."""
+    tokens, pooled = made
+    return tokens, torch.zeros_like(pooled)
+
+
 @dataclass(frozen=True)
 class Tokens:
     """A conditioning that replaces the text encoders: attributes -> (context tokens, pooled), at most `max_tokens`."""
@@ -136,6 +144,7 @@ TOKENS = {
     "onehot": Tokens(onehot_tokens, ONEHOT_TOKENS),
     "words": Tokens(partial(word_tokens, roles=False), WORD_TOKENS),
     "words-roles": Tokens(partial(word_tokens, roles=True), WORD_TOKENS),
+    "words-nopool": Tokens(lambda attrs, dim: without_pooled(word_tokens(attrs, dim, roles=False)), WORD_TOKENS),
 }
 
 
@@ -338,7 +347,8 @@ def colour_roles(cfg: ProofConfig, model_path: Path, judge, world: dict, *, cfg_
     prompt names two distinct colours. Returns, for the judge's reading of the object colour and of the background,
     the fraction of images in which it is the colour the prompt gives that role (`right`), the colour the prompt gives
     the other role (`swapped`), or neither. A model that reads the colour words but not their roles puts the two on
-    a par; chance is 1/12 for each."""
+    a par. Chance for `right` is 1/12 per role in the shared-palette world, 1/6 in the split one
+    (`judge.chance(world)`); there `swapped` means an object in a colour the world only gives backgrounds."""
     m = load_model(model_path)
     attrs = [a for _, a in world["eval"]]
     obj = torch.tensor([ATTRS["colour"].index(a["objects"][0]["colour"]) for a in attrs])
@@ -399,7 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", default=None, help="a configs/proof*.yaml preset (its world, judge, VAE and teacher)")
     p.add_argument("--conditioning", default="onehot",
                    help="text (the proof's captions), onehot (a token per object), words (a token per attribute word), "
-                        "words-roles (words, the background's colour word flagged), t5-only (the captions, CLIP's "
+                        "words-roles (words, the background's colour word flagged), words-nopool (words, the pooled "
+                        "vector zeroed), t5-only (the captions, CLIP's "
                         "pooled vector zeroed) or pooled-only (the captions, T5's tokens zeroed)")
     p.add_argument("--every", type=int, default=250, help="keep a checkpoint every N teacher steps (the curves)")
     p.add_argument("--roles", default=None, metavar="MODEL",

@@ -75,6 +75,15 @@ def test_word_tokens_are_one_per_word_and_bind_nothing_but_the_role_flag(roles):
     assert ablate.TOKENS["words-roles" if roles else "words"].max_tokens == ablate.WORD_TOKENS
 
 
+def test_words_nopool_is_the_word_tokens_with_a_zero_pooled_vector():
+    attrs = {"objects": [{"shape": "star", "colour": "red", "position": "top left", "size": "large"}],
+             "background": "gray"}
+    tokens, pooled = ablate.TOKENS["words-nopool"].make(attrs, 32)
+    words, words_pooled = ablate.word_tokens(attrs, 32, roles=False)
+    assert torch.equal(tokens, words) and words_pooled.any()
+    assert pooled.shape == (32,) and not pooled.any()
+
+
 def test_onehot_dataset_reaches_the_trainer_batches(tiny_model_dir, tiny_data_dir, tmp_path):
     out = ablate.write_token_dataset(tiny_model_dir, tiny_data_dir, tmp_path / "onehot", conditioning="onehot",
                                      resolution=64)
