@@ -473,6 +473,20 @@ CASES: dict[str, Run | Skip | Covered | SameAs] = {
         covered("tests/unit/test_ablate.py::test_text_part_dataset_is_the_encoders_output_less_one_part",
                 "that test checks the text-mean dataset (both encoders' output, the posterior mean) against the "
                 "encoders; its sampling is the text run's, which the driver test runs (this run is about 15 min)"),
+    "python -m evals.experiments.ablate --config configs/proof-cpu.yaml --conditioning onehot --every 1500 "
+    "out_dir=runs/oh-split1":
+        covered("tests/unit/test_ablate.py::test_driver_trains_and_reads_every_checkpoint",
+                "its onehot case is this run at the proof's --smoke sizes (about 16 min on one core at these); "
+                "test_driver_resumes_a_teacher_stopped_before_its_steps runs the resume this run made"),
+    "python -m evals.experiments.ablate --config configs/proof-cpu.yaml --conditioning words --every 1500 "
+    "out_dir=runs/w-split1":
+        covered("tests/unit/test_ablate.py::test_driver_trains_and_reads_every_checkpoint",
+                "its words case is this run at the proof's --smoke sizes (about 15 min on one core at these)"),
+    "python -m evals.experiments.ablate --config configs/proof-cpu.yaml --conditioning words-nopool --every 1500 "
+    "out_dir=runs/wn-split1":
+        covered("tests/unit/test_ablate.py::test_words_nopool_is_the_word_tokens_with_a_zero_pooled_vector",
+                "that test checks its tokens are the words run's and its pooled vector zero; the driver test runs "
+                "the words path end to end (this run is about 15 min on one core)"),
     "python -m evals.experiments.ablate --config configs/proof-cpu.yaml --roles MODEL out_dir=...":
         covered("tests/unit/test_ablate.py::test_colour_roles_counts_each_role_against_the_prompt",
                 "MODEL and out_dir are placeholders; that test runs colour_roles on the smoke world and recounts it"),
