@@ -99,7 +99,6 @@ class WorldSpec:
 DEFAULT_WORLD = WorldSpec()
 
 
-
 def caption_vocabulary() -> list[str]:
     """Every word a caption can contain, sorted."""
     words: set[str] = set(FILLER_WORDS) | set(SHAPES) | set(COLOURS) | set(SIZES) | set(ADJECTIVES)

@@ -282,6 +282,15 @@ def _empty_prompt(cfg: DataConfig) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------ shared-memory hygiene
 
 
+def _unlink_prefix(prefix: int) -> None:
+    """Unlink every streaming segment of `prefix` that is still there."""
+    from streaming.base.constant import SHM_TO_CLEAN
+    from streaming.base.shared.prefix import _get_path
+
+    for name in SHM_TO_CLEAN:
+        Path("/dev/shm", _get_path(prefix, name)).unlink(missing_ok=True)
+
+
 def release_stale_shm(locals_: list[str]) -> list[int]:
     """Unlink streaming shared memory registered for *our* local cache directories (Linux only).
 
@@ -295,9 +304,9 @@ def release_stale_shm(locals_: list[str]) -> list[int]:
     if not shm_dir.is_dir():
         return []
     # deferred: importing train.data must not import streaming (see _train_samples_class)
-    from streaming.base.constant import LOCALS, SHM_TO_CLEAN
+    from streaming.base.constant import LOCALS
     from streaming.base.shared import SharedMemory
-    from streaming.base.shared.prefix import _get_path, _unpack_locals
+    from streaming.base.shared.prefix import _unpack_locals
 
     ours = {os.path.abspath(p) for p in locals_}
     released = []
@@ -312,11 +321,7 @@ def release_stale_shm(locals_: list[str]) -> list[int]:
         except (FileNotFoundError, ValueError, UnicodeDecodeError):
             continue
         if ours & set(theirs):
-            for name in SHM_TO_CLEAN:
-                try:
-                    os.unlink(shm_dir / _get_path(int(prefix), name))
-                except FileNotFoundError:
-                    pass
+            _unlink_prefix(int(prefix))
             released.append(int(prefix))
     if released:
         log.warning("released stale streaming shared memory %s for %s", released, sorted(ours))
@@ -382,7 +387,7 @@ def _prefix_streaming_picks() -> int:
     streaming's own scan (`_check_and_find`) stats each prefix in turn, 0.4 s on a host where thousands of file locks
     have piled up (streaming never removes them); this reads each directory once (tests/unit/test_shm_turn.py checks
     it against streaming's)."""
-    from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, SHM_TO_CLEAN
+    from streaming.base.constant import SHM_TO_CLEAN
     from streaming.base.shared.prefix import _get_path
 
     segments = set(os.listdir("/dev/shm"))
@@ -392,8 +397,7 @@ def _prefix_streaming_picks() -> int:
         locks = set()
 
     def free(prefix: int, name: str) -> bool:
-        return (_get_path(prefix, name) not in segments and _get_path(prefix, BARRIER_FILELOCK) not in locks
-                and _get_path(prefix, CACHE_FILELOCK) not in locks)
+        return _get_path(prefix, name) not in segments and locks.isdisjoint(_lock_names(prefix))
 
     return max(next(p for p in itertools.count() if free(p, name)) for name in SHM_TO_CLEAN)
 
@@ -409,7 +413,7 @@ def release_half_freed_prefix(wait_s: float | None = None) -> list[int]:
     shm_dir = Path("/dev/shm")
     if not shm_dir.is_dir():
         return []
-    from streaming.base.constant import LOCALS, SHM_TO_CLEAN
+    from streaming.base.constant import LOCALS
     from streaming.base.shared.prefix import _get_path
 
     deadline = time.monotonic() + (HALF_FREED_WAIT_S if wait_s is None else wait_s)
@@ -418,21 +422,22 @@ def release_half_freed_prefix(wait_s: float | None = None) -> list[int]:
         if time.monotonic() < deadline:
             time.sleep(0.05)
             continue
-        for name in SHM_TO_CLEAN:
-            try:
-                os.unlink(shm_dir / _get_path(prefix, name))
-            except FileNotFoundError:
-                pass
+        _unlink_prefix(prefix)
         log.warning("released half-freed streaming shared memory %d (its owner exited mid-cleanup)", prefix)
         released.append(prefix)
     return released
 
 
-def _file_locks(prefix: int) -> list[Path]:
+def _lock_names(prefix: int) -> list[str]:
+    """The names of `prefix`'s file locks in the temp dir (streaming's barrier lock first)."""
     from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK
     from streaming.base.shared.prefix import _get_path
 
-    return [Path(tempfile.gettempdir(), _get_path(prefix, name)) for name in (BARRIER_FILELOCK, CACHE_FILELOCK)]
+    return [_get_path(prefix, name) for name in (BARRIER_FILELOCK, CACHE_FILELOCK)]
+
+
+def _file_locks(prefix: int) -> list[Path]:
+    return [Path(tempfile.gettempdir(), name) for name in _lock_names(prefix)]
 
 
 def _remove_file_locks(prefixes: list[int]) -> None:
