@@ -68,20 +68,24 @@ def test_a_jobs_other_ranks_wait_while_another_job_registers():
     assert order[0] == "B done" and sorted(order[1:]) == ["A0 looks", "A1 looks"]
 
 
-def _leftovers(prefix: int) -> list[str]:
+def _leftovers(prefix: int) -> tuple[list[str], int]:
     """Two prefixes as torn-down datasets leave them (a killed job's resource tracker unlinks in any order): at
-    `prefix` only `barrier`, at `prefix + 1` only `locals`. streaming then finds `locals` free at `prefix` and `barrier`
-    free at `prefix + 1`, takes the larger, and creates `locals` there."""
+    `prefix` (free for every name) only `barrier`; at the next prefix free for `barrier` (streaming's own scan: stale
+    file locks of killed jobs may lie between) only `locals`. streaming then finds `locals` free at `prefix` and
+    `barrier` free at the other, takes the larger, and creates `locals` there. Returns the names and that prefix."""
     from multiprocessing import shared_memory
 
     from streaming.base.constant import BARRIER, LOCALS
-    from streaming.base.shared.prefix import _get_path
+    from streaming.base.shared.prefix import _check_and_find, _get_path
 
-    names = [_get_path(prefix, BARRIER), _get_path(prefix + 1, LOCALS)]
-    for name in names:
-        shm = shared_memory.SharedMemory(name, create=True, size=16)
-        shm.close()
-    return names
+    def create(name: str) -> str:
+        shared_memory.SharedMemory(name, create=True, size=16).close()
+        return name
+
+    names = [create(_get_path(prefix, BARRIER))]
+    taken = _check_and_find([], [None], BARRIER)
+    names.append(create(_get_path(taken, LOCALS)))
+    return names, taken
 
 
 def _streaming_scan() -> int:
@@ -106,17 +110,16 @@ def test_a_half_freed_prefix_is_released_when_it_outlives_the_wait(tmp_path):
     from train.data import _prefix_streaming_picks, release_half_freed_prefix
 
     with shm_registration_turn(dist(0), wait_for_leader=lambda: None):
-        prefix = _prefix_streaming_picks()
-        names = _leftovers(prefix)
+        names, taken = _leftovers(_prefix_streaming_picks())
         try:
-            assert _prefix_streaming_picks() == prefix + 1 == _streaming_scan()
+            assert _prefix_streaming_picks() == taken == _streaming_scan()
             with pytest.raises(FileExistsError):  # what streaming does on its own
                 get_shm_prefix([str(tmp_path)], [None], World.detect())
             t0 = time.monotonic()
-            assert release_half_freed_prefix(wait_s=0.3) == [prefix + 1]
+            assert release_half_freed_prefix(wait_s=0.3) == [taken]
             assert time.monotonic() - t0 >= 0.3  # its owner's teardown got the wait first
             assert not Path("/dev/shm", names[1]).exists()
-            assert _prefix_streaming_picks() == prefix + 1  # and now registers there
+            assert _prefix_streaming_picks() == taken  # and now registers there
         finally:
             _unlink(names)
 
@@ -125,7 +128,7 @@ def test_a_prefix_whose_teardown_finishes_is_left_to_its_owner():
     from train.data import _prefix_streaming_picks, release_half_freed_prefix
 
     with shm_registration_turn(dist(0), wait_for_leader=lambda: None):
-        names = _leftovers(_prefix_streaming_picks())
+        names, _ = _leftovers(_prefix_streaming_picks())
         finisher = threading.Timer(0.2, lambda: _unlink(names[1:]))
         finisher.start()
         try:
@@ -137,23 +140,14 @@ def test_a_prefix_whose_teardown_finishes_is_left_to_its_owner():
             _unlink(names)
 
 
-def _locks(prefix: int) -> list[Path]:
-    import tempfile
-
-    from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK
-    from streaming.base.shared.prefix import _get_path
-
-    return [Path(tempfile.gettempdir(), _get_path(prefix, n)) for n in (BARRIER_FILELOCK, CACHE_FILELOCK)]
-
-
 def test_a_built_dataset_marks_its_prefix_before_it_is_iterated(tiny_data_dir):
     """streaming only skips a prefix whose temp-dir file lock exists, and creates that lock on first iteration: a
     dataset built and not yet iterated must not look free to the next job while it is torn down."""
     from train.config import DataConfig
-    from train.data import build_dataset
+    from train.data import _file_locks, build_dataset
 
     ds = build_dataset(DataConfig(local=str(tiny_data_dir), resolution=64, shuffle=False), batch_size=1)
-    assert _locks(ds._shm_prefix_int)[0].exists()
+    assert _file_locks(ds._shm_prefix_int)[0].exists()
 
 
 @pytest.mark.parametrize("iterate", [False, True])
