@@ -25,6 +25,7 @@ import json
 import random
 import shutil
 from collections import Counter
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -255,7 +256,56 @@ def chroma_transformer_dims(size: str) -> dict:
             "approximator_layers": layers}
 
 
-def _t5(dims: dict, t5_tok, seed: int, torch_dtype):
+@dataclass(frozen=True, kw_only=True)
+class ToyText:
+    """The toy's text encoders, where they differ from the size's (the toy proof's `text:`; docs/proof.md).
+
+    A random T5 is not a trained one: its two random layers mix every word into its neighbours, so at the shape word's
+    place the state is as much the fillers' as the shape's, and its final RMS norm gives every token the norm
+    sqrt(width) whatever it says. A trained T5's states keep a word's meaning at its place. These settings give the
+    toy that property with the same classes and files (every loader reads them as it reads FLUX's T5 and CLIP):
+    - `width`: T5's d_model and CLIP's hidden size (the transformer's joint_attention_dim and pooled_projection_dim
+      follow); wider random embeddings overlap less.
+    - `mixing=False`: T5's blocks keep their shapes but their attention and feed-forward output projections are zero,
+      so each residual branch adds nothing and a token's state is its word's embedding, normalised: the same word
+      gives the same state in every caption. (transformers' T5 refuses zero layers, so the layer stays, inert.)
+    - `state_norm`: each token state's norm (the final RMS norm's gain set to state_norm / sqrt(width)); None keeps
+      T5's sqrt(width).
+    """
+
+    width: int | None = None
+    mixing: bool = True
+    state_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.width is not None and (self.width < 8 or self.width % 4):
+            raise ValueError(f"text.width: {self.width} must be a multiple of 4, at least 8")
+        if self.state_norm is not None and not self.state_norm > 0:
+            raise ValueError(f"text.state_norm: {self.state_norm} must be > 0")
+
+    def dims(self, size: str) -> dict[str, dict]:
+        """The size's dims with this text width: T5, CLIP and the transformer's text inputs."""
+        dims = TINY_SIZES[size]
+        if self.width is None:
+            return dims
+        w = self.width
+        t5 = {**dims["t5"], "d_model": w, "d_kv": w // dims["t5"]["num_heads"], "d_ff": w + w // 8}
+        clip = {**dims["clip"], "hidden_size": w, "projection_dim": w, "intermediate_size": w + w // 8}
+        transformer = {**dims["transformer"], "joint_attention_dim": w, "pooled_projection_dim": w}
+        return {**dims, "t5": t5, "clip": clip, "transformer": transformer}
+
+    def apply(self, t5) -> None:
+        """The weight settings above, on a freshly initialised T5EncoderModel."""
+        with torch.no_grad():
+            if not self.mixing:
+                for block in t5.encoder.block:
+                    block.layer[0].SelfAttention.o.weight.zero_()
+                    block.layer[1].DenseReluDense.wo.weight.zero_()
+            if self.state_norm is not None:
+                t5.encoder.final_layer_norm.weight.fill_(self.state_norm / t5.config.d_model ** 0.5)
+
+
+def _t5(dims: dict, t5_tok, seed: int, torch_dtype, text: ToyText = ToyText()):
     # deferred: transformers takes seconds to import; only building the tiny model needs it
     from transformers import T5Config, T5EncoderModel
 
@@ -263,15 +313,18 @@ def _t5(dims: dict, t5_tok, seed: int, torch_dtype):
         vocab_size=-(-len(t5_tok) // 8) * 8,  # >= len(tokenizer), padded like T5's 32128
         pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **dims["t5"],
     )
-    return seeded(seed * 16 + 3, lambda: T5EncoderModel(t5_cfg), torch_dtype)
+    t5 = seeded(seed * 16 + 3, lambda: T5EncoderModel(t5_cfg), torch_dtype)
+    text.apply(t5)
+    return t5
 
 
-def _flux_pipeline(tok_dir: Path, corpus: list[str], size: str, seed: int, torch_dtype, *, guidance_embeds=False):
+def _flux_pipeline(tok_dir: Path, corpus: list[str], size: str, seed: int, torch_dtype, *, guidance_embeds=False,
+                   text: ToyText = ToyText()):
     # deferred: diffusers and transformers take seconds to import; only building the tiny model needs them
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    dims = TINY_SIZES[size]
+    dims = text.dims(size)
     clip_tok = write_clip_tokenizer(tok_dir / "tokenizer", corpus)
     t5_tok = write_t5_tokenizer(tok_dir / "tokenizer_2", corpus)
     clip_cfg = CLIPTextConfig(
@@ -285,7 +338,7 @@ def _flux_pipeline(tok_dir: Path, corpus: list[str], size: str, seed: int, torch
             **{**dims["transformer"], "guidance_embeds": guidance_embeds}), torch_dtype),
         vae=seeded(seed * 16 + 1, lambda: AutoencoderKL(**dims["vae"]), torch_dtype),
         text_encoder=seeded(seed * 16 + 2, lambda: CLIPTextModel(clip_cfg), torch_dtype),
-        text_encoder_2=_t5(dims, t5_tok, seed, torch_dtype),
+        text_encoder_2=_t5(dims, t5_tok, seed, torch_dtype, text),
         tokenizer=clip_tok,
         tokenizer_2=t5_tok,
     )
@@ -326,9 +379,14 @@ def _check(size: str, dtype: str, family: str) -> None:
 
 
 def build_tiny_pipeline(tok_dir: Path, *, seed: int = 0, size: str = "tiny", dtype: str = "fp32",
-                        family: str = "flux"):
-    """The FluxPipeline (or ChromaPipeline) object (tokenizers are trained into `tok_dir`, which must not exist)."""
+                        family: str = "flux", text: ToyText | None = None):
+    """The FluxPipeline (or ChromaPipeline) object (tokenizers are trained into `tok_dir`, which must not exist).
+    `text` (family flux only) changes the text encoders as ToyText says."""
     _check(size, dtype, family)
+    if text is not None and text != ToyText():
+        if family != "flux":
+            raise ValueError(f"--family: text encoder settings are for family flux, not '{family}'")
+        return _flux_pipeline(tok_dir, tokenizer_corpus(), size, seed, _DTYPES[dtype], text=text)
     return _PIPELINES[family](tok_dir, tokenizer_corpus(), size, seed, _DTYPES[dtype])
 
 

@@ -46,7 +46,7 @@ matplotlib.use("Agg")  # headless: cluster nodes and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from dataset_tools.tiny_data import WorldSpec, check_object_counts, iter_samples, write_tiny_data
-from dataset_tools.tiny_model import TINY_SIZES, build_tiny_pipeline
+from dataset_tools.tiny_model import ToyText, build_tiny_pipeline
 from evals.experiments.distill import guidance_distill, reflow, teacher_pairs
 from evals.experiments.judge import (
     ATTRS, accuracy, full_caption, judge_images, labels_of, load_judge, save_judge, single_object_samples, to_tensor,
@@ -219,6 +219,8 @@ class ProofConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     model: ModelDims = field(default_factory=ModelDims)
+    text: ToyText = field(default_factory=ToyText)
+    """The text encoders, where they differ from the tiny model's (a random 32-wide T5 that mixes its words)."""
     teacher: TrainBudget = field(default_factory=TrainBudget)
     distill: DistillConfig = field(default_factory=DistillConfig)
     dedistill: TrainBudget = field(default_factory=lambda: TrainBudget(steps=300))
@@ -346,6 +348,8 @@ def stage_settings(cfg: ProofConfig) -> dict[str, dict]:
     judge = {"judge": recorded(cfg.judge, {"smooth_noise": 0}), "resolution": cfg.resolution, "seed": cfg.seed}
     vae = {"vae": recorded(cfg.vae, {"fg_weight": 0, "fg_dilate": 0, "objects": None}),
            "model": asdict(cfg.model), **world}
+    if text := recorded(cfg.text, asdict(ToyText())):  # absent for the tiny model's encoders: old records stay valid
+        vae["text"] = text
     teacher = {"teacher": budget(cfg.teacher), "max_text_tokens": cfg.max_text_tokens, "pipeline": vae, "world": world}
     distill = {"distill": asdict(cfg.distill), "teacher": teacher}
     prune = {"prune": asdict(cfg.prune), "student": distill}
@@ -498,15 +502,15 @@ def stage_vae(cfg: ProofConfig, out: Path, judge, test_x: torch.Tensor) -> tuple
         d = cfg.model
         heads_dim = d.num_attention_heads * d.attention_head_dim
         assert sum(d.axes_dims_rope) == d.attention_head_dim, "model.axes_dims_rope must sum to attention_head_dim"
-        tiny = TINY_SIZES["tiny"]["transformer"]
+        text = cfg.text.dims("tiny")["transformer"]  # the text encoders' widths
         with atomic_output_dir(pipe_dir) as tmp:
-            pipe = build_tiny_pipeline(tmp / ".tok", seed=cfg.seed)
+            pipe = build_tiny_pipeline(tmp / ".tok", seed=cfg.seed, text=cfg.text)
             torch.manual_seed(cfg.seed + 1)
             pipe.transformer = FluxTransformer2DModel(
                 patch_size=1, in_channels=4 * v.latent_channels, num_layers=d.num_layers,
                 num_single_layers=d.num_single_layers, attention_head_dim=d.attention_head_dim,
-                num_attention_heads=d.num_attention_heads, joint_attention_dim=tiny["joint_attention_dim"],
-                pooled_projection_dim=tiny["pooled_projection_dim"], guidance_embeds=False,
+                num_attention_heads=d.num_attention_heads, joint_attention_dim=text["joint_attention_dim"],
+                pooled_projection_dim=text["pooled_projection_dim"], guidance_embeds=False,
                 axes_dims_rope=tuple(d.axes_dims_rope),
             )
             pipe.vae = vae

@@ -47,6 +47,22 @@ def test_vae_objects_draw_the_vae_images_only():
         load_proof_config("configs/proof-cpu.yaml", overrides=["vae.objects=[4]"])
 
 
+def test_text_settings_reach_the_pipeline_and_every_stage_after_it():
+    """`text.*` (dataset_tools/tiny_model.ToyText) builds the VAE stage's pipeline, so it is part of that record and of
+    every stage after it, not the world's or the judge's; the tiny model's encoders add no key, so the records of the
+    shipped build stay valid. A bad value is a one-line error naming the key."""
+    base = stage_settings(load_proof_config("configs/proof-cpu.yaml"))
+    assert "text" not in base["vae"]
+    over = ["text.width=128", "text.mixing=false", "text.state_norm=3"]
+    toy = stage_settings(load_proof_config("configs/proof-cpu.yaml", overrides=over))
+    assert toy["vae"]["text"] == {"width": 128, "mixing": False, "state_norm": 3.0}
+    assert toy["world"] == base["world"] and toy["judge"] == base["judge"]
+    for stage in ("vae", "teacher", "distill"):
+        assert toy[stage] != base[stage], stage
+    with pytest.raises(ValueError, match=r"^text.width: 30 must be a multiple of 4, at least 8$"):
+        load_proof_config("configs/proof-cpu.yaml", overrides=["text.width=30"])
+
+
 @pytest.mark.parametrize("preset", ["toy-schnell", "proof-cpu", "proof-dev-cpu", "proof-gpu"])
 def test_presets_draw_the_rebuilt_world(preset):
     """Issue 22 part 2: every toy preset draws the world the ablations chose (docs/proof.md): split palettes (a colour
