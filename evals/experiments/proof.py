@@ -346,15 +346,18 @@ def stage_settings(cfg: ProofConfig) -> dict[str, dict]:
     if drawn := recorded(cfg.world, asdict(WorldSpec())):  # absent for the default world: its records stay valid
         world["world"] = drawn
     judge = {"judge": recorded(cfg.judge, {"smooth_noise": 0}), "resolution": cfg.resolution, "seed": cfg.seed}
-    vae = {"vae": recorded(cfg.vae, {"fg_weight": 0, "fg_dilate": 0, "objects": None}),
-           "model": asdict(cfg.model), **world}
-    if text := recorded(cfg.text, asdict(ToyText())):  # absent for the tiny model's encoders: old records stay valid
-        vae["text"] = text
-    teacher = {"teacher": budget(cfg.teacher), "max_text_tokens": cfg.max_text_tokens, "pipeline": vae, "world": world}
+    vae = {"vae": recorded(cfg.vae, {"fg_weight": 0, "fg_dilate": 0, "objects": None}), **world}
+    # The pipeline (the VAE, the text encoders, a fresh transformer): a VAE is reused when only the model or the text
+    # encoders change.
+    pipeline = {"vae": vae, "model": asdict(cfg.model)}
+    if text := recorded(cfg.text, asdict(ToyText())):  # absent for the tiny model's encoders
+        pipeline["text"] = text
+    teacher = {"teacher": budget(cfg.teacher), "max_text_tokens": cfg.max_text_tokens, "pipeline": pipeline,
+               "world": world}
     distill = {"distill": asdict(cfg.distill), "teacher": teacher}
     prune = {"prune": asdict(cfg.prune), "student": distill}
     dev = {"dev": asdict(cfg.dev), "teacher": teacher}
-    out = {"world": world, "judge": judge, "vae": vae, "teacher": teacher, "distill": distill, "prune": prune,
+    out = {"world": world, "judge": judge, "vae": vae, "pipeline": pipeline, "teacher": teacher, "distill": distill, "prune": prune,
            "dev": dev}
     for r in dedistill_runs(cfg):
         settings = {"dedistill": budget(cfg.dedistill), "adapter": r.adapter,
@@ -462,11 +465,11 @@ def vae_world(cfg: ProofConfig) -> WorldSpec:
     return cfg.world if cfg.vae.objects is None else replace(cfg.world, objects=list(cfg.vae.objects))
 
 
-def stage_vae(cfg: ProofConfig, out: Path, judge, test_x: torch.Tensor) -> tuple[Path, dict]:
-    """Train the VAE; write the pipeline dir (tiny tokenizers/encoders + this VAE + a fresh transformer)."""
-    pipe_dir = out / "pipeline"
+def stage_vae(cfg: ProofConfig, out: Path, judge, test_x: torch.Tensor) -> tuple[Path, dict, dict | None]:
+    """Train the VAE into `out/vae` (a diffusers AutoencoderKL dir); its reconstruction of the held-out renders."""
+    vae_dir = out / "vae"
     v = cfg.vae
-    if not pipe_dir.exists():
+    if not vae_dir.exists():
         t0 = time.time()
         torch.manual_seed(cfg.seed)
         n = len(v.block_out_channels)
@@ -497,17 +500,33 @@ def stage_vae(cfg: ProofConfig, out: Path, judge, test_x: torch.Tensor) -> tuple
         with torch.no_grad():  # FLUX-style normalisation: latents' mean -> shift_factor, 1/std -> scaling_factor
             lat = torch.cat([vae.encode(x[i : i + 256]).latent_dist.mean for i in range(0, min(len(x), 2048), 256)])
         vae.register_to_config(shift_factor=float(lat.mean()), scaling_factor=float(1.0 / lat.std()))
+        with atomic_output_dir(vae_dir) as tmp:
+            vae.save_pretrained(str(tmp), safe_serialization=True)
         log(f"[proof] vae trained in {time.time() - t0:.0f}s")
+    vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
+    with torch.no_grad():
+        lat = vae.encode(test_x).latent_dist.mean
+        rec = vae.decode(lat).sample.clamp(-1, 1)
+    mse = float(torch.nn.functional.mse_loss(rec, test_x))  # on [-1, 1]
+    preds = judge_images(judge, rec)[1] if judge is not None else None  # scored against the test labels by the caller
+    stats = {"mse": mse, "psnr_db": float(10 * np.log10(4.0 / mse))}
+    return vae_dir, stats, preds
 
+
+def stage_pipeline(cfg: ProofConfig, out: Path, vae_dir: Path) -> Path:
+    """The pipeline dir the teacher trains from: the tiny tokenizers and text encoders (`cfg.text`'s), the trained
+    VAE and a fresh transformer of `cfg.model`'s dims."""
+    pipe_dir = out / "pipeline"
+    if not pipe_dir.exists():
         d = cfg.model
-        heads_dim = d.num_attention_heads * d.attention_head_dim
         assert sum(d.axes_dims_rope) == d.attention_head_dim, "model.axes_dims_rope must sum to attention_head_dim"
         text = cfg.text.dims("tiny")["transformer"]  # the text encoders' widths
+        vae = AutoencoderKL.from_pretrained(str(vae_dir))
         with atomic_output_dir(pipe_dir) as tmp:
             pipe = build_tiny_pipeline(tmp / ".tok", seed=cfg.seed, text=cfg.text)
             torch.manual_seed(cfg.seed + 1)
             pipe.transformer = FluxTransformer2DModel(
-                patch_size=1, in_channels=4 * v.latent_channels, num_layers=d.num_layers,
+                patch_size=1, in_channels=4 * vae.config.latent_channels, num_layers=d.num_layers,
                 num_single_layers=d.num_single_layers, attention_head_dim=d.attention_head_dim,
                 num_attention_heads=d.num_attention_heads, joint_attention_dim=text["joint_attention_dim"],
                 pooled_projection_dim=text["pooled_projection_dim"], guidance_embeds=False,
@@ -516,15 +535,9 @@ def stage_vae(cfg: ProofConfig, out: Path, judge, test_x: torch.Tensor) -> tuple
             pipe.vae = vae
             pipe.save_pretrained(str(tmp), safe_serialization=True)
             shutil.rmtree(tmp / ".tok")
-        log(f"[proof] pipeline: transformer width {heads_dim}, {d.num_layers}+{d.num_single_layers} blocks")
-    vae = AutoencoderKL.from_pretrained(str(pipe_dir / "vae")).eval()
-    with torch.no_grad():
-        lat = vae.encode(test_x).latent_dist.mean
-        rec = vae.decode(lat).sample.clamp(-1, 1)
-    mse = float(torch.nn.functional.mse_loss(rec, test_x))  # on [-1, 1]
-    preds = judge_images(judge, rec)[1] if judge is not None else None  # scored against the test labels by the caller
-    stats = {"mse": mse, "psnr_db": float(10 * np.log10(4.0 / mse))}
-    return pipe_dir, stats, preds
+        log(f"[proof] pipeline: transformer width {d.num_attention_heads * d.attention_head_dim}, "
+            f"{d.num_layers}+{d.num_single_layers} blocks, text {cfg.text}")
+    return pipe_dir
 
 
 def _job(cfg: ProofConfig, *, run_dir: Path, model_path: Path, data: Path, budget: TrainBudget, adapter: str,
@@ -808,7 +821,8 @@ def run(cfg: ProofConfig, *, until: str = "eval") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     record, settings = StageRecord(out), stage_settings(cfg)
     # Checked for every stage before any runs: a mismatch fails in a second, not after an hour of retraining.
-    outputs = {"world": [out / "data"], "judge": [out / "judge.safetensors"], "vae": [out / "pipeline"],
+    outputs = {"world": [out / "data"], "judge": [out / "judge.safetensors"], "vae": [out / "vae"],
+               "pipeline": [out / "pipeline"],
                "teacher": [out / "teacher", out / "teacher_pipeline"], "distill": [out / "student_pipeline"],
                "prune": [out / "student_pruned"], "dev": [out / "dev_pipeline"],
                **{r.run_dir: [out / r.run_dir] for r in dedistill_runs(cfg)}}
@@ -829,7 +843,8 @@ def run(cfg: ProofConfig, *, until: str = "eval") -> dict:
     lap("world")
     judge, judge_acc, test_x, test_y = stage_judge(cfg, out, world)
     lap("judge")
-    pipe_dir, vae_stats, rec_preds = stage_vae(cfg, out, judge, test_x)
+    vae_dir, vae_stats, rec_preds = stage_vae(cfg, out, judge, test_x)
+    pipe_dir = stage_pipeline(cfg, out, vae_dir)
     rec_acc = accuracy(rec_preds, test_y)
     log(f"[proof] vae held-out reconstruction: {vae_stats}")
     log(f"[proof] judge on vae reconstructions: {json.dumps({k: round(v, 3) for k, v in rec_acc.items()})}")

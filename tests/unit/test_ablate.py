@@ -191,7 +191,7 @@ def test_driver_trains_and_reads_every_checkpoint(tmp_path, conditioning):
         assert all(len(ds[i]["attributes"]["objects"]) == 1 for i in range(len(ds)))
         stages = json.loads((out / "stages.json").read_text())
         assert stages["vae"]["world"] == {"objects": [1], "palettes": "split"} == stages["teacher"]["world"]["world"]
-        assert stages["vae"]["text"] == {"width": 64, "mixing": False, "state_norm": 3.0}
+        assert stages["pipeline"]["text"] == {"width": 64, "mixing": False, "state_norm": 3.0}
         pipeline = json.loads((out / "pipeline" / "transformer" / "config.json").read_text())
         t5 = json.loads((out / "pipeline" / "text_encoder_2" / "config.json").read_text())
         assert pipeline["joint_attention_dim"] == pipeline["pooled_projection_dim"] == t5["d_model"] == 64

@@ -18,7 +18,7 @@ def test_world_settings_reach_every_stage_that_reads_the_world():
     split = stage_settings(load_proof_config("configs/proof-cpu.yaml", overrides=over))
     assert split["world"]["world"] == {"objects": [1], "palettes": "split"}
     assert split["judge"] == base["judge"]
-    for stage in ("vae", "teacher", "distill"):
+    for stage in ("vae", "pipeline", "teacher", "distill"):
         assert split[stage] != base[stage], stage
     world = held_out_world(load_proof_config("configs/proof-cpu.yaml", overrides=over))
     assert len(world["eval"]) == 16
@@ -39,7 +39,7 @@ def test_vae_objects_draw_the_vae_images_only():
     mixed = stage_settings(load_proof_config("configs/proof-cpu.yaml", overrides=[*over, "vae.objects=[1,1,2,3]"]))
     assert mixed["vae"]["vae"]["objects"] == [1, 1, 2, 3]
     assert mixed["world"] == one["world"] and mixed["judge"] == one["judge"]
-    assert mixed["vae"] != one["vae"] and mixed["teacher"] != one["teacher"]
+    assert mixed["vae"] != one["vae"] and mixed["pipeline"] != one["pipeline"] and mixed["teacher"] != one["teacher"]
     cfg = load_proof_config("configs/proof-cpu.yaml", overrides=[*over, "vae.objects=[1,1,2,3]"])
     assert vae_world(cfg).objects == [1, 1, 2, 3] and vae_world(cfg).palettes == "split"
     assert cfg.world.objects == [1]
@@ -47,18 +47,21 @@ def test_vae_objects_draw_the_vae_images_only():
         load_proof_config("configs/proof-cpu.yaml", overrides=["vae.objects=[4]"])
 
 
-def test_text_settings_reach_the_pipeline_and_every_stage_after_it():
-    """`text.*` (dataset_tools/tiny_model.ToyText) builds the VAE stage's pipeline, so it is part of that record and of
-    every stage after it, not the world's or the judge's; the tiny model's encoders add no key, so the records of the
-    shipped build stay valid. A bad value is a one-line error naming the key."""
+def test_text_and_model_settings_reach_the_pipeline_not_the_vae():
+    """`text.*` (dataset_tools/tiny_model.ToyText) and `model.*` build the pipeline stage (text encoders, a fresh
+    transformer around the trained VAE), so they are part of its record and of every stage after it, and not of the
+    world's, the judge's or the VAE's: a VAE is reused when only they change. The tiny model's encoders add no key. A
+    bad value is a one-line error naming the key."""
     base = stage_settings(load_proof_config("configs/proof-cpu.yaml"))
-    assert "text" not in base["vae"]
+    assert "text" not in base["pipeline"] and base["pipeline"]["vae"] == base["vae"]
     over = ["text.width=128", "text.mixing=false", "text.state_norm=3"]
     toy = stage_settings(load_proof_config("configs/proof-cpu.yaml", overrides=over))
-    assert toy["vae"]["text"] == {"width": 128, "mixing": False, "state_norm": 3.0}
-    assert toy["world"] == base["world"] and toy["judge"] == base["judge"]
-    for stage in ("vae", "teacher", "distill"):
-        assert toy[stage] != base[stage], stage
+    assert toy["pipeline"]["text"] == {"width": 128, "mixing": False, "state_norm": 3.0}
+    wide = stage_settings(load_proof_config("configs/proof-cpu.yaml", overrides=["model.num_layers=3"]))
+    for other in (toy, wide):
+        assert {k: other[k] for k in ("world", "judge", "vae")} == {k: base[k] for k in ("world", "judge", "vae")}
+        for stage in ("pipeline", "teacher", "distill"):
+            assert other[stage] != base[stage], stage
     with pytest.raises(ValueError, match=r"^text.width: 30 must be a multiple of 4, at least 8$"):
         load_proof_config("configs/proof-cpu.yaml", overrides=["text.width=30"])
 
