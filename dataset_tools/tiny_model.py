@@ -261,46 +261,61 @@ class ToyText:
     """The toy's text encoders, where they differ from the size's (the toy proof's `text:`; docs/proof.md).
 
     A random T5 is not a trained one: its two random layers mix every word into its neighbours, so at the shape word's
-    place the state is as much the fillers' as the shape's, and its final RMS norm gives every token the norm
-    sqrt(width) whatever it says. A trained T5's states keep a word's meaning at its place. These settings give the
-    toy that property with the same classes and files (every loader reads them as it reads FLUX's T5 and CLIP):
-    - `width`: T5's d_model and CLIP's hidden size (the transformer's joint_attention_dim and pooled_projection_dim
-      follow); wider random embeddings overlap less.
+    place the state is as much the fillers' as the shape's, and its random embeddings overlap, so words share
+    directions. A trained T5's states keep a word's meaning at its place, told apart from the others. These settings
+    give the toy that property with the same classes and files (every loader reads them as it reads FLUX's T5 and CLIP):
+    - `width`: T5's d_model (the transformer's joint_attention_dim follows); `clip_width`: CLIP's hidden size (the
+      transformer's pooled_projection_dim follows). None keeps the size's.
     - `mixing=False`: T5's blocks keep their shapes but their attention and feed-forward output projections are zero,
       so each residual branch adds nothing and a token's state is its word's embedding, normalised: the same word
       gives the same state in every caption. (transformers' T5 refuses zero layers, so the layer stays, inert.)
+    - `orthogonal`: T5's token embeddings are orthonormal (scaled to T5's RMS 1), so no two words share a direction;
+      it needs `width` at least the vocabulary size.
     - `state_norm`: each token state's norm (the final RMS norm's gain set to state_norm / sqrt(width)); None keeps
       T5's sqrt(width).
     """
 
     width: int | None = None
+    clip_width: int | None = None
     mixing: bool = True
+    orthogonal: bool = False
     state_norm: float | None = None
 
     def __post_init__(self) -> None:
-        if self.width is not None and (self.width < 8 or self.width % 4):
-            raise ValueError(f"text.width: {self.width} must be a multiple of 4, at least 8")
+        for key in ("width", "clip_width"):
+            w = getattr(self, key)
+            if w is not None and (w < 8 or w % 4):
+                raise ValueError(f"text.{key}: {w} must be a multiple of 4, at least 8")
         if self.state_norm is not None and not self.state_norm > 0:
             raise ValueError(f"text.state_norm: {self.state_norm} must be > 0")
 
     def dims(self, size: str) -> dict[str, dict]:
-        """The size's dims with this text width: T5, CLIP and the transformer's text inputs."""
+        """The size's dims with these text widths: T5, CLIP and the transformer's text inputs."""
         dims = TINY_SIZES[size]
-        if self.width is None:
-            return dims
-        w = self.width
-        t5 = {**dims["t5"], "d_model": w, "d_kv": w // dims["t5"]["num_heads"], "d_ff": w + w // 8}
-        clip = {**dims["clip"], "hidden_size": w, "projection_dim": w, "intermediate_size": w + w // 8}
-        transformer = {**dims["transformer"], "joint_attention_dim": w, "pooled_projection_dim": w}
+        t5, clip, transformer = dims["t5"], dims["clip"], dims["transformer"]
+        if (w := self.width) is not None:
+            t5 = {**t5, "d_model": w, "d_kv": w // t5["num_heads"], "d_ff": w + w // 8}
+            transformer = {**transformer, "joint_attention_dim": w}
+        if (w := self.clip_width) is not None:
+            clip = {**clip, "hidden_size": w, "projection_dim": w, "intermediate_size": w + w // 8}
+            transformer = {**transformer, "pooled_projection_dim": w}
         return {**dims, "t5": t5, "clip": clip, "transformer": transformer}
 
-    def apply(self, t5) -> None:
+    def apply(self, t5, seed: int) -> None:
         """The weight settings above, on a freshly initialised T5EncoderModel."""
         with torch.no_grad():
             if not self.mixing:
                 for block in t5.encoder.block:
                     block.layer[0].SelfAttention.o.weight.zero_()
                     block.layer[1].DenseReluDense.wo.weight.zero_()
+            if self.orthogonal:
+                vocab, width = t5.shared.weight.shape
+                if vocab > width:
+                    raise ValueError(f"text.orthogonal: {vocab} token embeddings cannot be orthogonal in width "
+                                     f"{width}; set text.width to at least {vocab}")
+                g = torch.Generator().manual_seed(seed)
+                q, _ = torch.linalg.qr(torch.randn(width, vocab, generator=g, dtype=torch.float64))
+                t5.shared.weight.copy_(q.T * width**0.5)
             if self.state_norm is not None:
                 t5.encoder.final_layer_norm.weight.fill_(self.state_norm / t5.config.d_model ** 0.5)
 
@@ -314,7 +329,7 @@ def _t5(dims: dict, t5_tok, seed: int, torch_dtype, text: ToyText = ToyText()):
         pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **dims["t5"],
     )
     t5 = seeded(seed * 16 + 3, lambda: T5EncoderModel(t5_cfg), torch_dtype)
-    text.apply(t5)
+    text.apply(t5, seed * 16 + 3)
     return t5
 
 

@@ -176,7 +176,7 @@ def test_driver_trains_and_reads_every_checkpoint(tmp_path, conditioning):
     runs), the others in the default world and the tiny model's encoders."""
     world = ["world.palettes=split", "world.objects=[1]"] if conditioning == "text" else []
     if conditioning == "text":
-        world += ["text.width=64", "text.mixing=false", "text.state_norm=3"]
+        world += ["text.width=64", "text.clip_width=48", "text.mixing=false", "text.state_norm=3"]
     cfg = load_proof_config(None, smoke=True, overrides=[f"out_dir={tmp_path / 'abl'}", "teacher.steps=2", *world])
     rows = ablate.run_ablation(cfg, conditioning=conditioning, every=1)
     assert [(r["step"], r["cfg"]) for r in rows] == [(s, c) for s in (1, 2) for c in cfg.eval.cfg_scales]
@@ -191,10 +191,10 @@ def test_driver_trains_and_reads_every_checkpoint(tmp_path, conditioning):
         assert all(len(ds[i]["attributes"]["objects"]) == 1 for i in range(len(ds)))
         stages = json.loads((out / "stages.json").read_text())
         assert stages["vae"]["world"] == {"objects": [1], "palettes": "split"} == stages["teacher"]["world"]["world"]
-        assert stages["pipeline"]["text"] == {"width": 64, "mixing": False, "state_norm": 3.0}
+        assert stages["pipeline"]["text"] == {"width": 64, "clip_width": 48, "mixing": False, "state_norm": 3.0}
         pipeline = json.loads((out / "pipeline" / "transformer" / "config.json").read_text())
         t5 = json.loads((out / "pipeline" / "text_encoder_2" / "config.json").read_text())
-        assert pipeline["joint_attention_dim"] == pipeline["pooled_projection_dim"] == t5["d_model"] == 64
+        assert pipeline["joint_attention_dim"] == t5["d_model"] == 64 and pipeline["pooled_projection_dim"] == 48
     if conditioning == "words":  # the writer wrote word tokens, as many as the world's captions have words
         layout = json.loads((data / "buckets.json").read_text())
         assert layout["precompute"]["max_text_tokens"] == ablate.WORD_TOKENS

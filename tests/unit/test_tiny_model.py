@@ -134,22 +134,25 @@ def _t5_states(pipe, captions):
 
 
 def test_toy_text_option_gives_each_word_its_own_state_through_diffusers(tmp_path):
-    """ToyText (the toy proof's `text:`): a wider T5 without mixing gives a word the same state, of the asked norm,
-    whatever its neighbours, in files FluxPipeline loads and samples from; the tiny model's T5 mixes."""
+    """ToyText (the toy proof's `text:`): a wider T5 without mixing, with orthogonal embeddings, gives a word the same
+    state, of the asked norm, whatever its neighbours, and two words orthogonal states, in files FluxPipeline loads and
+    samples from; the tiny model's T5 mixes."""
     from diffusers import FluxPipeline
 
     from dataset_tools.tiny_model import ToyText, build_tiny_pipeline
 
-    text = ToyText(width=64, mixing=False, state_norm=3.0)
+    text = ToyText(width=256, clip_width=64, mixing=False, orthogonal=True, state_norm=3.0)
     build_tiny_pipeline(tmp_path / "tok", seed=0, text=text).save_pretrained(str(tmp_path / "toy"))
     pipe = FluxPipeline.from_pretrained(str(tmp_path / "toy"))
-    assert pipe.transformer.config.joint_attention_dim == 64 == pipe.text_encoder_2.config.d_model
+    assert pipe.transformer.config.joint_attention_dim == 256 == pipe.text_encoder_2.config.d_model
     assert pipe.transformer.config.pooled_projection_dim == 64 == pipe.text_encoder.config.hidden_size
     captions = ["a small red circle at the top", "an image of a blue circle on a black background"]
     ids, states = _t5_states(pipe, captions)
-    circle = pipe.tokenizer_2.convert_tokens_to_ids("▁circle")
-    a, b = (states[i][ids[i] == circle][0] for i in range(2))
+    word = pipe.tokenizer_2.convert_tokens_to_ids
+    a, b = (states[i][ids[i] == word("▁circle")][0] for i in range(2))
     torch.testing.assert_close(a, b)
+    red = states[0][ids[0] == word("▁red")][0]
+    assert abs(float(a @ red)) < 1e-4
     torch.testing.assert_close(states.norm(dim=-1), torch.full(states.shape[:2], 3.0))
     image = pipe(captions[0], height=64, width=64, num_inference_steps=2, max_sequence_length=16, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
@@ -157,17 +160,21 @@ def test_toy_text_option_gives_each_word_its_own_state_through_diffusers(tmp_pat
 
     mixed = build_tiny_pipeline(tmp_path / "tok2", seed=0)
     ids, states = _t5_states(mixed, captions)
-    a, b = (states[i][ids[i] == circle][0] for i in range(2))
+    a, b = (states[i][ids[i] == word("▁circle")][0] for i in range(2))
     assert (a - b).norm() > 0.1 * a.norm()  # the random two-layer T5 mixes its neighbours in
     assert mixed.text_encoder_2.config.d_model == 32
 
 
-def test_toy_text_option_refuses_bad_settings_by_key():
+def test_toy_text_option_refuses_bad_settings_by_key(tmp_path):
     from dataset_tools.tiny_model import ToyText, build_tiny_pipeline
 
-    with pytest.raises(ValueError, match="text.width"):
+    with pytest.raises(ValueError, match="^text.width: 30 must"):
         ToyText(width=30)
-    with pytest.raises(ValueError, match="text.state_norm"):
+    with pytest.raises(ValueError, match="^text.clip_width: 6 must"):
+        ToyText(clip_width=6)
+    with pytest.raises(ValueError, match="^text.state_norm"):
         ToyText(state_norm=0)
-    with pytest.raises(ValueError, match="--family"):
-        build_tiny_pipeline(Path("unused"), family="chroma", text=ToyText(mixing=False))
+    with pytest.raises(ValueError, match="^--family"):
+        build_tiny_pipeline(tmp_path / "a", family="chroma", text=ToyText(mixing=False))
+    with pytest.raises(ValueError, match=r"^text.orthogonal: 216 token embeddings cannot be orthogonal in width 128"):
+        build_tiny_pipeline(tmp_path / "b", text=ToyText(width=128, orthogonal=True))
