@@ -264,8 +264,8 @@ class ToyText:
     place the state is as much the fillers' as the shape's, and its random embeddings overlap, so words share
     directions. A trained T5's states keep a word's meaning at its place, told apart from the others. These settings
     give the toy that property with the same classes and files (every loader reads them as it reads FLUX's T5 and CLIP):
-    - `width`: T5's d_model (the transformer's joint_attention_dim follows); `clip_width`: CLIP's hidden size (the
-      transformer's pooled_projection_dim follows). None keeps the size's.
+    - `width`: T5's d_model (the transformer's joint_attention_dim follows; with mixing, the blocks' inner widths
+      too); `clip_width`: CLIP's hidden size (the transformer's pooled_projection_dim follows). None keeps the size's.
     - `mixing=False`: T5's blocks keep their shapes but their attention and feed-forward output projections are zero,
       so each residual branch adds nothing and a token's state is its word's embedding, normalised: the same word
       gives the same state in every caption. (transformers' T5 refuses zero layers, so the layer stays, inert.)
@@ -294,7 +294,10 @@ class ToyText:
         dims = TINY_SIZES[size]
         t5, clip, transformer = dims["t5"], dims["clip"], dims["transformer"]
         if (w := self.width) is not None:
-            t5 = {**t5, "d_model": w, "d_kv": w // t5["num_heads"], "d_ff": w + w // 8}
+            # Without mixing the blocks add nothing, so their inner widths stay the size's: the smallest files (a
+            # 256-wide T5 with blocks to match is 4 MB, over what the shipped toy can carry).
+            inner = {"d_kv": w // t5["num_heads"], "d_ff": w + w // 8} if self.mixing else {}
+            t5 = {**t5, "d_model": w, **inner}
             transformer = {**transformer, "joint_attention_dim": w}
         if (w := self.clip_width) is not None:
             clip = {**clip, "hidden_size": w, "projection_dim": w, "intermediate_size": w + w // 8}

@@ -145,6 +145,7 @@ def test_toy_text_option_gives_each_word_its_own_state_through_diffusers(tmp_pat
     build_tiny_pipeline(tmp_path / "tok", seed=0, text=text).save_pretrained(str(tmp_path / "toy"))
     pipe = FluxPipeline.from_pretrained(str(tmp_path / "toy"))
     assert pipe.transformer.config.joint_attention_dim == 256 == pipe.text_encoder_2.config.d_model
+    assert pipe.text_encoder_2.config.d_kv == 8  # inert blocks keep the tiny widths: the smallest files
     assert pipe.transformer.config.pooled_projection_dim == 64 == pipe.text_encoder.config.hidden_size
     captions = ["a small red circle at the top", "an image of a blue circle on a black background"]
     ids, states = _t5_states(pipe, captions)
