@@ -269,6 +269,11 @@ class ToyText:
     - `mixing=False`: T5's blocks keep their shapes but their attention and feed-forward output projections are zero,
       so each residual branch adds nothing and a token's state is its word's embedding, normalised: the same word
       gives the same state in every caption. (transformers' T5 refuses zero layers, so the layer stays, inert.)
+    - `clip_mixing=False`: the same for CLIP's layers (attention and MLP output projections zero): its pooled vector,
+      the end-of-text token's state, is then that token's embedding at its position, normalised, and says nothing of
+      the caption but its length. A random CLIP's pooled vector is a random function of the whole caption, which
+      modulates every block; the word tokens that taught shape without it (`ablate --conditioning words-nopool`) say
+      the toy does not need it.
     - `orthogonal`: T5's token embeddings are orthonormal (scaled to T5's RMS 1), so no two words share a direction;
       it needs `width` at least the vocabulary size.
     - `state_norm`: each token state's norm (the final RMS norm's gain set to state_norm / sqrt(width)); None keeps
@@ -278,6 +283,7 @@ class ToyText:
     width: int | None = None
     clip_width: int | None = None
     mixing: bool = True
+    clip_mixing: bool = True
     orthogonal: bool = False
     state_norm: float | None = None
 
@@ -303,6 +309,16 @@ class ToyText:
             clip = {**clip, "hidden_size": w, "projection_dim": w, "intermediate_size": w + w // 8}
             transformer = {**transformer, "pooled_projection_dim": w}
         return {**dims, "t5": t5, "clip": clip, "transformer": transformer}
+
+    def apply_clip(self, clip) -> None:
+        """`clip_mixing` on a freshly initialised CLIPTextModel."""
+        if self.clip_mixing:
+            return
+        with torch.no_grad():
+            for layer in clip.text_model.encoder.layers:
+                for out in (layer.self_attn.out_proj, layer.mlp.fc2):
+                    out.weight.zero_()
+                    out.bias.zero_()
 
     def apply(self, t5, seed: int) -> None:
         """The weight settings above, on a freshly initialised T5EncoderModel."""
@@ -336,11 +352,19 @@ def _t5(dims: dict, t5_tok, seed: int, torch_dtype, text: ToyText = ToyText()):
     return t5
 
 
+def _clip(clip_cfg, seed: int, torch_dtype, text: ToyText):
+    from transformers import CLIPTextModel  # deferred: seconds to import; only building the tiny model needs it
+
+    clip = seeded(seed * 16 + 2, lambda: CLIPTextModel(clip_cfg), torch_dtype)
+    text.apply_clip(clip)
+    return clip
+
+
 def _flux_pipeline(tok_dir: Path, corpus: list[str], size: str, seed: int, torch_dtype, *, guidance_embeds=False,
                    text: ToyText = ToyText()):
     # deferred: diffusers and transformers take seconds to import; only building the tiny model needs them
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig
 
     dims = text.dims(size)
     clip_tok = write_clip_tokenizer(tok_dir / "tokenizer", corpus)
@@ -355,7 +379,7 @@ def _flux_pipeline(tok_dir: Path, corpus: list[str], size: str, seed: int, torch
         transformer=seeded(seed * 16 + 0, lambda: FluxTransformer2DModel(
             **{**dims["transformer"], "guidance_embeds": guidance_embeds}), torch_dtype),
         vae=seeded(seed * 16 + 1, lambda: AutoencoderKL(**dims["vae"]), torch_dtype),
-        text_encoder=seeded(seed * 16 + 2, lambda: CLIPTextModel(clip_cfg), torch_dtype),
+        text_encoder=_clip(clip_cfg, seed, torch_dtype, text),
         text_encoder_2=_t5(dims, t5_tok, seed, torch_dtype, text),
         tokenizer=clip_tok,
         tokenizer_2=t5_tok,
