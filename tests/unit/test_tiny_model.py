@@ -141,7 +141,7 @@ def test_toy_text_option_gives_each_word_its_own_state_through_diffusers(tmp_pat
 
     from dataset_tools.tiny_model import ToyText, build_tiny_pipeline
 
-    text = ToyText(width=256, clip_width=64, mixing=False, orthogonal=True, state_norm=3.0)
+    text = ToyText(width=256, clip_width=64, mixing=False, clip_mixing=False, orthogonal=True, state_norm=3.0)
     build_tiny_pipeline(tmp_path / "tok", seed=0, text=text).save_pretrained(str(tmp_path / "toy"))
     pipe = FluxPipeline.from_pretrained(str(tmp_path / "toy"))
     assert pipe.transformer.config.joint_attention_dim == 256 == pipe.text_encoder_2.config.d_model
@@ -155,6 +155,12 @@ def test_toy_text_option_gives_each_word_its_own_state_through_diffusers(tmp_pat
     red = states[0][ids[0] == word("▁red")][0]
     assert abs(float(a @ red)) < 1e-4
     torch.testing.assert_close(states.norm(dim=-1), torch.full(states.shape[:2], 3.0))
+    # CLIP without mixing: the pooled vector (the end-of-text token's state) is the same for two captions of one length
+    same_length = ["a small red circle at the top", "a large blue square at the left"]
+    clip_ids = pipe.tokenizer(same_length, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        pooled = pipe.text_encoder(clip_ids).pooler_output
+    torch.testing.assert_close(pooled[0], pooled[1])
     image = pipe(captions[0], height=64, width=64, num_inference_steps=2, max_sequence_length=16, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
@@ -164,6 +170,10 @@ def test_toy_text_option_gives_each_word_its_own_state_through_diffusers(tmp_pat
     a, b = (states[i][ids[i] == word("▁circle")][0] for i in range(2))
     assert (a - b).norm() > 0.1 * a.norm()  # the random two-layer T5 mixes its neighbours in
     assert mixed.text_encoder_2.config.d_model == 32
+    clip_ids = mixed.tokenizer(same_length, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        pooled = mixed.text_encoder(clip_ids).pooler_output
+    assert (pooled[0] - pooled[1]).norm() > 0.1 * pooled[0].norm()
 
 
 def test_toy_text_option_refuses_bad_settings_by_key(tmp_path):
