@@ -487,6 +487,21 @@ CASES: dict[str, Run | Skip | Covered | SameAs] = {
         covered("tests/unit/test_ablate.py::test_words_nopool_is_the_word_tokens_with_a_zero_pooled_vector",
                 "that test checks its tokens are the words run's and its pooled vector zero; the driver test runs "
                 "the words path end to end (this run is about 15 min on one core)"),
+    "python -m evals.experiments.ablate --config configs/proof-cpu.yaml --conditioning text --every 1500 "
+    "out_dir=runs/t128n3 text.width=128 text.clip_width=128 text.mixing=false text.state_norm=3":
+        covered("tests/unit/test_ablate.py::test_driver_trains_and_reads_every_checkpoint",
+                "its text case is this run at the proof's --smoke sizes with text.width, text.clip_width, "
+                "text.mixing=false and text.state_norm set (about 20 min on one core at these)"),
+    "python -m evals.experiments.ablate --config configs/proof-cpu.yaml --conditioning text --every 1500 "
+    "out_dir=runs/t256o text.width=256 text.mixing=false text.orthogonal=true":
+        covered("tests/unit/test_tiny_model.py::test_toy_text_option_gives_each_word_its_own_state_through_diffusers",
+                "that test builds these encoders (orthogonal, unmixed, 256 wide) and samples through FluxPipeline; "
+                "the driver test runs the text ablation with text.* set (this run is about 20 min on one core)"),
+    "python -m evals.experiments.ablate --config configs/proof-cpu.yaml --conditioning text --every 1500 "
+    "out_dir=runs/t256oc text.width=256 text.mixing=false text.orthogonal=true text.clip_mixing=false":
+        covered("tests/unit/test_tiny_model.py::test_toy_text_option_gives_each_word_its_own_state_through_diffusers",
+                "that test builds these encoders (CLIP without mixing too) and samples through FluxPipeline; the "
+                "driver test runs the text ablation with text.* set (this run is about 20 min on one core)"),
     "python -m evals.experiments.ablate --config configs/proof-cpu.yaml --roles MODEL out_dir=...":
         covered("tests/unit/test_ablate.py::test_colour_roles_counts_each_role_against_the_prompt",
                 "MODEL and out_dir are placeholders; that test runs colour_roles on the smoke world and recounts it"),
