@@ -15,6 +15,8 @@ the candidate causes:
   and how much binding an object's words to each other.
 - `t5-only` / `pooled-only`: the captions through the real text encoders, with CLIP's pooled vector zeroed or the
   T5 tokens replaced by one zero token: which of FLUX's two text inputs carries what the teacher learns.
+- `text-nofill`: the text run on each caption's attribute words alone (`attribute_words`: no article, preposition,
+  prefix or adjective), through the same encoders, in training and at sampling: what the captions' filler words cost.
 - `curves`: per-attribute adherence of every checkpoint of a teacher run, text- or one-hot-conditioned: whether
   colour and shape rise late (budget) or never (something else).
 
@@ -45,7 +47,7 @@ from safetensors.torch import save_file
 
 from dataset_tools.buckets import BucketSpec, run_parts
 from dataset_tools.precompute import Encoders, PrecomputeOptions, columns, to_store
-from dataset_tools.tiny_data import COLOURS, POSITIONS, SHAPES, SIZES
+from dataset_tools.tiny_data import ADJECTIVES, COLOURS, FILLER_WORDS, POSITIONS, PREFIXES, SHAPES, SIZES
 from evals.experiments.judge import ATTRS, accuracy, judge_images, labels_of, load_judge, to_tensor
 from evals.experiments.proof import (
     ProofConfig, _job, held_out_world, load_model, load_proof_config, log, run, run_trainer, trained,
@@ -154,7 +156,22 @@ TOKENS = {
 # into every block's modulation). Zeros rather than absence, so the model keeps every layer: a zero input carries the
 # same nothing for every caption (the embedders' biases). The empty prompt (caption dropout, CFG's unconditional
 # branch) loses the same part.
-TEXT_PARTS = {"t5-only": "t5", "pooled-only": "pooled", "text-mean": "both"}
+TEXT_PARTS = {"t5-only": "t5", "pooled-only": "pooled", "text-mean": "both", "text-nofill": "both"}
+
+# Words of a caption that name no attribute: articles and prepositions, the prefixes ("a simple drawing of") and the
+# adjectives ("bright"). "background" stays: it says which colour word names the background.
+_FILLERS = frozenset((set(FILLER_WORDS) - {"background"}) | {w for p in PREFIXES for w in p.split()} | set(ADJECTIVES))
+
+
+def attribute_words(caption: str) -> str:
+    """`caption` without the words that name no attribute, the rest in order: "an image of a large white cross at the
+    bottom on a green background" -> "large white cross bottom green background". `text-nofill` trains and samples
+    on these: the text run without its fillers, through the same encoders, what the word tokens lack."""
+    return " ".join(w for w in caption.replace(",", " ").split() if w not in _FILLERS)
+
+
+CAPTION_VIEWS = {"text-nofill": attribute_words}
+"""TEXT_PARTS conditionings that encode a view of each caption (training and sampling alike) instead of the caption."""
 CONDITIONINGS = ("text", *TOKENS, *TEXT_PARTS)
 PRECOMPUTED = (*TOKENS, *TEXT_PARTS)
 """The conditionings the teacher trains on from a precomputed dataset (`<conditioning>_data` in out_dir)."""
@@ -219,7 +236,8 @@ def write_token_dataset(model_dir: Path, src: Path, out: Path, *, conditioning: 
         """(context tokens (L_i, D), pooled (D,)) per row."""
         if conditioning in TOKENS:  # MDS decodes the json column to a dict
             return [TOKENS[conditioning].make(r["attributes"], t5_dim) for r in rows]
-        e = text_part([r["caption"] for r in rows])
+        view = CAPTION_VIEWS.get(conditioning, str)
+        e = text_part([view(r["caption"]) for r in rows])
         return [(e.t5[i, :n], e.pooled[i]) for i, n in enumerate(e.lengths)]
 
     def text_part(captions: list[str]) -> PromptEmbeds:
@@ -290,7 +308,8 @@ def sample_text_part(m, prompts: list[str], s: SamplingSettings, conditioning: s
     (same noise seeds, same encoders)."""
     enc = {"max_tokens": s.max_text_tokens, "masked": s.masked}
     keep = TEXT_PARTS[conditioning]
-    cond = keep_part(m.text.encode(prompts, **enc), keep)
+    view = CAPTION_VIEWS.get(conditioning, str)
+    cond = keep_part(m.text.encode([view(p) for p in prompts], **enc), keep)
     uncond = keep_part(m.text.encode([s.negative_prompt] * len(prompts), **enc), keep)
     return _sample(m, cond, uncond, s)
 

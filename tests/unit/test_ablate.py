@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from mds_read import open_mds
 from streaming import LocalDataset
 
-from dataset_tools.tiny_data import COLOURS, POSITIONS, SHAPES, SIZES
+from dataset_tools.tiny_data import COLOURS, POSITIONS, SHAPES, SIZES, iter_samples
 from evals.experiments import ablate
 from evals.experiments.judge import judge_images, load_judge, to_tensor
 from evals.experiments.proof import held_out_world, load_model, load_proof_config, run
@@ -109,24 +109,25 @@ def test_onehot_dataset_reaches_the_trainer_batches(tiny_model_dir, tiny_data_di
     assert empty["t5"].shape == (1, 32) and not empty["t5"].any() and not empty["pooled"].any()
 
 
-@pytest.mark.parametrize("conditioning", ["t5-only", "pooled-only", "text-mean"])
+@pytest.mark.parametrize("conditioning", ["t5-only", "pooled-only", "text-mean", "text-nofill"])
 def test_text_part_dataset_is_the_encoders_output_less_one_part(tiny_model_dir, tiny_data_dir, tmp_path, conditioning):
     """The trainer's batches hold each caption's own T5 states and CLIP pooled vector (as the text encoders give them
     for that caption alone), with the other part zeroed; the posterior's std is kept, so latents are drawn as on the
     raw path; the empty prompt (caption dropout) loses the same part. `text-mean` keeps both parts and drops the std:
-    the text run on the posterior's mean."""
+    the text run on the posterior's mean. `text-nofill` keeps both parts of the caption's attribute words alone."""
     out = ablate.write_token_dataset(tiny_model_dir, tiny_data_dir, tmp_path / conditioning,
                                      conditioning=conditioning, resolution=64, text_tokens=64)
     layout = json.loads((out / "buckets.json").read_text())
-    t5_only, both = conditioning == "t5-only", conditioning == "text-mean"
-    assert layout["precompute"]["latents"] == ("mean" if both else "dist")
+    t5_only, both = conditioning == "t5-only", conditioning in ("text-mean", "text-nofill")
+    view = ablate.CAPTION_VIEWS.get(conditioning, str)
+    assert layout["precompute"]["latents"] == ("mean" if conditioning == "text-mean" else "dist")
     assert layout["precompute"]["conditioning"] == conditioning
     assert layout["precompute"]["max_text_tokens"] == (1 if conditioning == "pooled-only" else 64)
     batch = next(iter(build_loader(DataConfig(local=str(out), resolution=64, shuffle=False), batch_size=4)))
-    assert ("latent_std" in batch) != both
+    assert ("latent_std" in batch) == (conditioning != "text-mean")
     text = TextEncoder(tiny_model_dir, dtype=torch.float32, device=torch.device("cpu"))
     for i, caption in enumerate(batch["caption"]):
-        e = text.encode([caption], max_tokens=64, masked=True)
+        e = text.encode([view(caption)], max_tokens=64, masked=True)
         n = int(batch["t5_mask"][i].sum())
         if t5_only or both:
             assert n == e.lengths[0]
@@ -148,6 +149,19 @@ def test_text_part_dataset_is_the_encoders_output_less_one_part(tiny_model_dir, 
     else:
         assert empty["t5"].shape == (1, 32) and not empty["t5"].any()
         torch.testing.assert_close(empty["pooled"], e.pooled[0], atol=1e-5, rtol=1e-5)
+
+
+def test_attribute_words_keep_every_attribute_and_no_filler():
+    """`text-nofill`'s view of a caption: every attribute word of the world's captions, in order, "background" kept
+    (the colour word before it names the background), no article, preposition, prefix or adjective."""
+    assert ablate.attribute_words("a simple drawing of a small bright red circle at the top left, a blue star and "
+                                  "a green ring on a white background") == \
+        "small red circle top left blue star green ring white background"
+    for _, _, caption, attrs in iter_samples(200, size=8, seed=3):
+        words = ablate.attribute_words(caption).split()
+        obj = attrs["objects"][0]
+        assert obj["shape"] in words and obj["colour"] in words
+        assert not set(words) & {"a", "an", "the", "of", "at", "on", "and", "simple", "image", "picture", "drawing"}
 
 
 @pytest.mark.parametrize("conditioning", ["t5-only", "pooled-only"])
@@ -239,3 +253,15 @@ def test_colour_roles_counts_each_role_against_the_prompt(tmp_path):
             "background_right": sum(colours[p] == b for p, b in zip(preds["background"], bgs)) / n,
             "background_swapped": sum(colours[p] == o for p, o in zip(preds["background"], objs)) / n}
     assert got == pytest.approx(want)
+
+
+def test_nofill_samples_the_attribute_words(tiny_model_dir):
+    """`text-nofill` samples as `evals.sampler.generate` does on the prompts' attribute words (same noise, same
+    empty-prompt branch), not on the prompts."""
+    m = load_model(tiny_model_dir)
+    prompts = ["an image of a small red circle at the top left", "a large blue square at the bottom on a black background"]
+    s = SamplingSettings(steps=2, cfg_scale=3.0, resolution=64, seed=5, max_text_tokens=64)
+    nofill = to_tensor(ablate.sample_text_part(m, prompts, s, "text-nofill"))
+    words = [ablate.attribute_words(p) for p in prompts]
+    assert torch.equal(nofill, to_tensor(generate(m.transformer, m.vae, m.text, words, s, dtype=m.dtype)))
+    assert not torch.equal(nofill, to_tensor(generate(m.transformer, m.vae, m.text, prompts, s, dtype=m.dtype)))
