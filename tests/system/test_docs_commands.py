@@ -502,6 +502,12 @@ CASES: dict[str, Run | Skip | Covered | SameAs] = {
         covered("tests/unit/test_tiny_model.py::test_toy_text_option_gives_each_word_its_own_state_through_diffusers",
                 "that test builds these encoders (CLIP without mixing too) and samples through FluxPipeline; the "
                 "driver test runs the text ablation with text.* set (this run is about 20 min on one core)"),
+    "python -m evals.experiments.ablate --config configs/proof-cpu.yaml --conditioning text --every 1500 "
+    "out_dir=runs/t256oc6k text.width=256 text.mixing=false text.orthogonal=true text.clip_mixing=false "
+    "teacher.steps=6000":
+        covered("tests/unit/test_tiny_model.py::test_toy_text_option_gives_each_word_its_own_state_through_diffusers",
+                "the t256oc run with a 6000-step teacher (about 25 min on one core); the driver test runs the text "
+                "ablation with text.* and teacher.steps set"),
     "python -m evals.experiments.ablate --config configs/proof-cpu.yaml --roles MODEL out_dir=...":
         covered("tests/unit/test_ablate.py::test_colour_roles_counts_each_role_against_the_prompt",
                 "MODEL and out_dir are placeholders; that test runs colour_roles on the smoke world and recounts it"),
