@@ -320,7 +320,7 @@ class ToyText:
                     out.weight.zero_()
                     out.bias.zero_()
 
-    def apply(self, t5, seed: int) -> None:
+    def apply_t5(self, t5, seed: int) -> None:
         """The weight settings above, on a freshly initialised T5EncoderModel."""
         with torch.no_grad():
             if not self.mixing:
@@ -347,8 +347,9 @@ def _t5(dims: dict, t5_tok, seed: int, torch_dtype, text: ToyText = ToyText()):
         vocab_size=-(-len(t5_tok) // 8) * 8,  # >= len(tokenizer), padded like T5's 32128
         pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **dims["t5"],
     )
-    t5 = seeded(seed * 16 + 3, lambda: T5EncoderModel(t5_cfg), torch_dtype)
-    text.apply(t5, seed * 16 + 3)
+    t5_seed = seed * 16 + 3
+    t5 = seeded(t5_seed, lambda: T5EncoderModel(t5_cfg), torch_dtype)
+    text.apply_t5(t5, t5_seed)
     return t5
 
 

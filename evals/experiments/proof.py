@@ -357,8 +357,8 @@ def stage_settings(cfg: ProofConfig) -> dict[str, dict]:
     distill = {"distill": asdict(cfg.distill), "teacher": teacher}
     prune = {"prune": asdict(cfg.prune), "student": distill}
     dev = {"dev": asdict(cfg.dev), "teacher": teacher}
-    out = {"world": world, "judge": judge, "vae": vae, "pipeline": pipeline, "teacher": teacher, "distill": distill, "prune": prune,
-           "dev": dev}
+    out = {"world": world, "judge": judge, "vae": vae, "pipeline": pipeline, "teacher": teacher, "distill": distill,
+           "prune": prune, "dev": dev}
     for r in dedistill_runs(cfg):
         settings = {"dedistill": budget(cfg.dedistill), "adapter": r.adapter,
                     "student": {"student": distill, "pruned": prune, "dev": dev}[r.base]}

@@ -259,7 +259,8 @@ def test_nofill_samples_the_attribute_words(tiny_model_dir):
     """`text-nofill` samples as `evals.sampler.generate` does on the prompts' attribute words (same noise, same
     empty-prompt branch), not on the prompts."""
     m = load_model(tiny_model_dir)
-    prompts = ["an image of a small red circle at the top left", "a large blue square at the bottom on a black background"]
+    prompts = ["an image of a small red circle at the top left",
+               "a large blue square at the bottom on a black background"]
     s = SamplingSettings(steps=2, cfg_scale=3.0, resolution=64, seed=5, max_text_tokens=64)
     nofill = to_tensor(ablate.sample_text_part(m, prompts, s, "text-nofill"))
     words = [ablate.attribute_words(p) for p in prompts]
